@@ -187,6 +187,13 @@ impl Keypair {
         }
     }
 
+    /// Drops the remembered seed, e.g. so a key from a derivation path is
+    /// stored the way the bittensor SDK stores it (without `secretSeed`).
+    pub fn without_seed(mut self) -> Self {
+        self.seed = None;
+        self
+    }
+
     pub fn hotkey(&self) -> Hotkey {
         Hotkey(self.pair.public.to_bytes())
     }
