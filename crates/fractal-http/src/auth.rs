@@ -52,7 +52,9 @@ impl Authorizer for AllowList {
         if self.0.contains(hotkey) {
             Ok(())
         } else {
-            Err(Denied(format!("hotkey {hotkey} is not permitted to call this node")))
+            Err(Denied(format!(
+                "hotkey {hotkey} is not permitted to call this node"
+            )))
         }
     }
 }
@@ -98,7 +100,10 @@ impl btauth::Headers for HeaderView<'_> {
 
 fn auth_error(e: AuthError) -> ApiError {
     match e {
-        AuthError::Overloaded => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()).with_retry_after(1),
+        AuthError::Overloaded => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string())
+                .with_retry_after(1)
+        }
         _ => ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
     }
 }
@@ -107,7 +112,11 @@ fn auth_error(e: AuthError) -> ApiError {
 pub async fn require_btauth(State(auth): State<BtAuth>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
     // Declared lengths over the limit are refused before reading anything.
-    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > auth.max_body as u64) {
         return too_large(auth.max_body);
     }
@@ -116,10 +125,22 @@ pub async fn require_btauth(State(auth): State<BtAuth>, req: Request, next: Next
         Err(_) => return too_large(auth.max_body),
     };
     // Signatures cover the target as the client sent it, before any nesting.
-    let uri = parts.extensions.get::<OriginalUri>().map(|o| o.0.clone()).unwrap_or_else(|| parts.uri.clone());
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map(|o| o.0.clone())
+        .unwrap_or_else(|| parts.uri.clone());
     let target = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let now = crate::unix_now_ns();
-    let caller = match btauth::verify(&HeaderView(&parts.headers), parts.method.as_str(), target, &bytes, &auth.policy, &auth.replay, now) {
+    let caller = match btauth::verify(
+        &HeaderView(&parts.headers),
+        parts.method.as_str(),
+        target,
+        &bytes,
+        &auth.policy,
+        &auth.replay,
+        now,
+    ) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "btauth rejected");
@@ -130,9 +151,15 @@ pub async fn require_btauth(State(auth): State<BtAuth>, req: Request, next: Next
         return ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response();
     }
     parts.extensions.insert(caller);
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn too_large(limit: usize) -> Response {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {limit} bytes")).into_response()
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body exceeds {limit} bytes"),
+    )
+    .into_response()
 }

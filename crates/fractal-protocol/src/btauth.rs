@@ -64,7 +64,14 @@ impl AuthError {
 }
 
 /// The exact bytes that are signed.
-pub fn payload(method: &str, path_and_query: &str, body: &[u8], nonce_ns: u64, sender: &Hotkey, receiver: Option<&Hotkey>) -> Vec<u8> {
+pub fn payload(
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    nonce_ns: u64,
+    sender: &Hotkey,
+    receiver: Option<&Hotkey>,
+) -> Vec<u8> {
     let receiver = receiver.map(Hotkey::to_ss58);
     [
         PROTOCOL,
@@ -96,7 +103,10 @@ pub fn sign(
         (HEADER_VERSION, VERSION.to_string()),
         (HEADER_HOTKEY, sender.to_ss58()),
         (HEADER_NONCE, nonce_ns.to_string()),
-        (HEADER_SIGNATURE, format!("0x{}", hex::encode(key.sign(&msg)))),
+        (
+            HEADER_SIGNATURE,
+            format!("0x{}", hex::encode(key.sign(&msg))),
+        ),
     ];
     if let Some(r) = receiver {
         headers.push((HEADER_RECEIVER, r.to_ss58()));
@@ -111,7 +121,9 @@ pub trait Headers {
 
 impl Headers for [(&str, String)] {
     fn header(&self, name: &str) -> Option<&str> {
-        self.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 impl Headers for Vec<(&str, String)> {
@@ -162,22 +174,34 @@ pub fn verify<H: Headers + ?Sized>(
     now_ns: u64,
 ) -> Result<Caller, AuthError> {
     if headers.header(HEADER_VERSION) != Some(VERSION) {
-        return Err(AuthError::Malformed("missing or unsupported X-Bittensor-Version (expected 1)"));
+        return Err(AuthError::Malformed(
+            "missing or unsupported X-Bittensor-Version (expected 1)",
+        ));
     }
-    let sender = headers.header(HEADER_HOTKEY).filter(|s| !s.is_empty()).ok_or(AuthError::Malformed("missing X-Bittensor-Hotkey"))?;
-    let nonce_text = headers.header(HEADER_NONCE).ok_or(AuthError::Malformed("missing X-Bittensor-Nonce"))?;
+    let sender = headers
+        .header(HEADER_HOTKEY)
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::Malformed("missing X-Bittensor-Hotkey"))?;
+    let nonce_text = headers
+        .header(HEADER_NONCE)
+        .ok_or(AuthError::Malformed("missing X-Bittensor-Nonce"))?;
     let nonce: u64 = nonce_text
         .parse()
         .ok()
         .filter(|_| nonce_text.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or(AuthError::Malformed("X-Bittensor-Nonce is not a decimal integer"))?;
+        .ok_or(AuthError::Malformed(
+            "X-Bittensor-Nonce is not a decimal integer",
+        ))?;
     match headers.header(HEADER_CRYPTO) {
         None => {}
         Some(s) if s.eq_ignore_ascii_case(SCHEME_SR25519) => {}
         Some(_) => return Err(AuthError::Malformed("unsupported X-Bittensor-Crypto")),
     }
-    let signature_text = headers.header(HEADER_SIGNATURE).ok_or(AuthError::Malformed("missing X-Bittensor-Signature"))?;
-    let signature = parse_signature_hex(signature_text).map_err(|_| AuthError::Malformed("invalid hotkey address or signature encoding"))?;
+    let signature_text = headers
+        .header(HEADER_SIGNATURE)
+        .ok_or(AuthError::Malformed("missing X-Bittensor-Signature"))?;
+    let signature = parse_signature_hex(signature_text)
+        .map_err(|_| AuthError::Malformed("invalid hotkey address or signature encoding"))?;
     let receiver_text = headers.header(HEADER_RECEIVER);
     let receiver = match receiver_text {
         None if policy.require_receiver => return Err(AuthError::WrongReceiver),
@@ -185,16 +209,29 @@ pub fn verify<H: Headers + ?Sized>(
         Some(r) if r == policy.self_hotkey.to_ss58() => Some(policy.self_hotkey),
         Some(_) => return Err(AuthError::WrongReceiver),
     };
-    if now_ns.saturating_sub(nonce) > policy.max_age_ns || nonce.saturating_sub(now_ns) > policy.allowed_skew_ns {
+    if now_ns.saturating_sub(nonce) > policy.max_age_ns
+        || nonce.saturating_sub(now_ns) > policy.allowed_skew_ns
+    {
         return Err(AuthError::Stale);
     }
-    let sender = Hotkey::from_ss58(sender).map_err(|_| AuthError::Malformed("invalid hotkey address or signature encoding"))?;
-    let msg = payload(method, path_and_query, body, nonce, &sender, receiver.as_ref());
+    let sender = Hotkey::from_ss58(sender)
+        .map_err(|_| AuthError::Malformed("invalid hotkey address or signature encoding"))?;
+    let msg = payload(
+        method,
+        path_and_query,
+        body,
+        nonce,
+        &sender,
+        receiver.as_ref(),
+    );
     if !sender.verify(&msg, &signature) {
         return Err(AuthError::BadSignature);
     }
     replay.check_and_store(sender, nonce, now_ns, policy.window_ns())?;
-    Ok(Caller { hotkey: sender, nonce_ns: nonce })
+    Ok(Caller {
+        hotkey: sender,
+        nonce_ns: nonce,
+    })
 }
 
 /// Remembers accepted (hotkey, nonce) pairs for the freshness window.
@@ -219,7 +256,10 @@ struct ReplayInner {
 
 impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
-        ReplayCache { capacity, inner: Mutex::new(ReplayInner::default()) }
+        ReplayCache {
+            capacity,
+            inner: Mutex::new(ReplayInner::default()),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -230,7 +270,13 @@ impl ReplayCache {
         self.len() == 0
     }
 
-    fn check_and_store(&self, hotkey: Hotkey, nonce: u64, now_ns: u64, window_ns: u64) -> Result<(), AuthError> {
+    fn check_and_store(
+        &self,
+        hotkey: Hotkey,
+        nonce: u64,
+        now_ns: u64,
+        window_ns: u64,
+    ) -> Result<(), AuthError> {
         let mut g = self.inner.lock().expect("replay cache lock");
         while g.expiry.front().is_some_and(|(t, _)| *t <= now_ns) {
             let (_, key) = g.expiry.pop_front().expect("checked");
@@ -273,17 +319,37 @@ mod tests {
 
     fn setup() -> Setup {
         let bob = Keypair::from_suri("//Bob").unwrap().hotkey();
-        Setup { alice: Keypair::from_suri("//Alice").unwrap(), bob, policy: VerifyPolicy::new(bob), cache: ReplayCache::new(100) }
+        Setup {
+            alice: Keypair::from_suri("//Alice").unwrap(),
+            bob,
+            policy: VerifyPolicy::new(bob),
+            cache: ReplayCache::new(100),
+        }
     }
 
     fn check(s: &Setup, h: &[(&str, String)], body: &[u8], now: u64) -> Result<Caller, AuthError> {
-        verify(h, "POST", "/v1/generate?x=1", body, &s.policy, &s.cache, now)
+        verify(
+            h,
+            "POST",
+            "/v1/generate?x=1",
+            body,
+            &s.policy,
+            &s.cache,
+            now,
+        )
     }
 
     #[test]
     fn valid_request_is_accepted_once() {
         let s = setup();
-        let h = sign(&s.alice, "post", "/v1/generate?x=1", b"{}", Some(&s.bob), NOW);
+        let h = sign(
+            &s.alice,
+            "post",
+            "/v1/generate?x=1",
+            b"{}",
+            Some(&s.bob),
+            NOW,
+        );
         let caller = check(&s, &h, b"{}", NOW + 5).unwrap();
         assert_eq!(caller.hotkey, s.alice.hotkey());
         assert_eq!(check(&s, &h, b"{}", NOW + 6), Err(AuthError::Replayed));
@@ -292,19 +358,69 @@ mod tests {
     #[test]
     fn each_tampering_is_rejected() {
         let s = setup();
-        let h = sign(&s.alice, "POST", "/v1/generate?x=1", b"{}", Some(&s.bob), NOW);
-        assert_eq!(check(&s, &h, b"{ }", NOW), Err(AuthError::BadSignature), "body");
-        assert_eq!(verify(&h, "PUT", "/v1/generate?x=1", b"{}", &s.policy, &s.cache, NOW), Err(AuthError::BadSignature), "method");
-        assert_eq!(verify(&h, "POST", "/v1/generate?x=2", b"{}", &s.policy, &s.cache, NOW), Err(AuthError::BadSignature), "query");
+        let h = sign(
+            &s.alice,
+            "POST",
+            "/v1/generate?x=1",
+            b"{}",
+            Some(&s.bob),
+            NOW,
+        );
+        assert_eq!(
+            check(&s, &h, b"{ }", NOW),
+            Err(AuthError::BadSignature),
+            "body"
+        );
+        assert_eq!(
+            verify(
+                &h,
+                "PUT",
+                "/v1/generate?x=1",
+                b"{}",
+                &s.policy,
+                &s.cache,
+                NOW
+            ),
+            Err(AuthError::BadSignature),
+            "method"
+        );
+        assert_eq!(
+            verify(
+                &h,
+                "POST",
+                "/v1/generate?x=2",
+                b"{}",
+                &s.policy,
+                &s.cache,
+                NOW
+            ),
+            Err(AuthError::BadSignature),
+            "query"
+        );
         let mut sig = h.clone();
-        let last = sig.iter_mut().find(|(k, _)| *k == HEADER_SIGNATURE).unwrap();
-        last.1.replace_range(10..11, if &last.1[10..11] == "0" { "1" } else { "0" });
-        assert_eq!(check(&s, &sig, b"{}", NOW), Err(AuthError::BadSignature), "signature");
+        let last = sig
+            .iter_mut()
+            .find(|(k, _)| *k == HEADER_SIGNATURE)
+            .unwrap();
+        last.1
+            .replace_range(10..11, if &last.1[10..11] == "0" { "1" } else { "0" });
+        assert_eq!(
+            check(&s, &sig, b"{}", NOW),
+            Err(AuthError::BadSignature),
+            "signature"
+        );
         // Claiming another sender with Alice's signature.
         let mut imp = h.clone();
         imp.iter_mut().find(|(k, _)| *k == HEADER_HOTKEY).unwrap().1 = s.bob.to_ss58();
-        assert_eq!(check(&s, &imp, b"{}", NOW), Err(AuthError::BadSignature), "sender");
-        assert!(s.cache.is_empty(), "failed requests must not enter the replay cache");
+        assert_eq!(
+            check(&s, &imp, b"{}", NOW),
+            Err(AuthError::BadSignature),
+            "sender"
+        );
+        assert!(
+            s.cache.is_empty(),
+            "failed requests must not enter the replay cache"
+        );
         // The untampered one still goes through afterwards.
         assert!(check(&s, &h, b"{}", NOW).is_ok());
     }
@@ -313,15 +429,36 @@ mod tests {
     fn receiver_binding_and_freshness() {
         let s = setup();
         let charlie = Keypair::from_suri("//Charlie").unwrap().hotkey();
-        let wrong = sign(&s.alice, "POST", "/v1/generate?x=1", b"", Some(&charlie), NOW);
+        let wrong = sign(
+            &s.alice,
+            "POST",
+            "/v1/generate?x=1",
+            b"",
+            Some(&charlie),
+            NOW,
+        );
         assert_eq!(check(&s, &wrong, b"", NOW), Err(AuthError::WrongReceiver));
         let unbound = sign(&s.alice, "POST", "/v1/generate?x=1", b"", None, NOW);
         assert_eq!(check(&s, &unbound, b"", NOW), Err(AuthError::WrongReceiver));
-        let lax = Setup { policy: VerifyPolicy { require_receiver: false, ..s.policy.clone() }, ..setup() };
+        let lax = Setup {
+            policy: VerifyPolicy {
+                require_receiver: false,
+                ..s.policy.clone()
+            },
+            ..setup()
+        };
         assert!(check(&lax, &unbound, b"", NOW).is_ok());
         let h = sign(&s.alice, "POST", "/v1/generate?x=1", b"", Some(&s.bob), NOW);
-        assert_eq!(check(&s, &h, b"", NOW + 10_000_000_001), Err(AuthError::Stale), "too old");
-        assert_eq!(check(&s, &h, b"", NOW - 2_000_000_001), Err(AuthError::Stale), "too far ahead");
+        assert_eq!(
+            check(&s, &h, b"", NOW + 10_000_000_001),
+            Err(AuthError::Stale),
+            "too old"
+        );
+        assert_eq!(
+            check(&s, &h, b"", NOW - 2_000_000_001),
+            Err(AuthError::Stale),
+            "too far ahead"
+        );
         assert!(check(&s, &h, b"", NOW - 2_000_000_000).is_ok(), "skew edge");
     }
 
@@ -330,24 +467,58 @@ mod tests {
         let s = setup();
         let good = sign(&s.alice, "POST", "/v1/generate?x=1", b"", Some(&s.bob), NOW);
         let edit = |name: &'static str, value: Option<&str>| {
-            let mut h: Vec<(&str, String)> = good.iter().filter(|(k, _)| *k != name).cloned().collect();
+            let mut h: Vec<(&str, String)> =
+                good.iter().filter(|(k, _)| *k != name).cloned().collect();
             if let Some(v) = value {
                 h.push((name, v.to_string()));
             }
             check(&s, &h, b"", NOW).unwrap_err()
         };
-        assert!(matches!(edit(HEADER_VERSION, None), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_VERSION, Some("2")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_HOTKEY, Some("")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_HOTKEY, Some("5notanaddress")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_NONCE, Some("-5")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_NONCE, Some("+5")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_NONCE, Some("99999999999999999999999")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_SIGNATURE, None), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_SIGNATURE, Some("0xabc")), AuthError::Malformed(_)));
-        assert!(matches!(edit(HEADER_CRYPTO, Some("ecdsa")), AuthError::Malformed(_)));
+        assert!(matches!(
+            edit(HEADER_VERSION, None),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_VERSION, Some("2")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_HOTKEY, Some("")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_HOTKEY, Some("5notanaddress")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_NONCE, Some("-5")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_NONCE, Some("+5")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_NONCE, Some("99999999999999999999999")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_SIGNATURE, None),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_SIGNATURE, Some("0xabc")),
+            AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            edit(HEADER_CRYPTO, Some("ecdsa")),
+            AuthError::Malformed(_)
+        ));
         // Lower-case header names are the same headers.
-        let lower: Vec<(&str, String)> = good.iter().map(|(k, v)| (&*Box::leak(k.to_lowercase().into_boxed_str()), v.clone())).collect();
+        let lower: Vec<(&str, String)> = good
+            .iter()
+            .map(|(k, v)| (&*Box::leak(k.to_lowercase().into_boxed_str()), v.clone()))
+            .collect();
         assert!(check(&s, &lower, b"", NOW).is_ok());
     }
 
@@ -359,36 +530,69 @@ mod tests {
         for n in 0..3 {
             cache.check_and_store(key, NOW + n, NOW, 12).unwrap();
         }
-        assert_eq!(cache.check_and_store(key, NOW + 9, NOW, 12), Err(AuthError::Overloaded));
-        assert_eq!(cache.check_and_store(key, NOW + 1, NOW, 12), Err(AuthError::Replayed));
+        assert_eq!(
+            cache.check_and_store(key, NOW + 9, NOW, 12),
+            Err(AuthError::Overloaded)
+        );
+        assert_eq!(
+            cache.check_and_store(key, NOW + 1, NOW, 12),
+            Err(AuthError::Replayed)
+        );
         // After the window the old entries are gone and there is room again.
-        cache.check_and_store(key, NOW + 100, NOW + 100, 12).unwrap();
+        cache
+            .check_and_store(key, NOW + 100, NOW + 100, 12)
+            .unwrap();
         assert_eq!(cache.len(), 1);
     }
 
     #[test]
     fn python_sdk_vectors_verify() {
-        let doc: serde_json::Value = serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json")).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json"))
+                .unwrap();
         let alice = Keypair::from_suri("//Alice").unwrap().hotkey();
         for v in doc["btauth"].as_array().unwrap() {
-            let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v["body_b64"].as_str().unwrap()).unwrap();
+            let body = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                v["body_b64"].as_str().unwrap(),
+            )
+            .unwrap();
             let method = v["method"].as_str().unwrap();
             let path = v["path"].as_str().unwrap();
             let nonce = v["nonce_ns"].as_u64().unwrap();
-            let receiver = v["receiver"].as_str().map(|r| Hotkey::from_ss58(r).unwrap());
+            let receiver = v["receiver"]
+                .as_str()
+                .map(|r| Hotkey::from_ss58(r).unwrap());
             let ours = payload(method, path, &body, nonce, &alice, receiver.as_ref());
-            assert_eq!(String::from_utf8(ours).unwrap(), v["payload"].as_str().unwrap());
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                v["payload"].as_str().unwrap()
+            );
             let headers: Vec<(&str, String)> = v["headers"]
                 .as_object()
                 .unwrap()
                 .iter()
-                .map(|(k, v)| (&*Box::leak(k.clone().into_boxed_str()), v.as_str().unwrap().to_string()))
+                .map(|(k, v)| {
+                    (
+                        &*Box::leak(k.clone().into_boxed_str()),
+                        v.as_str().unwrap().to_string(),
+                    )
+                })
                 .collect();
             let policy = VerifyPolicy {
                 require_receiver: receiver.is_some(),
                 ..VerifyPolicy::new(receiver.unwrap_or(alice))
             };
-            let caller = verify(&headers, method, path, &body, &policy, &ReplayCache::default(), nonce + 1).unwrap();
+            let caller = verify(
+                &headers,
+                method,
+                path,
+                &body,
+                &policy,
+                &ReplayCache::default(),
+                nonce + 1,
+            )
+            .unwrap();
             assert_eq!(caller.hotkey, alice);
         }
     }

@@ -18,7 +18,10 @@ pub enum IdError {
 fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], IdError> {
     let s = s.strip_prefix("0x").unwrap_or(s);
     if s.len() != 2 * N {
-        return Err(IdError::Length { expected: 2 * N, got: s.len() });
+        return Err(IdError::Length {
+            expected: 2 * N,
+            got: s.len(),
+        });
     }
     let mut out = [0u8; N];
     hex::decode_to_slice(s, &mut out).map_err(|e| IdError::Hex(e.to_string()))?;
@@ -84,7 +87,9 @@ impl FromStr for ManifestId {
 }
 
 /// The generation seed. Everything random on the generation path derives from it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default,
+)]
 #[serde(transparent)]
 pub struct Seed(pub u64);
 
@@ -145,9 +150,18 @@ mod tests {
         let id = JobId([7; 16]);
         assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
         let d = Digest32::sha256(b"abc");
-        assert_eq!(d.to_string(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d.to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(d.to_string().parse::<Digest32>().unwrap(), d);
-        assert!(matches!("abc".parse::<JobId>(), Err(IdError::Length { .. })));
-        assert!(matches!("zz".repeat(16).parse::<JobId>(), Err(IdError::Hex(_))));
+        assert!(matches!(
+            "abc".parse::<JobId>(),
+            Err(IdError::Length { .. })
+        ));
+        assert!(matches!(
+            "zz".repeat(16).parse::<JobId>(),
+            Err(IdError::Hex(_))
+        ));
     }
 }

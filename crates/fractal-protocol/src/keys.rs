@@ -20,7 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The SS58 address prefix of Bittensor (and substrate's generic one).
 pub const SS58_PREFIX: u8 = 42;
 /// substrate's well-known development phrase; `//Alice` is derived from it.
-pub const DEV_PHRASE: &str = "bottom drive obey lake curtain smoke basket hold race lonely fit walk";
+pub const DEV_PHRASE: &str =
+    "bottom drive obey lake curtain smoke basket hold race lonely fit walk";
 const SIGNING_CONTEXT: &[u8] = b"substrate";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,8 +53,12 @@ impl Hotkey {
     }
     /// Verifies an sr25519 signature made with the `substrate` context.
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        let Ok(pk) = PublicKey::from_bytes(&self.0) else { return false };
-        let Ok(sig) = Signature::from_bytes(signature) else { return false };
+        let Ok(pk) = PublicKey::from_bytes(&self.0) else {
+            return false;
+        };
+        let Ok(sig) = Signature::from_bytes(signature) else {
+            return false;
+        };
         pk.verify_simple(SIGNING_CONTEXT, message, &sig).is_ok()
     }
 }
@@ -105,7 +110,10 @@ impl Keypair {
     /// Expands a 32-byte mini secret key (substrate's "seed").
     pub fn from_seed(seed: &[u8; 32]) -> Self {
         let mini = MiniSecretKey::from_bytes(seed).expect("32 bytes is a valid mini secret key");
-        Keypair { pair: mini.expand_to_keypair(ExpansionMode::Ed25519), seed: Some(*seed) }
+        Keypair {
+            pair: mini.expand_to_keypair(ExpansionMode::Ed25519),
+            seed: Some(*seed),
+        }
     }
 
     /// A 32-byte seed or a 64-byte expanded secret key (`privateKey` in wallet files).
@@ -114,7 +122,10 @@ impl Keypair {
             32 => Ok(Self::from_seed(bytes.try_into().expect("length checked"))),
             64 => {
                 let secret = SecretKey::from_bytes(bytes).map_err(|_| KeyError::SecretBytes)?;
-                Ok(Keypair { pair: secret.to_keypair(), seed: None })
+                Ok(Keypair {
+                    pair: secret.to_keypair(),
+                    seed: None,
+                })
             }
             _ => Err(KeyError::SecretBytes),
         }
@@ -124,8 +135,11 @@ impl Keypair {
     pub fn from_phrase(phrase: &str, password: Option<&str>) -> Result<Self, KeyError> {
         let mnemonic = bip39::Mnemonic::parse_in_normalized(bip39::Language::English, phrase)
             .map_err(|e| KeyError::Mnemonic(e.to_string()))?;
-        let mini = substrate_bip39::mini_secret_from_entropy(&mnemonic.to_entropy(), password.unwrap_or(""))
-            .map_err(|e| KeyError::Mnemonic(format!("{e:?}")))?;
+        let mini = substrate_bip39::mini_secret_from_entropy(
+            &mnemonic.to_entropy(),
+            password.unwrap_or(""),
+        )
+        .map_err(|e| KeyError::Mnemonic(format!("{e:?}")))?;
         Ok(Self::from_seed(&mini.to_bytes()))
     }
 
@@ -138,7 +152,11 @@ impl Keypair {
             18 => 24,
             21 => 28,
             24 => 32,
-            _ => return Err(KeyError::Mnemonic(format!("unsupported word count {words}"))),
+            _ => {
+                return Err(KeyError::Mnemonic(format!(
+                    "unsupported word count {words}"
+                )))
+            }
         };
         let mut entropy = zeroize::Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(&mut entropy[..bytes]);
@@ -162,7 +180,9 @@ impl Keypair {
         };
         let mut pair = if let Some(hex_seed) = root.strip_prefix("0x") {
             if password.is_some() {
-                return Err(KeyError::Uri("a password applies to phrases, not hex seeds"));
+                return Err(KeyError::Uri(
+                    "a password applies to phrases, not hex seeds",
+                ));
             }
             let bytes = hex::decode(hex_seed).map_err(|_| KeyError::Uri("seed is not hex"))?;
             Self::from_secret_bytes(&bytes)?
@@ -220,13 +240,18 @@ fn parse_junctions(path: &str) -> Result<Vec<Junction>, KeyError> {
     let mut rest = path;
     while !rest.is_empty() {
         let hard = rest.starts_with("//");
-        rest = rest.strip_prefix(if hard { "//" } else { "/" }).ok_or(KeyError::Uri("junction must start with /"))?;
+        rest = rest
+            .strip_prefix(if hard { "//" } else { "/" })
+            .ok_or(KeyError::Uri("junction must start with /"))?;
         let end = rest.find('/').unwrap_or(rest.len());
         let name = &rest[..end];
         if name.is_empty() {
             return Err(KeyError::Uri("empty junction"));
         }
-        out.push(Junction { hard, chain_code: junction_chain_code(name) });
+        out.push(Junction {
+            hard,
+            chain_code: junction_chain_code(name),
+        });
         rest = &rest[end..];
     }
     Ok(out)
@@ -286,7 +311,9 @@ pub fn ss58_encode(public: &[u8; 32]) -> String {
 }
 
 pub fn ss58_decode(address: &str) -> Result<[u8; 32], KeyError> {
-    let data = bs58::decode(address).into_vec().map_err(|_| KeyError::Ss58("not base58"))?;
+    let data = bs58::decode(address)
+        .into_vec()
+        .map_err(|_| KeyError::Ss58("not base58"))?;
     if data.len() != 35 {
         return Err(KeyError::Ss58("wrong length for a 32-byte account"));
     }
@@ -324,7 +351,10 @@ mod tests {
         let k = Keypair::from_phrase(DEV_PHRASE, None).unwrap();
         assert_eq!(hex::encode(k.hotkey().0), DEV_PUBLIC);
         assert_eq!(k.hotkey().to_ss58(), DEV_SS58);
-        assert_eq!(hex::encode(k.seed().unwrap()), "fac7959dbfe72f052e5a0c3c8d6530f202b02fd8f9f5ca3580ec8deb7797479e");
+        assert_eq!(
+            hex::encode(k.seed().unwrap()),
+            "fac7959dbfe72f052e5a0c3c8d6530f202b02fd8f9f5ca3580ec8deb7797479e"
+        );
     }
 
     #[test]
@@ -335,8 +365,16 @@ mod tests {
         assert_eq!(hex::encode(alice.seed().unwrap()), ALICE_SEED);
         let explicit = Keypair::from_suri(&format!("{DEV_PHRASE}//Alice")).unwrap();
         assert_eq!(explicit.hotkey(), alice.hotkey());
-        assert_eq!(Keypair::from_suri("//Bob").unwrap().hotkey().to_ss58(), BOB_SS58);
-        assert_eq!(Keypair::from_suri(&format!("0x{ALICE_SEED}")).unwrap().hotkey(), alice.hotkey());
+        assert_eq!(
+            Keypair::from_suri("//Bob").unwrap().hotkey().to_ss58(),
+            BOB_SS58
+        );
+        assert_eq!(
+            Keypair::from_suri(&format!("0x{ALICE_SEED}"))
+                .unwrap()
+                .hotkey(),
+            alice.hotkey()
+        );
     }
 
     #[test]
@@ -378,7 +416,10 @@ mod tests {
     fn generated_phrases_reload_to_the_same_key() {
         let (phrase, k) = Keypair::generate(12).unwrap();
         assert_eq!(phrase.split_whitespace().count(), 12);
-        assert_eq!(Keypair::from_phrase(&phrase, None).unwrap().hotkey(), k.hotkey());
+        assert_eq!(
+            Keypair::from_phrase(&phrase, None).unwrap().hotkey(),
+            k.hotkey()
+        );
         assert!(Keypair::generate(13).is_err());
         assert!(Keypair::from_phrase("not a valid phrase at all", None).is_err());
     }

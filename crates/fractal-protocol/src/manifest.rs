@@ -195,13 +195,19 @@ impl ModelManifest {
                     let bad = path.is_empty()
                         || path.starts_with('/')
                         || path.contains('\\')
-                        || path.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+                        || path
+                            .split('/')
+                            .any(|c| c.is_empty() || c == "." || c == "..");
                     if bad {
-                        return Err(invalid(format!("weight path {path:?} must be a plain relative path")));
+                        return Err(invalid(format!(
+                            "weight path {path:?} must be a plain relative path"
+                        )));
                     }
                 }
             }
-            Weights::Builtin(name) if name.is_empty() => return Err(invalid("weights.builtin is empty")),
+            Weights::Builtin(name) if name.is_empty() => {
+                return Err(invalid("weights.builtin is empty"))
+            }
             Weights::Builtin(_) => {}
         }
         let s = &self.scheduler;
@@ -214,7 +220,9 @@ impl ModelManifest {
             && s.beta_start <= s.beta_end
             && s.beta_end < 1.0;
         if !betas_ok {
-            return Err(invalid("scheduler betas must satisfy 0 < beta_start <= beta_end < 1"));
+            return Err(invalid(
+                "scheduler betas must satisfy 0 < beta_start <= beta_end < 1",
+            ));
         }
         let l = &self.limits;
         if l.sizes.is_empty() {
@@ -223,7 +231,9 @@ impl ModelManifest {
         for size in &l.sizes {
             let dim_ok = |d: u32| (8..=4096).contains(&d) && d % 8 == 0;
             if !dim_ok(size.width) || !dim_ok(size.height) {
-                return Err(invalid(format!("size {size}: dimensions must be multiples of 8 in 8..=4096")));
+                return Err(invalid(format!(
+                    "size {size}: dimensions must be multiples of 8 in 8..=4096"
+                )));
             }
         }
         if l.max_frames == 0 || l.max_frames > 1024 {
@@ -267,50 +277,17 @@ pub(crate) mod tests {
         ModelManifest::parse(SAMPLE_TOML).unwrap()
     }
 
-    pub(crate) const SAMPLE_TOML: &str = r#"
-manifest_version = 1
-name = "fractal-tiny-t2v"
-architecture = "text-to-video-sd"
-dtype = "f32"
-
-[weights]
-builtin = "tiny-v1"
-
-[scheduler]
-kind = "ddim"
-num_train_timesteps = 1000
-beta_start = 0.00085
-beta_end = 0.012
-beta_schedule = "scaled_linear"
-prediction_type = "epsilon"
-clip_sample = false
-set_alpha_to_one = false
-steps_offset = 1
-timestep_spacing = "leading"
-
-[defaults]
-size = { width = 64, height = 64 }
-frames = 8
-steps = 10
-guidance_scale = 9.0
-fps = 8
-
-[limits]
-sizes = [{ width = 64, height = 64 }, { width = 32, height = 32 }]
-max_frames = 16
-max_steps = 50
-max_prompt_bytes = 1000
-
-[verification]
-step_rel_l2 = 0.001
-frame_psnr_db = 30.0
-"#;
+    /// The example manifest shipped in `examples/`, so docs and tests cannot drift apart.
+    pub(crate) const SAMPLE_TOML: &str = include_str!("../../../examples/manifest-tiny.toml");
 
     #[test]
     fn id_is_stable_and_format_independent() {
         let m = sample();
         // Golden: any change to the canonical encoding or the types fails here.
-        assert_eq!(m.id().to_string(), "7eb9fa428c950d808cdeba655cddfee5f7245230125cdfef28f29eb63dec5b5c");
+        assert_eq!(
+            m.id().to_string(),
+            "7eb9fa428c950d808cdeba655cddfee5f7245230125cdfef28f29eb63dec5b5c"
+        );
         let json = String::from_utf8(m.canonical_bytes()).unwrap();
         let pretty = serde_json::to_string_pretty(&m).unwrap();
         assert_eq!(ModelManifest::parse(&json).unwrap().id(), m.id());
@@ -331,14 +308,30 @@ frame_psnr_db = 30.0
     #[test]
     fn bad_manifests_are_rejected_with_reasons() {
         let cases = [
-            ("manifest_version = 1", "manifest_version = 2", "unsupported manifest_version"),
+            (
+                "manifest_version = 1",
+                "manifest_version = 2",
+                "unsupported manifest_version",
+            ),
             ("frames = 8", "frames = 0", "defaults.frames"),
             ("max_steps = 50", "max_steps = 5000", "max_steps"),
             ("beta_end = 0.012", "beta_end = 0.0001", "betas"),
-            ("width = 64, height = 64 }, {", "width = 63, height = 64 }, {", "multiples of 8"),
+            (
+                "width = 64, height = 64 }, {",
+                "width = 63, height = 64 }, {",
+                "multiples of 8",
+            ),
             ("dtype = \"f32\"", "dtype = \"f64\"", "cannot parse"),
-            ("dtype = \"f32\"", "dtype = \"f32\"\nextra = 1", "cannot parse"),
-            ("builtin = \"tiny-v1\"", "files = { \"../unet.bin\" = \"00\" }", "cannot parse"),
+            (
+                "dtype = \"f32\"",
+                "dtype = \"f32\"\nextra = 1",
+                "cannot parse",
+            ),
+            (
+                "builtin = \"tiny-v1\"",
+                "files = { \"../unet.bin\" = \"00\" }",
+                "cannot parse",
+            ),
         ];
         for (from, to, want) in cases {
             let text = SAMPLE_TOML.replacen(from, to, 1);
@@ -346,9 +339,20 @@ frame_psnr_db = 30.0
             assert!(err.contains(want), "{to}: {err}");
         }
         let digest = "0".repeat(64);
-        let text = SAMPLE_TOML.replacen("builtin = \"tiny-v1\"", &format!("files = {{ \"../unet.bin\" = \"{digest}\" }}"), 1);
-        assert!(ModelManifest::parse(&text).unwrap_err().to_string().contains("plain relative path"));
-        let text = SAMPLE_TOML.replacen("builtin = \"tiny-v1\"", &format!("files = {{ \"unet/model.safetensors\" = \"{digest}\" }}"), 1);
+        let text = SAMPLE_TOML.replacen(
+            "builtin = \"tiny-v1\"",
+            &format!("files = {{ \"../unet.bin\" = \"{digest}\" }}"),
+            1,
+        );
+        assert!(ModelManifest::parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("plain relative path"));
+        let text = SAMPLE_TOML.replacen(
+            "builtin = \"tiny-v1\"",
+            &format!("files = {{ \"unet/model.safetensors\" = \"{digest}\" }}"),
+            1,
+        );
         assert!(ModelManifest::parse(&text).is_ok());
     }
 }

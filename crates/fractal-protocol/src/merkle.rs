@@ -28,7 +28,12 @@ pub fn latent_from_f16_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     if bytes.len() % 2 != 0 {
         return None;
     }
-    Some(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+    Some(
+        bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    )
 }
 
 /// SHA-256 of a latent's committed (f16) encoding.
@@ -94,7 +99,13 @@ impl MerkleTree {
             let prev = levels.last().expect("non-empty");
             let next = prev
                 .chunks(2)
-                .map(|p| if p.len() == 2 { node_hash(&p[0], &p[1]) } else { p[0] })
+                .map(|p| {
+                    if p.len() == 2 {
+                        node_hash(&p[0], &p[1])
+                    } else {
+                        p[0]
+                    }
+                })
                 .collect();
             levels.push(next);
         }
@@ -102,7 +113,10 @@ impl MerkleTree {
     }
 
     pub fn root(&self) -> Digest32 {
-        bind_count(self.leaf_count(), &self.levels.last().expect("non-empty")[0])
+        bind_count(
+            self.leaf_count(),
+            &self.levels.last().expect("non-empty")[0],
+        )
     }
 
     pub fn leaf_count(&self) -> u32 {
@@ -123,7 +137,11 @@ impl MerkleTree {
             }
             i /= 2;
         }
-        Ok(MerkleProof { index, leaf_count: count, siblings })
+        Ok(MerkleProof {
+            index,
+            leaf_count: count,
+            siblings,
+        })
     }
 }
 
@@ -141,7 +159,11 @@ impl MerkleProof {
             let sib = i ^ 1;
             if sib < width {
                 let Some(s) = sibs.next() else { return false };
-                acc = if i % 2 == 0 { node_hash(&acc, s) } else { node_hash(s, &acc) };
+                acc = if i % 2 == 0 {
+                    node_hash(&acc, s)
+                } else {
+                    node_hash(s, &acc)
+                };
             }
             i /= 2;
             width = width.div_ceil(2);
@@ -155,7 +177,9 @@ mod tests {
     use super::*;
 
     fn digests(n: usize) -> Vec<Digest32> {
-        (0..n).map(|i| latent_digest(&[i as f32, 0.5, -1.25])).collect()
+        (0..n)
+            .map(|i| latent_digest(&[i as f32, 0.5, -1.25]))
+            .collect()
     }
 
     #[test]
@@ -163,9 +187,9 @@ mod tests {
         for n in 1..=33 {
             let d = digests(n);
             let t = MerkleTree::new(&d).unwrap();
-            for i in 0..n {
+            for (i, leaf) in d.iter().enumerate() {
                 let p = t.proof(i as u32).unwrap();
-                assert!(p.verify(&t.root(), &d[i]), "n={n} i={i}");
+                assert!(p.verify(&t.root(), leaf), "n={n} i={i}");
             }
         }
     }
@@ -178,10 +202,22 @@ mod tests {
         // Wrong leaf content.
         assert!(!p.verify(&t.root(), &d[5]));
         // Wrong index claims.
-        assert!(!MerkleProof { index: 7, ..p.clone() }.verify(&t.root(), &d[6]));
-        assert!(!MerkleProof { index: 11, ..p.clone() }.verify(&t.root(), &d[6]));
+        assert!(!MerkleProof {
+            index: 7,
+            ..p.clone()
+        }
+        .verify(&t.root(), &d[6]));
+        assert!(!MerkleProof {
+            index: 11,
+            ..p.clone()
+        }
+        .verify(&t.root(), &d[6]));
         // Wrong leaf count changes the shape.
-        assert!(!MerkleProof { leaf_count: 12, ..p.clone() }.verify(&t.root(), &d[6]));
+        assert!(!MerkleProof {
+            leaf_count: 12,
+            ..p.clone()
+        }
+        .verify(&t.root(), &d[6]));
         // A flipped sibling bit, a missing sibling, an extra sibling.
         let mut q = p.clone();
         q.siblings[1].0[0] ^= 1;
@@ -202,7 +238,10 @@ mod tests {
         let d = digests(4);
         let mut swapped = d.clone();
         swapped.swap(1, 2);
-        assert_ne!(MerkleTree::new(&d).unwrap().root(), MerkleTree::new(&swapped).unwrap().root());
+        assert_ne!(
+            MerkleTree::new(&d).unwrap().root(),
+            MerkleTree::new(&swapped).unwrap().root()
+        );
         // Promotion, not duplication: [a,b,c] differs from [a,b,c,c].
         let three = MerkleTree::new(&d[..3]).unwrap().root();
         let dup = MerkleTree::new(&[d[0], d[1], d[2], d[2]]).unwrap().root();
@@ -214,7 +253,10 @@ mod tests {
     fn root_golden() {
         let t = MerkleTree::new(&digests(5)).unwrap();
         // Checked against an independent Python computation of the same definition.
-        assert_eq!(t.root().to_string(), "c0e36e4605f285904cae1b39091126d0985ac5d7ded0ad59710cb8f2663dcafc");
+        assert_eq!(
+            t.root().to_string(),
+            "c0e36e4605f285904cae1b39091126d0985ac5d7ded0ad59710cb8f2663dcafc"
+        );
     }
 
     #[test]

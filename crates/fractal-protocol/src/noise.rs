@@ -100,9 +100,12 @@ mod tests {
     }
 
     // Checked against the independent Python implementation in tools/parity/fractal_noise.py.
-    const GOLDEN_SEED42_INIT: [u32; 8] =
-        [3214476331, 3205914199, 3213847904, 1056432538, 1070062921, 3216108108, 3205394759, 1057267267];
-    const GOLDEN_SEED0_STEP3: [u32; 5] = [3188609595, 1060563195, 1049645686, 1047694801, 1078094907];
+    const GOLDEN_SEED42_INIT: [u32; 8] = [
+        3214476331, 3205914199, 3213847904, 1056432538, 1070062921, 3216108108, 3205394759,
+        1057267267,
+    ];
+    const GOLDEN_SEED0_STEP3: [u32; 5] =
+        [3188609595, 1060563195, 1049645686, 1047694801, 1078094907];
 
     #[test]
     fn chunking_does_not_change_values() {
@@ -115,9 +118,18 @@ mod tests {
     #[test]
     fn seeds_and_streams_are_independent() {
         let a = gaussian(Seed(1), Stream::InitialLatents, 64);
-        assert_ne!(bits(&a), bits(&gaussian(Seed(2), Stream::InitialLatents, 64)));
-        assert_ne!(bits(&a), bits(&gaussian(Seed(1), Stream::SchedulerStep(0), 64)));
-        assert_eq!(bits(&a), bits(&gaussian(Seed(1), Stream::InitialLatents, 64)));
+        assert_ne!(
+            bits(&a),
+            bits(&gaussian(Seed(2), Stream::InitialLatents, 64))
+        );
+        assert_ne!(
+            bits(&a),
+            bits(&gaussian(Seed(1), Stream::SchedulerStep(0), 64))
+        );
+        assert_eq!(
+            bits(&a),
+            bits(&gaussian(Seed(1), Stream::InitialLatents, 64))
+        );
     }
 
     #[test]
@@ -125,8 +137,17 @@ mod tests {
         let v = gaussian(Seed(123), Stream::InitialLatents, 200_000);
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
-        let kurt = v.iter().map(|&x| (f64::from(x) - mean).powi(4)).sum::<f64>() / n / (var * var);
+        let var = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let kurt = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(4))
+            .sum::<f64>()
+            / n
+            / (var * var);
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.01, "var {var}");
         assert!((kurt - 3.0).abs() < 0.05, "kurtosis {kurt}");

@@ -72,11 +72,18 @@ pub enum RequestError {
     #[error("unsupported protocol version {got} (this node speaks {PROTOCOL_VERSION})")]
     Version { got: u32 },
     #[error("unknown manifest {got}; this node runs {expected}")]
-    UnknownManifest { got: ManifestId, expected: ManifestId },
+    UnknownManifest {
+        got: ManifestId,
+        expected: ManifestId,
+    },
     #[error("prompt is empty")]
     EmptyPrompt,
     #[error("{field} is {bytes} bytes; the limit is {max}")]
-    TooLong { field: &'static str, bytes: usize, max: u32 },
+    TooLong {
+        field: &'static str,
+        bytes: usize,
+        max: u32,
+    },
     #[error("frames must be 1..={max}, got {got}")]
     Frames { got: u32, max: u32 },
     #[error("steps must be 1..={max}, got {got}")]
@@ -112,31 +119,59 @@ impl GenerateRequest {
 
     /// Checks the request against the manifest this node serves
     /// (`manifest_id` is the precomputed `manifest.id()`).
-    pub fn validate(&self, manifest: &ModelManifest, manifest_id: &ManifestId) -> Result<(), RequestError> {
+    pub fn validate(
+        &self,
+        manifest: &ModelManifest,
+        manifest_id: &ManifestId,
+    ) -> Result<(), RequestError> {
         if self.version != PROTOCOL_VERSION {
             return Err(RequestError::Version { got: self.version });
         }
         if self.manifest_id != *manifest_id {
-            return Err(RequestError::UnknownManifest { got: self.manifest_id, expected: *manifest_id });
+            return Err(RequestError::UnknownManifest {
+                got: self.manifest_id,
+                expected: *manifest_id,
+            });
         }
         let l = &manifest.limits;
         if self.prompt.trim().is_empty() {
             return Err(RequestError::EmptyPrompt);
         }
-        for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+        for (field, text) in [
+            ("prompt", &self.prompt),
+            ("negative_prompt", &self.negative_prompt),
+        ] {
             if text.len() > l.max_prompt_bytes as usize {
-                return Err(RequestError::TooLong { field, bytes: text.len(), max: l.max_prompt_bytes });
+                return Err(RequestError::TooLong {
+                    field,
+                    bytes: text.len(),
+                    max: l.max_prompt_bytes,
+                });
             }
         }
         if self.frames == 0 || self.frames > l.max_frames {
-            return Err(RequestError::Frames { got: self.frames, max: l.max_frames });
+            return Err(RequestError::Frames {
+                got: self.frames,
+                max: l.max_frames,
+            });
         }
         if self.steps == 0 || self.steps > l.max_steps {
-            return Err(RequestError::Steps { got: self.steps, max: l.max_steps });
+            return Err(RequestError::Steps {
+                got: self.steps,
+                max: l.max_steps,
+            });
         }
         if !l.sizes.contains(&self.size) {
-            let supported = l.sizes.iter().map(Size::to_string).collect::<Vec<_>>().join(", ");
-            return Err(RequestError::Size { got: self.size, supported });
+            let supported = l
+                .sizes
+                .iter()
+                .map(Size::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RequestError::Size {
+                got: self.size,
+                supported,
+            });
         }
         if !(self.guidance_scale.is_finite() && (0.0..=50.0).contains(&self.guidance_scale)) {
             return Err(RequestError::Guidance);
@@ -251,26 +286,53 @@ pub const MAX_LATENT_ELEMENTS: u64 = 64 * 1024 * 1024;
 impl AuditAnswer {
     /// Structural checks against the challenge and the committed root; the
     /// numeric checks (noise, recomputed step) are the verifier's.
-    pub fn validate(&self, challenge: &AuditChallenge, trace_root: &Digest32) -> Result<(), RequestError> {
+    pub fn validate(
+        &self,
+        challenge: &AuditChallenge,
+        trace_root: &Digest32,
+    ) -> Result<(), RequestError> {
         if self.version != PROTOCOL_VERSION {
             return Err(RequestError::Version { got: self.version });
         }
         let asked: Vec<u32> = challenge.steps.clone();
         let answered: Vec<u32> = self.openings.iter().map(|o| o.step).collect();
         if asked != answered {
-            return Err(RequestError::Opening { step: answered.first().copied().unwrap_or(0), why: "steps differ from the challenge" });
+            return Err(RequestError::Opening {
+                step: answered.first().copied().unwrap_or(0),
+                why: "steps differ from the challenge",
+            });
         }
         for o in &self.openings {
-            let elements = o.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)));
+            let elements = o
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)));
             match elements {
-                Some(n) if n > 0 && n <= MAX_LATENT_ELEMENTS && n * 2 == o.latent_f16.0.len() as u64 => {}
-                _ => return Err(RequestError::Opening { step: o.step, why: "latent size does not match its shape" }),
+                Some(n)
+                    if n > 0
+                        && n <= MAX_LATENT_ELEMENTS
+                        && n * 2 == o.latent_f16.0.len() as u64 => {}
+                _ => {
+                    return Err(RequestError::Opening {
+                        step: o.step,
+                        why: "latent size does not match its shape",
+                    })
+                }
             }
             if o.proof.index != o.step {
-                return Err(RequestError::Opening { step: o.step, why: "proof is for another step" });
+                return Err(RequestError::Opening {
+                    step: o.step,
+                    why: "proof is for another step",
+                });
             }
-            if !o.proof.verify(trace_root, &Digest32::sha256(&o.latent_f16.0)) {
-                return Err(RequestError::Opening { step: o.step, why: "Merkle path does not match the committed root" });
+            if !o
+                .proof
+                .verify(trace_root, &Digest32::sha256(&o.latent_f16.0))
+            {
+                return Err(RequestError::Opening {
+                    step: o.step,
+                    why: "Merkle path does not match the committed root",
+                });
             }
         }
         Ok(())
@@ -301,15 +363,48 @@ mod tests {
             f(&mut r);
             r.validate(&m, &id).unwrap_err()
         };
-        assert_eq!(check(&|r| r.prompt = "  ".into()), RequestError::EmptyPrompt);
-        assert!(matches!(check(&|r| r.prompt = "x".repeat(1001)), RequestError::TooLong { field: "prompt", .. }));
-        assert!(matches!(check(&|r| r.negative_prompt = "x".repeat(1001)), RequestError::TooLong { field: "negative_prompt", .. }));
-        assert_eq!(check(&|r| r.frames = 0), RequestError::Frames { got: 0, max: 16 });
-        assert_eq!(check(&|r| r.steps = 51), RequestError::Steps { got: 51, max: 50 });
-        assert!(matches!(check(&|r| r.size = Size { width: 4096, height: 4096 }), RequestError::Size { .. }));
-        assert_eq!(check(&|r| r.guidance_scale = f64::NAN), RequestError::Guidance);
+        assert_eq!(
+            check(&|r| r.prompt = "  ".into()),
+            RequestError::EmptyPrompt
+        );
+        assert!(matches!(
+            check(&|r| r.prompt = "x".repeat(1001)),
+            RequestError::TooLong {
+                field: "prompt",
+                ..
+            }
+        ));
+        assert!(matches!(
+            check(&|r| r.negative_prompt = "x".repeat(1001)),
+            RequestError::TooLong {
+                field: "negative_prompt",
+                ..
+            }
+        ));
+        assert_eq!(
+            check(&|r| r.frames = 0),
+            RequestError::Frames { got: 0, max: 16 }
+        );
+        assert_eq!(
+            check(&|r| r.steps = 51),
+            RequestError::Steps { got: 51, max: 50 }
+        );
+        assert!(matches!(
+            check(&|r| r.size = Size {
+                width: 4096,
+                height: 4096
+            }),
+            RequestError::Size { .. }
+        ));
+        assert_eq!(
+            check(&|r| r.guidance_scale = f64::NAN),
+            RequestError::Guidance
+        );
         assert_eq!(check(&|r| r.version = 2), RequestError::Version { got: 2 });
-        assert!(matches!(check(&|r| r.manifest_id = ManifestId(Digest32([9; 32]))), RequestError::UnknownManifest { .. }));
+        assert!(matches!(
+            check(&|r| r.manifest_id = ManifestId(Digest32([9; 32]))),
+            RequestError::UnknownManifest { .. }
+        ));
     }
 
     #[test]
@@ -324,7 +419,10 @@ mod tests {
 
     fn trace(n: usize) -> (Vec<Vec<f32>>, MerkleTree) {
         let latents: Vec<Vec<f32>> = (0..n).map(|i| vec![i as f32; 12]).collect();
-        let digests: Vec<Digest32> = latents.iter().map(|l| crate::merkle::latent_digest(l)).collect();
+        let digests: Vec<Digest32> = latents
+            .iter()
+            .map(|l| crate::merkle::latent_digest(l))
+            .collect();
         (latents, MerkleTree::new(&digests).unwrap())
     }
 
@@ -347,14 +445,21 @@ mod tests {
     #[test]
     fn audit_answers_are_checked_against_the_root() {
         let (latents, tree) = trace(11);
-        let ch = AuditChallenge { version: 1, job_id: JobId([1; 16]), steps: vec![3, 4] };
+        let ch = AuditChallenge {
+            version: 1,
+            job_id: JobId([1; 16]),
+            steps: vec![3, 4],
+        };
         ch.validate(11).unwrap();
         let good = answer(&latents, &tree, &[3, 4]);
         good.validate(&ch, &tree.root()).unwrap();
         // Fabricated latent: root mismatch.
         let mut bad = good.clone();
         bad.openings[1].latent_f16.0[0] ^= 1;
-        assert!(matches!(bad.validate(&ch, &tree.root()), Err(RequestError::Opening { step: 4, .. })));
+        assert!(matches!(
+            bad.validate(&ch, &tree.root()),
+            Err(RequestError::Opening { step: 4, .. })
+        ));
         // Answering other steps than asked.
         let other = answer(&latents, &tree, &[3, 5]);
         assert!(other.validate(&ch, &tree.root()).is_err());
@@ -364,7 +469,11 @@ mod tests {
         assert!(bad.validate(&ch, &tree.root()).is_err());
         // Challenges out of range, duplicated, empty or too many.
         for steps in [vec![11], vec![3, 3], vec![], (0..9).collect()] {
-            let ch = AuditChallenge { version: 1, job_id: JobId([1; 16]), steps };
+            let ch = AuditChallenge {
+                version: 1,
+                job_id: JobId([1; 16]),
+                steps,
+            };
             assert!(ch.validate(11).is_err());
         }
     }
@@ -380,21 +489,30 @@ mod tests {
             0u32..40,
             0u32..80,
             prop_oneof![Just(f64::NAN), Just(f64::INFINITY), -5.0f64..60.0],
-            prop_oneof![Just(OutputFormat::Mp4), Just(OutputFormat::Gif), Just(OutputFormat::Latents)],
+            prop_oneof![
+                Just(OutputFormat::Mp4),
+                Just(OutputFormat::Gif),
+                Just(OutputFormat::Latents)
+            ],
         )
-            .prop_map(|(job, man, prompt, neg, seed, (w, h), frames, steps, g, output)| GenerateRequest {
-                version: PROTOCOL_VERSION,
-                job_id: JobId(job),
-                manifest_id: ManifestId(Digest32(man)),
-                prompt,
-                negative_prompt: neg,
-                seed: Seed(seed),
-                size: Size { width: w, height: h },
-                frames,
-                steps,
-                guidance_scale: g,
-                output,
-            })
+            .prop_map(
+                |(job, man, prompt, neg, seed, (w, h), frames, steps, g, output)| GenerateRequest {
+                    version: PROTOCOL_VERSION,
+                    job_id: JobId(job),
+                    manifest_id: ManifestId(Digest32(man)),
+                    prompt,
+                    negative_prompt: neg,
+                    seed: Seed(seed),
+                    size: Size {
+                        width: w,
+                        height: h,
+                    },
+                    frames,
+                    steps,
+                    guidance_scale: g,
+                    output,
+                },
+            )
     }
 
     proptest! {

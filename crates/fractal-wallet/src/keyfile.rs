@@ -41,7 +41,8 @@ pub struct LoadedKey {
 }
 
 fn hex32(s: &str, what: &str) -> Result<Vec<u8>, WalletError> {
-    hex::decode(s.strip_prefix("0x").unwrap_or(s)).map_err(|_| WalletError::Keyfile(format!("{what} is not hex")))
+    hex::decode(s.strip_prefix("0x").unwrap_or(s))
+        .map_err(|_| WalletError::Keyfile(format!("{what} is not hex")))
 }
 
 /// The full (secret) keyfile, as bittensor writes `coldkey` and `hotkeys/<name>`.
@@ -75,9 +76,12 @@ pub fn public_keyfile_json(key: &Hotkey) -> String {
 }
 
 fn parse_json(data: &[u8]) -> Result<KeyfileJson, WalletError> {
-    let json: KeyfileJson = serde_json::from_slice(data).map_err(|e| WalletError::Keyfile(format!("not keyfile JSON ({})", e.classify_name())))?;
+    let json: KeyfileJson = serde_json::from_slice(data)
+        .map_err(|e| WalletError::Keyfile(format!("not keyfile JSON ({})", e.classify_name())))?;
     if json.crypto_type.is_some_and(|t| t != CRYPTO_SR25519) {
-        return Err(WalletError::Keyfile("only sr25519 keys are supported".into()));
+        return Err(WalletError::Keyfile(
+            "only sr25519 keys are supported".into(),
+        ));
     }
     Ok(json)
 }
@@ -108,13 +112,20 @@ pub fn parse_keyfile(data: &[u8]) -> Result<LoadedKey, WalletError> {
     } else if let Some(phrase) = &json.secret_phrase {
         Keypair::from_phrase(phrase, None)?
     } else {
-        return Err(WalletError::Keyfile("no secret in keyfile (is this a pub file?)".into()));
+        return Err(WalletError::Keyfile(
+            "no secret in keyfile (is this a pub file?)".into(),
+        ));
     };
     let stated = stated_public(&json)?;
     if stated.is_some_and(|s| s != keypair.hotkey()) {
-        return Err(WalletError::Keyfile("secret does not match the stated public key".into()));
+        return Err(WalletError::Keyfile(
+            "secret does not match the stated public key".into(),
+        ));
     }
-    Ok(LoadedKey { keypair, phrase: json.secret_phrase.clone().map(Zeroizing::new) })
+    Ok(LoadedKey {
+        keypair,
+        phrase: json.secret_phrase.clone().map(Zeroizing::new),
+    })
 }
 
 /// Reads a public keyfile (or the public part of a secret one).
@@ -130,12 +141,20 @@ fn stated_public(json: &KeyfileJson) -> Result<Option<Hotkey>, WalletError> {
         .or(json.account_id.as_deref())
         .map(|h| -> Result<Hotkey, WalletError> {
             let b = hex32(h, "publicKey")?;
-            Ok(Hotkey(b.try_into().map_err(|_| WalletError::Keyfile("publicKey is not 32 bytes".into()))?))
+            Ok(Hotkey(b.try_into().map_err(|_| {
+                WalletError::Keyfile("publicKey is not 32 bytes".into())
+            })?))
         })
         .transpose()?;
-    let from_ss58 = json.ss58_address.as_deref().map(Hotkey::from_ss58).transpose()?;
+    let from_ss58 = json
+        .ss58_address
+        .as_deref()
+        .map(Hotkey::from_ss58)
+        .transpose()?;
     match (from_hex, from_ss58) {
-        (Some(a), Some(b)) if a != b => Err(WalletError::Keyfile("publicKey and ss58Address disagree".into())),
+        (Some(a), Some(b)) if a != b => Err(WalletError::Keyfile(
+            "publicKey and ss58Address disagree".into(),
+        )),
         (a, b) => Ok(a.or(b)),
     }
 }

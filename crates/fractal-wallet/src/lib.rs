@@ -19,13 +19,18 @@ use std::path::{Path, PathBuf};
 use fractal_protocol::{Hotkey, Keypair};
 use zeroize::Zeroizing;
 
-pub use keyfile::{parse_keyfile, parse_pubfile, private_keyfile_json, public_keyfile_json, LoadedKey};
+pub use keyfile::{
+    parse_keyfile, parse_pubfile, private_keyfile_json, public_keyfile_json, LoadedKey,
+};
 pub use nacl::{decrypt_nacl, encrypt_nacl, is_nacl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalletError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} already exists (pass --overwrite to replace it)")]
     Exists(PathBuf),
     #[error("{0} does not exist")]
@@ -36,7 +41,9 @@ pub enum WalletError {
     Keyfile(String),
     #[error("wrong password (or the keyfile is corrupt)")]
     WrongPassword,
-    #[error("{0} is encrypted with a legacy bittensor scheme; re-encrypt it with a current btcli first")]
+    #[error(
+        "{0} is encrypted with a legacy bittensor scheme; re-encrypt it with a current btcli first"
+    )]
     LegacyEncryption(PathBuf),
     #[error("the coldkey is encrypted; a password is required")]
     PasswordRequired,
@@ -45,12 +52,17 @@ pub enum WalletError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalletError + '_ {
-    move |source| WalletError::Io { path: path.to_owned(), source }
+    move |source| WalletError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The default wallets root: `$HOME/.bittensor/wallets`.
 pub fn default_root() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".bittensor").join("wallets")
 }
 
@@ -58,7 +70,9 @@ fn check_name(name: &str) -> Result<(), WalletError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -84,7 +98,10 @@ pub struct WalletSummary {
 impl Wallet {
     pub fn new(root: impl Into<PathBuf>, name: &str) -> Result<Self, WalletError> {
         check_name(name)?;
-        Ok(Wallet { root: root.into(), name: name.to_string() })
+        Ok(Wallet {
+            root: root.into(),
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -109,7 +126,13 @@ impl Wallet {
     }
 
     /// Writes the coldkey (encrypted when `password` is given) and coldkeypub.txt.
-    pub fn write_coldkey(&self, key: &Keypair, phrase: Option<&str>, password: Option<&str>, overwrite: bool) -> Result<(), WalletError> {
+    pub fn write_coldkey(
+        &self,
+        key: &Keypair,
+        phrase: Option<&str>,
+        password: Option<&str>,
+        overwrite: bool,
+    ) -> Result<(), WalletError> {
         let (secret, public) = (self.coldkey_path(), self.coldkeypub_path());
         if !overwrite {
             refuse_existing(&[&secret, &public])?;
@@ -124,7 +147,13 @@ impl Wallet {
     }
 
     /// Writes hotkeys/<name> (plaintext, as bittensor does) and its pub file.
-    pub fn write_hotkey(&self, hotkey: &str, key: &Keypair, phrase: Option<&str>, overwrite: bool) -> Result<(), WalletError> {
+    pub fn write_hotkey(
+        &self,
+        hotkey: &str,
+        key: &Keypair,
+        phrase: Option<&str>,
+        overwrite: bool,
+    ) -> Result<(), WalletError> {
         let (secret, public) = (self.hotkey_path(hotkey)?, self.hotkeypub_path(hotkey)?);
         if !overwrite {
             refuse_existing(&[&secret, &public])?;
@@ -142,7 +171,10 @@ impl Wallet {
     }
 
     /// Loads the coldkey; `password` is asked for only if the file is encrypted.
-    pub fn coldkey(&self, password: impl FnOnce() -> Option<String>) -> Result<LoadedKey, WalletError> {
+    pub fn coldkey(
+        &self,
+        password: impl FnOnce() -> Option<String>,
+    ) -> Result<LoadedKey, WalletError> {
         let path = self.coldkey_path();
         load_keyfile(&path, password)
     }
@@ -191,15 +223,25 @@ pub fn list_wallets(root: &Path) -> Result<Vec<WalletSummary>, WalletError> {
         .map(|name| {
             let w = Wallet::new(root, &name)?;
             let hotkeys = w.hotkey_names()?.into_iter().map(|h| {
-                let key = w.hotkeypub(&h).ok().or_else(|| w.hotkey(&h).ok().map(|k| k.keypair.hotkey()));
+                let key = w
+                    .hotkeypub(&h)
+                    .ok()
+                    .or_else(|| w.hotkey(&h).ok().map(|k| k.keypair.hotkey()));
                 (h, key)
             });
-            Ok(WalletSummary { coldkey: w.coldkeypub().ok(), hotkeys: hotkeys.collect(), name })
+            Ok(WalletSummary {
+                coldkey: w.coldkeypub().ok(),
+                hotkeys: hotkeys.collect(),
+                name,
+            })
         })
         .collect()
 }
 
-fn load_keyfile(path: &Path, password: impl FnOnce() -> Option<String>) -> Result<LoadedKey, WalletError> {
+fn load_keyfile(
+    path: &Path,
+    password: impl FnOnce() -> Option<String>,
+) -> Result<LoadedKey, WalletError> {
     let data = Zeroizing::new(read(path)?);
     if is_nacl(&data) {
         let pw = Zeroizing::new(password().ok_or(WalletError::PasswordRequired)?);
@@ -215,8 +257,13 @@ fn load_keyfile(path: &Path, password: impl FnOnce() -> Option<String>) -> Resul
 fn read(path: &Path) -> Result<Vec<u8>, WalletError> {
     match fs::read(path) {
         Ok(d) => Ok(d),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(WalletError::Missing(path.to_owned())),
-        Err(e) => Err(WalletError::Io { path: path.to_owned(), source: e }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(WalletError::Missing(path.to_owned()))
+        }
+        Err(e) => Err(WalletError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -231,7 +278,11 @@ fn refuse_existing(paths: &[&Path]) -> Result<(), WalletError> {
 fn write_private(path: &Path, data: &[u8]) -> Result<(), WalletError> {
     let dir = path.parent().expect("keyfile paths have a parent");
     create_private_dir(dir)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("key"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
+        std::process::id()
+    ));
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -272,38 +323,55 @@ mod tests {
         let w = Wallet::new(root.path(), "alice").unwrap();
         let (cold_phrase, cold) = Keypair::generate(12).unwrap();
         let (hot_phrase, hot) = Keypair::generate(12).unwrap();
-        w.write_coldkey(&cold, Some(&cold_phrase), None, false).unwrap();
-        w.write_hotkey("miner", &hot, Some(&hot_phrase), false).unwrap();
+        w.write_coldkey(&cold, Some(&cold_phrase), None, false)
+            .unwrap();
+        w.write_hotkey("miner", &hot, Some(&hot_phrase), false)
+            .unwrap();
 
         let loaded = w.hotkey("miner").unwrap();
         assert_eq!(loaded.keypair.hotkey(), hot.hotkey());
-        assert_eq!(loaded.phrase.as_deref().map(|s| s.as_str()), Some(hot_phrase.as_str()));
+        assert_eq!(
+            loaded.phrase.as_deref().map(|s| s.as_str()),
+            Some(hot_phrase.as_str())
+        );
         let sig = loaded.keypair.sign(b"fractal");
         assert!(w.hotkeypub("miner").unwrap().verify(b"fractal", &sig));
         assert_eq!(w.coldkeypub().unwrap(), cold.hotkey());
         assert_eq!(w.coldkey(|| None).unwrap().keypair.hotkey(), cold.hotkey());
 
         // No silent overwrite.
-        assert!(matches!(w.write_hotkey("miner", &hot, None, false), Err(WalletError::Exists(_))));
+        assert!(matches!(
+            w.write_hotkey("miner", &hot, None, false),
+            Err(WalletError::Exists(_))
+        ));
 
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(w.hotkey_path("miner").unwrap()).unwrap().permissions().mode();
+            let mode = fs::metadata(w.hotkey_path("miner").unwrap())
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
 
         let list = list_wallets(root.path()).unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].coldkey, Some(cold.hotkey()));
-        assert_eq!(list[0].hotkeys, vec![("miner".to_string(), Some(hot.hotkey()))]);
+        assert_eq!(
+            list[0].hotkeys,
+            vec![("miner".to_string(), Some(hot.hotkey()))]
+        );
     }
 
     #[test]
     fn names_cannot_escape_the_root() {
         let root = tempfile::tempdir().unwrap();
         for bad in ["", "..", "../x", "a/b", ".hidden", "a\\b"] {
-            assert!(matches!(Wallet::new(root.path(), bad), Err(WalletError::BadName(_))), "{bad}");
+            assert!(
+                matches!(Wallet::new(root.path(), bad), Err(WalletError::BadName(_))),
+                "{bad}"
+            );
         }
         let w = Wallet::new(root.path(), "ok").unwrap();
         assert!(w.hotkey_path("../coldkey").is_err());
@@ -319,14 +387,19 @@ mod tests {
         fs::write(&p, b"{not json").unwrap();
         assert!(matches!(w.hotkey("h"), Err(WalletError::Keyfile(_))));
         fs::write(&p, b"gAAAAABlegacy").unwrap();
-        assert!(matches!(w.hotkey("h"), Err(WalletError::LegacyEncryption(_))));
+        assert!(matches!(
+            w.hotkey("h"),
+            Err(WalletError::LegacyEncryption(_))
+        ));
     }
 
     /// The bittensor SDK writes hotkeys/<name> with these exact fields; we read
     /// its files and write files it reads (field set and hex format match).
     #[test]
     fn python_sdk_keyfiles_load_and_match_our_derivation() {
-        let doc: serde_json::Value = serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json")).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json"))
+                .unwrap();
         for entry in doc["keys"].as_array().unwrap() {
             let kf = &entry["keyfile"];
             let text = serde_json::to_vec(kf).unwrap();
@@ -341,14 +414,25 @@ mod tests {
             assert_eq!(ours.hotkey().to_ss58(), kf["ss58Address"].as_str().unwrap());
             // Our own keyfile carries the same fields and values.
             let phrase = kf["secretPhrase"].as_str();
-            let mine: serde_json::Value = serde_json::from_str(&private_keyfile_json(&ours, phrase)).unwrap();
-            for field in ["accountId", "publicKey", "secretPhrase", "secretSeed", "ss58Address", "cryptoType"] {
+            let mine: serde_json::Value =
+                serde_json::from_str(&private_keyfile_json(&ours, phrase)).unwrap();
+            for field in [
+                "accountId",
+                "publicKey",
+                "secretPhrase",
+                "secretSeed",
+                "ss58Address",
+                "cryptoType",
+            ] {
                 assert_eq!(mine.get(field), kf.get(field), "{source}: {field}");
             }
             // privateKey is scalar (32 bytes) || nonce (32 bytes). Soft derivation
             // draws a fresh random nonce in schnorrkel (and so in the SDK), so only
             // the scalar is defined for those; elsewhere the whole key must match.
-            let (a, b) = (mine["privateKey"].as_str().unwrap(), kf["privateKey"].as_str().unwrap());
+            let (a, b) = (
+                mine["privateKey"].as_str().unwrap(),
+                kf["privateKey"].as_str().unwrap(),
+            );
             let soft = source.replace("//", "").contains('/');
             if soft {
                 assert_eq!(a[..66], b[..66], "{source}: privateKey scalar");

@@ -22,7 +22,8 @@ pub fn is_nacl(data: &[u8]) -> bool {
 }
 
 fn derive_key(password: &str) -> Zeroizing<[u8; 32]> {
-    let params = Params::new(MEMLIMIT_KIB, OPSLIMIT, 1, Some(32)).expect("constant parameters are valid");
+    let params =
+        Params::new(MEMLIMIT_KIB, OPSLIMIT, 1, Some(32)).expect("constant parameters are valid");
     let mut key = Zeroizing::new([0u8; 32]);
     Argon2::new(Algorithm::Argon2i, Version::V0x13, params)
         .hash_password_into(password.as_bytes(), &NACL_SALT, &mut *key)
@@ -36,19 +37,26 @@ pub fn encrypt_nacl(plaintext: &[u8], password: &str) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_SIZE];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let cipher = XSalsa20Poly1305::new((&*key).into());
-    let sealed = cipher.encrypt((&nonce).into(), plaintext).expect("secretbox encryption cannot fail");
+    let sealed = cipher
+        .encrypt((&nonce).into(), plaintext)
+        .expect("secretbox encryption cannot fail");
     [MAGIC, &nonce, &sealed].concat()
 }
 
 pub fn decrypt_nacl(data: &[u8], password: &str) -> Result<Zeroizing<Vec<u8>>, WalletError> {
-    let body = data.strip_prefix(MAGIC).ok_or_else(|| WalletError::Keyfile("not $NACL-encrypted".into()))?;
+    let body = data
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| WalletError::Keyfile("not $NACL-encrypted".into()))?;
     if body.len() < NONCE_SIZE + 16 {
         return Err(WalletError::Keyfile("$NACL data is truncated".into()));
     }
     let (nonce, sealed) = body.split_at(NONCE_SIZE);
     let key = derive_key(password);
     let cipher = XSalsa20Poly1305::new((&*key).into());
-    cipher.decrypt(nonce.into(), sealed).map(Zeroizing::new).map_err(|_| WalletError::WrongPassword)
+    cipher
+        .decrypt(nonce.into(), sealed)
+        .map(Zeroizing::new)
+        .map_err(|_| WalletError::WrongPassword)
 }
 
 #[cfg(test)]
@@ -57,10 +65,18 @@ mod tests {
     use base64::Engine;
 
     fn python_vector() -> (String, String, Vec<u8>) {
-        let doc: serde_json::Value = serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json")).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../../fixtures/interop/bittensor11.json"))
+                .unwrap();
         let n = &doc["nacl"];
-        let blob = base64::engine::general_purpose::STANDARD.decode(n["blob_b64"].as_str().unwrap()).unwrap();
-        (n["password"].as_str().unwrap().into(), n["plaintext"].as_str().unwrap().into(), blob)
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(n["blob_b64"].as_str().unwrap())
+            .unwrap();
+        (
+            n["password"].as_str().unwrap().into(),
+            n["plaintext"].as_str().unwrap().into(),
+            blob,
+        )
     }
 
     /// A coldkey encrypted by the bittensor 11 SDK opens with the right password
@@ -70,7 +86,10 @@ mod tests {
         let (password, plaintext, blob) = python_vector();
         let plain = decrypt_nacl(&blob, &password).unwrap();
         assert_eq!(std::str::from_utf8(&plain).unwrap(), plaintext);
-        assert!(matches!(decrypt_nacl(&blob, "wrong password"), Err(WalletError::WrongPassword)));
+        assert!(matches!(
+            decrypt_nacl(&blob, "wrong password"),
+            Err(WalletError::WrongPassword)
+        ));
     }
 
     #[test]
@@ -80,7 +99,13 @@ mod tests {
         assert_eq!(&*decrypt_nacl(&blob, "pw").unwrap(), b"secret keyfile");
         let mut bad = blob.clone();
         *bad.last_mut().unwrap() ^= 1;
-        assert!(matches!(decrypt_nacl(&bad, "pw"), Err(WalletError::WrongPassword)));
-        assert!(matches!(decrypt_nacl(b"$NACLshort", "pw"), Err(WalletError::Keyfile(_))));
+        assert!(matches!(
+            decrypt_nacl(&bad, "pw"),
+            Err(WalletError::WrongPassword)
+        ));
+        assert!(matches!(
+            decrypt_nacl(b"$NACLshort", "pw"),
+            Err(WalletError::Keyfile(_))
+        ));
     }
 }

@@ -1,0 +1,51 @@
+//! `fractal`: one binary for every role in the grid.
+
+mod manifest_cmd;
+mod wallet_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fractal",
+    version,
+    about = "Fractal: a homogeneous text-to-video inference grid on Bittensor"
+)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `fractal_http=debug`.
+    #[arg(long, global = true, env = "FRACTAL_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, restore, list and inspect Bittensor-compatible wallets (sr25519 hot- and coldkeys).
+    #[command(subcommand)]
+    Wallet(wallet_cmd::WalletCmd),
+    /// Validate model manifests and print their content ids.
+    #[command(subcommand)]
+    Manifest(manifest_cmd::ManifestCmd),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Wallet(cmd) => wallet_cmd::run(cmd),
+        Command::Manifest(cmd) => manifest_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

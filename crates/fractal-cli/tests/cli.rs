@@ -1,0 +1,202 @@
+//! The `fractal` binary as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn fractal(wallets: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fractal"))
+        .args(args)
+        .env("BT_WALLET_PATH", wallets)
+        .env("TEST_PW", "correct horse")
+        .env("WRONG_PW", "battery staple")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fail(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn wallet_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let created = ok(fractal(
+        w,
+        &[
+            "wallet",
+            "create",
+            "-w",
+            "val",
+            "--hotkey",
+            "hk",
+            "--password-env",
+            "TEST_PW",
+        ],
+    ));
+    assert!(created.contains("(encrypted)"), "{created}");
+    assert!(
+        !created.contains("mnemonic:"),
+        "secrets are not printed unless asked"
+    );
+    assert!(std::fs::read(w.join("val/coldkey"))
+        .unwrap()
+        .starts_with(b"$NACL"));
+
+    // Restoring well-known keys gives substrate's addresses.
+    let out = ok(fractal(
+        w,
+        &[
+            "wallet",
+            "regen-hotkey",
+            "-w",
+            "val",
+            "--hotkey",
+            "alice",
+            "--uri",
+            "//Alice",
+        ],
+    ));
+    assert!(
+        out.contains("5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"),
+        "{out}"
+    );
+    let dev = "bottom drive obey lake curtain smoke basket hold race lonely fit walk";
+    let out = ok(fractal(
+        w,
+        &[
+            "wallet",
+            "regen-coldkey",
+            "-w",
+            "dev",
+            "--mnemonic",
+            dev,
+            "--no-password",
+        ],
+    ));
+    assert!(
+        out.contains("5DfhGyQdFobKM8NsWvEeAKk5EQQgYe9AydgJ7rMB6E1EqRzV"),
+        "{out}"
+    );
+
+    let list = ok(fractal(w, &["wallet", "list"]));
+    assert!(
+        list.contains("val")
+            && list.contains("hk")
+            && list.contains("alice")
+            && list.contains("dev"),
+        "{list}"
+    );
+
+    // Secrets only with the right password.
+    let shown = ok(fractal(
+        w,
+        &[
+            "wallet",
+            "show",
+            "-w",
+            "val",
+            "--secrets",
+            "--password-env",
+            "TEST_PW",
+        ],
+    ));
+    assert_eq!(shown.matches("mnemonic:").count(), 2, "{shown}");
+    let err = fail(fractal(
+        w,
+        &[
+            "wallet",
+            "show",
+            "-w",
+            "val",
+            "--secrets",
+            "--password-env",
+            "WRONG_PW",
+        ],
+    ));
+    assert!(err.contains("wrong password"), "{err}");
+    let err = fail(fractal(
+        w,
+        &[
+            "wallet",
+            "show",
+            "-w",
+            "val",
+            "--secrets",
+            "--password-env",
+            "UNSET_VAR",
+        ],
+    ));
+    assert!(err.contains("UNSET_VAR is not set"), "{err}");
+
+    // No silent overwrite; bad input is a clear error.
+    let err = fail(fractal(
+        w,
+        &[
+            "wallet",
+            "regen-hotkey",
+            "-w",
+            "val",
+            "--hotkey",
+            "alice",
+            "--uri",
+            "//Bob",
+        ],
+    ));
+    assert!(err.contains("already exists"), "{err}");
+    let err = fail(fractal(
+        w,
+        &[
+            "wallet",
+            "regen-hotkey",
+            "-w",
+            "val",
+            "--hotkey",
+            "x",
+            "--mnemonic",
+            "not a real phrase",
+        ],
+    ));
+    assert!(err.contains("invalid mnemonic"), "{err}");
+    let err = fail(fractal(w, &["wallet", "new-hotkey", "-w", "../escape"]));
+    assert!(err.contains("invalid name"), "{err}");
+    let err = fail(fractal(w, &["wallet", "show", "-w", "nobody"]));
+    assert!(err.contains("no wallet"), "{err}");
+}
+
+#[test]
+fn manifest_id_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.toml");
+    std::fs::write(&file, include_str!("../../../examples/manifest-tiny.toml")).unwrap();
+    let id = ok(fractal(
+        dir.path(),
+        &["manifest", "id", file.to_str().unwrap()],
+    ));
+    assert_eq!(id.trim().len(), 64);
+    let check = ok(fractal(
+        dir.path(),
+        &["manifest", "check", file.to_str().unwrap()],
+    ));
+    assert!(check.contains(id.trim()), "{check}");
+    std::fs::write(&file, "manifest_version = 1\n").unwrap();
+    let err = fail(fractal(
+        dir.path(),
+        &["manifest", "check", file.to_str().unwrap()],
+    ));
+    assert!(err.contains("cannot parse manifest"), "{err}");
+}
