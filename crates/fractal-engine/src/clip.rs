@@ -1,0 +1,166 @@
+//! The CLIP text encoder of diffusers pipelines (transformers `CLIPTextModel`),
+//! configurable from `text_encoder/config.json`. Returns `last_hidden_state`
+//! (after the final layer norm), which is what TextToVideoSD conditions on.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{self as nn, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    Gelu,
+    QuickGelu,
+}
+
+impl Act {
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::Gelu => xs.gelu_erf(),
+            Act::QuickGelu => xs * nn::ops::sigmoid(&(xs * 1.702)?)?,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    ln1: nn::LayerNorm,
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    o: nn::Linear,
+    ln2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: nn::Embedding,
+    position_embedding: nn::Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: nn::LayerNorm,
+    heads: usize,
+    act: Act,
+    pub config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(vb: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+        let act = match config.hidden_act.as_str() {
+            "gelu" => Act::Gelu,
+            "quick_gelu" => Act::QuickGelu,
+            other => candle_core::bail!("text encoder: unsupported hidden_act {other:?}"),
+        };
+        let c = &config;
+        if c.hidden_size % c.num_attention_heads != 0 {
+            candle_core::bail!("text encoder: hidden_size must divide by num_attention_heads");
+        }
+        let vb = vb.pp("text_model");
+        let e = vb.pp("embeddings");
+        let token_embedding = nn::embedding(c.vocab_size, c.hidden_size, e.pp("token_embedding"))?;
+        let position_embedding = nn::embedding(
+            c.max_position_embeddings,
+            c.hidden_size,
+            e.pp("position_embedding"),
+        )?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layers.{i}"));
+            let (h, m) = (c.hidden_size, c.intermediate_size);
+            layers.push(Layer {
+                ln1: nn::layer_norm(h, c.layer_norm_eps, l.pp("layer_norm1"))?,
+                q: nn::linear(h, h, l.pp("self_attn.q_proj"))?,
+                k: nn::linear(h, h, l.pp("self_attn.k_proj"))?,
+                v: nn::linear(h, h, l.pp("self_attn.v_proj"))?,
+                o: nn::linear(h, h, l.pp("self_attn.out_proj"))?,
+                ln2: nn::layer_norm(h, c.layer_norm_eps, l.pp("layer_norm2"))?,
+                fc1: nn::linear(h, m, l.pp("mlp.fc1"))?,
+                fc2: nn::linear(m, h, l.pp("mlp.fc2"))?,
+            });
+        }
+        let final_layer_norm =
+            nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            heads: c.num_attention_heads,
+            act,
+            config,
+        })
+    }
+
+    fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (len, len), device)
+    }
+
+    /// `input_ids` `[batch, tokens]` (u32) to `[batch, tokens, hidden]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, n) = input_ids.dims2()?;
+        if n > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "text encoder: {n} tokens exceed {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let positions = Tensor::arange(0u32, n as u32, input_ids.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(n, input_ids.device())?.to_dtype(xs.dtype())?;
+        let h = self.config.hidden_size;
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let res = xs.clone();
+            let x = l.ln1.forward(&xs)?;
+            let split = |t: Tensor| {
+                t.reshape((b, n, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split((l.q.forward(&x)? * scale)?)?;
+            let k = split(l.k.forward(&x)?)?;
+            let v = split(l.v.forward(&x)?)?;
+            let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let att = nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
+            xs = (l.o.forward(&y)? + res)?;
+            let res = xs.clone();
+            let x = l
+                .fc2
+                .forward(&self.act.apply(&l.fc1.forward(&l.ln2.forward(&xs)?)?)?)?;
+            xs = (x + res)?;
+        }
+        self.final_layer_norm
+            .forward(&xs)?
+            .contiguous()
+            .and_then(|t| t.squeeze(D::Minus1).or(Ok(t)))
+    }
+}

@@ -1,0 +1,248 @@
+//! The three networks of a TextToVideoSD pipeline, loaded from a diffusers
+//! folder (`model_index.json`, `*/config.json`, `*.safetensors`) or built in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::tiny::{self, TinyVariant, TinyWeights};
+use crate::unet3d::{Unet3d, Unet3dConfig};
+use crate::EngineError;
+
+/// `vae/config.json` (the keys that matter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+}
+
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// Pixels per latent cell along each axis.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfigs {
+    pub text: ClipTextConfig,
+    pub unet: Unet3dConfig,
+    pub vae: VaeConfig,
+}
+
+/// Text encoder, denoiser and decoder, ready to run.
+pub struct Model {
+    pub text_encoder: ClipTextModel,
+    pub unet: Unet3d,
+    pub vae: AutoEncoderKL,
+    pub configs: ModelConfigs,
+    pub device: Device,
+}
+
+const TEXT_WEIGHTS: &str = "text_encoder/model.safetensors";
+const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
+
+/// The weight files a diffusers TextToVideoSD folder must have.
+pub const WEIGHT_FILES: [&str; 3] = [TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS];
+
+fn read_json<T: serde::de::DeserializeOwned>(dir: &Path, rel: &str) -> Result<T, EngineError> {
+    let path = dir.join(rel);
+    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Config {
+        path,
+        message: e.to_string(),
+    })
+}
+
+fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
+    AutoEncoderKLConfig {
+        block_out_channels: v.block_out_channels.clone(),
+        layers_per_block: v.layers_per_block,
+        latent_channels: v.latent_channels,
+        norm_num_groups: v.norm_num_groups,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    }
+}
+
+impl Model {
+    /// Loads a diffusers-layout folder; weights are memory-mapped.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        #[derive(Deserialize)]
+        struct Index {
+            #[serde(rename = "_class_name")]
+            class: String,
+        }
+        let index: Index = read_json(dir, "model_index.json")?;
+        if index.class != "TextToVideoSDPipeline" {
+            return Err(EngineError::Config {
+                path: dir.join("model_index.json"),
+                message: format!("pipeline {} is not TextToVideoSDPipeline", index.class),
+            });
+        }
+        let configs = ModelConfigs {
+            text: read_json(dir, "text_encoder/config.json")?,
+            unet: read_json(dir, "unet/config.json")?,
+            vae: read_json(dir, "vae/config.json")?,
+        };
+        let vb = |rel: &str| -> Result<VarBuilder<'static>, EngineError> {
+            let path = dir.join(rel);
+            if !path.is_file() {
+                return Err(EngineError::MissingFile(path));
+            }
+            // SAFETY: the mapped files are only read, and the manifest check (by
+            // the caller) pins their content; truncation by another process would
+            // surface as an error or garbage output, not memory unsafety in our code.
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }.map_err(
+                |e| EngineError::Weights {
+                    path,
+                    message: e.to_string(),
+                },
+            )
+        };
+        let build = |rel: &str, e: candle_core::Error| EngineError::Weights {
+            path: dir.join(rel),
+            message: e.to_string(),
+        };
+        let text_encoder = ClipTextModel::new(vb(TEXT_WEIGHTS)?, configs.text.clone())
+            .map_err(|e| build(TEXT_WEIGHTS, e))?;
+        let unet = Unet3d::new(vb(UNET_WEIGHTS)?, configs.unet.clone())
+            .map_err(|e| build(UNET_WEIGHTS, e))?;
+        let vae = AutoEncoderKL::new(
+            vb(VAE_WEIGHTS)?,
+            configs.vae.in_channels,
+            configs.vae.out_channels,
+            vae_candle_config(&configs.vae),
+        )
+        .map_err(|e| build(VAE_WEIGHTS, e))?;
+        Ok(Model {
+            text_encoder,
+            unet,
+            vae,
+            configs,
+            device: device.clone(),
+        })
+    }
+
+    /// The built-in tiny model (weights derived from parameter names).
+    pub fn tiny(variant: TinyVariant, device: &Device) -> Result<Self, EngineError> {
+        Ok(Self::tiny_with_weights(variant, device)?.0)
+    }
+
+    fn tiny_with_weights(
+        variant: TinyVariant,
+        device: &Device,
+    ) -> Result<(Self, TinyWeights), EngineError> {
+        let configs = tiny::configs(variant);
+        let w = TinyWeights::default();
+        let text_encoder =
+            ClipTextModel::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
+        let unet = Unet3d::new(w.var_builder("unet.", device), configs.unet.clone())?;
+        let vae = AutoEncoderKL::new(
+            w.var_builder("vae.", device),
+            configs.vae.in_channels,
+            configs.vae.out_channels,
+            vae_candle_config(&configs.vae),
+        )?;
+        Ok((
+            Model {
+                text_encoder,
+                unet,
+                vae,
+                configs,
+                device: device.clone(),
+            },
+            w,
+        ))
+    }
+
+    /// Writes the tiny model as a diffusers folder that diffusers and
+    /// [`Model::load`] both read. Returns the weight files written.
+    pub fn write_tiny_folder(
+        variant: TinyVariant,
+        dir: &Path,
+        scheduler: &fractal_protocol::manifest::SchedulerSpec,
+    ) -> Result<Vec<PathBuf>, EngineError> {
+        let (model, weights) = Self::tiny_with_weights(variant, &Device::Cpu)?;
+        let c = &model.configs;
+        let io = |path: PathBuf| move |e: std::io::Error| EngineError::Io { path, source: e };
+        let write_json = |rel: &str, v: serde_json::Value| -> Result<(), EngineError> {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().expect("has parent"))
+                .map_err(io(path.clone()))?;
+            std::fs::write(
+                &path,
+                serde_json::to_string_pretty(&v).expect("json") + "\n",
+            )
+            .map_err(io(path))
+        };
+        write_json(
+            "model_index.json",
+            serde_json::json!({
+                "_class_name": "TextToVideoSDPipeline",
+                "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet3DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }),
+        )?;
+        let mut unet = serde_json::to_value(&c.unet).expect("json");
+        unet["_class_name"] = "UNet3DConditionModel".into();
+        write_json("unet/config.json", unet)?;
+        let n = c.vae.block_out_channels.len();
+        let mut vae = serde_json::to_value(&c.vae).expect("json");
+        vae["_class_name"] = "AutoencoderKL".into();
+        vae["down_block_types"] = serde_json::json!(vec!["DownEncoderBlock2D"; n]);
+        vae["up_block_types"] = serde_json::json!(vec!["UpDecoderBlock2D"; n]);
+        vae["act_fn"] = "silu".into();
+        write_json("vae/config.json", vae)?;
+        let mut text = serde_json::to_value(&c.text).expect("json");
+        text["architectures"] = serde_json::json!(["CLIPTextModel"]);
+        text["model_type"] = "clip_text_model".into();
+        text["projection_dim"] = 32.into();
+        text["bos_token_id"] = 49406.into();
+        text["eos_token_id"] = 49407.into();
+        text["pad_token_id"] = 1.into();
+        write_json("text_encoder/config.json", text)?;
+        write_json(
+            "scheduler/scheduler_config.json",
+            crate::pipeline::diffusers_scheduler_config(scheduler),
+        )?;
+        let mut written = Vec::new();
+        for (prefix, rel) in [
+            ("text_encoder.", TEXT_WEIGHTS),
+            ("unet.", UNET_WEIGHTS),
+            ("vae.", VAE_WEIGHTS),
+        ] {
+            let tensors: HashMap<String, Tensor> = weights.take(prefix).into_iter().collect();
+            let path = dir.join(rel);
+            candle_core::safetensors::save(&tensors, &path).map_err(|e| EngineError::Weights {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}

@@ -1,0 +1,226 @@
+//! TextToVideoSD: prompt → CLIP embeddings → denoising loop with CFG → VAE
+//! decode per frame. Deterministic: the only randomness is the seeded initial
+//! noise (`fractal/noise/v1`), and DDIM with eta = 0 adds none.
+
+use candle_core::{DType, Tensor};
+use fractal_protocol::manifest::{SchedulerKind, SchedulerSpec};
+use fractal_protocol::noise::{fill_gaussian, Stream};
+use fractal_protocol::Seed;
+
+use crate::model::Model;
+use crate::scheduler::Ddim;
+use crate::EngineError;
+
+/// What to generate, with the prompt already tokenized (77 ids each).
+#[derive(Clone, Debug)]
+pub struct GenerateSpec {
+    pub prompt_ids: Vec<u32>,
+    pub negative_ids: Vec<u32>,
+    pub seed: Seed,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+/// Reported after the initial noise (`index` 0) and after every step.
+pub struct StepEvent<'a> {
+    pub index: usize,
+    pub total: usize,
+    /// `[1, C, F, h, w]`, f32.
+    pub latents: &'a Tensor,
+}
+
+/// A generated clip: RGB frames in `[0, 1]` and the final latents.
+pub struct Generated {
+    /// `[F, 3, H, W]`, f32 in `[0, 1]`.
+    pub frames: Tensor,
+    pub final_latents: Tensor,
+}
+
+impl Generated {
+    /// Frames as RGB8, `frames x height x width x 3`, rounded to nearest.
+    pub fn rgb8(&self) -> Result<Vec<u8>, EngineError> {
+        let t = (self.frames.permute((0, 2, 3, 1))? * 255.0)?
+            .round()?
+            .clamp(0f32, 255f32)?
+            .to_dtype(DType::U8)?;
+        Ok(t.flatten_all()?.to_vec1::<u8>()?)
+    }
+}
+
+/// diffusers' `scheduler_config.json` for a manifest's scheduler.
+pub fn diffusers_scheduler_config(s: &SchedulerSpec) -> serde_json::Value {
+    let class = match s.kind {
+        SchedulerKind::Ddim => "DDIMScheduler",
+        SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+    };
+    let mut v = serde_json::json!({
+        "_class_name": class,
+        "num_train_timesteps": s.num_train_timesteps,
+        "beta_start": s.beta_start,
+        "beta_end": s.beta_end,
+        "beta_schedule": serde_json::to_value(s.beta_schedule).expect("json"),
+        "prediction_type": serde_json::to_value(s.prediction_type).expect("json"),
+        "steps_offset": s.steps_offset,
+        "timestep_spacing": serde_json::to_value(s.timestep_spacing).expect("json"),
+    });
+    if s.kind == SchedulerKind::Ddim {
+        v["clip_sample"] = s.clip_sample.into();
+        v["set_alpha_to_one"] = s.set_alpha_to_one.into();
+    }
+    v
+}
+
+pub struct Pipeline {
+    pub model: Model,
+    pub scheduler: SchedulerSpec,
+}
+
+impl Pipeline {
+    pub fn new(model: Model, scheduler: SchedulerSpec) -> Result<Self, EngineError> {
+        if scheduler.kind != SchedulerKind::Ddim {
+            return Err(EngineError::Unsupported(
+                "only the DDIM scheduler is implemented so far".into(),
+            ));
+        }
+        Ok(Pipeline { model, scheduler })
+    }
+
+    /// Latent shape `[1, C, F, h, w]` for a request, or why it is invalid.
+    pub fn latent_shape(
+        &self,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<(usize, usize, usize, usize, usize), EngineError> {
+        let s = self.model.configs.vae.scale_factor();
+        if frames == 0 || height == 0 || width == 0 || height % s != 0 || width % s != 0 {
+            return Err(EngineError::BadInput(format!("{frames} frames of {width}x{height}: need at least one frame and sides that are multiples of {s}")));
+        }
+        Ok((
+            1,
+            self.model.configs.unet.in_channels,
+            frames,
+            height / s,
+            width / s,
+        ))
+    }
+
+    /// `[1, tokens]` ids to `[1, tokens, hidden]` embeddings.
+    pub fn encode_prompt(&self, ids: &[u32]) -> Result<Tensor, EngineError> {
+        let t = Tensor::new(ids, &self.model.device)?.unsqueeze(0)?;
+        Ok(self.model.text_encoder.forward(&t)?)
+    }
+
+    /// The conditioning the UNet sees: `[uncond; cond]` with CFG, else `cond`.
+    pub fn context(&self, spec: &GenerateSpec) -> Result<Tensor, EngineError> {
+        let cond = self.encode_prompt(&spec.prompt_ids)?;
+        if spec.guidance_scale > 1.0 {
+            let uncond = self.encode_prompt(&spec.negative_ids)?;
+            Ok(Tensor::cat(&[&uncond, &cond], 0)?)
+        } else {
+            Ok(cond)
+        }
+    }
+
+    /// The seeded initial latents x_T.
+    pub fn initial_latents(&self, spec: &GenerateSpec) -> Result<Tensor, EngineError> {
+        let shape = self.latent_shape(spec.frames, spec.height, spec.width)?;
+        let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+        let mut v = vec![0f32; n];
+        fill_gaussian(spec.seed, Stream::InitialLatents, &mut v);
+        Ok(Tensor::from_vec(v, shape, &self.model.device)?)
+    }
+
+    /// One denoising step: UNet (with CFG) at `timestep`, then the scheduler.
+    /// This is also what a verifier recomputes to audit a committed step.
+    pub fn denoise_step(
+        &self,
+        ddim: &Ddim,
+        latents: &Tensor,
+        timestep: usize,
+        context: &Tensor,
+        guidance: f64,
+    ) -> Result<Tensor, EngineError> {
+        let cfg = guidance > 1.0;
+        let input = if cfg {
+            Tensor::cat(&[latents, latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let eps = self.model.unet.forward(&input, timestep as f64, context)?;
+        let eps = if cfg {
+            let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
+            (&u + ((c - &u)? * guidance)?)?
+        } else {
+            eps
+        };
+        Ok(ddim.step(&eps, timestep, latents)?)
+    }
+
+    pub fn scheduler_for(&self, steps: usize) -> Result<Ddim, EngineError> {
+        if steps == 0 || steps > self.scheduler.num_train_timesteps as usize {
+            return Err(EngineError::BadInput(format!(
+                "steps must be 1..={}",
+                self.scheduler.num_train_timesteps
+            )));
+        }
+        Ok(Ddim::new(&self.scheduler, steps))
+    }
+
+    /// Runs the whole pipeline, calling `on_step` with every latent of the trace.
+    pub fn generate(
+        &self,
+        spec: &GenerateSpec,
+        on_step: &mut dyn FnMut(StepEvent<'_>),
+    ) -> Result<Generated, EngineError> {
+        let ddim = self.scheduler_for(spec.steps)?;
+        let mut latents = self.initial_latents(spec)?;
+        let context = self.context(spec)?;
+        let total = spec.steps;
+        on_step(StepEvent {
+            index: 0,
+            total,
+            latents: &latents,
+        });
+        for (i, &t) in ddim.timesteps().iter().enumerate() {
+            latents = self.denoise_step(&ddim, &latents, t, &context, spec.guidance_scale)?;
+            on_step(StepEvent {
+                index: i + 1,
+                total,
+                latents: &latents,
+            });
+        }
+        let frames = self.decode(&latents)?;
+        Ok(Generated {
+            frames,
+            final_latents: latents,
+        })
+    }
+
+    /// Decodes `[1, C, F, h, w]` latents frame by frame to `[F, 3, H, W]` in `[0, 1]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
+        let (_, _, f, _, _) = latents.dims5()?;
+        let scaled = (latents / self.model.configs.vae.scaling_factor)?;
+        let mut out = Vec::with_capacity(f);
+        for i in 0..f {
+            out.push(self.decode_frame_scaled(&scaled, i)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// Decodes one frame (`[1, 3, H, W]` in `[0, 1]`), as a verifier does to
+    /// compare with the returned video.
+    pub fn decode_frame(&self, latents: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
+        let scaled = (latents / self.model.configs.vae.scaling_factor)?;
+        self.decode_frame_scaled(&scaled, frame)
+    }
+
+    fn decode_frame_scaled(&self, scaled: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
+        let z = scaled.narrow(2, frame, 1)?.squeeze(2)?;
+        let img = self.model.vae.decode(&z)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}

@@ -1,0 +1,256 @@
+//! The built-in tiny model: the real architecture at tiny widths, with weights
+//! derived deterministically from each parameter's name.
+//!
+//! Weights are drawn with the normative `fractal/noise/v1` generator, seeded by
+//! SHA-256(`"fractal/tiny-v1/"` || parameter name), so every build on every
+//! platform gets bit-identical weights without shipping a file. They can be
+//! exported as a diffusers folder (`write_diffusers_folder`) for the Python
+//! parity scripts and to exercise the real loader.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use fractal_protocol::noise::{fill_gaussian, Stream};
+use fractal_protocol::Seed;
+use sha2::{Digest, Sha256};
+
+use crate::clip::ClipTextConfig;
+use crate::model::{ModelConfigs, VaeConfig};
+use crate::unet3d::Unet3dConfig;
+
+pub const TINY_NAME: &str = "tiny-v1";
+
+/// Which tiny variant (the parity fixtures cover each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TinyVariant {
+    /// Two levels, one cross-attention level: the default grid model.
+    Base,
+    /// Three levels, two layers per block, more heads: exercises more of the graph.
+    Wide,
+}
+
+impl TinyVariant {
+    pub fn name(self) -> &'static str {
+        match self {
+            TinyVariant::Base => "tiny-v1",
+            TinyVariant::Wide => "tiny-wide-v1",
+        }
+    }
+    pub fn parse(name: &str) -> Option<Self> {
+        [TinyVariant::Base, TinyVariant::Wide]
+            .into_iter()
+            .find(|v| v.name() == name)
+    }
+}
+
+pub fn configs(variant: TinyVariant) -> ModelConfigs {
+    let text = ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        max_position_embeddings: 77,
+        hidden_act: "gelu".into(),
+        layer_norm_eps: 1e-5,
+    };
+    let unet = match variant {
+        TinyVariant::Base => Unet3dConfig {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![32, 64],
+            down_block_types: vec!["CrossAttnDownBlock3D".into(), "DownBlock3D".into()],
+            up_block_types: vec!["UpBlock3D".into(), "CrossAttnUpBlock3D".into()],
+            layers_per_block: 1,
+            attention_head_dim: 8,
+            num_attention_heads: None,
+            cross_attention_dim: 32,
+            norm_num_groups: 8,
+            norm_eps: 1e-5,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+        },
+        TinyVariant::Wide => Unet3dConfig {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![32, 48, 64],
+            down_block_types: vec![
+                "CrossAttnDownBlock3D".into(),
+                "CrossAttnDownBlock3D".into(),
+                "DownBlock3D".into(),
+            ],
+            up_block_types: vec![
+                "UpBlock3D".into(),
+                "CrossAttnUpBlock3D".into(),
+                "CrossAttnUpBlock3D".into(),
+            ],
+            layers_per_block: 2,
+            attention_head_dim: 16,
+            num_attention_heads: None,
+            cross_attention_dim: 32,
+            norm_num_groups: 16,
+            norm_eps: 1e-5,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+        },
+    };
+    let vae = VaeConfig {
+        in_channels: 3,
+        out_channels: 3,
+        latent_channels: 4,
+        block_out_channels: vec![16, 32, 32],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        scaling_factor: 0.18215,
+    };
+    ModelConfigs { text, unet, vae }
+}
+
+/// A `VarBuilder` backend that makes each requested parameter from its name,
+/// and remembers what it made (for export).
+#[derive(Default, Clone)]
+pub struct TinyWeights {
+    made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+}
+
+impl TinyWeights {
+    pub fn var_builder(&self, prefix: &str, device: &Device) -> VarBuilder<'static> {
+        let backend = TinyBackend {
+            prefix: prefix.to_string(),
+            made: self.made.clone(),
+        };
+        VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
+    }
+
+    /// Parameters made so far under `prefix` (names without the prefix).
+    pub fn take(&self, prefix: &str) -> BTreeMap<String, Tensor> {
+        let made = self.made.lock().expect("tiny weights lock");
+        made.iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+}
+
+struct TinyBackend {
+    prefix: String,
+    made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+}
+
+fn seed_for(name: &str) -> Seed {
+    let d = Sha256::new()
+        .chain_update(b"fractal/tiny-v1/")
+        .chain_update(name.as_bytes())
+        .finalize();
+    Seed(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+}
+
+impl SimpleBackend for TinyBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _hint: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let full = format!("{}{}", self.prefix, name);
+        if let Some(t) = self.made.lock().expect("tiny weights lock").get(&full) {
+            return t.to_dtype(dtype)?.to_device(dev);
+        }
+        let dims = shape.dims().to_vec();
+        let mut values = vec![0f32; shape.elem_count()];
+        fill_gaussian(seed_for(&full), Stream::InitialLatents, &mut values);
+        let is_bias = name.ends_with("bias");
+        let is_norm_weight = dims.len() == 1 && !is_bias;
+        let scale = if is_bias {
+            0.1
+        } else if is_norm_weight {
+            0.1
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            1.0 / (fan_in.max(1) as f32).sqrt()
+        };
+        let offset = if is_norm_weight { 1.0 } else { 0.0 };
+        for v in &mut values {
+            *v = offset + scale * *v;
+        }
+        let t = Tensor::from_vec(values, dims, &Device::Cpu)?;
+        self.made
+            .lock()
+            .expect("tiny weights lock")
+            .insert(full, t.clone());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("tiny weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        // The VAE probes for the current diffusers attention names.
+        name.ends_with("to_q.weight")
+    }
+}
+
+/// The manifest of the built-in tiny model: what `fractal grid` and the tests pin.
+pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
+    use fractal_protocol::manifest::*;
+    ModelManifest {
+        manifest_version: MANIFEST_VERSION,
+        name: format!("fractal-{}", variant.name()),
+        architecture: Architecture::TextToVideoSd,
+        dtype: DType::F32,
+        weights: Weights::Builtin(variant.name().to_string()),
+        scheduler: SchedulerSpec {
+            kind: SchedulerKind::Ddim,
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            prediction_type: PredictionType::Epsilon,
+            clip_sample: false,
+            set_alpha_to_one: false,
+            steps_offset: 1,
+            timestep_spacing: TimestepSpacing::Leading,
+        },
+        defaults: GenerationDefaults {
+            size: Size {
+                width: 64,
+                height: 64,
+            },
+            frames: 8,
+            steps: 10,
+            guidance_scale: 9.0,
+            fps: 8,
+        },
+        limits: Limits {
+            sizes: vec![
+                Size {
+                    width: 64,
+                    height: 64,
+                },
+                Size {
+                    width: 32,
+                    height: 32,
+                },
+                Size {
+                    width: 128,
+                    height: 128,
+                },
+            ],
+            max_frames: 24,
+            max_steps: 50,
+            max_prompt_bytes: 1000,
+        },
+        verification: Tolerances {
+            step_rel_l2: 1e-3,
+            frame_psnr_db: 30.0,
+        },
+    }
+}

@@ -1,0 +1,728 @@
+//! `UNet3DConditionModel` of diffusers (ModelScope text-to-video, Zeroscope).
+//!
+//! Layout and parameter names follow diffusers 0.42 exactly, so real
+//! checkpoints load unchanged. Video tensors are `[batch, channels, frames,
+//! height, width]`; inside the network frames are folded into the batch
+//! (`[batch*frames, C, H, W]`) and the temporal layers unfold them again.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{self as nn, VarBuilder};
+use candle_transformers::models::stable_diffusion::attention::CrossAttention;
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use serde::{Deserialize, Serialize};
+
+/// `unet/config.json` of a diffusers UNet3D folder (only the keys that matter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unet3dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub layers_per_block: usize,
+    /// ModelScope quirk: this is used as the number of heads when
+    /// `num_attention_heads` is absent (diffusers does the same).
+    pub attention_head_dim: usize,
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    #[serde(default = "one_usize")]
+    pub downsample_padding: usize,
+    #[serde(default = "one_f64")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl Unet3dConfig {
+    fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            candle_core::bail!("unet config: block_out_channels, down_block_types and up_block_types must have the same non-zero length");
+        }
+        if self.act_fn != "silu" {
+            candle_core::bail!(
+                "unet config: act_fn {:?} is not supported (only silu)",
+                self.act_fn
+            );
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock3D" && t != "DownBlock3D" {
+                candle_core::bail!("unet config: unsupported down block {t:?}");
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock3D" && t != "UpBlock3D" {
+                candle_core::bail!("unet config: unsupported up block {t:?}");
+            }
+        }
+        let heads = self.heads();
+        for &c in &self.block_out_channels {
+            if c % self.norm_num_groups != 0 || c % heads != 0 {
+                candle_core::bail!(
+                    "unet config: channels {c} must divide by norm_num_groups and the head count"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn heads(&self) -> usize {
+        self.num_attention_heads.unwrap_or(self.attention_head_dim)
+    }
+}
+
+/// Feed-forward with GEGLU and the exact (erf) GELU, as diffusers' `FeedForward`.
+#[derive(Debug)]
+struct GegluFeedForward {
+    proj: nn::Linear,
+    out: nn::Linear,
+}
+
+impl GegluFeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for GegluFeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
+        self.out.forward(&(&h[0] * h[1].gelu_erf()?)?)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (layer norms, two attentions, GEGLU).
+/// `attn2` attends to the text context, or to itself when `context_dim` is None
+/// (`double_self_attention` in the temporal transformer).
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: nn::LayerNorm,
+    attn1: CrossAttention,
+    norm2: nn::LayerNorm,
+    attn2: CrossAttention,
+    norm3: nn::LayerNorm,
+    ff: GegluFeedForward,
+}
+
+impl TransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        context_dim: Option<usize>,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, head_dim, None, false)?,
+            norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                None,
+                false,
+            )?,
+            norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: GegluFeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// diffusers `Transformer2DModel` with `use_linear_projection=True` (always the
+/// case inside UNet3D): attention over the pixels of each frame.
+#[derive(Debug)]
+struct SpatialTransformer {
+    norm: nn::GroupNorm,
+    proj_in: nn::Linear,
+    block: TransformerBlock,
+    proj_out: nn::Linear,
+}
+
+impl SpatialTransformer {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        groups: usize,
+        context_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            norm: nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: nn::linear(channels, inner, vb.pp("proj_in"))?,
+            block: TransformerBlock::new(
+                vb.pp("transformer_blocks.0"),
+                inner,
+                heads,
+                head_dim,
+                Some(context_dim),
+            )?,
+            proj_out: nn::linear(inner, channels, vb.pp("proj_out"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        let hs = self
+            .norm
+            .forward(xs)?
+            .permute((0, 2, 3, 1))?
+            .reshape((n, h * w, c))?;
+        let hs = self.proj_in.forward(&hs)?;
+        let hs = self.block.forward(&hs, Some(context))?;
+        let hs = self.proj_out.forward(&hs)?;
+        let inner = hs.dim(D::Minus1)?;
+        hs.reshape((n, h, w, inner))?.permute((0, 3, 1, 2))? + xs
+    }
+}
+
+/// diffusers `TransformerTemporalModel`: self-attention across the frames at
+/// each pixel (`double_self_attention`: both attentions are self-attention).
+#[derive(Debug)]
+struct TemporalTransformer {
+    norm: nn::GroupNorm,
+    proj_in: nn::Linear,
+    block: TransformerBlock,
+    proj_out: nn::Linear,
+}
+
+impl TemporalTransformer {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            norm: nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: nn::linear(channels, inner, vb.pp("proj_in"))?,
+            block: TransformerBlock::new(
+                vb.pp("transformer_blocks.0"),
+                inner,
+                heads,
+                head_dim,
+                None,
+            )?,
+            proj_out: nn::linear(inner, channels, vb.pp("proj_out"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let (bf, c, h, w) = xs.dims4()?;
+        let b = bf / frames;
+        let hs = xs.reshape((b, frames, c, h, w))?.permute((0, 2, 1, 3, 4))?;
+        let hs = self.norm.forward(&hs)?;
+        let hs = hs
+            .permute((0, 3, 4, 2, 1))?
+            .reshape((b * h * w, frames, c))?;
+        let hs = self.proj_in.forward(&hs)?;
+        let hs = self.block.forward(&hs, None)?;
+        let hs = self.proj_out.forward(&hs)?;
+        let hs = hs
+            .reshape((b, h, w, frames, c))?
+            .permute((0, 3, 4, 1, 2))?
+            .reshape((bf, c, h, w))?;
+        hs + xs
+    }
+}
+
+/// diffusers `TemporalConvLayer`: four (GroupNorm, SiLU, Conv3d (3,1,1)) stages
+/// with a residual. The (3,1,1) kernel mixes neighbouring frames only, so it is
+/// computed as three frame-shifted 1x1 channel matmuls.
+#[derive(Debug)]
+struct TemporalConv {
+    stages: Vec<(nn::GroupNorm, [Tensor; 3], Tensor)>,
+}
+
+impl TemporalConv {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        let mut stages = Vec::with_capacity(4);
+        for (i, conv_idx) in [(1, 2), (2, 3), (3, 3), (4, 3)] {
+            let s = vb.pp(format!("conv{i}"));
+            let norm = nn::group_norm(groups, channels, 1e-5, s.pp("0"))?;
+            let c = s.pp(conv_idx.to_string());
+            let w = c.get((channels, channels, 3, 1, 1), "weight")?;
+            let taps = [0, 1, 2].map(|k| {
+                w.narrow(2, k, 1)
+                    .and_then(|t| t.reshape((channels, channels)))
+            });
+            let [a, b, d] = taps;
+            stages.push((norm, [a?, b?, d?], c.get(channels, "bias")?));
+        }
+        Ok(Self { stages })
+    }
+
+    fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let (bf, c, h, w) = xs.dims4()?;
+        let b = bf / frames;
+        let identity = xs
+            .reshape((b, frames, c, h, w))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?;
+        let mut hs = identity.clone();
+        for (norm, taps, bias) in &self.stages {
+            let act = nn::ops::silu(&norm.forward(&hs)?)?;
+            let padded = act.pad_with_zeros(2, 1, 1)?;
+            let mut acc: Option<Tensor> = None;
+            for (k, tap) in taps.iter().enumerate() {
+                let shifted =
+                    padded
+                        .narrow(2, k, frames)?
+                        .contiguous()?
+                        .reshape((b, c, frames * h * w))?;
+                let y = tap.broadcast_matmul(&shifted)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
+            }
+            let y = acc
+                .expect("three taps")
+                .broadcast_add(&bias.reshape((1, c, 1))?)?;
+            hs = y.reshape((b, c, frames, h, w))?;
+        }
+        let out = (identity + hs)?;
+        out.permute((0, 2, 1, 3, 4))?.reshape((bf, c, h, w))
+    }
+}
+
+/// One level of the encoder or decoder: resnets with temporal convs, and
+/// (for the cross-attention variants) spatial and temporal transformers.
+#[derive(Debug)]
+struct Block3D {
+    resnets: Vec<ResnetBlock2D>,
+    temp_convs: Vec<TemporalConv>,
+    attentions: Vec<SpatialTransformer>,
+    temp_attentions: Vec<TemporalTransformer>,
+    downsample: Option<nn::Conv2d>,
+    upsample: Option<nn::Conv2d>,
+}
+
+struct BlockSpec<'a> {
+    cfg: &'a Unet3dConfig,
+    temb: usize,
+    cross_attention: bool,
+    heads_per_channel: usize,
+}
+
+impl BlockSpec<'_> {
+    fn resnet(&self, vb: VarBuilder, cin: usize, cout: usize, scale: f64) -> Result<ResnetBlock2D> {
+        let conf = ResnetBlock2DConfig {
+            out_channels: Some(cout),
+            temb_channels: Some(self.temb),
+            groups: self.cfg.norm_num_groups,
+            groups_out: None,
+            eps: self.cfg.norm_eps,
+            use_in_shortcut: None,
+            output_scale_factor: scale,
+        };
+        ResnetBlock2D::new(vb, cin, conf)
+    }
+
+    /// Adds the i-th (temporal conv, spatial + temporal attention) layers.
+    fn layers(&self, vb: &VarBuilder, i: usize, c: usize, block: &mut Block3D) -> Result<()> {
+        let groups = self.cfg.norm_num_groups;
+        block.temp_convs.push(TemporalConv::new(
+            vb.pp(format!("temp_convs.{i}")),
+            c,
+            groups,
+        )?);
+        if self.cross_attention {
+            // diffusers builds both transformers with heads = C / n and head_dim = n.
+            let (heads, head_dim) = (c / self.heads_per_channel, self.heads_per_channel);
+            block.attentions.push(SpatialTransformer::new(
+                vb.pp(format!("attentions.{i}")),
+                c,
+                heads,
+                head_dim,
+                groups,
+                self.cfg.cross_attention_dim,
+            )?);
+            block.temp_attentions.push(TemporalTransformer::new(
+                vb.pp(format!("temp_attentions.{i}")),
+                c,
+                heads,
+                head_dim,
+                groups,
+            )?);
+        }
+        Ok(())
+    }
+}
+
+impl Block3D {
+    fn empty() -> Self {
+        Block3D {
+            resnets: vec![],
+            temp_convs: vec![],
+            attentions: vec![],
+            temp_attentions: vec![],
+            downsample: None,
+            upsample: None,
+        }
+    }
+
+    fn down(
+        vb: VarBuilder,
+        spec: &BlockSpec,
+        cin: usize,
+        cout: usize,
+        add_downsample: bool,
+    ) -> Result<Self> {
+        let mut block = Block3D::empty();
+        for i in 0..spec.cfg.layers_per_block {
+            let c_in = if i == 0 { cin } else { cout };
+            block
+                .resnets
+                .push(spec.resnet(vb.pp(format!("resnets.{i}")), c_in, cout, 1.0)?);
+            spec.layers(&vb, i, cout, &mut block)?;
+        }
+        if add_downsample {
+            let conf = nn::Conv2dConfig {
+                stride: 2,
+                padding: spec.cfg.downsample_padding,
+                ..Default::default()
+            };
+            block.downsample = Some(nn::conv2d(
+                cout,
+                cout,
+                3,
+                conf,
+                vb.pp("downsamplers.0.conv"),
+            )?);
+        }
+        Ok(block)
+    }
+
+    fn up(
+        vb: VarBuilder,
+        spec: &BlockSpec,
+        cin: usize,
+        cout: usize,
+        prev: usize,
+        add_upsample: bool,
+    ) -> Result<Self> {
+        let mut block = Block3D::empty();
+        let n = spec.cfg.layers_per_block + 1;
+        for i in 0..n {
+            let skip = if i == n - 1 { cin } else { cout };
+            let c_in = if i == 0 { prev } else { cout };
+            block.resnets.push(spec.resnet(
+                vb.pp(format!("resnets.{i}")),
+                c_in + skip,
+                cout,
+                1.0,
+            )?);
+            spec.layers(&vb, i, cout, &mut block)?;
+        }
+        if add_upsample {
+            let conf = nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            block.upsample = Some(nn::conv2d(cout, cout, 3, conf, vb.pp("upsamplers.0.conv"))?);
+        }
+        Ok(block)
+    }
+
+    fn mid(vb: VarBuilder, spec: &BlockSpec, c: usize) -> Result<Self> {
+        let mut block = Block3D::empty();
+        let scale = spec.cfg.mid_block_scale_factor;
+        block
+            .resnets
+            .push(spec.resnet(vb.pp("resnets.0"), c, c, scale)?);
+        block.temp_convs.push(TemporalConv::new(
+            vb.pp("temp_convs.0"),
+            c,
+            spec.cfg.norm_num_groups,
+        )?);
+        let (heads, head_dim) = (c / spec.heads_per_channel, spec.heads_per_channel);
+        let groups = spec.cfg.norm_num_groups;
+        block.attentions.push(SpatialTransformer::new(
+            vb.pp("attentions.0"),
+            c,
+            heads,
+            head_dim,
+            groups,
+            spec.cfg.cross_attention_dim,
+        )?);
+        block.temp_attentions.push(TemporalTransformer::new(
+            vb.pp("temp_attentions.0"),
+            c,
+            heads,
+            head_dim,
+            groups,
+        )?);
+        block
+            .resnets
+            .push(spec.resnet(vb.pp("resnets.1"), c, c, scale)?);
+        block
+            .temp_convs
+            .push(TemporalConv::new(vb.pp("temp_convs.1"), c, groups)?);
+        Ok(block)
+    }
+
+    /// Resnet i, temporal conv i, then the attentions if this block has them.
+    fn layer(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        frames: usize,
+    ) -> Result<Tensor> {
+        let xs = self.resnets[i].forward(xs, Some(temb))?;
+        let mut xs = self.temp_convs[i].forward(&xs, frames)?;
+        if let (Some(a), Some(t)) = (self.attentions.get(i), self.temp_attentions.get(i)) {
+            xs = a.forward(&xs, ctx)?;
+            xs = t.forward(&xs, frames)?;
+        }
+        Ok(xs)
+    }
+
+    fn forward_down(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        frames: usize,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut outs = Vec::with_capacity(self.resnets.len() + 1);
+        for i in 0..self.resnets.len() {
+            xs = self.layer(i, &xs, temb, ctx, frames)?;
+            outs.push(xs.clone());
+        }
+        if let Some(d) = &self.downsample {
+            xs = d.forward(&xs)?;
+            outs.push(xs.clone());
+        }
+        Ok((xs, outs))
+    }
+
+    fn forward_up(
+        &self,
+        xs: &Tensor,
+        mut skips: Vec<Tensor>,
+        temb: &Tensor,
+        ctx: &Tensor,
+        frames: usize,
+        size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for i in 0..self.resnets.len() {
+            let skip = skips.pop().expect("one skip per resnet");
+            xs = Tensor::cat(&[&xs, &skip], 1)?;
+            xs = self.layer(i, &xs, temb, ctx, frames)?;
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            let (h2, w2) = size.unwrap_or((2 * h, 2 * w));
+            xs = conv.forward(&xs.upsample_nearest2d(h2, w2)?)?;
+        }
+        Ok(xs)
+    }
+
+    fn forward_mid(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        frames: usize,
+    ) -> Result<Tensor> {
+        let xs = self.resnets[0].forward(xs, Some(temb))?;
+        let xs = self.temp_convs[0].forward(&xs, frames)?;
+        let xs = self.attentions[0].forward(&xs, ctx)?;
+        let xs = self.temp_attentions[0].forward(&xs, frames)?;
+        let xs = self.resnets[1].forward(&xs, Some(temb))?;
+        self.temp_convs[1].forward(&xs, frames)
+    }
+}
+
+/// The denoising network.
+#[derive(Debug)]
+pub struct Unet3d {
+    conv_in: nn::Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    transformer_in: TemporalTransformer,
+    down: Vec<Block3D>,
+    mid: Block3D,
+    up: Vec<Block3D>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2d,
+    pub config: Unet3dConfig,
+}
+
+impl Unet3d {
+    pub fn new(vb: VarBuilder, config: Unet3dConfig) -> Result<Self> {
+        config.validate()?;
+        let cfg = &config;
+        let ch = &cfg.block_out_channels;
+        let temb = ch[0] * 4;
+        let conv3 = nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_in = nn::conv2d(cfg.in_channels, ch[0], 3, conv3, vb.pp("conv_in"))?;
+        let time_proj = Timesteps::new(ch[0], true, 0.0);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
+        let transformer_in = TemporalTransformer::new(
+            vb.pp("transformer_in"),
+            ch[0],
+            8,
+            cfg.attention_head_dim,
+            cfg.norm_num_groups,
+        )?;
+        let heads = cfg.heads();
+        let n = ch.len();
+        let mut down = Vec::with_capacity(n);
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let spec = BlockSpec {
+                cfg,
+                temb,
+                cross_attention: kind == "CrossAttnDownBlock3D",
+                heads_per_channel: heads,
+            };
+            down.push(Block3D::down(
+                vb.pp(format!("down_blocks.{i}")),
+                &spec,
+                cin,
+                ch[i],
+                i + 1 < n,
+            )?);
+        }
+        let mid_spec = BlockSpec {
+            cfg,
+            temb,
+            cross_attention: true,
+            heads_per_channel: heads,
+        };
+        let mid = Block3D::mid(vb.pp("mid_block"), &mid_spec, ch[n - 1])?;
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut out_c = rev[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let prev = out_c;
+            out_c = rev[i];
+            let cin = rev[(i + 1).min(n - 1)];
+            let spec = BlockSpec {
+                cfg,
+                temb,
+                cross_attention: kind == "CrossAttnUpBlock3D",
+                heads_per_channel: heads,
+            };
+            up.push(Block3D::up(
+                vb.pp(format!("up_blocks.{i}")),
+                &spec,
+                cin,
+                out_c,
+                prev,
+                i + 1 < n,
+            )?);
+        }
+        let conv_norm_out = nn::group_norm(
+            cfg.norm_num_groups,
+            ch[0],
+            cfg.norm_eps,
+            vb.pp("conv_norm_out"),
+        )?;
+        let conv_out = nn::conv2d(ch[0], cfg.out_channels, 3, conv3, vb.pp("conv_out"))?;
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            transformer_in,
+            down,
+            mid,
+            up,
+            conv_norm_out,
+            conv_out,
+            config,
+        })
+    }
+
+    /// Predicts noise for `sample` `[B, C, F, H, W]` at `timestep`, conditioned
+    /// on `context` `[B, tokens, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = sample.dims5()?;
+        let t = Tensor::full(timestep as f32, b, sample.device())?;
+        let emb = self
+            .time_embedding
+            .forward(&self.time_proj.forward(&t)?.to_dtype(sample.dtype())?)?;
+        let temb_dim = emb.dim(1)?;
+        // repeat_interleave over frames: [B, T] -> [B*F, T]
+        let emb = emb
+            .unsqueeze(1)?
+            .broadcast_as((b, f, temb_dim))?
+            .reshape((b * f, temb_dim))?;
+        let (_, tokens, d) = context.dims3()?;
+        let ctx = context
+            .unsqueeze(1)?
+            .broadcast_as((b, f, tokens, d))?
+            .reshape((b * f, tokens, d))?;
+
+        let xs = sample.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
+        let xs = self.conv_in.forward(&xs)?;
+        let mut xs = self.transformer_in.forward(&xs, f)?;
+
+        let up_factor = 1usize << (self.up.len() - 1);
+        let forward_upsample_size = h % up_factor != 0 || w % up_factor != 0;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            let (next, outs) = block.forward_down(&xs, &emb, &ctx, f)?;
+            xs = next;
+            skips.extend(outs);
+        }
+        xs = self.mid.forward_mid(&xs, &emb, &ctx, f)?;
+        let last = self.up.len() - 1;
+        for (i, block) in self.up.iter().enumerate() {
+            let mine = skips.split_off(skips.len() - block.resnets.len());
+            let size = match skips.last() {
+                Some(s) if i < last && forward_upsample_size => {
+                    let (_, _, sh, sw) = s.dims4()?;
+                    Some((sh, sw))
+                }
+                _ => None,
+            };
+            xs = block.forward_up(&xs, mine, &emb, &ctx, f, size)?;
+        }
+        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_out.forward(&xs)?;
+        let oc = self.config.out_channels;
+        xs.reshape((b, f, oc, h, w))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()
+    }
+}
