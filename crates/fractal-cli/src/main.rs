@@ -1,6 +1,7 @@
 //! `fractal`: one binary for every role in the grid.
 
 mod manifest_cmd;
+mod model_cmd;
 mod wallet_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Command {
     /// Validate model manifests and print their content ids.
     #[command(subcommand)]
     Manifest(manifest_cmd::ManifestCmd),
+    /// Work with model folders: export the built-in tiny model, hash weights.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Manifest(cmd) => manifest_cmd::run(cmd),
+        Command::Model(cmd) => model_cmd::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

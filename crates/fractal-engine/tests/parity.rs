@@ -1,0 +1,129 @@
+//! Parity with Python diffusers 0.42 on the tiny configs in
+//! fixtures/parity (made by tools/parity/make_fixtures.sh from the very
+//! weights `Model::tiny` builds). Every stage must match within TOLERANCE.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_protocol::Seed;
+
+/// Max absolute error allowed per stage, in f32.
+const TOLERANCE: f32 = 1e-4;
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check(name: &str) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
+            .unwrap();
+    let fx: HashMap<String, Tensor> =
+        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &Device::Cpu).unwrap();
+    let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
+    let manifest = fractal_engine::tiny::manifest(variant);
+    let p = Pipeline::new(
+        Model::tiny(variant, &Device::Cpu).unwrap(),
+        manifest.scheduler,
+    )
+    .unwrap();
+    let ids = |k: &str| {
+        fx[k]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect::<Vec<_>>()
+    };
+    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+    let spec = GenerateSpec {
+        prompt_ids: ids("prompt_ids"),
+        negative_ids: ids("negative_ids"),
+        seed: Seed(meta["seed"].as_u64().unwrap()),
+        frames: u("frames"),
+        height: u("height"),
+        width: u("width"),
+        steps: u("steps"),
+        guidance_scale: meta["guidance"].as_f64().unwrap(),
+    };
+    let mut report = Vec::new();
+    let mut stage = |what: String, err: f32| {
+        report.push(format!("{what}: {err:.2e}"));
+        assert!(
+            err <= TOLERANCE,
+            "{name} {what}: max abs error {err} > {TOLERANCE}\n{}",
+            report.join("\n")
+        );
+    };
+
+    let cond = p
+        .encode_prompt(&spec.prompt_ids)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    stage("text_cond".into(), max_abs(&cond, &fx["text_cond"]));
+    let uncond = p
+        .encode_prompt(&spec.negative_ids)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    stage("text_uncond".into(), max_abs(&uncond, &fx["text_uncond"]));
+
+    let context = p.context(&spec).unwrap();
+    let out = p
+        .model
+        .unet
+        .forward(&fx["unet_in"], meta["t"].as_f64().unwrap(), &context)
+        .unwrap();
+    stage("unet_forward".into(), max_abs(&out, &fx["unet_out"]));
+
+    let ddim = p.scheduler_for(spec.steps).unwrap();
+    let expected_t: Vec<usize> = meta["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(ddim.timesteps(), expected_t.as_slice());
+
+    let mut latents = Vec::new();
+    let generated = p
+        .generate(&spec, &mut |e| latents.push(e.latents.clone()))
+        .unwrap();
+    assert_eq!(latents.len(), spec.steps + 1);
+    for (i, l) in latents.iter().enumerate() {
+        stage(
+            format!("latents_{i}"),
+            max_abs(l, &fx[&format!("latents_{i}")]),
+        );
+    }
+    stage("frames".into(), max_abs(&generated.frames, &fx["frames"]));
+    eprintln!("{name}:\n  {}", report.join("\n  "));
+}
+
+#[test]
+fn base_with_guidance() {
+    check("base-cfg");
+}
+
+#[test]
+fn base_without_guidance_non_square() {
+    check("base-nocfg-rect");
+}
+
+#[test]
+fn wide_three_levels() {
+    check("wide-cfg");
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Regenerates fixtures/parity/* from Python diffusers. Needs network access to
+# PyPI once (torch, diffusers, transformers go into tools/parity/.venv).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$here/../.."
+venv="$here/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q torch==2.9.1 diffusers==0.42.1 transformers==5.24.0 safetensors numpy
+fi
+(cd "$root" && cargo build --release -p fractal-cli)
+exec "$venv/bin/python" "$here/make_fixtures.py" "$root/target/release/fractal"
