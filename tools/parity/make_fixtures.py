@@ -97,10 +97,38 @@ def run(cfg, fractal):
     print(f"{cfg['name']}: {len(steps)} latents, frames {tuple(frames.shape)}")
 
 
+TOKENIZER_PROMPTS = [
+    "a red fox running in the snow",
+    "",
+    "  A   Cat's  PAJAMAS, don't!  ",
+    "Astronaut riding a horse on Mars; 4k, 8 frames @ 24fps (trending)",
+    "café naïve résumé — 東京 🚀 emoji",
+    "x" * 10 + " word" * 120,
+]
+
+
+def tokenizer_fixture(fractal):
+    """Token ids from transformers' CLIPTokenizer (slow, as the pipeline uses)
+    and CLIPTokenizerFast over the folder the Rust side exports."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([fractal, "model", "export-tiny", d], check=True)
+        slow = CLIPTokenizer.from_pretrained(pathlib.Path(d) / "tokenizer")
+        fast = CLIPTokenizerFast.from_pretrained(pathlib.Path(d) / "tokenizer")
+    cases = []
+    for p in TOKENIZER_PROMPTS:
+        kw = dict(padding="max_length", max_length=77, truncation=True)
+        a, b = slow(p, **kw).input_ids, fast(p, **kw).input_ids
+        cases.append(dict(prompt=p, slow=a, fast=b))
+    (OUT / "tokenizer.json").write_text(json.dumps(cases, ensure_ascii=False, indent=0) + "\n")
+    print(f"tokenizer: {len(cases)} prompts, slow==fast for {sum(c['slow'] == c['fast'] for c in cases)}")
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     fractal = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target" / "release" / "fractal")
+    tokenizer_fixture(fractal)
     for cfg in CONFIGS:
         run(cfg, fractal)

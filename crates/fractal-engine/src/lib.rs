@@ -11,7 +11,9 @@ pub mod model;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tiny;
+pub mod tokenizer;
 pub mod unet3d;
+pub mod video;
 
 use std::path::PathBuf;
 

@@ -229,6 +229,7 @@ impl Model {
             "scheduler/scheduler_config.json",
             crate::pipeline::diffusers_scheduler_config(scheduler),
         )?;
+        crate::tokenizer::ClipTokenizer::builtin()?.write_folder(&dir.join("tokenizer"))?;
         let mut written = Vec::new();
         for (prefix, rel) in [
             ("text_encoder.", TEXT_WEIGHTS),

@@ -127,3 +127,38 @@ fn base_without_guidance_non_square() {
 fn wide_three_levels() {
     check("wide-cfg");
 }
+
+/// Token ids equal transformers' `CLIPTokenizer` (the pipeline's tokenizer)
+/// on the real CLIP vocabulary, built in and loaded from a folder.
+#[test]
+fn tokenizer_matches_transformers() {
+    use fractal_engine::tokenizer::ClipTokenizer;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/parity/tokenizer.json"
+    );
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ClipTokenizer::builtin()
+        .unwrap()
+        .write_folder(dir.path())
+        .unwrap();
+    let from_folder = ClipTokenizer::from_folder(dir.path()).unwrap();
+    let builtin = ClipTokenizer::builtin().unwrap();
+    for case in &cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want: Vec<u32> = case["slow"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(builtin.encode(prompt).unwrap(), want, "{prompt:?}");
+        assert_eq!(
+            from_folder.encode(prompt).unwrap(),
+            want,
+            "{prompt:?} (from folder)"
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! Video files from RGB8 frames: MP4 (H.264 via openh264, built from source,
+//! muxed by the pure-Rust `mp4` crate), animated GIF and PNG thumbnails.
+//!
+//! H.264 from a source build carries no patent licence; GIF and PNG are the
+//! licence-free outputs (see README).
+
+use std::io::Cursor;
+
+use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, RateControlMode};
+use openh264::formats::{RgbSliceU8, YUVBuffer};
+use openh264::OpenH264API;
+
+/// Frames to encode: `count` RGB8 frames of `width x height`, row-major.
+#[derive(Clone, Copy)]
+pub struct Frames<'a> {
+    pub rgb: &'a [u8],
+    pub width: usize,
+    pub height: usize,
+    pub count: usize,
+    pub fps: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VideoError {
+    #[error(
+        "frame data is {got} bytes, expected {expected} ({count} frames of {width}x{height} RGB)"
+    )]
+    Size {
+        got: usize,
+        expected: usize,
+        count: usize,
+        width: usize,
+        height: usize,
+    },
+    #[error("H.264 needs even width and height, got {0}x{1}")]
+    OddSize(usize, usize),
+    #[error("fps must be 1..=120")]
+    Fps,
+    #[error("H.264 encoder: {0}")]
+    H264(String),
+    #[error("MP4 muxer: {0}")]
+    Mux(String),
+    #[error("GIF encoder: {0}")]
+    Gif(String),
+    #[error("PNG encoder: {0}")]
+    Png(String),
+}
+
+impl Frames<'_> {
+    fn check(&self) -> Result<(), VideoError> {
+        let expected = self.count * self.width * self.height * 3;
+        if self.rgb.len() != expected || self.count == 0 || self.width == 0 || self.height == 0 {
+            return Err(VideoError::Size {
+                got: self.rgb.len(),
+                expected,
+                count: self.count,
+                width: self.width,
+                height: self.height,
+            });
+        }
+        if self.fps == 0 || self.fps > 120 {
+            return Err(VideoError::Fps);
+        }
+        Ok(())
+    }
+
+    fn frame(&self, i: usize) -> &[u8] {
+        let n = self.width * self.height * 3;
+        &self.rgb[i * n..(i + 1) * n]
+    }
+}
+
+/// Splits openh264's Annex B output into NAL units (without start codes).
+fn nal_units(annex_b: &[u8]) -> Vec<&[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= annex_b.len() {
+        if annex_b[i] == 0 && annex_b[i + 1] == 0 && annex_b[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(starts.len());
+    for (k, &s) in starts.iter().enumerate() {
+        let mut end = starts.get(k + 1).map_or(annex_b.len(), |&n| n - 3);
+        // A 4-byte start code leaves one zero at the end of the previous unit.
+        while end > s && annex_b[end - 1] == 0 && k + 1 < starts.len() {
+            end -= 1;
+        }
+        out.push(&annex_b[s..end]);
+    }
+    out
+}
+
+/// H.264 in an MP4 container that browsers, ffprobe and players open.
+/// Deterministic: the same frames give the same bytes (single-threaded encoder,
+/// fixed quality, fixed timestamps).
+pub fn encode_mp4(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
+    f.check()?;
+    if f.width % 2 != 0 || f.height % 2 != 0 {
+        return Err(VideoError::OddSize(f.width, f.height));
+    }
+    let config = EncoderConfig::new()
+        .max_frame_rate(FrameRate::from_hz(f.fps as f32))
+        .rate_control_mode(RateControlMode::Quality)
+        .bitrate(BitRate::from_bps(8_000_000))
+        .skip_frames(false)
+        .num_threads(1);
+    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
+        .map_err(|e| VideoError::H264(e.to_string()))?;
+    let (mut sps, mut pps) = (None::<Vec<u8>>, None::<Vec<u8>>);
+    let mut samples: Vec<(Vec<u8>, bool)> = Vec::with_capacity(f.count);
+    for i in 0..f.count {
+        let yuv = YUVBuffer::from_rgb_source(RgbSliceU8::new(f.frame(i), (f.width, f.height)));
+        let bitstream = encoder
+            .encode(&yuv)
+            .map_err(|e| VideoError::H264(e.to_string()))?;
+        let annex_b = bitstream.to_vec();
+        let mut sample = Vec::new();
+        let mut sync = false;
+        for nal in nal_units(&annex_b) {
+            match nal.first().map(|b| b & 0x1f) {
+                Some(7) => sps = Some(nal.to_vec()),
+                Some(8) => pps = Some(nal.to_vec()),
+                Some(t) => {
+                    sync |= t == 5;
+                    sample.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                    sample.extend_from_slice(nal);
+                }
+                None => {}
+            }
+        }
+        if sample.is_empty() {
+            return Err(VideoError::H264(format!(
+                "encoder produced no picture for frame {i}"
+            )));
+        }
+        samples.push((sample, sync));
+    }
+    let (Some(sps), Some(pps)) = (sps, pps) else {
+        return Err(VideoError::H264("no SPS/PPS in the stream".into()));
+    };
+
+    let timescale = 1000 * f.fps;
+    let cfg = mp4::Mp4Config {
+        major_brand: str::parse("isom").expect("brand"),
+        minor_version: 512,
+        compatible_brands: ["isom", "iso2", "avc1", "mp41"]
+            .iter()
+            .map(|b| str::parse(b).expect("brand"))
+            .collect(),
+        timescale: 1000,
+    };
+    let mut w = mp4::Mp4Writer::write_start(Cursor::new(Vec::new()), &cfg)
+        .map_err(|e| VideoError::Mux(e.to_string()))?;
+    let track = mp4::TrackConfig {
+        track_type: mp4::TrackType::Video,
+        timescale,
+        language: "und".into(),
+        media_conf: mp4::MediaConfig::AvcConfig(mp4::AvcConfig {
+            width: f.width as u16,
+            height: f.height as u16,
+            seq_param_set: sps,
+            pic_param_set: pps,
+        }),
+    };
+    w.add_track(&track)
+        .map_err(|e| VideoError::Mux(e.to_string()))?;
+    let duration = timescale / f.fps;
+    for (i, (bytes, is_sync)) in samples.into_iter().enumerate() {
+        let sample = mp4::Mp4Sample {
+            start_time: i as u64 * duration as u64,
+            duration,
+            rendering_offset: 0,
+            is_sync,
+            bytes: bytes.into(),
+        };
+        w.write_sample(1, &sample)
+            .map_err(|e| VideoError::Mux(e.to_string()))?;
+    }
+    w.write_end().map_err(|e| VideoError::Mux(e.to_string()))?;
+    Ok(w.into_writer().into_inner())
+}
+
+/// An endlessly looping animated GIF (each frame quantised to its own palette).
+pub fn encode_gif(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
+    f.check()?;
+    let (w, h) = (
+        u16::try_from(f.width).map_err(|_| VideoError::Gif("too wide".into()))?,
+        u16::try_from(f.height).map_err(|_| VideoError::Gif("too tall".into()))?,
+    );
+    let mut out = Vec::new();
+    {
+        let mut enc =
+            gif::Encoder::new(&mut out, w, h, &[]).map_err(|e| VideoError::Gif(e.to_string()))?;
+        enc.set_repeat(gif::Repeat::Infinite)
+            .map_err(|e| VideoError::Gif(e.to_string()))?;
+        let delay = (100 / f.fps).max(1) as u16;
+        for i in 0..f.count {
+            let mut frame = gif::Frame::from_rgb_speed(w, h, f.frame(i), 10);
+            frame.delay = delay;
+            enc.write_frame(&frame)
+                .map_err(|e| VideoError::Gif(e.to_string()))?;
+        }
+    }
+    Ok(out)
+}
+
+/// One frame as PNG (the thumbnail is the middle frame).
+pub fn encode_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>, VideoError> {
+    if rgb.len() != width * height * 3 {
+        return Err(VideoError::Size {
+            got: rgb.len(),
+            expected: width * height * 3,
+            count: 1,
+            width,
+            height,
+        });
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc
+            .write_header()
+            .map_err(|e| VideoError::Png(e.to_string()))?;
+        w.write_image_data(rgb)
+            .map_err(|e| VideoError::Png(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+pub fn thumbnail_png(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
+    f.check()?;
+    encode_png(f.frame(f.count / 2), f.width, f.height)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(count: usize, w: usize, h: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(count * w * h * 3);
+        for f in 0..count {
+            for y in 0..h {
+                for x in 0..w {
+                    v.extend_from_slice(&[
+                        (x * 255 / w) as u8,
+                        (y * 255 / h) as u8,
+                        (f * 255 / count) as u8,
+                    ]);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn mp4_is_deterministic_and_well_formed() {
+        let rgb = gradient(6, 64, 48);
+        let f = Frames {
+            rgb: &rgb,
+            width: 64,
+            height: 48,
+            count: 6,
+            fps: 8,
+        };
+        let a = encode_mp4(f).unwrap();
+        let b = encode_mp4(f).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a[4..8], b"ftyp");
+        let reader = mp4::Mp4Reader::read_header(Cursor::new(&a), a.len() as u64).unwrap();
+        let track = reader.tracks().get(&1).unwrap();
+        assert_eq!(track.sample_count(), 6);
+        assert_eq!((track.width(), track.height()), (64, 48));
+    }
+
+    #[test]
+    fn gif_and_png_are_well_formed() {
+        let rgb = gradient(3, 16, 8);
+        let f = Frames {
+            rgb: &rgb,
+            width: 16,
+            height: 8,
+            count: 3,
+            fps: 4,
+        };
+        let g = encode_gif(f).unwrap();
+        let mut dec = gif::DecodeOptions::new().read_info(&g[..]).unwrap();
+        let mut n = 0;
+        while dec.read_next_frame().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!((n, dec.width(), dec.height()), (3, 16, 8));
+        let p = thumbnail_png(f).unwrap();
+        let info = png::Decoder::new(&p[..])
+            .read_info()
+            .unwrap()
+            .info()
+            .clone();
+        assert_eq!((info.width, info.height), (16, 8));
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let rgb = gradient(2, 15, 8);
+        assert!(matches!(
+            encode_mp4(Frames {
+                rgb: &rgb,
+                width: 15,
+                height: 8,
+                count: 2,
+                fps: 8
+            }),
+            Err(VideoError::OddSize(..))
+        ));
+        assert!(matches!(
+            encode_gif(Frames {
+                rgb: &rgb[1..],
+                width: 15,
+                height: 8,
+                count: 2,
+                fps: 8
+            }),
+            Err(VideoError::Size { .. })
+        ));
+        assert!(matches!(
+            encode_gif(Frames {
+                rgb: &rgb,
+                width: 15,
+                height: 8,
+                count: 2,
+                fps: 0
+            }),
+            Err(VideoError::Fps)
+        ));
+    }
+}
