@@ -1,5 +1,6 @@
 //! `fractal`: one binary for every role in the grid.
 
+mod generate_cmd;
 mod manifest_cmd;
 mod model_cmd;
 mod wallet_cmd;
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate one video locally with the pinned model (or the built-in tiny one).
+    Generate(generate_cmd::GenerateArgs),
     /// Create, restore, list and inspect Bittensor-compatible wallets (sr25519 hot- and coldkeys).
     #[command(subcommand)]
     Wallet(wallet_cmd::WalletCmd),
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Generate(args) => generate_cmd::run(args),
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Manifest(cmd) => manifest_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),

@@ -1,11 +1,8 @@
-use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Subcommand;
-use fractal_engine::{model::WEIGHT_FILES, tiny, Model, TinyVariant};
-use fractal_protocol::Digest32;
-use sha2::{Digest, Sha256};
+use fractal_engine::{model::PINNED_FILES, tiny, Model, TinyVariant};
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
@@ -16,22 +13,8 @@ pub enum ModelCmd {
         variant: String,
         out: PathBuf,
     },
-    /// Print the SHA-256 of a diffusers folder's weight files, as a manifest's [weights.files] table.
+    /// Print the SHA-256 of a diffusers folder's config, tokenizer and weight files, as a manifest's [weights.files] table.
     Hash { dir: PathBuf },
-}
-
-fn sha256_file(path: &std::path::Path) -> anyhow::Result<Digest32> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest32(h.finalize().into()))
 }
 
 pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
@@ -45,8 +28,11 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
         }
         ModelCmd::Hash { dir } => {
             println!("[weights.files]");
-            for f in WEIGHT_FILES {
-                println!("\"{f}\" = \"{}\"", sha256_file(&dir.join(f))?);
+            for f in PINNED_FILES.iter().filter(|f| dir.join(f).is_file()) {
+                println!(
+                    "\"{f}\" = \"{}\"",
+                    fractal_engine::model::sha256_file(&dir.join(f))?
+                );
             }
         }
     }

@@ -34,6 +34,12 @@ pub enum EngineError {
     MissingFile(PathBuf),
     #[error("{path}: cannot load weights: {message}")]
     Weights { path: PathBuf, message: String },
+    #[error("{path}: SHA-256 {got} does not match the manifest's {expected}")]
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
     #[error("invalid input: {0}")]
     BadInput(String),
     #[error("not supported: {0}")]

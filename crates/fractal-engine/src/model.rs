@@ -60,6 +60,19 @@ const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 
 /// The weight files a diffusers TextToVideoSD folder must have.
 pub const WEIGHT_FILES: [&str; 3] = [TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS];
+/// Every file whose content defines the model: a manifest pins all that exist.
+pub const PINNED_FILES: [&str; 10] = [
+    "model_index.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    TEXT_WEIGHTS,
+    UNET_WEIGHTS,
+    VAE_WEIGHTS,
+];
 
 fn read_json<T: serde::de::DeserializeOwned>(dir: &Path, rel: &str) -> Result<T, EngineError> {
     let path = dir.join(rel);
@@ -246,4 +259,93 @@ impl Model {
         }
         Ok(written)
     }
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<fractal_protocol::Digest32, EngineError> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let io = |e| EngineError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(fractal_protocol::Digest32(h.finalize().into()))
+}
+
+/// Checks that a folder holds exactly the weights a manifest pins; a prover
+/// refuses to start otherwise.
+pub fn verify_weights(
+    dir: &Path,
+    manifest: &fractal_protocol::ModelManifest,
+) -> Result<(), EngineError> {
+    use fractal_protocol::manifest::Weights;
+    let Weights::Files(files) = &manifest.weights else {
+        return Err(EngineError::BadInput(format!(
+            "manifest {} pins built-in weights, not a folder",
+            manifest.name
+        )));
+    };
+    for (rel, want) in files {
+        let path = dir.join(rel);
+        if !path.is_file() {
+            return Err(EngineError::MissingFile(path));
+        }
+        let got = sha256_file(&path)?;
+        if got != *want {
+            return Err(EngineError::HashMismatch {
+                path,
+                expected: want.to_string(),
+                got: got.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A diffusers `scheduler/scheduler_config.json` as a manifest scheduler spec
+/// (diffusers' defaults for absent keys).
+pub fn scheduler_spec_from_folder(
+    dir: &Path,
+) -> Result<fractal_protocol::manifest::SchedulerSpec, EngineError> {
+    use fractal_protocol::manifest::*;
+    let v: serde_json::Value = read_json(dir, "scheduler/scheduler_config.json")?;
+    let path = dir.join("scheduler/scheduler_config.json");
+    let bad = |m: String| EngineError::Config {
+        path: path.clone(),
+        message: m,
+    };
+    let kind = match v["_class_name"].as_str().unwrap_or("DDIMScheduler") {
+        "DDIMScheduler" => SchedulerKind::Ddim,
+        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverMultistep,
+        other => return Err(bad(format!("scheduler {other} is not supported"))),
+    };
+    let enum_of = |key: &str, default: &str| -> Result<serde_json::Value, EngineError> {
+        Ok(v.get(key).cloned().unwrap_or_else(|| default.into()))
+    };
+    let spec = SchedulerSpec {
+        kind,
+        num_train_timesteps: v["num_train_timesteps"].as_u64().unwrap_or(1000) as u32,
+        beta_start: v["beta_start"].as_f64().unwrap_or(0.0001),
+        beta_end: v["beta_end"].as_f64().unwrap_or(0.02),
+        beta_schedule: serde_json::from_value(enum_of("beta_schedule", "linear")?)
+            .map_err(|e| bad(e.to_string()))?,
+        prediction_type: serde_json::from_value(enum_of("prediction_type", "epsilon")?)
+            .map_err(|e| bad(e.to_string()))?,
+        clip_sample: v["clip_sample"].as_bool().unwrap_or(true),
+        set_alpha_to_one: v["set_alpha_to_one"].as_bool().unwrap_or(true),
+        steps_offset: v["steps_offset"].as_u64().unwrap_or(0) as u32,
+        timestep_spacing: serde_json::from_value(enum_of("timestep_spacing", "leading")?)
+            .map_err(|e| bad(e.to_string()))?,
+    };
+    Ok(spec)
 }

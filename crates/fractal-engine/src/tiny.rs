@@ -168,9 +168,8 @@ impl SimpleBackend for TinyBackend {
         fill_gaussian(seed_for(&full), Stream::InitialLatents, &mut values);
         let is_bias = name.ends_with("bias");
         let is_norm_weight = dims.len() == 1 && !is_bias;
-        let scale = if is_bias {
-            0.1
-        } else if is_norm_weight {
+        // Norm weights around 1, biases small, matrices scaled by 1/sqrt(fan_in).
+        let scale = if is_bias || is_norm_weight {
             0.1
         } else {
             let fan_in: usize = dims[1..].iter().product();

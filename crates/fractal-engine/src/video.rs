@@ -6,7 +6,7 @@
 
 use std::io::Cursor;
 
-use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, RateControlMode};
+use openh264::encoder::{Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode};
 use openh264::formats::{RgbSliceU8, YUVBuffer};
 use openh264::OpenH264API;
 
@@ -104,8 +104,10 @@ pub fn encode_mp4(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
     }
     let config = EncoderConfig::new()
         .max_frame_rate(FrameRate::from_hz(f.fps as f32))
-        .rate_control_mode(RateControlMode::Quality)
-        .bitrate(BitRate::from_bps(8_000_000))
+        // No rate control: a fixed quantiser keeps every frame (and the bytes
+        // deterministic) without openh264's bitrate warnings.
+        .rate_control_mode(RateControlMode::Off)
+        .qp(QpRange::new(18, 18))
         .skip_frames(false)
         .num_threads(1);
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)

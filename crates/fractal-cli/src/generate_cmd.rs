@@ -1,0 +1,269 @@
+//! `fractal generate`: one clip on this machine.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Args;
+use fractal_engine::tokenizer::ClipTokenizer;
+use fractal_engine::video::{self, Frames};
+use fractal_engine::{model, tiny, GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_protocol::manifest::{ModelManifest, Size};
+use fractal_protocol::merkle::{latent_digest, MerkleTree};
+use fractal_protocol::wire::{GenerateRequest, OutputFormat, PROTOCOL_VERSION};
+use fractal_protocol::{JobId, Seed};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// What to show.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Same seed, same bytes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A diffusers TextToVideoSD folder (ModelScope / Zeroscope layout).
+    #[arg(long, conflicts_with = "tiny")]
+    model: Option<PathBuf>,
+    /// Check the folder's files against this manifest before loading.
+    #[arg(long, requires = "model")]
+    manifest: Option<PathBuf>,
+    /// Use a built-in tiny model (tiny-v1 or tiny-wide-v1); the default when no --model is given.
+    #[arg(long, num_args = 0..=1, default_missing_value = "tiny-v1")]
+    tiny: Option<String>,
+    #[arg(long)]
+    steps: Option<u32>,
+    #[arg(long)]
+    frames: Option<u32>,
+    /// WIDTHxHEIGHT, e.g. 64x64.
+    #[arg(long)]
+    size: Option<String>,
+    /// Classifier-free guidance scale (1 disables guidance).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Only ddim is implemented; named so scripts state what they expect.
+    #[arg(long, default_value = "ddim")]
+    scheduler: String,
+    #[arg(long)]
+    fps: Option<u32>,
+    /// Output file: .mp4, .gif or .png (the middle frame).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Also write an animated GIF here.
+    #[arg(long)]
+    gif: Option<PathBuf>,
+    /// Also write a PNG thumbnail here.
+    #[arg(long)]
+    thumbnail: Option<PathBuf>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<Size> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .context("--size must look like 64x64")?;
+    Ok(Size {
+        width: w.trim().parse().context("--size width")?,
+        height: h.trim().parse().context("--size height")?,
+    })
+}
+
+/// A manifest for an unpinned folder: its own scheduler, permissive limits.
+fn folder_manifest(dir: &Path, model: &Model) -> anyhow::Result<ModelManifest> {
+    let mut m = tiny::manifest(TinyVariant::Base);
+    m.name = dir.display().to_string();
+    m.scheduler = model::scheduler_spec_from_folder(dir)?;
+    let s = model.configs.vae.scale_factor() as u32 * 8;
+    m.limits.sizes = (1..=16)
+        .flat_map(|i| {
+            (1..=16).map(move |j| Size {
+                width: i * s,
+                height: j * s,
+            })
+        })
+        .collect();
+    m.defaults.size = Size {
+        width: 256,
+        height: 256,
+    }
+    .clamp_to(&m.limits.sizes);
+    m.limits.max_frames = 64;
+    m.defaults.frames = 16;
+    m.defaults.steps = 50;
+    m.limits.max_steps = 1000;
+    Ok(m)
+}
+
+trait ClampTo {
+    fn clamp_to(self, sizes: &[Size]) -> Size;
+}
+impl ClampTo for Size {
+    fn clamp_to(self, sizes: &[Size]) -> Size {
+        if sizes.contains(&self) {
+            self
+        } else {
+            sizes[0]
+        }
+    }
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(t) = a.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    if a.scheduler != "ddim" {
+        bail!(
+            "scheduler {:?} is not implemented yet (available: ddim)",
+            a.scheduler
+        );
+    }
+    let ext = a
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let format = match ext.as_deref() {
+        Some("mp4") => OutputFormat::Mp4,
+        Some("gif") => OutputFormat::Gif,
+        Some("png") => OutputFormat::Latents,
+        _ => bail!("--output must end in .mp4, .gif or .png"),
+    };
+    let device = Device::Cpu;
+    let load_start = Instant::now();
+    let (model, manifest, tokenizer) = match &a.model {
+        Some(dir) => {
+            if let Some(mpath) = &a.manifest {
+                let text = std::fs::read_to_string(mpath)
+                    .with_context(|| format!("reading {}", mpath.display()))?;
+                let m = ModelManifest::parse(&text)?;
+                model::verify_weights(dir, &m)
+                    .context("model folder does not match the manifest")?;
+                let model = Model::load(dir, &device)?;
+                (
+                    model,
+                    m,
+                    ClipTokenizer::from_folder(&dir.join("tokenizer"))?,
+                )
+            } else {
+                let model = Model::load(dir, &device)?;
+                let m = folder_manifest(dir, &model)?;
+                let tok = ClipTokenizer::from_folder(&dir.join("tokenizer"))
+                    .or_else(|_| ClipTokenizer::builtin())?;
+                (model, m, tok)
+            }
+        }
+        None => {
+            let name = a.tiny.as_deref().unwrap_or("tiny-v1");
+            let Some(v) = TinyVariant::parse(name) else {
+                bail!("unknown tiny model {name:?} (tiny-v1, tiny-wide-v1)")
+            };
+            (
+                Model::tiny(v, &device)?,
+                tiny::manifest(v),
+                ClipTokenizer::builtin()?,
+            )
+        }
+    };
+    let manifest_id = manifest.id();
+    // Validate exactly as a prover would.
+    let mut req = GenerateRequest::with_defaults(&manifest, a.prompt.clone(), Seed(a.seed));
+    req.version = PROTOCOL_VERSION;
+    req.job_id = JobId([0; 16]);
+    req.negative_prompt = a.negative_prompt.clone();
+    if let Some(s) = &a.size {
+        req.size = parse_size(s)?;
+    }
+    req.frames = a.frames.unwrap_or(req.frames);
+    req.steps = a.steps.unwrap_or(req.steps);
+    req.guidance_scale = a.guidance.unwrap_or(req.guidance_scale);
+    req.output = format;
+    req.validate(&manifest, &manifest_id)?;
+    let fps = a.fps.unwrap_or(manifest.defaults.fps);
+
+    let pipeline = Pipeline::new(model, manifest.scheduler.clone())?;
+    let spec = GenerateSpec {
+        prompt_ids: tokenizer.encode(&req.prompt)?,
+        negative_ids: tokenizer.encode(&req.negative_prompt)?,
+        seed: req.seed,
+        frames: req.frames as usize,
+        height: req.size.height as usize,
+        width: req.size.width as usize,
+        steps: req.steps as usize,
+        guidance_scale: req.guidance_scale,
+    };
+    tracing::info!(manifest = %manifest_id, load_ms = load_start.elapsed().as_millis() as u64, "model ready");
+    let bar = ProgressBar::new(spec.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} denoising [{bar:30}] {pos}/{len} steps  {elapsed} (eta {eta})",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let mut digests = Vec::with_capacity(spec.steps + 1);
+    let start = Instant::now();
+    let generated = pipeline.generate(&spec, &mut |e| {
+        let v = e
+            .latents
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("latents are f32");
+        digests.push(latent_digest(&v));
+        bar.set_position(e.index as u64);
+    })?;
+    bar.finish_and_clear();
+    let denoise = start.elapsed();
+    let rgb = generated.rgb8()?;
+    let frames = Frames {
+        rgb: &rgb,
+        width: spec.width,
+        height: spec.height,
+        count: spec.frames,
+        fps,
+    };
+    let bytes = match format {
+        OutputFormat::Mp4 => video::encode_mp4(frames)?,
+        OutputFormat::Gif => video::encode_gif(frames)?,
+        OutputFormat::Latents => video::thumbnail_png(frames)?,
+    };
+    write(&a.output, &bytes)?;
+    if let Some(p) = &a.gif {
+        write(p, &video::encode_gif(frames)?)?;
+    }
+    if let Some(p) = &a.thumbnail {
+        write(p, &video::thumbnail_png(frames)?)?;
+    }
+    let root = MerkleTree::new(&digests)?.root();
+    println!(
+        "wrote {} ({} frames, {}x{}, {} steps, seed {}) in {:.2}s",
+        a.output.display(),
+        spec.frames,
+        spec.width,
+        spec.height,
+        spec.steps,
+        spec.seed,
+        denoise.as_secs_f64()
+    );
+    println!("manifest {manifest_id}");
+    println!("trace root {root}");
+    Ok(())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Write then rename, so a crash never leaves a half-written video behind.
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
