@@ -180,10 +180,7 @@ fn manifest_pins_folder_weights() {
         "/../../examples/manifest-tiny.toml"
     ))
     .unwrap();
-    let manifest = example.replace(
-        "[weights]\nbuiltin = \"tiny-v1\"\n",
-        &hashes,
-    );
+    let manifest = example.replace("[weights]\nbuiltin = \"tiny-v1\"\n", &hashes);
     let mpath = dir.path().join("m.toml");
     std::fs::write(&mpath, &manifest).unwrap();
     let out = dir.path().join("v.mp4");

@@ -7,7 +7,6 @@
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::CrossAttention;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use serde::{Deserialize, Serialize};
@@ -109,15 +108,94 @@ impl Module for GegluFeedForward {
     }
 }
 
+/// Score matrices above this size use flash attention on the CPU.
+const FLASH_ABOVE_BYTES: usize = 64 << 20;
+
+/// diffusers `Attention` (no q/k/v bias, biased output projection).
+///
+/// When the score matrix would be large (it is about 8.6 GB per layer at
+/// 256x256, 16 frames) the CPU path runs candle-nn's flash attention, which
+/// never materialises it; small attentions use plain softmax attention, which
+/// is faster at small head sizes.
+#[derive(Debug)]
+pub(crate) struct Attention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let ctx = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: nn::linear_no_bias(ctx, inner, vb.pp("to_k"))?,
+            to_v: nn::linear_no_bias(ctx, inner, vb.pp("to_v"))?,
+            to_out: nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let ctx = context.unwrap_or(xs);
+        let m = ctx.dim(1)?;
+        let (h, d) = (self.heads, self.head_dim);
+        let q = self.to_q.forward(xs)?.reshape((b, n, h, d))?;
+        let k = self.to_k.forward(ctx)?.reshape((b, m, h, d))?;
+        let v = self.to_v.forward(ctx)?.reshape((b, m, h, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores_bytes = b * h * n * m * 4;
+        let out = if xs.device().is_cpu()
+            && xs.dtype() == candle_core::DType::F32
+            && scores_bytes > FLASH_ABOVE_BYTES
+        {
+            // (B, H, S, D)
+            nn::attention::flash_attn::<f32>(
+                &q,
+                &k,
+                &v,
+                scale as f32,
+                nn::attention::AttnMask::None,
+                None,
+                None,
+            )?
+        } else {
+            let (q, k, v) = (
+                q.transpose(1, 2)?.contiguous()?,
+                k.transpose(1, 2)?.contiguous()?,
+                v.transpose(1, 2)?.contiguous()?,
+            );
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = nn::ops::softmax_last_dim(&att.to_dtype(candle_core::DType::F32)?)?
+                .to_dtype(v.dtype())?;
+            att.matmul(&v)?
+        };
+        self.to_out
+            .forward(&out.transpose(1, 2)?.reshape((b, n, h * d))?)
+    }
+}
+
 /// diffusers `BasicTransformerBlock` (layer norms, two attentions, GEGLU).
 /// `attn2` attends to the text context, or to itself when `context_dim` is None
 /// (`double_self_attention` in the temporal transformer).
 #[derive(Debug)]
 struct TransformerBlock {
     norm1: nn::LayerNorm,
-    attn1: CrossAttention,
+    attn1: Attention,
     norm2: nn::LayerNorm,
-    attn2: CrossAttention,
+    attn2: Attention,
     norm3: nn::LayerNorm,
     ff: GegluFeedForward,
 }
@@ -132,17 +210,9 @@ impl TransformerBlock {
     ) -> Result<Self> {
         Ok(Self {
             norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, head_dim, None, false)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim)?,
             norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(
-                vb.pp("attn2"),
-                dim,
-                context_dim,
-                heads,
-                head_dim,
-                None,
-                false,
-            )?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
             norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: GegluFeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -724,5 +794,52 @@ impl Unet3d {
         xs.reshape((b, f, oc, h, w))?
             .permute((0, 2, 1, 3, 4))?
             .contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Flash and plain attention agree, so the size threshold never changes results beyond f32 noise.
+    #[test]
+    fn flash_and_plain_attention_agree() {
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 50, 3, 8);
+        let q = Tensor::randn(0f32, 1., (b, s, h, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, 77, h, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, 77, h, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let flash = nn::attention::flash_attn::<f32>(
+            &q,
+            &k,
+            &v,
+            scale as f32,
+            nn::attention::AttnMask::None,
+            None,
+            None,
+        )
+        .unwrap();
+        let (qt, kt, vt) = (
+            q.transpose(1, 2).unwrap().contiguous().unwrap(),
+            k.transpose(1, 2).unwrap().contiguous().unwrap(),
+            v.transpose(1, 2).unwrap().contiguous().unwrap(),
+        );
+        let att =
+            nn::ops::softmax_last_dim(&(qt.matmul(&kt.t().unwrap()).unwrap() * scale).unwrap())
+                .unwrap();
+        let plain = att.matmul(&vt).unwrap();
+        let err = (flash - plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
     }
 }
