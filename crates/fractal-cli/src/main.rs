@@ -1,5 +1,6 @@
 //! `fractal`: one binary for every role in the grid.
 
+mod bench_cmd;
 mod generate_cmd;
 mod manifest_cmd;
 mod model_cmd;
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Generate one video locally with the pinned model (or the built-in tiny one).
     Generate(generate_cmd::GenerateArgs),
+    /// Benchmarks that report ratios against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
     /// Create, restore, list and inspect Bittensor-compatible wallets (sr25519 hot- and coldkeys).
     #[command(subcommand)]
     Wallet(wallet_cmd::WalletCmd),
@@ -46,6 +50,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Manifest(cmd) => manifest_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),

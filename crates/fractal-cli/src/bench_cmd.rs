@@ -1,0 +1,249 @@
+//! `fractal bench engine`: our engine against Python diffusers on the same
+//! pipeline config, thread count and steps, in one run. Each side runs in its
+//! own process so peak RSS (from `wait4`) is its own.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use fractal_engine::tokenizer::ClipTokenizer;
+use fractal_engine::{tiny, GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_protocol::Seed;
+use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Time the engine against diffusers (PyTorch CPU) on the same tiny pipeline.
+    Engine(EngineBench),
+    /// One side of the engine benchmark (run by `bench engine`).
+    #[command(hide = true)]
+    EngineWorker(Workload),
+}
+
+#[derive(Args, Clone, Serialize)]
+pub struct Workload {
+    /// A diffusers folder (the benchmark exports the tiny model into one).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "a red fox running in the snow")]
+    prompt: String,
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    #[arg(long, default_value_t = 64)]
+    height: usize,
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 9.0)]
+    guidance: f64,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+#[derive(Args)]
+pub struct EngineBench {
+    /// Built-in model to benchmark (exported to a temporary diffusers folder).
+    #[arg(long, default_value = "tiny-v1")]
+    variant: String,
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Python with torch + diffusers (tools/parity/make_fixtures.sh creates it).
+    #[arg(long, default_value = "tools/parity/.venv/bin/python")]
+    python: PathBuf,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct Timing {
+    load_s: f64,
+    runs_s: Vec<f64>,
+}
+
+struct Measured {
+    timing: Timing,
+    peak_rss_kib: i64,
+}
+
+/// Runs a child to completion and returns its stdout and peak RSS.
+fn run_measured(mut cmd: Command) -> anyhow::Result<(String, i64)> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting benchmark worker")?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).map(|_| s)
+    });
+    let mut status = 0;
+    // SAFETY: plain FFI; `usage` is a valid, zeroed rusage for the kernel to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let out = reader.join().expect("reader thread")?;
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("benchmark worker failed (status {status})");
+    }
+    Ok((out, usage.ru_maxrss))
+}
+
+fn worker(w: Workload) -> anyhow::Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", w.threads.to_string());
+    let t = Instant::now();
+    let model = Model::load(&w.model, &Device::Cpu)?;
+    let scheduler = fractal_engine::model::scheduler_spec_from_folder(&w.model)?;
+    let tok = ClipTokenizer::from_folder(&w.model.join("tokenizer"))?;
+    let pipeline = Pipeline::new(model, scheduler)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let mut runs_s = Vec::new();
+    for i in 0..w.repeats {
+        let t = Instant::now();
+        let spec = GenerateSpec {
+            prompt_ids: tok.encode(&w.prompt)?,
+            negative_ids: tok.encode("")?,
+            seed: Seed(i as u64),
+            frames: w.frames,
+            height: w.height,
+            width: w.width,
+            steps: w.steps,
+            guidance_scale: w.guidance,
+        };
+        let out = pipeline.generate(&spec, &mut |_| {})?;
+        out.rgb8()?;
+        runs_s.push(t.elapsed().as_secs_f64());
+    }
+    println!("{}", serde_json::to_string(&Timing { load_s, runs_s })?);
+    Ok(())
+}
+
+fn args_of(w: &Workload) -> Vec<String> {
+    vec![
+        "--prompt".into(),
+        w.prompt.clone(),
+        "--frames".into(),
+        w.frames.to_string(),
+        "--height".into(),
+        w.height.to_string(),
+        "--width".into(),
+        w.width.to_string(),
+        "--steps".into(),
+        w.steps.to_string(),
+        "--guidance".into(),
+        w.guidance.to_string(),
+        "--threads".into(),
+        w.threads.to_string(),
+        "--repeats".into(),
+        w.repeats.to_string(),
+    ]
+}
+
+fn measure(cmd: Command) -> anyhow::Result<Measured> {
+    let (out, rss) = run_measured(cmd)?;
+    let line = out.lines().last().context("worker printed nothing")?;
+    Ok(Measured {
+        timing: serde_json::from_str(line).with_context(|| format!("worker output {line:?}"))?,
+        peak_rss_kib: rss,
+    })
+}
+
+fn engine(b: EngineBench) -> anyhow::Result<()> {
+    let Some(v) = TinyVariant::parse(&b.variant) else {
+        bail!("unknown variant {:?}", b.variant)
+    };
+    if !b.python.exists() {
+        bail!("{} not found: run tools/parity/make_fixtures.sh once (it creates the diffusers venv) or pass --python", b.python.display());
+    }
+    let dir = std::env::temp_dir().join(format!("fractal-bench-{}", std::process::id()));
+    Model::write_tiny_folder(v, &dir, &tiny::manifest(v).scheduler)?;
+    let w = Workload {
+        model: dir.clone(),
+        prompt: "a red fox running in the snow".into(),
+        frames: b.frames,
+        height: b.size,
+        width: b.size,
+        steps: b.steps,
+        guidance: 9.0,
+        threads: b.threads,
+        repeats: b.repeats,
+    };
+    let worker = PathBuf::from("tools/bench/diffusers_worker.py");
+    if !worker.exists() {
+        bail!(
+            "run from the repository root ({} not found)",
+            worker.display()
+        );
+    }
+    let mut ours = Command::new(std::env::current_exe()?);
+    ours.args(["bench", "engine-worker", "--model"])
+        .arg(&dir)
+        .args(args_of(&w))
+        .env("FRACTAL_LOG", "warn");
+    let mut theirs = Command::new(&b.python);
+    theirs
+        .arg(worker)
+        .arg(&dir)
+        .args(args_of(&w))
+        .env("OMP_NUM_THREADS", b.threads.to_string());
+    eprintln!(
+        "benchmarking {} ({} frames {}x{}, {} steps, CFG 9, {} threads, best of {})...",
+        b.variant, b.frames, b.size, b.size, b.steps, b.threads, b.repeats
+    );
+    let rust = measure(ours)?;
+    let py = measure(theirs)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let best = |m: &Measured| {
+        m.timing
+            .runs_s
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (r, p) = (best(&rust), best(&py));
+    println!(
+        "{:<10} {:>10} {:>12} {:>10} {:>14}",
+        "engine", "best (s)", "per step ms", "load (s)", "peak RSS MiB"
+    );
+    for (name, m, t) in [("fractal", &rust, r), ("diffusers", &py, p)] {
+        println!(
+            "{:<10} {:>10.3} {:>12.1} {:>10.3} {:>14.1}",
+            name,
+            t,
+            1000.0 * t / b.steps as f64,
+            m.timing.load_s,
+            m.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "speed ratio (diffusers time / fractal time): {:.2}x (target >= 1.5x)",
+        p / r
+    );
+    println!(
+        "peak RSS ratio (fractal / diffusers): {:.2} (target <= 1.0)",
+        rust.peak_rss_kib as f64 / py.peak_rss_kib as f64
+    );
+    Ok(())
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Engine(b) => engine(b),
+        BenchCmd::EngineWorker(w) => worker(w),
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Times Python diffusers on a TextToVideoSD folder for `fractal bench engine`.
+
+Prints one JSON line: {"load_s": .., "runs_s": [..]}. Same pipeline config,
+thread count, steps and output (decoded frames) as the Rust worker.
+"""
+import argparse
+import json
+import time
+
+import torch
+from diffusers import TextToVideoSDPipeline
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("--prompt", required=True)
+ap.add_argument("--frames", type=int, required=True)
+ap.add_argument("--height", type=int, required=True)
+ap.add_argument("--width", type=int, required=True)
+ap.add_argument("--steps", type=int, required=True)
+ap.add_argument("--guidance", type=float, required=True)
+ap.add_argument("--threads", type=int, required=True)
+ap.add_argument("--repeats", type=int, required=True)
+a = ap.parse_args()
+
+torch.set_num_threads(a.threads)
+t = time.perf_counter()
+pipe = TextToVideoSDPipeline.from_pretrained(a.model, dtype=torch.float32)
+pipe.set_progress_bar_config(disable=True)
+load = time.perf_counter() - t
+runs = []
+for i in range(a.repeats):
+    g = torch.Generator().manual_seed(i)
+    t = time.perf_counter()
+    with torch.no_grad():
+        pipe(a.prompt, num_frames=a.frames, height=a.height, width=a.width, num_inference_steps=a.steps,
+             guidance_scale=a.guidance, generator=g, output_type="np")
+    runs.append(time.perf_counter() - t)
+print(json.dumps({"load_s": load, "runs_s": runs}))
