@@ -18,7 +18,8 @@ import sys
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+import diffusers
+from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet3DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
@@ -40,17 +41,20 @@ CONFIGS = [
     dict(name="base-cfg", variant="tiny-v1", seed=1, frames=4, height=32, width=32, steps=3, guidance=7.5, t=501),
     dict(name="base-nocfg-rect", variant="tiny-v1", seed=2, frames=3, height=32, width=48, steps=2, guidance=1.0, t=901),
     dict(name="wide-cfg", variant="tiny-wide-v1", seed=3, frames=5, height=32, width=32, steps=2, guidance=5.0, t=1),
+    dict(name="base-dpm", variant="tiny-v1", scheduler="dpm-solver", seed=4, frames=4, height=32, width=32, steps=5, guidance=7.5, t=251),
 ]
 
 
 def run(cfg, fractal):
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([fractal, "model", "export-tiny", "--variant", cfg["variant"], d], check=True)
+        scheduler = cfg.get("scheduler", "ddim")
+        subprocess.run([fractal, "model", "export-tiny", "--variant", cfg["variant"], "--scheduler", scheduler, d], check=True)
         d = pathlib.Path(d)
         unet = UNet3DConditionModel.from_pretrained(d / "unet").eval()
         vae = AutoencoderKL.from_pretrained(d / "vae").eval()
         text = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
-        sched = DDIMScheduler.from_pretrained(d / "scheduler")
+        cls = json.loads((d / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        sched = getattr(diffusers, cls).from_pretrained(d / "scheduler")
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
 

@@ -9,7 +9,7 @@ use clap::Args;
 use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::video::{self, Frames};
 use fractal_engine::{model, tiny, GenerateSpec, Model, Pipeline, TinyVariant};
-use fractal_protocol::manifest::{ModelManifest, Size};
+use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::{latent_digest, MerkleTree};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat, PROTOCOL_VERSION};
 use fractal_protocol::{JobId, Seed};
@@ -45,9 +45,10 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (1 disables guidance).
     #[arg(long)]
     guidance: Option<f64>,
-    /// Only ddim is implemented; named so scripts state what they expect.
-    #[arg(long, default_value = "ddim")]
-    scheduler: String,
+    /// Override the model's scheduler: ddim or dpm-solver (DPM-Solver++ 2M).
+    /// Changes the manifest id; not allowed with --manifest.
+    #[arg(long)]
+    scheduler: Option<String>,
     #[arg(long)]
     fps: Option<u32>,
     /// Output file: .mp4, .gif or .png (the middle frame).
@@ -120,11 +121,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
-    if a.scheduler != "ddim" {
-        bail!(
-            "scheduler {:?} is not implemented yet (available: ddim)",
-            a.scheduler
-        );
+    let scheduler_override = match a.scheduler.as_deref() {
+        None => None,
+        Some("ddim") => Some(SchedulerKind::Ddim),
+        Some("dpm-solver") => Some(SchedulerKind::DpmSolverMultistep),
+        Some(other) => bail!("unknown scheduler {other:?} (ddim, dpm-solver)"),
+    };
+    if scheduler_override.is_some() && a.manifest.is_some() {
+        bail!("--scheduler cannot override a pinned manifest's scheduler");
     }
     let ext = a
         .output
@@ -173,6 +177,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             )
         }
     };
+    let mut manifest = manifest;
+    if let Some(kind) = scheduler_override {
+        manifest.scheduler.kind = kind;
+    }
     let manifest_id = manifest.id();
     // Validate exactly as a prover would.
     let mut req = GenerateRequest::with_defaults(&manifest, a.prompt.clone(), Seed(a.seed));

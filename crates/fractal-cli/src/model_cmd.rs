@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Subcommand;
 use fractal_engine::{model::PINNED_FILES, tiny, Model, TinyVariant};
+use fractal_protocol::manifest::SchedulerKind;
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
@@ -11,6 +12,9 @@ pub enum ModelCmd {
         /// tiny-v1 or tiny-wide-v1.
         #[arg(long, default_value = "tiny-v1")]
         variant: String,
+        /// Scheduler written to scheduler/scheduler_config.json: ddim or dpm-solver.
+        #[arg(long, default_value = "ddim")]
+        scheduler: String,
         out: PathBuf,
     },
     /// Print the SHA-256 of a diffusers folder's config, tokenizer and weight files, as a manifest's [weights.files] table.
@@ -19,11 +23,21 @@ pub enum ModelCmd {
 
 pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
     match cmd {
-        ModelCmd::ExportTiny { variant, out } => {
+        ModelCmd::ExportTiny {
+            variant,
+            scheduler,
+            out,
+        } => {
             let Some(v) = TinyVariant::parse(&variant) else {
                 bail!("unknown tiny variant {variant:?} (tiny-v1, tiny-wide-v1)")
             };
-            let files = Model::write_tiny_folder(v, &out, &tiny::manifest(v).scheduler)?;
+            let mut spec = tiny::manifest(v).scheduler;
+            spec.kind = match scheduler.as_str() {
+                "ddim" => SchedulerKind::Ddim,
+                "dpm-solver" => SchedulerKind::DpmSolverMultistep,
+                other => bail!("unknown scheduler {other:?} (ddim, dpm-solver)"),
+            };
+            let files = Model::write_tiny_folder(v, &out, &spec)?;
             println!("wrote {} ({} weight files)", out.display(), files.len());
         }
         ModelCmd::Hash { dir } => {

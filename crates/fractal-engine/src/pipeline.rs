@@ -1,6 +1,6 @@
 //! TextToVideoSD: prompt → CLIP embeddings → denoising loop with CFG → VAE
 //! decode per frame. Deterministic: the only randomness is the seeded initial
-//! noise (`fractal/noise/v1`), and DDIM with eta = 0 adds none.
+//! noise (`fractal/noise/v1`); DDIM (eta = 0) and DPM-Solver++ add none.
 
 use candle_core::{DType, Tensor};
 use fractal_protocol::manifest::{SchedulerKind, SchedulerSpec};
@@ -8,7 +8,7 @@ use fractal_protocol::noise::{fill_gaussian, Stream};
 use fractal_protocol::Seed;
 
 use crate::model::Model;
-use crate::scheduler::Ddim;
+use crate::scheduler::Scheduler;
 use crate::EngineError;
 
 /// What to generate, with the prompt already tokenized (77 ids each).
@@ -80,11 +80,6 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(model: Model, scheduler: SchedulerSpec) -> Result<Self, EngineError> {
-        if scheduler.kind != SchedulerKind::Ddim {
-            return Err(EngineError::Unsupported(
-                "only the DDIM scheduler is implemented so far".into(),
-            ));
-        }
         Ok(Pipeline { model, scheduler })
     }
 
@@ -134,16 +129,17 @@ impl Pipeline {
         Ok(Tensor::from_vec(v, shape, &self.model.device)?)
     }
 
-    /// One denoising step: UNet (with CFG) at `timestep`, then the scheduler.
-    /// This is also what a verifier recomputes to audit a committed step.
+    /// One denoising step (`index` into the schedule): UNet with CFG, then the
+    /// scheduler. This is also what a verifier recomputes to audit a step.
     pub fn denoise_step(
         &self,
-        ddim: &Ddim,
+        scheduler: &mut Scheduler,
+        index: usize,
         latents: &Tensor,
-        timestep: usize,
         context: &Tensor,
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
+        let timestep = scheduler.timesteps()[index];
         let cfg = guidance > 1.0;
         let input = if cfg {
             Tensor::cat(&[latents, latents], 0)?
@@ -157,17 +153,17 @@ impl Pipeline {
         } else {
             eps
         };
-        Ok(ddim.step(&eps, timestep, latents)?)
+        Ok(scheduler.step(&eps, index, latents)?)
     }
 
-    pub fn scheduler_for(&self, steps: usize) -> Result<Ddim, EngineError> {
+    pub fn scheduler_for(&self, steps: usize) -> Result<Scheduler, EngineError> {
         if steps == 0 || steps > self.scheduler.num_train_timesteps as usize {
             return Err(EngineError::BadInput(format!(
                 "steps must be 1..={}",
                 self.scheduler.num_train_timesteps
             )));
         }
-        Ok(Ddim::new(&self.scheduler, steps))
+        Ok(Scheduler::new(&self.scheduler, steps))
     }
 
     /// Runs the whole pipeline, calling `on_step` with every latent of the trace.
@@ -176,7 +172,7 @@ impl Pipeline {
         spec: &GenerateSpec,
         on_step: &mut dyn FnMut(StepEvent<'_>),
     ) -> Result<Generated, EngineError> {
-        let ddim = self.scheduler_for(spec.steps)?;
+        let mut scheduler = self.scheduler_for(spec.steps)?;
         let mut latents = self.initial_latents(spec)?;
         let context = self.context(spec)?;
         let total = spec.steps;
@@ -185,8 +181,9 @@ impl Pipeline {
             total,
             latents: &latents,
         });
-        for (i, &t) in ddim.timesteps().iter().enumerate() {
-            latents = self.denoise_step(&ddim, &latents, t, &context, spec.guidance_scale)?;
+        for i in 0..spec.steps {
+            latents =
+                self.denoise_step(&mut scheduler, i, &latents, &context, spec.guidance_scale)?;
             on_step(StepEvent {
                 index: i + 1,
                 total,

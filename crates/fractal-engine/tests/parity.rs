@@ -33,12 +33,11 @@ fn check(name: &str) {
     let fx: HashMap<String, Tensor> =
         candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &Device::Cpu).unwrap();
     let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
-    let manifest = fractal_engine::tiny::manifest(variant);
-    let p = Pipeline::new(
-        Model::tiny(variant, &Device::Cpu).unwrap(),
-        manifest.scheduler,
-    )
-    .unwrap();
+    let mut scheduler = fractal_engine::tiny::manifest(variant).scheduler;
+    if meta["scheduler"].as_str() == Some("dpm-solver") {
+        scheduler.kind = fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep;
+    }
+    let p = Pipeline::new(Model::tiny(variant, &Device::Cpu).unwrap(), scheduler).unwrap();
     let ids = |k: &str| {
         fx[k]
             .to_vec1::<i64>()
@@ -121,6 +120,11 @@ fn base_with_guidance() {
 #[test]
 fn base_without_guidance_non_square() {
     check("base-nocfg-rect");
+}
+
+#[test]
+fn base_dpm_solver_multistep() {
+    check("base-dpm");
 }
 
 #[test]
