@@ -147,7 +147,7 @@ fn bad_generate_input_is_a_clear_error() {
         ),
         (
             vec!["--prompt", "x", "--scheduler", "euler", "-o", o],
-            "not implemented",
+            "unknown scheduler",
         ),
     ] {
         let mut full = vec!["generate"];
