@@ -43,6 +43,31 @@ pub fn alphas_cumprod(spec: &SchedulerSpec) -> Vec<f64> {
         .collect()
 }
 
+/// ModelScope text-to-video's scheduler config (diffusers' DDIM defaults for
+/// Stable Diffusion): what the tiny model pins too.
+pub fn modelscope_ddim() -> SchedulerSpec {
+    SchedulerSpec {
+        kind: fractal_protocol::manifest::SchedulerKind::Ddim,
+        num_train_timesteps: 1000,
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: BetaSchedule::ScaledLinear,
+        prediction_type: PredictionType::Epsilon,
+        clip_sample: false,
+        set_alpha_to_one: false,
+        steps_offset: 1,
+        timestep_spacing: TimestepSpacing::Leading,
+    }
+}
+
+/// "trailing" spacing, the same for DDIM and DPM-Solver.
+fn trailing(train: usize, steps: usize) -> Vec<usize> {
+    let ratio = train as f64 / steps as f64;
+    (0..steps)
+        .map(|i| ((train as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
+        .collect()
+}
+
 /// The inference timesteps, highest first, as diffusers' `set_timesteps`.
 pub fn timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
     let train = spec.num_train_timesteps as usize;
@@ -54,12 +79,7 @@ pub fn timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
                 .map(|i| i * ratio + spec.steps_offset as usize)
                 .collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = train as f64 / steps as f64;
-            (0..steps)
-                .map(|i| ((train as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing(train, steps),
         TimestepSpacing::Linspace => {
             let last = (train - 1) as f64;
             (0..steps)
@@ -132,21 +152,9 @@ impl Ddim {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fractal_protocol::manifest::SchedulerKind;
 
-    pub(crate) fn ms_spec() -> SchedulerSpec {
-        SchedulerSpec {
-            kind: SchedulerKind::Ddim,
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::ScaledLinear,
-            prediction_type: PredictionType::Epsilon,
-            clip_sample: false,
-            set_alpha_to_one: false,
-            steps_offset: 1,
-            timestep_spacing: TimestepSpacing::Leading,
-        }
+    fn ms_spec() -> SchedulerSpec {
+        modelscope_ddim()
     }
 
     #[test]
@@ -203,12 +211,7 @@ pub fn dpm_timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
                 .map(|i| i * ratio + spec.steps_offset as usize)
                 .collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = train as f64 / steps as f64;
-            (0..steps)
-                .map(|i| ((train as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing(train, steps),
     }
 }
 

@@ -206,18 +206,7 @@ pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
         architecture: Architecture::TextToVideoSd,
         dtype: DType::F32,
         weights: Weights::Builtin(variant.name().to_string()),
-        scheduler: SchedulerSpec {
-            kind: SchedulerKind::Ddim,
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::ScaledLinear,
-            prediction_type: PredictionType::Epsilon,
-            clip_sample: false,
-            set_alpha_to_one: false,
-            steps_offset: 1,
-            timestep_spacing: TimestepSpacing::Leading,
-        },
+        scheduler: crate::scheduler::modelscope_ddim(),
         defaults: GenerationDefaults {
             size: Size {
                 width: 64,

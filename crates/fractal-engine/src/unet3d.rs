@@ -225,24 +225,28 @@ impl TransformerBlock {
     }
 }
 
-/// diffusers `Transformer2DModel` with `use_linear_projection=True` (always the
-/// case inside UNet3D): attention over the pixels of each frame.
+/// GroupNorm, linear projection in, one transformer block, projection out,
+/// residual: the shared shape of diffusers' `Transformer2DModel` (with
+/// `use_linear_projection=True`, always the case in UNet3D) and
+/// `TransformerTemporalModel`. They differ in which axis the tokens run along.
 #[derive(Debug)]
-struct SpatialTransformer {
+struct ProjectedTransformer {
     norm: nn::GroupNorm,
     proj_in: nn::Linear,
     block: TransformerBlock,
     proj_out: nn::Linear,
 }
 
-impl SpatialTransformer {
+impl ProjectedTransformer {
+    /// `context_dim`: Some for the spatial (text cross-attention) variant,
+    /// None for the temporal one (`double_self_attention`).
     fn new(
         vb: VarBuilder,
         channels: usize,
         heads: usize,
         head_dim: usize,
         groups: usize,
-        context_dim: usize,
+        context_dim: Option<usize>,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
@@ -253,71 +257,41 @@ impl SpatialTransformer {
                 inner,
                 heads,
                 head_dim,
-                Some(context_dim),
+                context_dim,
             )?,
             proj_out: nn::linear(inner, channels, vb.pp("proj_out"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn project(&self, tokens: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let hs = self.proj_in.forward(tokens)?;
+        let hs = self.block.forward(&hs, context)?;
+        self.proj_out.forward(&hs)
+    }
+
+    /// Attention over the pixels of each frame, conditioned on the text.
+    fn forward_spatial(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let hs = self
+        let tokens = self
             .norm
             .forward(xs)?
             .permute((0, 2, 3, 1))?
             .reshape((n, h * w, c))?;
-        let hs = self.proj_in.forward(&hs)?;
-        let hs = self.block.forward(&hs, Some(context))?;
-        let hs = self.proj_out.forward(&hs)?;
-        let inner = hs.dim(D::Minus1)?;
-        hs.reshape((n, h, w, inner))?.permute((0, 3, 1, 2))? + xs
-    }
-}
-
-/// diffusers `TransformerTemporalModel`: self-attention across the frames at
-/// each pixel (`double_self_attention`: both attentions are self-attention).
-#[derive(Debug)]
-struct TemporalTransformer {
-    norm: nn::GroupNorm,
-    proj_in: nn::Linear,
-    block: TransformerBlock,
-    proj_out: nn::Linear,
-}
-
-impl TemporalTransformer {
-    fn new(
-        vb: VarBuilder,
-        channels: usize,
-        heads: usize,
-        head_dim: usize,
-        groups: usize,
-    ) -> Result<Self> {
-        let inner = heads * head_dim;
-        Ok(Self {
-            norm: nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
-            proj_in: nn::linear(channels, inner, vb.pp("proj_in"))?,
-            block: TransformerBlock::new(
-                vb.pp("transformer_blocks.0"),
-                inner,
-                heads,
-                head_dim,
-                None,
-            )?,
-            proj_out: nn::linear(inner, channels, vb.pp("proj_out"))?,
-        })
+        let hs = self.project(&tokens, Some(context))?;
+        hs.reshape((n, h, w, c))?.permute((0, 3, 1, 2))? + xs
     }
 
-    fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+    /// Self-attention across the frames at each pixel.
+    fn forward_temporal(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let (bf, c, h, w) = xs.dims4()?;
         let b = bf / frames;
         let hs = xs.reshape((b, frames, c, h, w))?.permute((0, 2, 1, 3, 4))?;
-        let hs = self.norm.forward(&hs)?;
-        let hs = hs
-            .permute((0, 3, 4, 2, 1))?
-            .reshape((b * h * w, frames, c))?;
-        let hs = self.proj_in.forward(&hs)?;
-        let hs = self.block.forward(&hs, None)?;
-        let hs = self.proj_out.forward(&hs)?;
+        let tokens =
+            self.norm
+                .forward(&hs)?
+                .permute((0, 3, 4, 2, 1))?
+                .reshape((b * h * w, frames, c))?;
+        let hs = self.project(&tokens, None)?;
         let hs = hs
             .reshape((b, h, w, frames, c))?
             .permute((0, 3, 4, 1, 2))?
@@ -392,8 +366,8 @@ impl TemporalConv {
 struct Block3D {
     resnets: Vec<ResnetBlock2D>,
     temp_convs: Vec<TemporalConv>,
-    attentions: Vec<SpatialTransformer>,
-    temp_attentions: Vec<TemporalTransformer>,
+    attentions: Vec<ProjectedTransformer>,
+    temp_attentions: Vec<ProjectedTransformer>,
     downsample: Option<nn::Conv2d>,
     upsample: Option<nn::Conv2d>,
 }
@@ -430,20 +404,21 @@ impl BlockSpec<'_> {
         if self.cross_attention {
             // diffusers builds both transformers with heads = C / n and head_dim = n.
             let (heads, head_dim) = (c / self.heads_per_channel, self.heads_per_channel);
-            block.attentions.push(SpatialTransformer::new(
+            block.attentions.push(ProjectedTransformer::new(
                 vb.pp(format!("attentions.{i}")),
                 c,
                 heads,
                 head_dim,
                 groups,
-                self.cfg.cross_attention_dim,
+                Some(self.cfg.cross_attention_dim),
             )?);
-            block.temp_attentions.push(TemporalTransformer::new(
+            block.temp_attentions.push(ProjectedTransformer::new(
                 vb.pp(format!("temp_attentions.{i}")),
                 c,
                 heads,
                 head_dim,
                 groups,
+                None,
             )?);
         }
         Ok(())
@@ -538,20 +513,21 @@ impl Block3D {
         )?);
         let (heads, head_dim) = (c / spec.heads_per_channel, spec.heads_per_channel);
         let groups = spec.cfg.norm_num_groups;
-        block.attentions.push(SpatialTransformer::new(
+        block.attentions.push(ProjectedTransformer::new(
             vb.pp("attentions.0"),
             c,
             heads,
             head_dim,
             groups,
-            spec.cfg.cross_attention_dim,
+            Some(spec.cfg.cross_attention_dim),
         )?);
-        block.temp_attentions.push(TemporalTransformer::new(
+        block.temp_attentions.push(ProjectedTransformer::new(
             vb.pp("temp_attentions.0"),
             c,
             heads,
             head_dim,
             groups,
+            None,
         )?);
         block
             .resnets
@@ -574,8 +550,8 @@ impl Block3D {
         let xs = self.resnets[i].forward(xs, Some(temb))?;
         let mut xs = self.temp_convs[i].forward(&xs, frames)?;
         if let (Some(a), Some(t)) = (self.attentions.get(i), self.temp_attentions.get(i)) {
-            xs = a.forward(&xs, ctx)?;
-            xs = t.forward(&xs, frames)?;
+            xs = a.forward_spatial(&xs, ctx)?;
+            xs = t.forward_temporal(&xs, frames)?;
         }
         Ok(xs)
     }
@@ -632,8 +608,8 @@ impl Block3D {
     ) -> Result<Tensor> {
         let xs = self.resnets[0].forward(xs, Some(temb))?;
         let xs = self.temp_convs[0].forward(&xs, frames)?;
-        let xs = self.attentions[0].forward(&xs, ctx)?;
-        let xs = self.temp_attentions[0].forward(&xs, frames)?;
+        let xs = self.attentions[0].forward_spatial(&xs, ctx)?;
+        let xs = self.temp_attentions[0].forward_temporal(&xs, frames)?;
         let xs = self.resnets[1].forward(&xs, Some(temb))?;
         self.temp_convs[1].forward(&xs, frames)
     }
@@ -645,7 +621,7 @@ pub struct Unet3d {
     conv_in: nn::Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    transformer_in: TemporalTransformer,
+    transformer_in: ProjectedTransformer,
     down: Vec<Block3D>,
     mid: Block3D,
     up: Vec<Block3D>,
@@ -667,12 +643,13 @@ impl Unet3d {
         let conv_in = nn::conv2d(cfg.in_channels, ch[0], 3, conv3, vb.pp("conv_in"))?;
         let time_proj = Timesteps::new(ch[0], true, 0.0);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
-        let transformer_in = TemporalTransformer::new(
+        let transformer_in = ProjectedTransformer::new(
             vb.pp("transformer_in"),
             ch[0],
             8,
             cfg.attention_head_dim,
             cfg.norm_num_groups,
+            None,
         )?;
         let heads = cfg.heads();
         let n = ch.len();
@@ -765,7 +742,7 @@ impl Unet3d {
 
         let xs = sample.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
         let xs = self.conv_in.forward(&xs)?;
-        let mut xs = self.transformer_in.forward(&xs, f)?;
+        let mut xs = self.transformer_in.forward_temporal(&xs, f)?;
 
         let up_factor = 1usize << (self.up.len() - 1);
         let forward_upsample_size = h % up_factor != 0 || w % up_factor != 0;
