@@ -177,7 +177,8 @@ impl Attention {
                 k.transpose(1, 2)?.contiguous()?,
                 v.transpose(1, 2)?.contiguous()?,
             );
-            let att = (q.matmul(&k.t()?)? * scale)?;
+            // Scaling q (S x D) is cheaper than scaling the S x M scores.
+            let att = (q * scale)?.matmul(&k.t()?)?;
             let att = nn::ops::softmax_last_dim(&att.to_dtype(candle_core::DType::F32)?)?
                 .to_dtype(v.dtype())?;
             att.matmul(&v)?
