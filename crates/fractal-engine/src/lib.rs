@@ -14,6 +14,7 @@ pub mod tiny;
 pub mod tokenizer;
 pub mod unet3d;
 pub mod video;
+pub mod weights;
 
 use std::path::PathBuf;
 

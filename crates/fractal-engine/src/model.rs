@@ -98,7 +98,7 @@ fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
 }
 
 impl Model {
-    /// Loads a diffusers-layout folder; weights are memory-mapped.
+    /// Loads a diffusers-layout folder, one tensor at a time (see [`crate::weights`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
         #[derive(Deserialize)]
         struct Index {
@@ -122,15 +122,12 @@ impl Model {
             if !path.is_file() {
                 return Err(EngineError::MissingFile(path));
             }
-            // SAFETY: the mapped files are only read, and the manifest check (by
-            // the caller) pins their content; truncation by another process would
-            // surface as an error or garbage output, not memory unsafety in our code.
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }.map_err(
-                |e| EngineError::Weights {
+            crate::weights::SafetensorsFile::open(&path)
+                .map(|f| f.var_builder(DType::F32, device))
+                .map_err(|e| EngineError::Weights {
                     path,
                     message: e.to_string(),
-                },
-            )
+                })
         };
         let build = |rel: &str, e: candle_core::Error| EngineError::Weights {
             path: dir.join(rel),

@@ -31,6 +31,10 @@ pub enum TinyVariant {
     Base,
     /// Three levels, two layers per block, more heads: exercises more of the graph.
     Wide,
+    /// ModelScope text-to-video 1.7B's exact shapes with seeded random weights
+    /// (about 1.8B parameters, 7 GB in f32): for speed and memory measurements
+    /// at real size, never for pictures.
+    ModelScopeShape,
 }
 
 impl TinyVariant {
@@ -38,16 +42,24 @@ impl TinyVariant {
         match self {
             TinyVariant::Base => "tiny-v1",
             TinyVariant::Wide => "tiny-wide-v1",
+            TinyVariant::ModelScopeShape => "ms-1.7b-shape",
         }
     }
     pub fn parse(name: &str) -> Option<Self> {
-        [TinyVariant::Base, TinyVariant::Wide]
-            .into_iter()
-            .find(|v| v.name() == name)
+        [
+            TinyVariant::Base,
+            TinyVariant::Wide,
+            TinyVariant::ModelScopeShape,
+        ]
+        .into_iter()
+        .find(|v| v.name() == name)
     }
 }
 
 pub fn configs(variant: TinyVariant) -> ModelConfigs {
+    if variant == TinyVariant::ModelScopeShape {
+        return modelscope_shape();
+    }
     let text = ClipTextConfig {
         vocab_size: 49408,
         hidden_size: 32,
@@ -75,6 +87,7 @@ pub fn configs(variant: TinyVariant) -> ModelConfigs {
             mid_block_scale_factor: 1.0,
             act_fn: "silu".into(),
         },
+        TinyVariant::ModelScopeShape => unreachable!("handled above"),
         TinyVariant::Wide => Unet3dConfig {
             in_channels: 4,
             out_channels: 4,
@@ -110,6 +123,58 @@ pub fn configs(variant: TinyVariant) -> ModelConfigs {
         scaling_factor: 0.18215,
     };
     ModelConfigs { text, unet, vae }
+}
+
+/// damo-vilab/text-to-video-ms-1.7b's configs (text encoder = OpenCLIP ViT-H
+/// text tower, UNet3D, SD VAE).
+fn modelscope_shape() -> ModelConfigs {
+    ModelConfigs {
+        text: ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 23,
+            num_attention_heads: 16,
+            max_position_embeddings: 77,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-5,
+        },
+        unet: Unet3dConfig {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            down_block_types: vec![
+                "CrossAttnDownBlock3D".into(),
+                "CrossAttnDownBlock3D".into(),
+                "CrossAttnDownBlock3D".into(),
+                "DownBlock3D".into(),
+            ],
+            up_block_types: vec![
+                "UpBlock3D".into(),
+                "CrossAttnUpBlock3D".into(),
+                "CrossAttnUpBlock3D".into(),
+                "CrossAttnUpBlock3D".into(),
+            ],
+            layers_per_block: 2,
+            attention_head_dim: 64,
+            num_attention_heads: None,
+            cross_attention_dim: 1024,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+        },
+        vae: VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+        },
+    }
 }
 
 /// A `VarBuilder` backend that makes each requested parameter from its name,
