@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, Subcommand};
 use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
 use fractal_protocol::Seed;
 use serde::{Deserialize, Serialize};
 
@@ -164,14 +164,25 @@ fn measure(cmd: Command) -> anyhow::Result<Measured> {
 }
 
 fn engine(b: EngineBench) -> anyhow::Result<()> {
-    let Some(v) = TinyVariant::parse(&b.variant) else {
+    if TinyVariant::parse(&b.variant).is_none() {
         bail!("unknown variant {:?}", b.variant)
-    };
+    }
     if !b.python.exists() {
         bail!("{} not found: run tools/parity/make_fixtures.sh once (it creates the diffusers venv) or pass --python", b.python.display());
     }
     let dir = std::env::temp_dir().join(format!("fractal-bench-{}", std::process::id()));
-    Model::write_tiny_folder(v, &dir, &tiny::manifest(v).scheduler)?;
+    // Export in a child process: Linux carries a process's peak RSS across
+    // fork and exec, so the workers must be spawned by a parent that never
+    // held the weights, or they would inherit its high-water mark.
+    let status = Command::new(std::env::current_exe()?)
+        .args(["model", "export-tiny", "--variant", &b.variant])
+        .arg(&dir)
+        .env("FRACTAL_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("exporting {} failed", b.variant);
+    }
     let w = Workload {
         model: dir.clone(),
         prompt: "a red fox running in the snow".into(),
