@@ -50,6 +50,19 @@ impl Generated {
     }
 }
 
+/// Largest absolute element difference of two same-shaped tensors (parity
+/// checks, and a verifier comparing a recomputed step).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, EngineError> {
+    if a.dims() != b.dims() {
+        return Err(EngineError::BadInput(format!(
+            "shapes differ: {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
 /// diffusers' `scheduler_config.json` for a manifest's scheduler.
 pub fn diffusers_scheduler_config(s: &SchedulerSpec) -> serde_json::Value {
     let class = match s.kind {

@@ -808,16 +808,7 @@ mod tests {
             nn::ops::softmax_last_dim(&(qt.matmul(&kt.t().unwrap()).unwrap() * scale).unwrap())
                 .unwrap();
         let plain = att.matmul(&vt).unwrap();
-        let err = (flash - plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = crate::pipeline::max_abs_diff(&flash, &plain).unwrap();
         assert!(err < 1e-5, "{err}");
     }
 }

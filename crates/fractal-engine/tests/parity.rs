@@ -12,17 +12,7 @@ use fractal_protocol::Seed;
 const TOLERANCE: f32 = 1e-4;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
 }
 
 fn check(name: &str) {

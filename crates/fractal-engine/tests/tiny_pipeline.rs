@@ -116,14 +116,5 @@ fn bad_inputs_are_errors_not_panics() {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
 }
