@@ -11,7 +11,7 @@ use fractal_engine::video::{self, Frames};
 use fractal_engine::{model, tiny, GenerateSpec, Model, Pipeline, TinyVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::{latent_digest, MerkleTree};
-use fractal_protocol::wire::{GenerateRequest, OutputFormat, PROTOCOL_VERSION};
+use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -89,29 +89,20 @@ fn folder_manifest(dir: &Path, model: &Model) -> anyhow::Result<ModelManifest> {
             })
         })
         .collect();
-    m.defaults.size = Size {
+    let preferred = Size {
         width: 256,
         height: 256,
-    }
-    .clamp_to(&m.limits.sizes);
+    };
+    m.defaults.size = if m.limits.sizes.contains(&preferred) {
+        preferred
+    } else {
+        m.limits.sizes[0]
+    };
     m.limits.max_frames = 64;
     m.defaults.frames = 16;
     m.defaults.steps = 50;
     m.limits.max_steps = 1000;
     Ok(m)
-}
-
-trait ClampTo {
-    fn clamp_to(self, sizes: &[Size]) -> Size;
-}
-impl ClampTo for Size {
-    fn clamp_to(self, sizes: &[Size]) -> Size {
-        if sizes.contains(&self) {
-            self
-        } else {
-            sizes[0]
-        }
-    }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -184,7 +175,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let manifest_id = manifest.id();
     // Validate exactly as a prover would.
     let mut req = GenerateRequest::with_defaults(&manifest, a.prompt.clone(), Seed(a.seed));
-    req.version = PROTOCOL_VERSION;
     req.job_id = JobId([0; 16]);
     req.negative_prompt = a.negative_prompt.clone();
     if let Some(s) = &a.size {

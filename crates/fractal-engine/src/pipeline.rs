@@ -224,8 +224,9 @@ impl Pipeline {
     /// Decodes one frame (`[1, 3, H, W]` in `[0, 1]`), as a verifier does to
     /// compare with the returned video.
     pub fn decode_frame(&self, latents: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
-        let scaled = (latents / self.model.configs.vae.scaling_factor)?;
-        self.decode_frame_scaled(&scaled, frame)
+        // Scale only the frame being decoded, not the whole clip.
+        let one = (latents.narrow(2, frame, 1)? / self.model.configs.vae.scaling_factor)?;
+        self.decode_frame_scaled(&one, 0)
     }
 
     fn decode_frame_scaled(&self, scaled: &Tensor, frame: usize) -> Result<Tensor, EngineError> {

@@ -70,27 +70,24 @@ pub fn configs(variant: TinyVariant) -> ModelConfigs {
         hidden_act: "gelu".into(),
         layer_norm_eps: 1e-5,
     };
+    let base = Unet3dConfig {
+        in_channels: 4,
+        out_channels: 4,
+        block_out_channels: vec![32, 64],
+        down_block_types: vec!["CrossAttnDownBlock3D".into(), "DownBlock3D".into()],
+        up_block_types: vec!["UpBlock3D".into(), "CrossAttnUpBlock3D".into()],
+        layers_per_block: 1,
+        attention_head_dim: 8,
+        num_attention_heads: None,
+        cross_attention_dim: 32,
+        norm_num_groups: 8,
+        norm_eps: 1e-5,
+        downsample_padding: 1,
+        mid_block_scale_factor: 1.0,
+        act_fn: "silu".into(),
+    };
     let unet = match variant {
-        TinyVariant::Base => Unet3dConfig {
-            in_channels: 4,
-            out_channels: 4,
-            block_out_channels: vec![32, 64],
-            down_block_types: vec!["CrossAttnDownBlock3D".into(), "DownBlock3D".into()],
-            up_block_types: vec!["UpBlock3D".into(), "CrossAttnUpBlock3D".into()],
-            layers_per_block: 1,
-            attention_head_dim: 8,
-            num_attention_heads: None,
-            cross_attention_dim: 32,
-            norm_num_groups: 8,
-            norm_eps: 1e-5,
-            downsample_padding: 1,
-            mid_block_scale_factor: 1.0,
-            act_fn: "silu".into(),
-        },
-        TinyVariant::ModelScopeShape => unreachable!("handled above"),
         TinyVariant::Wide => Unet3dConfig {
-            in_channels: 4,
-            out_channels: 4,
             block_out_channels: vec![32, 48, 64],
             down_block_types: vec![
                 "CrossAttnDownBlock3D".into(),
@@ -104,14 +101,11 @@ pub fn configs(variant: TinyVariant) -> ModelConfigs {
             ],
             layers_per_block: 2,
             attention_head_dim: 16,
-            num_attention_heads: None,
-            cross_attention_dim: 32,
             norm_num_groups: 16,
-            norm_eps: 1e-5,
-            downsample_padding: 1,
-            mid_block_scale_factor: 1.0,
-            act_fn: "silu".into(),
+            ..base
         },
+        // ModelScopeShape returned above.
+        _ => base,
     };
     let vae = VaeConfig {
         in_channels: 3,

@@ -118,7 +118,7 @@ impl ClipTokenizer {
     }
 
     fn build(
-        vocab: ahash_map::Vocab,
+        vocab: tokenizers::models::bpe::Vocab,
         merges: Vec<(String, String)>,
         pad: &str,
     ) -> Result<Self, EngineError> {
@@ -213,10 +213,6 @@ impl ClipTokenizer {
         ids.resize(MAX_TOKENS, self.pad);
         Ok(ids)
     }
-}
-
-mod ahash_map {
-    pub type Vocab = tokenizers::models::bpe::Vocab;
 }
 
 #[cfg(test)]

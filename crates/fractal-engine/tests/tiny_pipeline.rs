@@ -118,3 +118,16 @@ fn bad_inputs_are_errors_not_panics() {
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
 }
+
+/// A verifier decodes single frames; they must equal the full decode's frames.
+#[test]
+fn single_frame_decode_matches_full_decode() {
+    let p = pipeline();
+    let s = spec(3);
+    let latents = p.initial_latents(&s).unwrap();
+    let all = p.decode(&latents).unwrap();
+    for f in [0, 3] {
+        let one = p.decode_frame(&latents, f).unwrap();
+        assert_eq!(max_abs(&one, &all.narrow(0, f, 1).unwrap()), 0.0, "frame {f}");
+    }
+}
