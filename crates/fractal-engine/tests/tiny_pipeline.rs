@@ -128,6 +128,10 @@ fn single_frame_decode_matches_full_decode() {
     let all = p.decode(&latents).unwrap();
     for f in [0, 3] {
         let one = p.decode_frame(&latents, f).unwrap();
-        assert_eq!(max_abs(&one, &all.narrow(0, f, 1).unwrap()), 0.0, "frame {f}");
+        assert_eq!(
+            max_abs(&one, &all.narrow(0, f, 1).unwrap()),
+            0.0,
+            "frame {f}"
+        );
     }
 }
