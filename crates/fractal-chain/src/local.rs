@@ -210,6 +210,33 @@ impl LocalChain {
         })
     }
 
+    /// The key this chain's HTTP server signs as and is addressed by;
+    /// created on first use and kept in the chain file, so clients' signed
+    /// writes stay valid across restarts.
+    pub fn node_key(&self) -> Result<Keypair, ChainError> {
+        self.with_state(|_, tx| {
+            let stored: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'node_phrase'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let phrase = match stored {
+                Some(p) => p,
+                None => {
+                    let (phrase, _) = Keypair::generate(12).map_err(storage)?;
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('node_phrase', ?1)",
+                        params![phrase],
+                    )?;
+                    phrase
+                }
+            };
+            Keypair::from_phrase(&phrase, None).map_err(storage)
+        })
+    }
+
     pub fn owner(&self) -> Result<Hotkey, ChainError> {
         self.read(|s| s.owner)
     }

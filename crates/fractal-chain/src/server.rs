@@ -187,6 +187,18 @@ pub fn router(chain: Arc<LocalChain>, node: Hotkey) -> Router {
         .with_state(state)
 }
 
+/// Serves `chain` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    chain: Arc<LocalChain>,
+    node: Hotkey,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(chain, node))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 async fn info(State(st): State<AppState>) -> Result<Json<ChainInfo>, Rejection> {
     Ok(Json(ChainInfo {
         node: st.node,

@@ -176,20 +176,19 @@ pub fn epoch(input: &EpochInput) -> EpochOutput {
 
     // Bonds: previous bonds without those on re-registered uids, then EMA
     // towards this epoch's stake-weighted clipped weights.
-    let mut bonds = vec![vec![0.0f64; n]; n];
-    for i in 0..n {
-        for j in 0..n {
-            let prev = input
-                .bonds
-                .get(i)
-                .and_then(|r| r.get(j))
-                .copied()
-                .unwrap_or(0.0);
-            if input.last_update[i] > input.registered_at[j] {
-                bonds[i][j] = prev;
-            }
-        }
-    }
+    let mut bonds: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    let prev = input.bonds.get(i).and_then(|r| r.get(j)).copied();
+                    match prev {
+                        Some(b) if input.last_update[i] > input.registered_at[j] => b,
+                        _ => 0.0,
+                    }
+                })
+                .collect()
+        })
+        .collect();
     col_normalize(&mut bonds);
     let mut delta: Vec<Vec<f64>> = (0..n)
         .map(|i| clipped[i].iter().map(|x| x * active_stake[i]).collect())

@@ -457,3 +457,22 @@ async fn unsigned_forged_and_malformed_writes_get_4xx_and_the_chain_keeps_servin
         .unwrap();
     assert_eq!(mg.neurons.len(), 1);
 }
+
+#[test]
+fn node_key_is_created_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.sqlite");
+    let owner = key("owner", 0).hotkey();
+    let first = LocalChain::open(&path, params(), owner)
+        .unwrap()
+        .node_key()
+        .unwrap();
+    let chain = LocalChain::open(&path, params(), owner).unwrap();
+    assert_eq!(chain.node_key().unwrap().hotkey(), first.hotkey());
+    assert_eq!(chain.node_key().unwrap().hotkey(), first.hotkey());
+    let other = LocalChain::in_memory(params(), owner)
+        .unwrap()
+        .node_key()
+        .unwrap();
+    assert_ne!(other.hotkey(), first.hotkey());
+}

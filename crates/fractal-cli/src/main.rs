@@ -1,6 +1,7 @@
 //! `fractal`: one binary for every role in the grid.
 
 mod bench_cmd;
+mod chain_cmd;
 mod generate_cmd;
 mod manifest_cmd;
 mod model_cmd;
@@ -38,6 +39,13 @@ enum Command {
     /// Work with model folders: export the built-in tiny model, hash weights.
     #[command(subcommand)]
     Model(model_cmd::ModelCmd),
+    /// Run or inspect the chain (the embedded local subnet).
+    #[command(subcommand)]
+    Chain(chain_cmd::ChainCmd),
+    /// Register a wallet's hotkey on the subnet (burned registration paid by the coldkey).
+    Register(chain_cmd::KeyArgs),
+    /// Stake TAO from a wallet's coldkey onto its hotkey.
+    Stake(chain_cmd::StakeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +62,9 @@ fn main() -> std::process::ExitCode {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Manifest(cmd) => manifest_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Chain(cmd) => chain_cmd::run(cmd),
+        Command::Register(args) => chain_cmd::register(args),
+        Command::Stake(args) => chain_cmd::stake(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

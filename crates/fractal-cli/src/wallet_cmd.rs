@@ -10,10 +10,10 @@ use zeroize::Zeroizing;
 pub struct Location {
     /// Folder holding the wallets.
     #[arg(long, env = "BT_WALLET_PATH", default_value_os_t = fractal_wallet::default_root())]
-    wallet_path: PathBuf,
+    pub wallet_path: PathBuf,
     /// Wallet (coldkey) name.
     #[arg(long, short = 'w', default_value = "default")]
-    wallet_name: String,
+    pub wallet_name: String,
 }
 
 #[derive(Args, Clone)]
@@ -127,7 +127,7 @@ pub enum WalletCmd {
     },
 }
 
-fn wallet(at: &Location) -> anyhow::Result<Wallet> {
+pub fn wallet(at: &Location) -> anyhow::Result<Wallet> {
     Ok(Wallet::new(&at.wallet_path, &at.wallet_name)?)
 }
 
@@ -178,7 +178,7 @@ fn new_password(p: &Password) -> anyhow::Result<Option<Zeroizing<String>>> {
     Ok(Some(first))
 }
 
-fn existing_password(var: &Option<String>) -> Option<String> {
+pub fn existing_password(var: &Option<String>) -> Option<String> {
     match var {
         Some(v) => std::env::var(v).ok(),
         None => rpassword::prompt_password("Coldkey password: ").ok(),
