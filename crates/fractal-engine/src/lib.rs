@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod model;
+pub mod pinned;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tiny;
@@ -19,6 +20,7 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use model::Model;
+pub use pinned::PinnedModel;
 pub use pipeline::{GenerateSpec, Generated, Pipeline, StepEvent};
 pub use tiny::TinyVariant;
 

@@ -158,12 +158,29 @@ impl Model {
         Ok(Self::tiny_with_weights(variant, device)?.0)
     }
 
+    /// The tiny model with every weight multiplied by `1 + relative·N(0,1)`:
+    /// a stand-in for "almost the pinned weights" in the cheating-prover tests.
+    pub fn tiny_perturbed(
+        variant: TinyVariant,
+        relative: f32,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        Ok(Self::tiny_from(variant, TinyWeights::perturbed(relative), device)?.0)
+    }
+
     fn tiny_with_weights(
         variant: TinyVariant,
         device: &Device,
     ) -> Result<(Self, TinyWeights), EngineError> {
+        Self::tiny_from(variant, TinyWeights::default(), device)
+    }
+
+    fn tiny_from(
+        variant: TinyVariant,
+        w: TinyWeights,
+        device: &Device,
+    ) -> Result<(Self, TinyWeights), EngineError> {
         let configs = tiny::configs(variant);
-        let w = TinyWeights::default();
         let text_encoder =
             ClipTextModel::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
         let unet = Unet3d::new(w.var_builder("unet.", device), configs.unet.clone())?;

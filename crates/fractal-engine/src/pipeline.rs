@@ -2,7 +2,7 @@
 //! decode per frame. Deterministic: the only randomness is the seeded initial
 //! noise (`fractal/noise/v1`); DDIM (eta = 0) and DPM-Solver++ add none.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use fractal_protocol::manifest::{SchedulerKind, SchedulerSpec};
 use fractal_protocol::noise::{fill_gaussian, Stream};
 use fractal_protocol::Seed;
@@ -42,11 +42,7 @@ pub struct Generated {
 impl Generated {
     /// Frames as RGB8, `frames x height x width x 3`, rounded to nearest.
     pub fn rgb8(&self) -> Result<Vec<u8>, EngineError> {
-        let t = (self.frames.permute((0, 2, 3, 1))? * 255.0)?
-            .round()?
-            .clamp(0f32, 255f32)?
-            .to_dtype(DType::U8)?;
-        Ok(t.flatten_all()?.to_vec1::<u8>()?)
+        crate::pinned::rgb8(&self.frames)
     }
 }
 

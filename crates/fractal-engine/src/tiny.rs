@@ -176,13 +176,24 @@ fn modelscope_shape() -> ModelConfigs {
 #[derive(Default, Clone)]
 pub struct TinyWeights {
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    /// Relative Gaussian noise on every weight (0 for the real tiny model);
+    /// what a cheating prover with "almost the right weights" runs.
+    perturbation: f32,
 }
 
 impl TinyWeights {
+    pub fn perturbed(relative: f32) -> Self {
+        TinyWeights {
+            made: Default::default(),
+            perturbation: relative,
+        }
+    }
+
     pub fn var_builder(&self, prefix: &str, device: &Device) -> VarBuilder<'static> {
         let backend = TinyBackend {
             prefix: prefix.to_string(),
             made: self.made.clone(),
+            perturbation: self.perturbation,
         };
         VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
     }
@@ -199,6 +210,7 @@ impl TinyWeights {
 struct TinyBackend {
     prefix: String,
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    perturbation: f32,
 }
 
 fn seed_for(name: &str) -> Seed {
@@ -237,6 +249,17 @@ impl SimpleBackend for TinyBackend {
         let offset = if is_norm_weight { 1.0 } else { 0.0 };
         for v in &mut values {
             *v = offset + scale * *v;
+        }
+        if self.perturbation != 0.0 {
+            let mut noise = vec![0f32; values.len()];
+            fill_gaussian(
+                seed_for(&format!("perturb/{full}")),
+                Stream::InitialLatents,
+                &mut noise,
+            );
+            for (v, n) in values.iter_mut().zip(noise) {
+                *v *= 1.0 + self.perturbation * n;
+            }
         }
         let t = Tensor::from_vec(values, dims, &Device::Cpu)?;
         self.made

@@ -1,0 +1,127 @@
+//! The model a node serves: a manifest with its loaded pipeline and
+//! tokenizer, and the request → spec → output conversions every role
+//! (prover, verifier, `fractal generate`) must do identically.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use fractal_protocol::manifest::{ModelManifest, Weights};
+use fractal_protocol::wire::{GenerateRequest, OutputFormat};
+use fractal_protocol::ManifestId;
+
+use crate::tokenizer::ClipTokenizer;
+use crate::video::{self, Frames};
+use crate::{model, EngineError, GenerateSpec, Model, Pipeline, TinyVariant};
+
+pub struct PinnedModel {
+    pub manifest: ModelManifest,
+    pub manifest_id: ManifestId,
+    pub pipeline: Pipeline,
+    pub tokenizer: ClipTokenizer,
+}
+
+impl PinnedModel {
+    /// Loads what `manifest` pins: a built-in model by name, or a diffusers
+    /// folder (`folder`) whose weight files must match the manifest's hashes.
+    pub fn load(
+        manifest: ModelManifest,
+        folder: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        manifest
+            .validate()
+            .map_err(|e| EngineError::BadInput(e.to_string()))?;
+        let (model, tokenizer) = match (&manifest.weights, folder) {
+            (Weights::Builtin(name), _) => {
+                let variant = TinyVariant::parse(name).ok_or_else(|| {
+                    EngineError::BadInput(format!("no built-in model named {name:?}"))
+                })?;
+                (Model::tiny(variant, device)?, ClipTokenizer::builtin()?)
+            }
+            (Weights::Files(_), Some(dir)) => {
+                model::verify_weights(dir, &manifest)?;
+                (
+                    Model::load(dir, device)?,
+                    ClipTokenizer::from_folder(&dir.join("tokenizer"))?,
+                )
+            }
+            (Weights::Files(_), None) => {
+                return Err(EngineError::BadInput(
+                    "the manifest pins weight files: give the model folder".into(),
+                ))
+            }
+        };
+        Self::from_parts(manifest, model, tokenizer)
+    }
+
+    /// A manifest with a model the caller built (tests, benchmarks, and the
+    /// cheating provers that claim a manifest they do not run).
+    pub fn from_parts(
+        manifest: ModelManifest,
+        model: Model,
+        tokenizer: ClipTokenizer,
+    ) -> Result<Self, EngineError> {
+        let pipeline = Pipeline::new(model, manifest.scheduler.clone())?;
+        Ok(PinnedModel {
+            manifest_id: manifest.id(),
+            manifest,
+            pipeline,
+            tokenizer,
+        })
+    }
+
+    /// Validates `req` against the manifest and tokenizes it.
+    pub fn spec(&self, req: &GenerateRequest) -> Result<GenerateSpec, EngineError> {
+        req.validate(&self.manifest, &self.manifest_id)
+            .map_err(|e| EngineError::BadInput(e.to_string()))?;
+        Ok(GenerateSpec {
+            prompt_ids: self.tokenizer.encode(&req.prompt)?,
+            negative_ids: self.tokenizer.encode(&req.negative_prompt)?,
+            seed: req.seed,
+            frames: req.frames as usize,
+            height: req.size.height as usize,
+            width: req.size.width as usize,
+            steps: req.steps as usize,
+            guidance_scale: req.guidance_scale,
+        })
+    }
+
+    /// Encodes decoded frames (`[F, 3, H, W]` in `[0, 1]`) or final latents
+    /// as the requested output.
+    pub fn render(
+        &self,
+        format: OutputFormat,
+        frames: &Tensor,
+        final_latents: &Tensor,
+    ) -> Result<Vec<u8>, EngineError> {
+        if format == OutputFormat::Latents {
+            let v = final_latents.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(fractal_protocol::merkle::latent_f16_bytes(&v));
+        }
+        let (count, _, height, width) = frames.dims4()?;
+        let rgb = rgb8(frames)?;
+        let f = Frames {
+            rgb: &rgb,
+            width,
+            height,
+            count,
+            fps: self.manifest.defaults.fps,
+        };
+        let bytes = match format {
+            OutputFormat::Mp4 => video::encode_mp4(f),
+            OutputFormat::Gif => video::encode_gif(f),
+            OutputFormat::Latents => unreachable!("handled above"),
+        }
+        .map_err(|e| EngineError::BadInput(e.to_string()))?;
+        Ok(bytes)
+    }
+}
+
+/// `[F, 3, H, W]` in `[0, 1]` to RGB8 `F × H × W × 3`, rounded to nearest.
+pub fn rgb8(frames: &Tensor) -> Result<Vec<u8>, EngineError> {
+    let t = (frames.permute((0, 2, 3, 1))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(candle_core::DType::U8)?;
+    Ok(t.flatten_all()?.to_vec1::<u8>()?)
+}
