@@ -229,6 +229,20 @@ pub struct ProgressEvent {
     pub queue_position: Option<u32>,
 }
 
+/// One line of a prover's `application/x-ndjson` answer to a generate
+/// request: progress while it runs, then exactly one result or error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamItem {
+    Progress(ProgressEvent),
+    Result(Box<GenerateResponse>),
+    /// The job failed after it was accepted (`code`, `message`).
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
 /// A verifier asks for some steps of a committed trace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

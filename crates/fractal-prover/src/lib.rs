@@ -1,0 +1,566 @@
+//! The prover (Bittensor miner): runs the pinned model for signed requests.
+//!
+//! Endpoints (all btauth/1-signed except `/metrics`):
+//! * `POST /v1/generate` — a [`GenerateRequest`]; answers
+//!   `application/x-ndjson`: [`StreamItem::Progress`] lines, then one
+//!   `Result` (video + trace commitment + timing) or `Error`. The job is
+//!   cancelled when the client goes away.
+//! * `POST /v1/audit` — an [`AuditChallenge`] for a job committed within the
+//!   audit window; answers the opened latents with Merkle paths.
+//! * `GET /v1/info` — manifest, hotkey, queue depth and capacity.
+//! * `GET /metrics` — Prometheus text (open: scrapers do not sign).
+//!
+//! Admission: at most `max_concurrent` jobs run and `max_queued` wait;
+//! beyond that the answer is 503 with `Retry-After`, never a longer queue.
+
+pub mod job;
+pub mod traces;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use fractal_chain::{AxonInfo, Chain, ChainError, Metagraph};
+use fractal_engine::PinnedModel;
+use fractal_http::{ApiError, Authorizer, BtAuth, Caller, Denied};
+use fractal_protocol::wire::{
+    AuditAnswer, AuditChallenge, Base64Bytes, GenerateRequest, GenerateResponse, Phase,
+    ProgressEvent, StepOpening, StreamItem, PROTOCOL_VERSION,
+};
+use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+
+pub use job::Strategy;
+use job::{JobError, StrategyState};
+use traces::TraceStore;
+
+#[derive(Clone, Debug)]
+pub struct ProverConfig {
+    /// Jobs generating at once (the engine already uses every core).
+    pub max_concurrent: usize,
+    /// Accepted jobs waiting for a slot.
+    pub max_queued: usize,
+    /// How long committed traces stay available for audits.
+    pub audit_window: Duration,
+    /// Memory for kept traces; the oldest go first beyond it.
+    pub trace_budget_bytes: usize,
+    pub strategy: Strategy,
+}
+
+impl Default for ProverConfig {
+    fn default() -> Self {
+        ProverConfig {
+            max_concurrent: 1,
+            max_queued: 8,
+            audit_window: Duration::from_secs(600),
+            trace_budget_bytes: 512 << 20,
+            strategy: Strategy::Honest,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    rejected_busy: AtomicU64,
+    audits: AtomicU64,
+    steps: AtomicU64,
+}
+
+pub struct Prover {
+    key: Keypair,
+    model: Arc<PinnedModel>,
+    config: ProverConfig,
+    slots: Arc<Semaphore>,
+    /// Accepted and not finished (running + waiting).
+    in_flight: AtomicUsize,
+    running: AtomicUsize,
+    traces: Mutex<TraceStore>,
+    /// Jobs accepted and not yet committed, so a job id is never run twice.
+    active: Mutex<BTreeSet<JobId>>,
+    strategy_state: StrategyState,
+    counters: Counters,
+}
+
+/// `GET /v1/info`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProverInfo {
+    pub version: u32,
+    pub hotkey: Hotkey,
+    pub manifest_id: ManifestId,
+    pub model: String,
+    pub running: usize,
+    pub queued: usize,
+    pub max_concurrent: usize,
+    pub max_queued: usize,
+    pub audit_window_s: u64,
+}
+
+impl Prover {
+    pub fn new(key: Keypair, model: PinnedModel, config: ProverConfig) -> Arc<Self> {
+        Arc::new(Prover {
+            key,
+            model: Arc::new(model),
+            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            in_flight: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            traces: Mutex::new(TraceStore::new(
+                config.audit_window,
+                config.trace_budget_bytes,
+            )),
+            active: Mutex::new(BTreeSet::new()),
+            strategy_state: StrategyState::default(),
+            counters: Counters::default(),
+            config,
+        })
+    }
+
+    pub fn hotkey(&self) -> Hotkey {
+        self.key.hotkey()
+    }
+
+    pub fn model(&self) -> &PinnedModel {
+        &self.model
+    }
+
+    pub fn info(&self) -> ProverInfo {
+        let running = self.running.load(Ordering::Relaxed);
+        ProverInfo {
+            version: PROTOCOL_VERSION,
+            hotkey: self.hotkey(),
+            manifest_id: self.model.manifest_id,
+            model: self.model.manifest.name.clone(),
+            running,
+            queued: self
+                .in_flight
+                .load(Ordering::Relaxed)
+                .saturating_sub(running),
+            max_concurrent: self.config.max_concurrent,
+            max_queued: self.config.max_queued,
+            audit_window_s: self.config.audit_window.as_secs(),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let c = &self.counters;
+        let info = self.info();
+        let traces = self.traces.lock().expect("trace store lock");
+        let lines = [
+            (
+                "fractal_prover_jobs_accepted_total",
+                c.accepted.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_jobs_completed_total",
+                c.completed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_jobs_failed_total",
+                c.failed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_jobs_cancelled_total",
+                c.cancelled.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_jobs_rejected_busy_total",
+                c.rejected_busy.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_audits_total",
+                c.audits.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_denoise_steps_total",
+                c.steps.load(Ordering::Relaxed) as f64,
+            ),
+            ("fractal_prover_jobs_running", info.running as f64),
+            ("fractal_prover_jobs_queued", info.queued as f64),
+            ("fractal_prover_traces_kept", traces.len() as f64),
+            ("fractal_prover_trace_bytes", traces.bytes_used() as f64),
+        ];
+        let mut out = String::new();
+        for (name, value) in lines {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        out
+    }
+}
+
+/// Admits validators that hold a permit on the chain, plus fixed hotkeys
+/// (the gateway's); refreshed from the metagraph.
+pub struct ValidatorAuthorizer {
+    fixed: BTreeSet<Hotkey>,
+    validators: RwLock<BTreeSet<Hotkey>>,
+}
+
+impl ValidatorAuthorizer {
+    pub fn new(fixed: impl IntoIterator<Item = Hotkey>) -> Arc<Self> {
+        Arc::new(ValidatorAuthorizer {
+            fixed: fixed.into_iter().collect(),
+            validators: RwLock::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn update(&self, mg: &Metagraph) {
+        let set = mg
+            .neurons
+            .iter()
+            .filter(|n| n.validator_permit)
+            .map(|n| n.hotkey)
+            .collect();
+        *self.validators.write().expect("authorizer lock") = set;
+    }
+
+    /// Follows the chain: refreshes after every new block (or `every`).
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        chain: Arc<dyn Chain>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                match chain.metagraph().await {
+                    Ok(mg) => {
+                        last = mg.block;
+                        me.update(&mg);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "metagraph refresh failed"),
+                }
+                let _ = chain.wait_for_block_after(last, every).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+}
+
+impl Authorizer for ValidatorAuthorizer {
+    fn authorize(&self, hotkey: &Hotkey) -> Result<(), Denied> {
+        if self.fixed.contains(hotkey)
+            || self
+                .validators
+                .read()
+                .expect("authorizer lock")
+                .contains(hotkey)
+        {
+            Ok(())
+        } else {
+            Err(Denied(format!(
+                "hotkey {hotkey} is not a validator with a permit on this subnet"
+            )))
+        }
+    }
+}
+
+/// Registers this prover's endpoint on the chain.
+pub async fn announce(
+    chain: &dyn Chain,
+    key: &Keypair,
+    addr: std::net::SocketAddr,
+) -> Result<(), ChainError> {
+    chain
+        .serve_axon(
+            key,
+            AxonInfo {
+                ip: addr.ip(),
+                port: addr.port(),
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .await
+}
+
+/// The largest request body: a generate request is well under this.
+const MAX_BODY: usize = 64 * 1024;
+
+pub fn router(prover: Arc<Prover>, authorizer: Arc<dyn Authorizer>) -> Router {
+    let auth = BtAuth::new(prover.hotkey(), authorizer).with_max_body(MAX_BODY);
+    let signed = Router::new()
+        .route("/v1/generate", post(generate))
+        .route("/v1/audit", post(audit))
+        .route("/v1/info", get(info))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            fractal_http::auth::require_btauth,
+        ));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(signed)
+        .fallback(|| async { ApiError::not_found("no such prover endpoint") })
+        .with_state(prover)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("request body: {e}")))
+}
+
+async fn info(State(p): State<Arc<Prover>>) -> Json<ProverInfo> {
+    Json(p.info())
+}
+
+async fn metrics(State(p): State<Arc<Prover>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        p.metrics_text(),
+    )
+}
+
+/// Releases a job's admission when the job ends, however it ends.
+struct Admission {
+    prover: Arc<Prover>,
+    job: JobId,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.prover.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.prover
+            .active
+            .lock()
+            .expect("active jobs lock")
+            .remove(&self.job);
+    }
+}
+
+fn line(item: &StreamItem) -> Bytes {
+    let mut v = serde_json::to_vec(item).expect("stream items serialise");
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+async fn generate(
+    State(p): State<Arc<Prover>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: GenerateRequest = parse(&body)?;
+    let spec = p
+        .model
+        .spec(&req)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
+    let job = req.job_id;
+    {
+        let now = Instant::now();
+        let mut active = p.active.lock().expect("active jobs lock");
+        if active.contains(&job)
+            || p.traces
+                .lock()
+                .expect("trace store lock")
+                .contains(&job, now)
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "duplicate_job",
+                format!("job {job} was already submitted"),
+            ));
+        }
+        let capacity = p.config.max_concurrent + p.config.max_queued;
+        if p.in_flight.load(Ordering::Acquire) >= capacity {
+            p.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!("{capacity} jobs already accepted; try later or another prover"),
+            )
+            .with_retry_after(estimated_wait_s(&p)));
+        }
+        p.in_flight.fetch_add(1, Ordering::AcqRel);
+        active.insert(job);
+    }
+    p.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let admission = Admission {
+        prover: p.clone(),
+        job,
+    };
+    tracing::info!(%job, caller = %caller.hotkey, steps = req.steps, "job accepted");
+
+    // Bounded: progress lines beyond this are dropped rather than buffered.
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let queued_at = Instant::now();
+    tokio::spawn(async move {
+        let position = p.in_flight.load(Ordering::Relaxed).saturating_sub(1) as u32;
+        let total = req.steps;
+        let _ = tx
+            .send(line(&StreamItem::Progress(ProgressEvent {
+                job_id: job,
+                phase: Phase::Queued,
+                step: 0,
+                total,
+                queue_position: Some(position),
+            })))
+            .await;
+        let permit = tokio::select! {
+            permit = p.slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = tx.closed() => {
+                p.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let queue_ms = queued_at.elapsed().as_millis() as u64;
+        p.running.fetch_add(1, Ordering::AcqRel);
+        let worker = p.clone();
+        let progress_tx = tx.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut on_step = |step: u32| {
+                worker.counters.steps.fetch_add(1, Ordering::Relaxed);
+                let item = StreamItem::Progress(ProgressEvent {
+                    job_id: job,
+                    phase: Phase::Denoising,
+                    step,
+                    total,
+                    queue_position: None,
+                });
+                // A full channel drops a progress line; a closed one cancels.
+                !matches!(
+                    progress_tx.try_send(line(&item)),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            };
+            job::run(
+                &worker.model,
+                &req,
+                &spec,
+                &worker.config.strategy,
+                &worker.strategy_state,
+                &mut on_step,
+            )
+            .map(|produced| (req, produced))
+        })
+        .await;
+        p.running.fetch_sub(1, Ordering::AcqRel);
+        drop(permit);
+        let item = match result {
+            Ok(Ok((req, produced))) => {
+                p.traces.lock().expect("trace store lock").insert(
+                    job,
+                    produced.audit_trace,
+                    Instant::now(),
+                );
+                p.counters.completed.fetch_add(1, Ordering::Relaxed);
+                let mut timing = produced.timing;
+                timing.queue_ms = queue_ms;
+                StreamItem::Result(Box::new(GenerateResponse {
+                    version: PROTOCOL_VERSION,
+                    job_id: job,
+                    manifest_id: p.model.manifest_id,
+                    trace_root: produced.root,
+                    trace_len: produced.trace_len,
+                    output: req.output,
+                    content: Base64Bytes(produced.content),
+                    timing,
+                }))
+            }
+            Ok(Err(JobError::Cancelled)) => {
+                p.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%job, "job cancelled by the client");
+                return;
+            }
+            Ok(Err(e)) => {
+                p.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%job, error = %e, "job failed");
+                StreamItem::Error {
+                    code: "generation_failed".into(),
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => {
+                p.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%job, error = %e, "job panicked");
+                StreamItem::Error {
+                    code: "internal".into(),
+                    message: "the job crashed".into(),
+                }
+            }
+        };
+        drop(admission);
+        let _ = tx.send(line(&item)).await;
+    });
+
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Rough seconds until a slot frees up, for `Retry-After`.
+fn estimated_wait_s(p: &Prover) -> u64 {
+    let queued = p.in_flight.load(Ordering::Relaxed) as u64;
+    (queued / p.config.max_concurrent.max(1) as u64).clamp(1, 60)
+}
+
+async fn audit(
+    State(p): State<Arc<Prover>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<AuditAnswer>, ApiError> {
+    let challenge: AuditChallenge = parse(&body)?;
+    let mut traces = p.traces.lock().expect("trace store lock");
+    let trace = traces
+        .get(&challenge.job_id, Instant::now())
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no committed trace for job {} (unknown, unfinished or past the audit window)",
+                challenge.job_id
+            ))
+        })?;
+    challenge
+        .validate(trace.tree.leaf_count())
+        .map_err(|e| ApiError::bad_request("invalid_audit", e.to_string()))?;
+    let mut openings = Vec::with_capacity(challenge.steps.len());
+    for &step in &challenge.steps {
+        let proof = trace
+            .tree
+            .proof(step)
+            .map_err(|e| ApiError::bad_request("invalid_audit", e.to_string()))?;
+        openings.push(StepOpening {
+            step,
+            shape: trace.shape.clone(),
+            latent_f16: Base64Bytes(trace.latents[step as usize].clone()),
+            proof,
+        });
+    }
+    p.counters.audits.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(job = %challenge.job_id, caller = %caller.hotkey, steps = ?challenge.steps, "audit answered");
+    Ok(Json(AuditAnswer {
+        version: PROTOCOL_VERSION,
+        job_id: challenge.job_id,
+        openings,
+    }))
+}
+
+/// Serves `prover` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    prover: Arc<Prover>,
+    authorizer: Arc<dyn Authorizer>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(prover, authorizer))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
