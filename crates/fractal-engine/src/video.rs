@@ -242,6 +242,21 @@ pub fn thumbnail_png(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
     encode_png(f.frame(f.count / 2), f.width, f.height)
 }
 
+/// PSNR of the BT.601 luma planes of two RGB8 images, in dB.
+pub fn psnr_luma(a: &[u8], b: &[u8]) -> f64 {
+    let luma = |rgb: &[u8]| -> Vec<u8> {
+        rgb.chunks_exact(3)
+            .map(|p| {
+                (0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).round() as u8
+            })
+            .collect()
+    };
+    if a.len() != b.len() || a.len() % 3 != 0 {
+        return 0.0;
+    }
+    psnr_rgb8(&luma(a), &luma(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

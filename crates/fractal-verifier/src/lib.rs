@@ -1,0 +1,386 @@
+//! The verifier (Bittensor validator): challenges every prover with fresh
+//! seeds and prompts, spot-checks the answers ([`audit`]), keeps scores in
+//! SQLite ([`store`]) and turns them into weights on the chain.
+
+pub mod audit;
+pub mod client;
+pub mod store;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fractal_chain::{Chain, ChainError, Metagraph, NeuronInfo, Uid};
+use fractal_engine::PinnedModel;
+use fractal_http::SignedClient;
+use fractal_protocol::manifest::Size;
+use fractal_protocol::wire::{GenerateRequest, OutputFormat};
+use fractal_protocol::{Hotkey, JobId, Keypair, Seed};
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+use audit::{Auditor, Check, Failure};
+use client::{CallError, Generated, ProverClient};
+use store::{Outcome, ProverScore, Store};
+
+/// Synthetic challenge shape and deadlines.
+#[derive(Clone, Debug)]
+pub struct VerifierConfig {
+    pub size: Size,
+    pub frames: u32,
+    pub steps: u32,
+    pub output: OutputFormat,
+    /// A generate answer after this is a failed (late) job.
+    pub deadline: Duration,
+    pub audit_deadline: Duration,
+    /// Sent with `set_weights`; the chain refuses keys older than its own.
+    pub version_key: u64,
+}
+
+impl VerifierConfig {
+    pub fn from_manifest(m: &fractal_protocol::ModelManifest) -> Self {
+        VerifierConfig {
+            size: m.defaults.size,
+            frames: m.defaults.frames,
+            steps: m.defaults.steps,
+            output: OutputFormat::Mp4,
+            deadline: Duration::from_secs(120),
+            audit_deadline: Duration::from_secs(30),
+            version_key: fractal_protocol::wire::PROTOCOL_VERSION as u64,
+        }
+    }
+}
+
+pub struct Verifier {
+    key: Keypair,
+    chain: Arc<dyn Chain>,
+    auditor: Arc<Auditor>,
+    client: ProverClient,
+    store: Mutex<Store>,
+    config: VerifierConfig,
+    /// Audits are CPU-bound: one at a time, off the async runtime.
+    audit_slot: Semaphore,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifierError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// One prover's result in a round.
+#[derive(Clone, Debug)]
+pub struct JobResult {
+    pub hotkey: Hotkey,
+    pub uid: Uid,
+    pub failed: Option<Failure>,
+    pub service_ms: Option<u64>,
+    pub verify_ms: Option<u64>,
+    pub generate_ms: Option<u64>,
+}
+
+const WORDS: [&str; 24] = [
+    "a",
+    "red",
+    "fox",
+    "running",
+    "through",
+    "snow",
+    "an",
+    "old",
+    "lighthouse",
+    "at",
+    "dusk",
+    "waves",
+    "crashing",
+    "on",
+    "rocks",
+    "a",
+    "cat",
+    "playing",
+    "piano",
+    "in",
+    "space",
+    "neon",
+    "city",
+    "rain",
+];
+
+/// A prompt the prover cannot predict (from the verifier's own randomness).
+pub fn synthetic_prompt(rng: &mut impl Rng) -> String {
+    let n = rng.gen_range(4..10);
+    (0..n)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Verifier {
+    pub fn new(
+        key: Keypair,
+        chain: Arc<dyn Chain>,
+        model: Arc<PinnedModel>,
+        store: Store,
+        config: VerifierConfig,
+    ) -> Result<Arc<Self>, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Arc::new(Verifier {
+            client: ProverClient::new(SignedClient::new(http, Arc::new(key.clone()))),
+            key,
+            chain,
+            auditor: Arc::new(Auditor::new(model)),
+            store: Mutex::new(store),
+            config,
+            audit_slot: Semaphore::new(1),
+        }))
+    }
+
+    pub fn open_store(path: &Path) -> Result<Store, store::StoreError> {
+        Store::open(path)
+    }
+
+    pub fn hotkey(&self) -> Hotkey {
+        self.key.hotkey()
+    }
+
+    pub fn auditor(&self) -> &Auditor {
+        &self.auditor
+    }
+
+    pub fn scores(&self) -> Result<Vec<ProverScore>, VerifierError> {
+        Ok(self.store.lock().expect("store lock").scores()?)
+    }
+
+    /// A fresh synthetic request: random seed and prompt.
+    pub fn synthetic_request(&self) -> GenerateRequest {
+        let mut rng = rand::rngs::OsRng;
+        let m = &self.auditor.model().manifest;
+        GenerateRequest {
+            version: fractal_protocol::wire::PROTOCOL_VERSION,
+            job_id: JobId::random(),
+            manifest_id: self.auditor.model().manifest_id,
+            prompt: synthetic_prompt(&mut rng),
+            negative_prompt: String::new(),
+            seed: Seed(rng.gen()),
+            size: self.config.size,
+            frames: self.config.frames,
+            steps: self.config.steps,
+            guidance_scale: m.defaults.guidance_scale,
+            output: self.config.output,
+        }
+    }
+
+    /// Provers to challenge: every other neuron that serves an axon.
+    pub fn provers(&self, mg: &Metagraph) -> Vec<NeuronInfo> {
+        let me = self.hotkey();
+        mg.neurons
+            .iter()
+            .filter(|n| n.hotkey != me && n.axon.is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// Audits an answered job (a synthetic challenge or routed traffic).
+    pub async fn audit_job(
+        &self,
+        base: &str,
+        prover: &Hotkey,
+        req: &GenerateRequest,
+        generated: &Generated,
+    ) -> Result<audit::AuditReport, Failure> {
+        self.auditor.check_response(req, &generated.response)?;
+        let plan = self.auditor.plan(req, &mut rand::rngs::OsRng);
+        let answer = self
+            .client
+            .audit(base, prover, &plan.challenge, self.config.audit_deadline)
+            .await
+            .map_err(|e| Failure {
+                check: Check::Commitment,
+                detail: format!("no valid audit answer: {e}"),
+            })?;
+        let _slot = self.audit_slot.acquire().await.expect("never closed");
+        let auditor = self.auditor.clone();
+        let (req, resp) = (req.clone(), generated.response.clone());
+        tokio::task::spawn_blocking(move || auditor.check(&req, &resp, &plan, &answer))
+            .await
+            .map_err(|e| Failure {
+                check: Check::Unavailable,
+                detail: format!("audit task failed: {e}"),
+            })?
+    }
+
+    /// Challenges one prover once and records the outcome.
+    pub async fn challenge(
+        &self,
+        neuron: &NeuronInfo,
+        epoch: u64,
+    ) -> Result<JobResult, VerifierError> {
+        let base = neuron
+            .axon
+            .as_ref()
+            .map(|a| a.base_url())
+            .unwrap_or_default();
+        let req = self.synthetic_request();
+        let started = std::time::Instant::now();
+        let answer = self
+            .client
+            .generate(
+                &base,
+                &neuron.hotkey,
+                &req,
+                self.config.deadline,
+                &mut |_| {},
+            )
+            .await;
+        let generate_ms = started.elapsed().as_millis() as u64;
+        let (failed, service_ms, verify_ms) = match answer {
+            Ok(generated) => {
+                let service = generated.service.as_millis() as u64;
+                match self
+                    .audit_job(&base, &neuron.hotkey, &req, &generated)
+                    .await
+                {
+                    Ok(report) => (None, Some(service), Some(report.verify_ms)),
+                    Err(f) => (Some(f), Some(service), None),
+                }
+            }
+            Err(CallError::Timeout(d)) => (
+                Some(Failure {
+                    check: Check::Late,
+                    detail: format!("no result within {d:?}"),
+                }),
+                None,
+                None,
+            ),
+            Err(e) => (
+                Some(Failure {
+                    check: Check::Unavailable,
+                    detail: e.to_string(),
+                }),
+                None,
+                None,
+            ),
+        };
+        if let Some(f) = &failed {
+            tracing::warn!(prover = %neuron.hotkey, uid = neuron.uid, check = f.check.as_str(), detail = %f.detail, "challenge failed");
+        }
+        self.store.lock().expect("store lock").record(&Outcome {
+            hotkey: neuron.hotkey,
+            job_id: req.job_id.to_string(),
+            epoch,
+            at_ms: now_ms(),
+            failed: failed.as_ref().map(|f| (f.check, f.detail.clone())),
+            service_ms,
+            verify_ms,
+        })?;
+        Ok(JobResult {
+            hotkey: neuron.hotkey,
+            uid: neuron.uid,
+            failed,
+            service_ms,
+            verify_ms,
+            generate_ms: Some(generate_ms),
+        })
+    }
+
+    /// Challenges every prover once, concurrently.
+    pub async fn round(&self) -> Result<Vec<JobResult>, VerifierError> {
+        let mg = self.chain.metagraph().await?;
+        let tempo = self.chain.hyperparams().await?.tempo.max(1);
+        let epoch = mg.block / tempo;
+        let provers = self.provers(&mg);
+        let results =
+            futures_util::future::join_all(provers.iter().map(|n| self.challenge(n, epoch))).await;
+        results.into_iter().collect()
+    }
+
+    /// The weights this verifier would set now: scores of registered
+    /// provers, zeroed where a check failed this epoch or the last.
+    pub async fn weights(&self) -> Result<Vec<(Uid, u16)>, VerifierError> {
+        let mg = self.chain.metagraph().await?;
+        let tempo = self.chain.hyperparams().await?.tempo.max(1);
+        let epoch = mg.block / tempo;
+        let store = self.store.lock().expect("store lock");
+        let mut raw = Vec::new();
+        for n in self.provers(&mg) {
+            if let Some(s) = store.score(&n.hotkey)? {
+                let w = Store::weight(&s, epoch);
+                if w > 0.0 {
+                    raw.push((n.uid, w));
+                }
+            }
+        }
+        let max = raw.iter().map(|r| r.1).fold(0.0, f64::max);
+        Ok(raw
+            .into_iter()
+            .map(|(uid, w)| (uid, ((w / max) * u16::MAX as f64).round().max(1.0) as u16))
+            .collect())
+    }
+
+    /// Sets weights if there are any and the chain's rate limit allows.
+    /// Returns what was set.
+    pub async fn set_weights(&self) -> Result<Option<Vec<(Uid, u16)>>, VerifierError> {
+        let weights = self.weights().await?;
+        if weights.is_empty() {
+            return Ok(None);
+        }
+        match self
+            .chain
+            .set_weights(&self.key, &weights, self.config.version_key)
+            .await
+        {
+            Ok(()) => {
+                let block = self.chain.block().await?;
+                self.store
+                    .lock()
+                    .expect("store lock")
+                    .set_meta("last_weights_block", &block.to_string())?;
+                tracing::info!(block, provers = weights.len(), "weights set");
+                Ok(Some(weights))
+            }
+            Err(ChainError::WeightsRateLimited { next, .. }) => {
+                tracing::debug!(next, "weights rate limited; will retry");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Rounds back to back, weights after each, until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        pause: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.round().await {
+                Ok(results) => {
+                    let failed = results.iter().filter(|r| r.failed.is_some()).count();
+                    tracing::info!(provers = results.len(), failed, "round done");
+                }
+                Err(e) => tracing::warn!(error = %e, "round failed"),
+            }
+            if let Err(e) = self.set_weights().await {
+                tracing::warn!(error = %e, "setting weights failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
