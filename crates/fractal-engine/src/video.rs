@@ -257,6 +257,123 @@ pub fn psnr_luma(a: &[u8], b: &[u8]) -> f64 {
     psnr_rgb8(&luma(a), &luma(b))
 }
 
+/// Decoded RGB8 frames of an MP4 (the first video track), in order.
+pub struct DecodedVideo {
+    pub width: usize,
+    pub height: usize,
+    /// `width * height * 3` bytes each.
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// Demuxes and decodes an H.264 MP4 such as [`encode_mp4`] writes, so a
+/// verifier can compare the video a prover returned with its own decode.
+/// Bounded: at most `max_frames` frames of at most 4096x4096.
+pub fn decode_mp4(bytes: &[u8], max_frames: usize) -> Result<DecodedVideo, VideoError> {
+    use openh264::decoder::Decoder;
+    use openh264::formats::YUVSource;
+    let demux = |e: mp4::Error| VideoError::Demux(e.to_string());
+    let mut reader =
+        mp4::Mp4Reader::read_header(Cursor::new(bytes), bytes.len() as u64).map_err(demux)?;
+    let (track_id, sps, pps, count) = {
+        let mut ids: Vec<u32> = reader.tracks().keys().copied().collect();
+        ids.sort_unstable();
+        let track = ids
+            .iter()
+            .map(|id| &reader.tracks()[id])
+            .find(|t| matches!(t.track_type(), Ok(mp4::TrackType::Video)))
+            .ok_or_else(|| VideoError::Demux("no video track".into()))?;
+        let (w, h) = (track.width() as usize, track.height() as usize);
+        if w == 0 || h == 0 || w > 4096 || h > 4096 {
+            return Err(VideoError::Demux(format!("unsupported size {w}x{h}")));
+        }
+        (
+            track.track_id(),
+            track.sequence_parameter_set().map_err(demux)?.to_vec(),
+            track.picture_parameter_set().map_err(demux)?.to_vec(),
+            track.sample_count(),
+        )
+    };
+    if count as usize > max_frames {
+        return Err(VideoError::Demux(format!(
+            "{count} frames, more than the {max_frames} allowed"
+        )));
+    }
+    let mut decoder = Decoder::new().map_err(|e| VideoError::H264(e.to_string()))?;
+    let mut annex_b = Vec::new();
+    for nal in [&sps, &pps] {
+        annex_b.extend_from_slice(&[0, 0, 0, 1]);
+        annex_b.extend_from_slice(nal);
+    }
+    let mut out = DecodedVideo {
+        width: 0,
+        height: 0,
+        frames: Vec::new(),
+    };
+    let push = |yuv: &openh264::decoder::DecodedYUV<'_>, out: &mut DecodedVideo| {
+        let (w, h) = yuv.dimensions();
+        let mut rgb = vec![0u8; w * h * 3];
+        yuv.write_rgb8(&mut rgb);
+        out.width = w;
+        out.height = h;
+        out.frames.push(rgb);
+    };
+    for sample_id in 1..=count {
+        let sample = reader
+            .read_sample(track_id, sample_id)
+            .map_err(demux)?
+            .ok_or_else(|| VideoError::Demux(format!("sample {sample_id} missing")))?;
+        // AVCC length-prefixed NAL units to Annex B start codes.
+        let mut data = &sample.bytes[..];
+        while !data.is_empty() {
+            if data.len() < 4 {
+                return Err(VideoError::Demux("truncated NAL length".into()));
+            }
+            let len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            let nal = data
+                .get(4..4 + len)
+                .ok_or_else(|| VideoError::Demux("truncated NAL unit".into()))?;
+            annex_b.extend_from_slice(&[0, 0, 0, 1]);
+            annex_b.extend_from_slice(nal);
+            data = &data[4 + len..];
+        }
+        if let Some(yuv) = decoder
+            .decode(&annex_b)
+            .map_err(|e| VideoError::H264(e.to_string()))?
+        {
+            push(&yuv, &mut out);
+        }
+        annex_b.clear();
+    }
+    for yuv in decoder
+        .flush_remaining()
+        .map_err(|e| VideoError::H264(e.to_string()))?
+    {
+        push(&yuv, &mut out);
+    }
+    Ok(out)
+}
+
+/// Peak signal-to-noise ratio of two RGB8 images in dB (infinite when equal).
+pub fn psnr_rgb8(a: &[u8], b: &[u8]) -> f64 {
+    if a.len() != b.len() || a.is_empty() {
+        return 0.0;
+    }
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = *x as f64 - *y as f64;
+            d * d
+        })
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,122 +497,5 @@ mod tests {
             }),
             Err(VideoError::Fps)
         ));
-    }
-}
-
-/// Decoded RGB8 frames of an MP4 (the first video track), in order.
-pub struct DecodedVideo {
-    pub width: usize,
-    pub height: usize,
-    /// `width * height * 3` bytes each.
-    pub frames: Vec<Vec<u8>>,
-}
-
-/// Demuxes and decodes an H.264 MP4 such as [`encode_mp4`] writes, so a
-/// verifier can compare the video a prover returned with its own decode.
-/// Bounded: at most `max_frames` frames of at most 4096x4096.
-pub fn decode_mp4(bytes: &[u8], max_frames: usize) -> Result<DecodedVideo, VideoError> {
-    use openh264::decoder::Decoder;
-    use openh264::formats::YUVSource;
-    let demux = |e: mp4::Error| VideoError::Demux(e.to_string());
-    let mut reader =
-        mp4::Mp4Reader::read_header(Cursor::new(bytes), bytes.len() as u64).map_err(demux)?;
-    let (track_id, sps, pps, count) = {
-        let mut ids: Vec<u32> = reader.tracks().keys().copied().collect();
-        ids.sort_unstable();
-        let track = ids
-            .iter()
-            .map(|id| &reader.tracks()[id])
-            .find(|t| matches!(t.track_type(), Ok(mp4::TrackType::Video)))
-            .ok_or_else(|| VideoError::Demux("no video track".into()))?;
-        let (w, h) = (track.width() as usize, track.height() as usize);
-        if w == 0 || h == 0 || w > 4096 || h > 4096 {
-            return Err(VideoError::Demux(format!("unsupported size {w}x{h}")));
-        }
-        (
-            track.track_id(),
-            track.sequence_parameter_set().map_err(demux)?.to_vec(),
-            track.picture_parameter_set().map_err(demux)?.to_vec(),
-            track.sample_count(),
-        )
-    };
-    if count as usize > max_frames {
-        return Err(VideoError::Demux(format!(
-            "{count} frames, more than the {max_frames} allowed"
-        )));
-    }
-    let mut decoder = Decoder::new().map_err(|e| VideoError::H264(e.to_string()))?;
-    let mut annex_b = Vec::new();
-    for nal in [&sps, &pps] {
-        annex_b.extend_from_slice(&[0, 0, 0, 1]);
-        annex_b.extend_from_slice(nal);
-    }
-    let mut out = DecodedVideo {
-        width: 0,
-        height: 0,
-        frames: Vec::new(),
-    };
-    let push = |yuv: &openh264::decoder::DecodedYUV<'_>, out: &mut DecodedVideo| {
-        let (w, h) = yuv.dimensions();
-        let mut rgb = vec![0u8; w * h * 3];
-        yuv.write_rgb8(&mut rgb);
-        out.width = w;
-        out.height = h;
-        out.frames.push(rgb);
-    };
-    for sample_id in 1..=count {
-        let sample = reader
-            .read_sample(track_id, sample_id)
-            .map_err(demux)?
-            .ok_or_else(|| VideoError::Demux(format!("sample {sample_id} missing")))?;
-        // AVCC length-prefixed NAL units to Annex B start codes.
-        let mut data = &sample.bytes[..];
-        while !data.is_empty() {
-            if data.len() < 4 {
-                return Err(VideoError::Demux("truncated NAL length".into()));
-            }
-            let len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
-            let nal = data
-                .get(4..4 + len)
-                .ok_or_else(|| VideoError::Demux("truncated NAL unit".into()))?;
-            annex_b.extend_from_slice(&[0, 0, 0, 1]);
-            annex_b.extend_from_slice(nal);
-            data = &data[4 + len..];
-        }
-        if let Some(yuv) = decoder
-            .decode(&annex_b)
-            .map_err(|e| VideoError::H264(e.to_string()))?
-        {
-            push(&yuv, &mut out);
-        }
-        annex_b.clear();
-    }
-    for yuv in decoder
-        .flush_remaining()
-        .map_err(|e| VideoError::H264(e.to_string()))?
-    {
-        push(&yuv, &mut out);
-    }
-    Ok(out)
-}
-
-/// Peak signal-to-noise ratio of two RGB8 images in dB (infinite when equal).
-pub fn psnr_rgb8(a: &[u8], b: &[u8]) -> f64 {
-    if a.len() != b.len() || a.is_empty() {
-        return 0.0;
-    }
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = *x as f64 - *y as f64;
-            d * d
-        })
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
     }
 }

@@ -284,7 +284,7 @@ impl Auditor {
                 let claimed = latent_from_f16_bytes(opened(i + 1)?).expect("checked above");
                 let err = rel_l2(&to_vec(&next)?, &claimed);
                 worst = worst.max(err);
-                if !(err <= tol) {
+                if err.is_nan() || err > tol {
                     return Err(fail(
                         Check::Step,
                         format!("step {i}→{}: relative L2 {err:.3e} > {tol:.1e}", i + 1),
@@ -320,7 +320,7 @@ impl Auditor {
                     OutputFormat::Gif => self.model.manifest.verification.frame_psnr_db - 8.0,
                     _ => self.model.manifest.verification.frame_psnr_db,
                 };
-                if !(psnr >= bound) {
+                if psnr.is_nan() || psnr < bound {
                     return Err(fail(
                         Check::Frame,
                         format!("frame {}: PSNR {psnr:.1} dB < {bound:.1} dB", plan.frame),

@@ -55,6 +55,9 @@ pub struct Store {
     conn: Connection,
 }
 
+/// One audit as stored: the failed check (`None` = passed) and its detail.
+pub type HistoryEntry = (Option<String>, Option<String>);
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS provers (
     hotkey TEXT PRIMARY KEY,
