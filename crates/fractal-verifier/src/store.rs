@@ -58,6 +58,9 @@ pub struct Store {
 /// One audit as stored: the failed check (`None` = passed) and its detail.
 pub type HistoryEntry = (Option<String>, Option<String>);
 
+/// One audit as stored: the failed check (`None` = passed) and its detail.
+pub type HistoryEntry = (Option<String>, Option<String>);
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS provers (
     hotkey TEXT PRIMARY KEY,
@@ -233,12 +236,8 @@ impl Store {
         }
     }
 
-    /// Audit history of one prover, newest first: (check failed or None, detail).
-    pub fn history(
-        &self,
-        hotkey: &Hotkey,
-        limit: usize,
-    ) -> Result<Vec<(Option<String>, Option<String>)>, StoreError> {
+    /// Audit history of one prover, newest first.
+    pub fn history(&self, hotkey: &Hotkey, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT check_name, detail FROM audits WHERE hotkey = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
