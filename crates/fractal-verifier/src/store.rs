@@ -58,9 +58,6 @@ pub struct Store {
 /// One audit as stored: the failed check (`None` = passed) and its detail.
 pub type HistoryEntry = (Option<String>, Option<String>);
 
-/// One audit as stored: the failed check (`None` = passed) and its detail.
-pub type HistoryEntry = (Option<String>, Option<String>);
-
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS provers (
     hotkey TEXT PRIMARY KEY,
