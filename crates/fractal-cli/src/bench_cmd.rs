@@ -21,6 +21,9 @@ pub enum BenchCmd {
     /// One side of the engine benchmark (run by `bench engine`).
     #[command(hide = true)]
     EngineWorker(Workload),
+    /// Spot-check cost, detection rate per cheat, honest false positives.
+    #[cfg(feature = "cheats")]
+    Verify(crate::bench_verify::VerifyBench),
 }
 
 #[derive(Args, Clone, Serialize)]
@@ -256,5 +259,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Engine(b) => engine(b),
         BenchCmd::EngineWorker(w) => worker(w),
+        #[cfg(feature = "cheats")]
+        BenchCmd::Verify(b) => crate::bench_verify::run(b),
     }
 }

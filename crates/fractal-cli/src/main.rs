@@ -1,10 +1,13 @@
 //! `fractal`: one binary for every role in the grid.
 
 mod bench_cmd;
+#[cfg(feature = "cheats")]
+mod bench_verify;
 mod chain_cmd;
 mod generate_cmd;
 mod manifest_cmd;
 mod model_cmd;
+mod node_cmd;
 mod wallet_cmd;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +49,10 @@ enum Command {
     Register(chain_cmd::KeyArgs),
     /// Stake TAO from a wallet's coldkey onto its hotkey.
     Stake(chain_cmd::StakeArgs),
+    /// Serve the pinned model to validators (a Bittensor miner).
+    Prover(node_cmd::ProverArgs),
+    /// Challenge and audit every prover, score them, set weights (a Bittensor validator).
+    Verifier(node_cmd::VerifierArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +72,8 @@ fn main() -> std::process::ExitCode {
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Register(args) => chain_cmd::register(args),
         Command::Stake(args) => chain_cmd::stake(args),
+        Command::Prover(args) => node_cmd::prover(args),
+        Command::Verifier(args) => node_cmd::verifier(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -34,7 +34,7 @@ use fractal_engine::PinnedModel;
 use fractal_http::{ApiError, Authorizer, BtAuth, Caller, Denied};
 use fractal_protocol::wire::{
     AuditAnswer, AuditChallenge, Base64Bytes, GenerateRequest, GenerateResponse, Phase,
-    ProgressEvent, StepOpening, StreamItem, PROTOCOL_VERSION,
+    ProgressEvent, StreamItem, PROTOCOL_VERSION,
 };
 use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId};
 use serde::{Deserialize, Serialize};
@@ -528,29 +528,12 @@ async fn audit(
                 challenge.job_id
             ))
         })?;
-    challenge
-        .validate(trace.tree.leaf_count())
+    let answer = trace
+        .open(&challenge)
         .map_err(|e| ApiError::bad_request("invalid_audit", e.to_string()))?;
-    let mut openings = Vec::with_capacity(challenge.steps.len());
-    for &step in &challenge.steps {
-        let proof = trace
-            .tree
-            .proof(step)
-            .map_err(|e| ApiError::bad_request("invalid_audit", e.to_string()))?;
-        openings.push(StepOpening {
-            step,
-            shape: trace.shape.clone(),
-            latent_f16: Base64Bytes(trace.latents[step as usize].clone()),
-            proof,
-        });
-    }
     p.counters.audits.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(job = %challenge.job_id, caller = %caller.hotkey, steps = ?challenge.steps, "audit answered");
-    Ok(Json(AuditAnswer {
-        version: PROTOCOL_VERSION,
-        job_id: challenge.job_id,
-        openings,
-    }))
+    Ok(Json(answer))
 }
 
 /// Serves `prover` on `listener` until `shutdown` resolves.

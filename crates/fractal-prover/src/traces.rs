@@ -4,6 +4,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use fractal_protocol::merkle::MerkleTree;
+use fractal_protocol::wire::{
+    AuditAnswer, AuditChallenge, Base64Bytes, RequestError, StepOpening, PROTOCOL_VERSION,
+};
 use fractal_protocol::JobId;
 
 /// Every latent of one job as committed (f16 LE bytes), and its tree.
@@ -14,6 +17,29 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// Opens the challenged steps with their Merkle paths.
+    pub fn open(&self, challenge: &AuditChallenge) -> Result<AuditAnswer, RequestError> {
+        challenge.validate(self.tree.leaf_count())?;
+        let openings = challenge
+            .steps
+            .iter()
+            .map(|&step| StepOpening {
+                step,
+                shape: self.shape.clone(),
+                latent_f16: Base64Bytes(self.latents[step as usize].clone()),
+                proof: self
+                    .tree
+                    .proof(step)
+                    .expect("step validated against the leaf count"),
+            })
+            .collect();
+        Ok(AuditAnswer {
+            version: PROTOCOL_VERSION,
+            job_id: challenge.job_id,
+            openings,
+        })
+    }
+
     fn bytes(&self) -> usize {
         self.latents.iter().map(Vec::len).sum()
     }

@@ -1,0 +1,250 @@
+//! `fractal prover` and `fractal verifier`: the grid's two node roles.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Args;
+use fractal_chain::{Chain, RemoteChain};
+use fractal_engine::{tiny, PinnedModel, TinyVariant};
+use fractal_protocol::manifest::ModelManifest;
+use fractal_protocol::{Hotkey, Keypair};
+use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
+use fractal_verifier::{Verifier, VerifierConfig};
+
+use crate::chain_cmd::{shutdown_signal, ChainUrl};
+use crate::wallet_cmd::{wallet, Location};
+
+/// Which model the node pins.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A diffusers model folder; needs --manifest.
+    #[arg(long, requires = "manifest")]
+    pub model: Option<PathBuf>,
+    /// The subnet's model manifest (TOML or JSON).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Built-in tiny model (the default when no --manifest is given).
+    #[arg(long, default_value = "tiny-v1", conflicts_with = "manifest")]
+    pub tiny: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<PinnedModel> {
+        let manifest = match &self.manifest {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                ModelManifest::parse(&text)
+                    .with_context(|| format!("manifest {}", path.display()))?
+            }
+            None => {
+                let Some(v) = TinyVariant::parse(&self.tiny) else {
+                    bail!("unknown tiny model {:?} (tiny-v1, tiny-wide-v1)", self.tiny)
+                };
+                tiny::manifest(v)
+            }
+        };
+        Ok(PinnedModel::load(
+            manifest,
+            self.model.as_deref(),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// The node's hotkey, from a wallet.
+#[derive(Args, Clone)]
+pub struct NodeKey {
+    #[command(flatten)]
+    at: Location,
+    /// Hotkey name in the wallet.
+    #[arg(long, default_value = "default")]
+    hotkey: String,
+}
+
+impl NodeKey {
+    fn load(&self) -> anyhow::Result<Keypair> {
+        Ok(wallet(&self.at)?
+            .hotkey(&self.hotkey)
+            .with_context(|| {
+                format!(
+                    "hotkey {:?} of wallet {:?}",
+                    self.hotkey, self.at.wallet_name
+                )
+            })?
+            .keypair)
+    }
+}
+
+#[derive(Args)]
+pub struct ProverArgs {
+    #[command(flatten)]
+    chain: ChainUrl,
+    #[command(flatten)]
+    key: NodeKey,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to serve on; it is announced on the chain (serve_axon).
+    #[arg(long, default_value = "127.0.0.1:8091")]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    max_concurrent: usize,
+    #[arg(long, default_value_t = 8)]
+    max_queued: usize,
+    /// Seconds committed traces stay available for audits.
+    #[arg(long, default_value_t = 600)]
+    audit_window_s: u64,
+    /// Hotkeys allowed besides validators with a permit (e.g. the gateway's).
+    #[arg(long = "allow", value_name = "SS58")]
+    allow: Vec<String>,
+    /// Behaviour for the verifier's cheat tests (builds with `--features cheats` only).
+    #[arg(long, default_value = "honest", hide = !cfg!(feature = "cheats"))]
+    strategy: String,
+}
+
+#[derive(Args)]
+pub struct VerifierArgs {
+    #[command(flatten)]
+    chain: ChainUrl,
+    #[command(flatten)]
+    key: NodeKey,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Scores and audit history.
+    #[arg(long, default_value_os_t = default_verifier_db())]
+    db: PathBuf,
+    /// Seconds between challenge rounds.
+    #[arg(long, default_value_t = 5)]
+    pause_s: u64,
+    /// Challenge shape (defaults: the manifest's).
+    #[arg(long)]
+    frames: Option<u32>,
+    #[arg(long)]
+    steps: Option<u32>,
+    #[arg(long)]
+    size: Option<String>,
+    /// A job answered later than this fails.
+    #[arg(long, default_value_t = 120)]
+    deadline_s: u64,
+}
+
+fn default_verifier_db() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    home.join(".fractal").join("verifier.sqlite")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
+    let strategy = Strategy::parse(&a.strategy)
+        .with_context(|| format!("unknown --strategy {:?}", a.strategy))?;
+    let key = a.key.load()?;
+    let allow = a
+        .allow
+        .iter()
+        .map(|s| Hotkey::from_ss58(s).with_context(|| format!("--allow {s:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let model = a.model.load()?;
+    runtime()?.block_on(async move {
+        let chain: Arc<dyn Chain> = Arc::new(
+            RemoteChain::connect(&a.chain.url)
+                .await
+                .with_context(|| format!("cannot reach the chain at {}", a.chain.url))?,
+        );
+        let mg = chain.metagraph().await?;
+        let Some(me) = mg.neuron(&key.hotkey()) else {
+            bail!(
+                "hotkey {} is not registered on the subnet; run `fractal register` first",
+                key.hotkey()
+            );
+        };
+        let uid = me.uid;
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        fractal_prover::announce(chain.as_ref(), &key, addr).await?;
+        let auth = ValidatorAuthorizer::new(allow);
+        auth.update(&mg);
+        let refresh = auth.spawn_refresh(chain.clone(), Duration::from_secs(12));
+        let config = ProverConfig {
+            max_concurrent: a.max_concurrent.max(1),
+            max_queued: a.max_queued,
+            audit_window: Duration::from_secs(a.audit_window_s),
+            strategy,
+            ..ProverConfig::default()
+        };
+        let prover = Prover::new(key, model, config);
+        eprintln!(
+            "prover uid {uid} ({}) serving {} at http://{addr}",
+            prover.hotkey(),
+            prover.model().manifest_id
+        );
+        fractal_prover::serve(listener, prover, auth, shutdown_signal()).await?;
+        refresh.abort();
+        eprintln!("prover stopped");
+        Ok(())
+    })
+}
+
+fn parse_size(s: &str) -> anyhow::Result<fractal_protocol::manifest::Size> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .context("--size must look like 64x64")?;
+    Ok(fractal_protocol::manifest::Size {
+        width: w.trim().parse().context("--size width")?,
+        height: h.trim().parse().context("--size height")?,
+    })
+}
+
+pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
+    let key = a.key.load()?;
+    let model = Arc::new(a.model.load()?);
+    let mut config = VerifierConfig::from_manifest(&model.manifest);
+    config.frames = a.frames.unwrap_or(config.frames);
+    config.steps = a.steps.unwrap_or(config.steps);
+    if let Some(s) = &a.size {
+        config.size = parse_size(s)?;
+    }
+    config.deadline = Duration::from_secs(a.deadline_s.max(1));
+    if let Some(dir) = a.db.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store =
+        Verifier::open_store(&a.db).with_context(|| format!("opening {}", a.db.display()))?;
+    runtime()?.block_on(async move {
+        let chain: Arc<dyn Chain> = Arc::new(
+            RemoteChain::connect(&a.chain.url)
+                .await
+                .with_context(|| format!("cannot reach the chain at {}", a.chain.url))?,
+        );
+        let mg = chain.metagraph().await?;
+        let Some(me) = mg.neuron(&key.hotkey()) else {
+            bail!("hotkey {} is not registered on the subnet; run `fractal register` first", key.hotkey());
+        };
+        if !me.validator_permit {
+            eprintln!("note: uid {} has no validator permit yet (stake, then wait an epoch); provers will refuse it until then", me.uid);
+        }
+        let verifier = Verifier::new(key, chain, model, store, config)?;
+        eprintln!("verifier {} running (scores in {})", verifier.hotkey(), a.db.display());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(verifier.clone().run(Duration::from_secs(a.pause_s), stop_rx));
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+        let _ = run.await;
+        for s in verifier.scores()? {
+            eprintln!("{}  score {:.3}  jobs {}  failed {}", s.hotkey, s.score, s.jobs, s.failed);
+        }
+        Ok(())
+    })
+}
