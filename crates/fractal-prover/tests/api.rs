@@ -1,0 +1,305 @@
+//! The prover's HTTP API on loopback: happy path, progress, audits, and
+//! every kind of bad request answered with the right 4xx while it keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use fractal_engine::{tiny, PinnedModel, TinyVariant};
+use fractal_http::{AllowList, SignedClient};
+use fractal_protocol::manifest::Size;
+use fractal_protocol::wire::{
+    AuditAnswer, AuditChallenge, GenerateRequest, StreamItem, PROTOCOL_VERSION,
+};
+use fractal_protocol::{JobId, Keypair, Seed};
+use fractal_prover::{Prover, ProverConfig};
+use reqwest::{Method, StatusCode, Url};
+
+struct Node {
+    url: String,
+    prover: Keypair,
+    client: SignedClient,
+    manifest: fractal_protocol::ModelManifest,
+}
+
+async fn start(config: ProverConfig) -> Node {
+    let prover = Keypair::from_seed(&[1; 32]);
+    let verifier = Keypair::from_seed(&[2; 32]);
+    let manifest = tiny::manifest(TinyVariant::Base);
+    let model = PinnedModel::load(manifest.clone(), None, &Device::Cpu).unwrap();
+    let node = Prover::new(prover.clone(), model, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let auth = Arc::new(AllowList::new([verifier.hotkey()]));
+    tokio::spawn(fractal_prover::serve(
+        listener,
+        node,
+        auth,
+        std::future::pending(),
+    ));
+    Node {
+        url,
+        prover,
+        client: SignedClient::new(reqwest::Client::new(), Arc::new(verifier)),
+        manifest,
+    }
+}
+
+impl Node {
+    fn u(&self, path: &str) -> Url {
+        Url::parse(&format!("{}{path}", self.url)).unwrap()
+    }
+    fn request(&self, seed: u64) -> GenerateRequest {
+        let mut r = GenerateRequest::with_defaults(&self.manifest, "a red fox", Seed(seed));
+        r.size = Size {
+            width: 32,
+            height: 32,
+        };
+        r.frames = 2;
+        r.steps = 3;
+        r
+    }
+    async fn generate(&self, req: &GenerateRequest) -> (StatusCode, Vec<StreamItem>) {
+        let resp = self
+            .client
+            .post_json(self.u("/v1/generate"), &self.prover.hotkey(), req)
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        if !status.is_success() {
+            return (status, Vec::new());
+        }
+        (
+            status,
+            body.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn generate_streams_progress_then_a_committed_result_and_audits_open_it() {
+    let node = start(ProverConfig::default()).await;
+    let req = node.request(5);
+    let (status, items) = node.generate(&req).await;
+    assert_eq!(status, 200);
+    let steps: Vec<u32> = items
+        .iter()
+        .filter_map(|i| match i {
+            StreamItem::Progress(p) => Some(p.step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![0, 1, 2, 3]);
+    let StreamItem::Result(resp) = items.last().unwrap() else {
+        panic!("no result: {items:?}")
+    };
+    assert_eq!(resp.trace_len, 4);
+    assert_eq!(&resp.content.0[4..8], b"ftyp");
+
+    let challenge = AuditChallenge {
+        version: PROTOCOL_VERSION,
+        job_id: req.job_id,
+        steps: vec![0, 2, 3],
+    };
+    let r = node
+        .client
+        .post_json(node.u("/v1/audit"), &node.prover.hotkey(), &challenge)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: AuditAnswer = r.json().await.unwrap();
+    answer.validate(&challenge, &resp.trace_root).unwrap();
+
+    // The same job id again is refused, not recomputed.
+    assert_eq!(node.generate(&req).await.0, StatusCode::CONFLICT);
+    let info = node
+        .client
+        .get(node.u("/v1/info"), &node.prover.hotkey())
+        .await
+        .unwrap();
+    let info: serde_json::Value = info.json().await.unwrap();
+    assert_eq!(info["manifest_id"], serde_json::json!(node.manifest.id()));
+    let metrics = reqwest::get(node.u("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fractal_prover_jobs_completed_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fractal_prover_audits_total 1"));
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_and_the_prover_keeps_serving() {
+    let node = start(ProverConfig::default()).await;
+    let hk = node.prover.hotkey();
+    let http = reqwest::Client::new();
+    let body = serde_json::to_vec(&node.request(1)).unwrap();
+
+    // Unsigned.
+    let r = http
+        .post(node.u("/v1/generate"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Signed by a hotkey that is not allowed.
+    let stranger = SignedClient::new(http.clone(), Arc::new(Keypair::from_seed(&[9; 32])));
+    let r = stranger
+        .post_json(node.u("/v1/info"), &hk, &())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Addressed to another prover.
+    let r = node
+        .client
+        .request(
+            Method::POST,
+            node.u("/v1/generate"),
+            &stranger.hotkey(),
+            body.clone(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Replayed.
+    let req = node
+        .client
+        .request(Method::GET, node.u("/v1/info"), &hk, Vec::new())
+        .build()
+        .unwrap();
+    let again = req.try_clone().unwrap();
+    assert_eq!(http.execute(req).await.unwrap().status(), 200);
+    assert_eq!(http.execute(again).await.unwrap().status(), 401);
+    // Malformed, unknown fields, oversized.
+    for bad in [&b"{"[..], br#"{"version":1}"#] {
+        let r = node
+            .client
+            .request(Method::POST, node.u("/v1/generate"), &hk, bad.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    let r = node
+        .client
+        .request(
+            Method::POST,
+            node.u("/v1/generate"),
+            &hk,
+            vec![b' '; 200_000],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Unknown manifest, empty prompt, absurd size.
+    let mut req = node.request(2);
+    req.manifest_id = tiny::manifest(TinyVariant::Wide).id();
+    assert_eq!(node.generate(&req).await.0, 400);
+    let mut req = node.request(2);
+    req.prompt = " ".into();
+    assert_eq!(node.generate(&req).await.0, 400);
+    let mut req = node.request(2);
+    req.size = Size {
+        width: 4096,
+        height: 4096,
+    };
+    assert_eq!(node.generate(&req).await.0, 400);
+    // Audits: unknown job, bad steps.
+    let unknown = AuditChallenge {
+        version: PROTOCOL_VERSION,
+        job_id: JobId([3; 16]),
+        steps: vec![0],
+    };
+    let r = node
+        .client
+        .post_json(node.u("/v1/audit"), &hk, &unknown)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let req = node.request(3);
+    assert_eq!(node.generate(&req).await.0, 200);
+    let out_of_range = AuditChallenge {
+        version: PROTOCOL_VERSION,
+        job_id: req.job_id,
+        steps: vec![0, 99],
+    };
+    let r = node
+        .client
+        .post_json(node.u("/v1/audit"), &hk, &out_of_range)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http.get(node.u("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Still serving.
+    assert_eq!(node.generate(&node.request(4)).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after_and_expired_traces_are_gone() {
+    let node = start(ProverConfig {
+        max_concurrent: 1,
+        max_queued: 0,
+        audit_window: Duration::from_millis(300),
+        ..ProverConfig::default()
+    })
+    .await;
+    let hk = node.prover.hotkey();
+    let mut slow = node.request(1);
+    slow.steps = 20;
+    slow.frames = 8;
+    let first = node
+        .client
+        .post_json(node.u("/v1/generate"), &hk, &slow)
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let r = node
+        .client
+        .post_json(node.u("/v1/generate"), &hk, &node.request(2))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    // Hanging up cancels the running job and frees the slot.
+    drop(first);
+    let mut freed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = reqwest::get(node.u("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("fractal_prover_jobs_cancelled_total 1") {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "the abandoned job was not cancelled");
+    let req = node.request(3);
+    assert_eq!(node.generate(&req).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let c = AuditChallenge {
+        version: PROTOCOL_VERSION,
+        job_id: req.job_id,
+        steps: vec![0],
+    };
+    let r = node
+        .client
+        .post_json(node.u("/v1/audit"), &hk, &c)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "trace kept past the audit window");
+}
