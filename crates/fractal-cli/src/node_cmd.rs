@@ -130,6 +130,10 @@ pub struct VerifierArgs {
     /// A job answered later than this fails.
     #[arg(long, default_value_t = 120)]
     deadline_s: u64,
+    /// Check challenges by regenerating them whole (100% of the prover's
+    /// cost) instead of step spot-checks.
+    #[arg(long)]
+    full_regeneration: bool,
 }
 
 fn default_verifier_db() -> PathBuf {
@@ -217,6 +221,9 @@ pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
         config.size = parse_size(s)?;
     }
     config.deadline = Duration::from_secs(a.deadline_s.max(1));
+    if a.full_regeneration {
+        config.mode = fractal_verifier::AuditMode::Full;
+    }
     if let Some(dir) = a.db.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -82,6 +82,21 @@ pub struct AuditReport {
     pub verify_ms: u64,
 }
 
+/// What a full regeneration found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FullReport {
+    /// Our trace root equals the prover's (same build and platform).
+    pub root_matches: bool,
+    pub worst_frame_psnr_db: f64,
+    pub verify_ms: u64,
+}
+
+fn to_f32(t: &Tensor) -> Result<Vec<f32>, Failure> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| fail(Check::Frame, e.to_string()))
+}
+
 pub struct Auditor {
     model: Arc<PinnedModel>,
 }
@@ -334,6 +349,85 @@ impl Auditor {
             step_rel_l2: worst,
             frame: plan.frame,
             frame_psnr_db: psnr,
+            verify_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Full regeneration (the dispute mode, 100% of the prover's cost):
+    /// rerun the whole job and compare every returned frame by luma PSNR.
+    /// The trace root is compared too and reported; it is expected to match
+    /// bit for bit on the same build and platform, not across platforms.
+    pub fn check_full(
+        &self,
+        req: &GenerateRequest,
+        resp: &GenerateResponse,
+    ) -> Result<FullReport, Failure> {
+        let start = Instant::now();
+        self.check_response(req, resp)?;
+        let engine = |e: fractal_engine::EngineError| {
+            fail(Check::Response, format!("cannot replay the request: {e}"))
+        };
+        let spec = self.model.spec(req).map_err(engine)?;
+        let mut digests = Vec::with_capacity(spec.steps + 1);
+        let mut latent_err: Option<Failure> = None;
+        let generated = self
+            .model
+            .pipeline
+            .generate(
+                &spec,
+                &mut |e| match e.latents.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
+                    Ok(v) => digests.push(fractal_protocol::merkle::latent_digest(&v)),
+                    Err(err) => latent_err = Some(fail(Check::Step, err.to_string())),
+                },
+            )
+            .map_err(|e| fail(Check::Step, e.to_string()))?;
+        if let Some(f) = latent_err {
+            return Err(f);
+        }
+        let root = fractal_protocol::merkle::MerkleTree::new(&digests)
+            .map_err(|e| fail(Check::Step, e.to_string()))?
+            .root();
+        let mut worst = f64::INFINITY;
+        match resp.output {
+            OutputFormat::Latents => {
+                let ours = latent_f16_bytes(&to_f32(&generated.final_latents)?);
+                let theirs = latent_from_f16_bytes(&resp.content.0)
+                    .ok_or_else(|| fail(Check::Frame, "returned latents are not f16"))?;
+                let err = rel_l2(&theirs, &latent_from_f16_bytes(&ours).expect("f16"));
+                let tol = self.model.manifest.verification.step_rel_l2;
+                if err.is_nan() || err > tol {
+                    return Err(fail(
+                        Check::Frame,
+                        format!("final latents: relative L2 {err:.3e} > {tol:.1e}"),
+                    ));
+                }
+            }
+            format => {
+                let rgb = pinned::rgb8(&generated.frames)
+                    .map_err(|e| fail(Check::Frame, e.to_string()))?;
+                let n = (req.size.width * req.size.height * 3) as usize;
+                let bound = self.model.manifest.verification.frame_psnr_db
+                    - if format == OutputFormat::Gif {
+                        8.0
+                    } else {
+                        0.0
+                    };
+                for i in 0..req.frames as usize {
+                    let theirs = returned_frame(format, &resp.content.0, req, i)?;
+                    let psnr = psnr_luma(&rgb[i * n..(i + 1) * n], &theirs);
+                    worst = worst.min(psnr);
+                    if psnr.is_nan() || psnr < bound {
+                        return Err(fail(
+                            Check::Frame,
+                            format!("frame {i}: PSNR {psnr:.1} dB < {bound:.1} dB"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(FullReport {
+            root_matches: root == resp.trace_root,
+            worst_frame_psnr_db: worst,
             verify_ms: start.elapsed().as_millis() as u64,
         })
     }

@@ -35,6 +35,18 @@ pub struct VerifierConfig {
     pub audit_deadline: Duration,
     /// Sent with `set_weights`; the chain refuses keys older than its own.
     pub version_key: u64,
+    pub mode: AuditMode,
+    /// Fraction of routed (app) jobs that are audited as well.
+    pub audit_sample: f64,
+}
+
+/// How synthetic challenges are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditMode {
+    /// Open a few steps and recompute them (a few % of the prover's cost).
+    SpotCheck,
+    /// Regenerate the whole job (100% of the cost; for disputes).
+    Full,
 }
 
 impl VerifierConfig {
@@ -47,6 +59,8 @@ impl VerifierConfig {
             deadline: Duration::from_secs(120),
             audit_deadline: Duration::from_secs(30),
             version_key: fractal_protocol::wire::PROTOCOL_VERSION as u64,
+            mode: AuditMode::SpotCheck,
+            audit_sample: 0.1,
         }
     }
 }
@@ -220,6 +234,86 @@ impl Verifier {
             })?
     }
 
+    /// Full regeneration of an answered job.
+    pub async fn regenerate(
+        &self,
+        req: &GenerateRequest,
+        generated: &Generated,
+    ) -> Result<audit::FullReport, Failure> {
+        let _slot = self.audit_slot.acquire().await.expect("never closed");
+        let auditor = self.auditor.clone();
+        let (req, resp) = (req.clone(), generated.response.clone());
+        tokio::task::spawn_blocking(move || auditor.check_full(&req, &resp))
+            .await
+            .map_err(|e| Failure {
+                check: Check::Unavailable,
+                detail: format!("regeneration task failed: {e}"),
+            })?
+    }
+
+    /// Sends an app's job to `neuron` and returns its answer; a sample of
+    /// these (`audit_sample`) is audited in the background like a synthetic
+    /// challenge, so a prover cannot be honest only with the verifier.
+    pub async fn forward(
+        self: &Arc<Self>,
+        neuron: &NeuronInfo,
+        req: GenerateRequest,
+        on_progress: &mut (dyn FnMut(&fractal_protocol::wire::ProgressEvent) + Send),
+    ) -> Result<Generated, CallError> {
+        let base = neuron
+            .axon
+            .as_ref()
+            .map(|a| a.base_url())
+            .unwrap_or_default();
+        let generated = self
+            .client
+            .generate(
+                &base,
+                &neuron.hotkey,
+                &req,
+                self.config.deadline,
+                on_progress,
+            )
+            .await?;
+        if rand::rngs::OsRng.gen_bool(self.config.audit_sample.clamp(0.0, 1.0)) {
+            let me = Arc::clone(self);
+            let hotkey = neuron.hotkey;
+            let response = generated.response.clone();
+            let service = generated.service;
+            let latency = generated.latency;
+            tokio::spawn(async move {
+                let generated = Generated {
+                    response,
+                    latency,
+                    service,
+                };
+                let verdict = me.audit_job(&base, &hotkey, &req, &generated).await;
+                let epoch = me.current_epoch().await.unwrap_or(0);
+                let outcome = Outcome {
+                    hotkey,
+                    job_id: req.job_id.to_string(),
+                    epoch,
+                    at_ms: now_ms(),
+                    failed: verdict.as_ref().err().map(|f| (f.check, f.detail.clone())),
+                    service_ms: Some(service.as_millis() as u64),
+                    verify_ms: verdict.as_ref().ok().map(|r| r.verify_ms),
+                };
+                if let Err(f) = &verdict {
+                    tracing::warn!(prover = %hotkey, check = f.check.as_str(), detail = %f.detail, "routed job failed its audit");
+                }
+                if let Err(e) = me.store.lock().expect("store lock").record(&outcome) {
+                    tracing::error!(error = %e, "recording an audit failed");
+                }
+            });
+        }
+        Ok(generated)
+    }
+
+    async fn current_epoch(&self) -> Result<u64, VerifierError> {
+        let block = self.chain.block().await?;
+        Ok(block / self.chain.hyperparams().await?.tempo.max(1))
+    }
+
     /// Challenges one prover once and records the outcome.
     pub async fn challenge(
         &self,
@@ -247,11 +341,15 @@ impl Verifier {
         let (failed, service_ms, verify_ms) = match answer {
             Ok(generated) => {
                 let service = generated.service.as_millis() as u64;
-                match self
-                    .audit_job(&base, &neuron.hotkey, &req, &generated)
-                    .await
-                {
-                    Ok(report) => (None, Some(service), Some(report.verify_ms)),
+                let verdict = match self.config.mode {
+                    AuditMode::SpotCheck => self
+                        .audit_job(&base, &neuron.hotkey, &req, &generated)
+                        .await
+                        .map(|r| r.verify_ms),
+                    AuditMode::Full => self.regenerate(&req, &generated).await.map(|r| r.verify_ms),
+                };
+                match verdict {
+                    Ok(verify_ms) => (None, Some(service), Some(verify_ms)),
                     Err(f) => (Some(f), Some(service), None),
                 }
             }

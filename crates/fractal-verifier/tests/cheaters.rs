@@ -193,3 +193,100 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     }
     assert!(mg.neuron(&vkey.hotkey()).unwrap().dividends > 0.99);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_regeneration_mode_and_audits_of_routed_jobs() {
+    let chain = Arc::new(
+        LocalChain::in_memory(
+            Hyperparams {
+                tempo: 5,
+                ..Hyperparams::default()
+            },
+            key("owner").hotkey(),
+        )
+        .unwrap(),
+    );
+    let vkey = key("verifier");
+    chain.register(&key("vcold"), &vkey.hotkey()).await.unwrap();
+    chain
+        .add_stake(&key("vcold"), &vkey.hotkey(), Rao(Rao::PER_TAO))
+        .await
+        .unwrap();
+    chain.produce_blocks(5).unwrap();
+    let auth = ValidatorAuthorizer::new([]);
+    auth.update(&chain.metagraph().await.unwrap());
+    let cpu = Device::Cpu;
+    let base = || Model::tiny(TinyVariant::Base, &cpu).unwrap();
+    let honest = start_prover(&chain, "honest", base(), Strategy::Honest, auth.clone()).await;
+    let fewer = start_prover(&chain, "fewer", base(), Strategy::FewerSteps, auth.clone()).await;
+    let random = start_prover(
+        &chain,
+        "random",
+        base(),
+        Strategy::RandomLatents,
+        auth.clone(),
+    )
+    .await;
+    let manifest = tiny::manifest(TinyVariant::Base);
+    let config = VerifierConfig {
+        size: Size {
+            width: 32,
+            height: 32,
+        },
+        frames: 3,
+        steps: 4,
+        mode: fractal_verifier::AuditMode::Full,
+        audit_sample: 1.0,
+        ..VerifierConfig::from_manifest(&manifest)
+    };
+    let verifier = Verifier::new(
+        vkey,
+        chain.clone(),
+        Arc::new(pinned(base())),
+        Store::in_memory().unwrap(),
+        config,
+    )
+    .unwrap();
+    let results = verifier.round().await.unwrap();
+    let failed = |k: &Keypair| {
+        results
+            .iter()
+            .find(|r| r.hotkey == k.hotkey())
+            .unwrap()
+            .failed
+            .clone()
+    };
+    assert_eq!(failed(&honest), None);
+    assert_eq!(failed(&fewer).map(|f| f.check), Some(Check::Frame));
+    assert_eq!(failed(&random).map(|f| f.check), Some(Check::Frame));
+
+    // An app's job routed to the random-latents prover is audited too.
+    let mg = chain.metagraph().await.unwrap();
+    let neuron = mg.neuron(&random.hotkey()).unwrap().clone();
+    let before = verifier
+        .scores()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.hotkey == random.hotkey())
+        .unwrap()
+        .failed;
+    verifier
+        .forward(&neuron, verifier.synthetic_request(), &mut |_| {})
+        .await
+        .unwrap();
+    let mut caught = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = verifier
+            .scores()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.hotkey == random.hotkey())
+            .unwrap();
+        if s.failed > before {
+            caught = true;
+            break;
+        }
+    }
+    assert!(caught, "the routed job was not audited");
+}
