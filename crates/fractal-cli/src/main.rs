@@ -5,6 +5,7 @@ mod bench_cmd;
 mod bench_verify;
 mod chain_cmd;
 mod generate_cmd;
+mod grid_cmd;
 mod manifest_cmd;
 mod model_cmd;
 mod node_cmd;
@@ -49,6 +50,8 @@ enum Command {
     Register(chain_cmd::KeyArgs),
     /// Stake TAO from a wallet's coldkey onto its hotkey.
     Stake(chain_cmd::StakeArgs),
+    /// A whole local grid in one process: chain, provers (tiny model), verifier.
+    Grid(grid_cmd::GridArgs),
     /// Serve the pinned model to validators (a Bittensor miner).
     Prover(node_cmd::ProverArgs),
     /// Challenge and audit every prover, score them, set weights (a Bittensor validator).
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Register(args) => chain_cmd::register(args),
         Command::Stake(args) => chain_cmd::stake(args),
+        Command::Grid(args) => grid_cmd::run(args),
         Command::Prover(args) => node_cmd::prover(args),
         Command::Verifier(args) => node_cmd::verifier(args),
     };
