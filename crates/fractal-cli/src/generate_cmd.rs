@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::Args;
 use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::video::{self, Frames};
-use fractal_engine::{model, tiny, GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_engine::{model, tiny, Model, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::{latent_digest, MerkleTree};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
@@ -187,17 +187,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     req.validate(&manifest, &manifest_id)?;
     let fps = a.fps.unwrap_or(manifest.defaults.fps);
 
-    let pipeline = Pipeline::new(model, manifest.scheduler.clone())?;
-    let spec = GenerateSpec {
-        prompt_ids: tokenizer.encode(&req.prompt)?,
-        negative_ids: tokenizer.encode(&req.negative_prompt)?,
-        seed: req.seed,
-        frames: req.frames as usize,
-        height: req.size.height as usize,
-        width: req.size.width as usize,
-        steps: req.steps as usize,
-        guidance_scale: req.guidance_scale,
-    };
+    let pinned = PinnedModel::from_parts(manifest, model, tokenizer)?;
+    let spec = pinned.spec(&req)?;
+    let pipeline = &pinned.pipeline;
+
     tracing::info!(manifest = %manifest_id, load_ms = load_start.elapsed().as_millis() as u64, "model ready");
     let bar = ProgressBar::new(spec.steps as u64);
     bar.set_style(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
-use fractal_chain::{Chain, RemoteChain};
+use fractal_chain::{Chain, Metagraph, RemoteChain};
 use fractal_engine::{tiny, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::ModelManifest;
 use fractal_protocol::{Hotkey, Keypair};
@@ -143,6 +143,26 @@ fn default_verifier_db() -> PathBuf {
     home.join(".fractal").join("verifier.sqlite")
 }
 
+/// The chain and its metagraph, after checking `key` is registered there.
+async fn connect_registered(
+    url: &str,
+    key: &Keypair,
+) -> anyhow::Result<(Arc<dyn Chain>, Metagraph)> {
+    let chain: Arc<dyn Chain> = Arc::new(
+        RemoteChain::connect(url)
+            .await
+            .with_context(|| format!("cannot reach the chain at {url}"))?,
+    );
+    let mg = chain.metagraph().await?;
+    if mg.neuron(&key.hotkey()).is_none() {
+        bail!(
+            "hotkey {} is not registered on the subnet; run `fractal register` first",
+            key.hotkey()
+        );
+    }
+    Ok((chain, mg))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -160,18 +180,10 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let model = a.model.load()?;
     runtime()?.block_on(async move {
-        let chain: Arc<dyn Chain> = Arc::new(
-            RemoteChain::connect(&a.chain.url)
-                .await
-                .with_context(|| format!("cannot reach the chain at {}", a.chain.url))?,
-        );
-        let mg = chain.metagraph().await?;
-        let Some(me) = mg.neuron(&key.hotkey()) else {
-            bail!(
-                "hotkey {} is not registered on the subnet; run `fractal register` first",
-                key.hotkey()
-            );
-        };
+        let (chain, mg) = connect_registered(&a.chain.url, &key).await?;
+        let me = mg
+            .neuron(&key.hotkey())
+            .expect("checked by connect_registered");
         let uid = me.uid;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
@@ -230,15 +242,8 @@ pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
     let store =
         Verifier::open_store(&a.db).with_context(|| format!("opening {}", a.db.display()))?;
     runtime()?.block_on(async move {
-        let chain: Arc<dyn Chain> = Arc::new(
-            RemoteChain::connect(&a.chain.url)
-                .await
-                .with_context(|| format!("cannot reach the chain at {}", a.chain.url))?,
-        );
-        let mg = chain.metagraph().await?;
-        let Some(me) = mg.neuron(&key.hotkey()) else {
-            bail!("hotkey {} is not registered on the subnet; run `fractal register` first", key.hotkey());
-        };
+        let (chain, mg) = connect_registered(&a.chain.url, &key).await?;
+        let me = mg.neuron(&key.hotkey()).expect("checked by connect_registered");
         if !me.validator_permit {
             eprintln!("note: uid {} has no validator permit yet (stake, then wait an epoch); provers will refuse it until then", me.uid);
         }

@@ -14,7 +14,7 @@ use fractal_chain::{Chain, ChainError, Metagraph, NeuronInfo, Uid};
 use fractal_engine::PinnedModel;
 use fractal_http::SignedClient;
 use fractal_protocol::manifest::Size;
-use fractal_protocol::wire::{GenerateRequest, OutputFormat};
+use fractal_protocol::wire::{GenerateRequest, GenerateResponse, OutputFormat};
 use fractal_protocol::{Hotkey, JobId, Keypair, Seed};
 use rand::Rng;
 use tokio::sync::Semaphore;
@@ -223,10 +223,25 @@ impl Verifier {
                 check: Check::Commitment,
                 detail: format!("no valid audit answer: {e}"),
             })?;
+        self.on_audit_thread(req, generated, move |a, req, resp| {
+            a.check(req, resp, &plan, &answer)
+        })
+        .await
+    }
+
+    /// Runs CPU-heavy checks one at a time, off the async runtime.
+    async fn on_audit_thread<T: Send + 'static>(
+        &self,
+        req: &GenerateRequest,
+        generated: &Generated,
+        check: impl FnOnce(&Auditor, &GenerateRequest, &GenerateResponse) -> Result<T, Failure>
+            + Send
+            + 'static,
+    ) -> Result<T, Failure> {
         let _slot = self.audit_slot.acquire().await.expect("never closed");
         let auditor = self.auditor.clone();
         let (req, resp) = (req.clone(), generated.response.clone());
-        tokio::task::spawn_blocking(move || auditor.check(&req, &resp, &plan, &answer))
+        tokio::task::spawn_blocking(move || check(&auditor, &req, &resp))
             .await
             .map_err(|e| Failure {
                 check: Check::Unavailable,
@@ -240,15 +255,8 @@ impl Verifier {
         req: &GenerateRequest,
         generated: &Generated,
     ) -> Result<audit::FullReport, Failure> {
-        let _slot = self.audit_slot.acquire().await.expect("never closed");
-        let auditor = self.auditor.clone();
-        let (req, resp) = (req.clone(), generated.response.clone());
-        tokio::task::spawn_blocking(move || auditor.check_full(&req, &resp))
+        self.on_audit_thread(req, generated, |a, req, resp| a.check_full(req, resp))
             .await
-            .map_err(|e| Failure {
-                check: Check::Unavailable,
-                detail: format!("regeneration task failed: {e}"),
-            })?
     }
 
     /// Sends an app's job to `neuron` and returns its answer; a sample of
