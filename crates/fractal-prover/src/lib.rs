@@ -393,7 +393,7 @@ async fn generate(
         prover: p.clone(),
         job,
     };
-    tracing::info!(%job, caller = %caller.hotkey, steps = req.steps, "job accepted");
+    tracing::debug!(%job, caller = %caller.hotkey, steps = req.steps, "job accepted");
 
     // Bounded: progress lines beyond this are dropped rather than buffered.
     let (tx, rx) = mpsc::channel::<Bytes>(64);
