@@ -238,17 +238,22 @@ impl ValidatorAuthorizer {
     ) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let mut last = 0;
             loop {
-                match chain.metagraph().await {
+                let last = match chain.metagraph().await {
                     Ok(mg) => {
-                        last = mg.block;
                         me.update(&mg);
+                        mg.block
                     }
-                    Err(e) => tracing::warn!(error = %e, "metagraph refresh failed"),
+                    Err(e) => {
+                        // Keep the last known validators; retry without hammering the chain.
+                        tracing::warn!(error = %e, "metagraph refresh failed");
+                        tokio::time::sleep(every.min(Duration::from_secs(2))).await;
+                        continue;
+                    }
+                };
+                if chain.wait_for_block_after(last, every).await.is_err() {
+                    tokio::time::sleep(every.min(Duration::from_secs(2))).await;
                 }
-                let _ = chain.wait_for_block_after(last, every).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     }
