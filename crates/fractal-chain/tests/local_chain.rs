@@ -211,6 +211,20 @@ async fn registration_rules() {
     ));
 }
 
+/// The same weights and axon on either chain of the restart test.
+async fn weights_and_axon(chain: &LocalChain, validator: &Keypair) {
+    chain
+        .set_weights(validator, &[(1, 1), (2, 2)], 1)
+        .await
+        .unwrap();
+    let axon = AxonInfo {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 8091,
+        version: 3,
+    };
+    chain.serve_axon(validator, axon).await.unwrap();
+}
+
 #[tokio::test]
 async fn restart_keeps_state_and_bonds() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,21 +234,7 @@ async fn restart_keeps_state_and_bonds() {
         let chain = LocalChain::open(&path, params(), owner).unwrap();
         let (_, validator, _) = subnet(&chain, 2).await;
         chain.produce_blocks(10).unwrap();
-        chain
-            .set_weights(&validator, &[(1, 1), (2, 2)], 1)
-            .await
-            .unwrap();
-        chain
-            .serve_axon(
-                &validator,
-                AxonInfo {
-                    ip: "127.0.0.1".parse().unwrap(),
-                    port: 8091,
-                    version: 3,
-                },
-            )
-            .await
-            .unwrap();
+        weights_and_axon(&chain, &validator).await;
         chain.produce_blocks(13).unwrap();
         chain.integrity_check().unwrap();
         chain.metagraph().await.unwrap()
@@ -254,21 +254,7 @@ async fn restart_keeps_state_and_bonds() {
     let uninterrupted = LocalChain::in_memory(params(), owner).unwrap();
     let (_, v2, _) = subnet(&uninterrupted, 2).await;
     uninterrupted.produce_blocks(10).unwrap();
-    uninterrupted
-        .set_weights(&v2, &[(1, 1), (2, 2)], 1)
-        .await
-        .unwrap();
-    uninterrupted
-        .serve_axon(
-            &v2,
-            AxonInfo {
-                ip: "127.0.0.1".parse().unwrap(),
-                port: 8091,
-                version: 3,
-            },
-        )
-        .await
-        .unwrap();
+    weights_and_axon(&uninterrupted, &v2).await;
     uninterrupted.produce_blocks(20).unwrap();
     chain.produce_blocks(7).unwrap();
     assert_eq!(

@@ -90,14 +90,19 @@ pub struct StakeArgs {
     amount: f64,
 }
 
-fn default_db() -> PathBuf {
+/// `~/.fractal/<file>`: where node state lives unless told otherwise.
+pub(crate) fn fractal_home(file: &str) -> PathBuf {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| ".".into());
-    home.join(".fractal").join("chain.sqlite")
+    home.join(".fractal").join(file)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+fn default_db() -> PathBuf {
+    fractal_home("chain.sqlite")
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

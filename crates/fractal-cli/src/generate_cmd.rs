@@ -65,7 +65,7 @@ pub struct GenerateArgs {
     threads: Option<usize>,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<Size> {
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<Size> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .context("--size must look like 64x64")?;
@@ -172,9 +172,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(kind) = scheduler_override {
         manifest.scheduler.kind = kind;
     }
-    let manifest_id = manifest.id();
-    // Validate exactly as a prover would.
-    let mut req = GenerateRequest::with_defaults(&manifest, a.prompt.clone(), Seed(a.seed));
+    let pinned = PinnedModel::from_parts(manifest, model, tokenizer)?;
+    let manifest_id = pinned.manifest_id;
+    let mut req = GenerateRequest::with_defaults(&pinned.manifest, a.prompt.clone(), Seed(a.seed));
     req.job_id = JobId([0; 16]);
     req.negative_prompt = a.negative_prompt.clone();
     if let Some(s) = &a.size {
@@ -184,10 +184,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     req.steps = a.steps.unwrap_or(req.steps);
     req.guidance_scale = a.guidance.unwrap_or(req.guidance_scale);
     req.output = format;
-    req.validate(&manifest, &manifest_id)?;
-    let fps = a.fps.unwrap_or(manifest.defaults.fps);
-
-    let pinned = PinnedModel::from_parts(manifest, model, tokenizer)?;
+    let fps = a.fps.unwrap_or(pinned.manifest.defaults.fps);
+    // Validated exactly as a prover would.
     let spec = pinned.spec(&req)?;
     let pipeline = &pinned.pipeline;
 

@@ -15,7 +15,8 @@ use fractal_protocol::{Hotkey, Keypair};
 use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
 use fractal_verifier::{Verifier, VerifierConfig};
 
-use crate::chain_cmd::{shutdown_signal, ChainUrl};
+use crate::chain_cmd::{fractal_home, runtime, shutdown_signal, ChainUrl};
+use crate::generate_cmd::parse_size;
 use crate::wallet_cmd::{wallet, Location};
 
 /// Which model the node pins.
@@ -137,10 +138,7 @@ pub struct VerifierArgs {
 }
 
 fn default_verifier_db() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ".".into());
-    home.join(".fractal").join("verifier.sqlite")
+    fractal_home("verifier.sqlite")
 }
 
 /// The chain and its metagraph, after checking `key` is registered there.
@@ -161,12 +159,6 @@ async fn connect_registered(
         );
     }
     Ok((chain, mg))
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
 }
 
 pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
@@ -210,16 +202,6 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
         refresh.abort();
         eprintln!("prover stopped");
         Ok(())
-    })
-}
-
-fn parse_size(s: &str) -> anyhow::Result<fractal_protocol::manifest::Size> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .context("--size must look like 64x64")?;
-    Ok(fractal_protocol::manifest::Size {
-        width: w.trim().parse().context("--size width")?,
-        height: h.trim().parse().context("--size height")?,
     })
 }
 

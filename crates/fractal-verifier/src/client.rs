@@ -37,6 +37,7 @@ pub struct ProverClient {
     signer: SignedClient,
 }
 
+#[derive(Clone, Debug)]
 pub struct Generated {
     pub response: GenerateResponse,
     /// From sending the request to the last byte of the result.

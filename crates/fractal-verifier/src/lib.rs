@@ -131,6 +131,12 @@ pub fn synthetic_prompt(rng: &mut impl Rng) -> String {
         .join(" ")
 }
 
+/// A neuron's HTTP base URL (empty when it serves none: the call then fails
+/// as unavailable).
+fn axon_url(n: &NeuronInfo) -> String {
+    n.axon.as_ref().map(|a| a.base_url()).unwrap_or_default()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -268,11 +274,7 @@ impl Verifier {
         req: GenerateRequest,
         on_progress: &mut (dyn FnMut(&fractal_protocol::wire::ProgressEvent) + Send),
     ) -> Result<Generated, CallError> {
-        let base = neuron
-            .axon
-            .as_ref()
-            .map(|a| a.base_url())
-            .unwrap_or_default();
+        let base = axon_url(neuron);
         let generated = self
             .client
             .generate(
@@ -286,35 +288,49 @@ impl Verifier {
         if rand::rngs::OsRng.gen_bool(self.config.audit_sample.clamp(0.0, 1.0)) {
             let me = Arc::clone(self);
             let hotkey = neuron.hotkey;
-            let response = generated.response.clone();
-            let service = generated.service;
-            let latency = generated.latency;
+            let generated = generated.clone();
             tokio::spawn(async move {
-                let generated = Generated {
-                    response,
-                    latency,
-                    service,
-                };
                 let verdict = me.audit_job(&base, &hotkey, &req, &generated).await;
                 let epoch = me.current_epoch().await.unwrap_or(0);
-                let outcome = Outcome {
-                    hotkey,
-                    job_id: req.job_id.to_string(),
-                    epoch,
-                    at_ms: now_ms(),
-                    failed: verdict.as_ref().err().map(|f| (f.check, f.detail.clone())),
-                    service_ms: Some(service.as_millis() as u64),
-                    verify_ms: verdict.as_ref().ok().map(|r| r.verify_ms),
-                };
                 if let Err(f) = &verdict {
                     tracing::warn!(prover = %hotkey, check = f.check.as_str(), detail = %f.detail, "routed job failed its audit");
                 }
-                if let Err(e) = me.store.lock().expect("store lock").record(&outcome) {
+                let service_ms = Some(generated.service.as_millis() as u64);
+                let verify_ms = verdict.as_ref().ok().map(|r| r.verify_ms);
+                if let Err(e) = me.record(
+                    hotkey,
+                    &req,
+                    epoch,
+                    verdict.as_ref().err(),
+                    service_ms,
+                    verify_ms,
+                ) {
                     tracing::error!(error = %e, "recording an audit failed");
                 }
             });
         }
         Ok(generated)
+    }
+
+    /// Stores one audited job's outcome and updates the prover's score.
+    fn record(
+        &self,
+        hotkey: Hotkey,
+        req: &GenerateRequest,
+        epoch: u64,
+        failed: Option<&Failure>,
+        service_ms: Option<u64>,
+        verify_ms: Option<u64>,
+    ) -> Result<ProverScore, store::StoreError> {
+        self.store.lock().expect("store lock").record(&Outcome {
+            hotkey,
+            job_id: req.job_id.to_string(),
+            epoch,
+            at_ms: now_ms(),
+            failed: failed.map(|f| (f.check, f.detail.clone())),
+            service_ms,
+            verify_ms,
+        })
     }
 
     async fn current_epoch(&self) -> Result<u64, VerifierError> {
@@ -328,11 +344,7 @@ impl Verifier {
         neuron: &NeuronInfo,
         epoch: u64,
     ) -> Result<JobResult, VerifierError> {
-        let base = neuron
-            .axon
-            .as_ref()
-            .map(|a| a.base_url())
-            .unwrap_or_default();
+        let base = axon_url(neuron);
         let req = self.synthetic_request();
         let started = std::time::Instant::now();
         let answer = self
@@ -381,15 +393,14 @@ impl Verifier {
         if let Some(f) = &failed {
             tracing::warn!(prover = %neuron.hotkey, uid = neuron.uid, check = f.check.as_str(), detail = %f.detail, "challenge failed");
         }
-        self.store.lock().expect("store lock").record(&Outcome {
-            hotkey: neuron.hotkey,
-            job_id: req.job_id.to_string(),
+        self.record(
+            neuron.hotkey,
+            &req,
             epoch,
-            at_ms: now_ms(),
-            failed: failed.as_ref().map(|f| (f.check, f.detail.clone())),
+            failed.as_ref(),
             service_ms,
             verify_ms,
-        })?;
+        )?;
         Ok(JobResult {
             hotkey: neuron.hotkey,
             uid: neuron.uid,
