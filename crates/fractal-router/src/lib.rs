@@ -1,0 +1,20 @@
+//! The map of the grid and routing (DESIGN.md section 8).
+//!
+//! * [`vivaldi`] — network coordinates from RTT samples.
+//! * [`map`] — per-prover measurements and the routing decision: lowest
+//!   predicted completion time (RTT + queue wait + service), power of two
+//!   choices among the near-best, hedging, failover, circuit breakers,
+//!   never a node the verifier scored zero.
+//! * [`store`] — the map persisted in SQLite.
+//! * [`sim`] — a deterministic grid simulator to compare policies.
+
+pub mod map;
+pub mod sim;
+pub mod store;
+pub mod vivaldi;
+
+pub use map::{
+    Breaker, Failure, GridMap, GridSnapshot, NodeHealth, Prediction, RouterConfig, Ticket, Work,
+};
+pub use store::{MapStore, MapStoreError};
+pub use vivaldi::{Coord, VivaldiConfig};
