@@ -1,7 +1,8 @@
 //! `fractal grid`: a whole local grid in one process — chain, provers with
-//! the built-in tiny model, a verifier — on loopback, until Ctrl-C.
-//! (The gateway joins it with the gateway work.)
+//! the built-in tiny model, a verifier, and the gateway with a dev API key —
+//! on loopback, until Ctrl-C.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,9 @@ pub struct GridArgs {
     size: u32,
     #[arg(long, default_value_t = 4)]
     steps: u32,
+    /// Where the gateway (API and web page) listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -122,10 +126,25 @@ pub fn run(a: GridArgs) -> anyhow::Result<()> {
             ..VerifierConfig::from_manifest(&model.manifest)
         };
         let store = Verifier::open_store(&dir.join("verifier.sqlite"))?;
-        let verifier = Verifier::new(vkey, dyn_chain.clone(), model, store, config)?;
-        let verifier_task = tokio::spawn(verifier.run(Duration::from_millis(a.block_time_ms), stop_rx.clone()));
+        let verifier = Verifier::new(vkey, dyn_chain.clone(), model.clone(), store, config)?;
+        let verifier_task = tokio::spawn(verifier.clone().run(Duration::from_millis(a.block_time_ms), stop_rx.clone()));
+
+        // The gateway routes apps' jobs through the same verifier (its key
+        // has the permit provers accept) and audits a sample of them.
+        let gw_config = fractal_gateway::GatewayConfig::new(dir.join("gateway"));
+        let gateway = fractal_gateway::Gateway::open(gw_config, verifier, model)?;
+        let api_key = crate::gateway_cmd::dev_key(&gateway.db, &dir)?;
+        let gw_listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding the gateway to {} (use --listen to pick another)", a.listen))?;
+        let gw_addr = gw_listener.local_addr()?;
+        let gateway_task = tokio::spawn(fractal_gateway::serve(gw_listener, gateway, stopped(stop_rx.clone())));
         eprintln!(
-            "grid ready: chain {chain_url} ({} provers, data in {}); try `fractal chain metagraph --chain {chain_url}`; Ctrl-C stops",
+            "grid ready: chain {chain_url}, {} provers, data in {}\n\
+             web page: http://{gw_addr}/#key={api_key}\n\
+             API key:  {api_key}\n\
+             try:      curl -s http://{gw_addr}/v1/videos -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"a red fox running through snow\", \"size\": \"32x32\", \"seconds\": \"0.5\", \"steps\": 4}}'\n\
+             Ctrl-C stops",
             a.provers,
             dir.display()
         );
@@ -149,6 +168,7 @@ pub fn run(a: GridArgs) -> anyhow::Result<()> {
         eprintln!("stopping the grid…");
         let _ = stop_tx.send(true);
         let _ = verifier_task.await;
+        let _ = gateway_task.await;
         for t in prover_tasks {
             let _ = t.await;
         }

@@ -1,9 +1,11 @@
 //! `fractal`: one binary for every role in the grid.
 
 mod bench_cmd;
+mod bench_routing;
 #[cfg(feature = "cheats")]
 mod bench_verify;
 mod chain_cmd;
+mod gateway_cmd;
 mod generate_cmd;
 mod grid_cmd;
 mod manifest_cmd;
@@ -50,8 +52,10 @@ enum Command {
     Register(chain_cmd::KeyArgs),
     /// Stake TAO from a wallet's coldkey onto its hotkey.
     Stake(chain_cmd::StakeArgs),
-    /// A whole local grid in one process: chain, provers (tiny model), verifier.
+    /// A whole local grid in one process: chain, provers (tiny model), verifier, gateway.
     Grid(grid_cmd::GridArgs),
+    /// The app-facing gateway (OpenAI-compatible Videos API and web page), or its API keys.
+    Gateway(gateway_cmd::GatewayArgs),
     /// Serve the pinned model to validators (a Bittensor miner).
     Prover(node_cmd::ProverArgs),
     /// Challenge and audit every prover, score them, set weights (a Bittensor validator).
@@ -76,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Register(args) => chain_cmd::register(args),
         Command::Stake(args) => chain_cmd::stake(args),
         Command::Grid(args) => grid_cmd::run(args),
+        Command::Gateway(args) => gateway_cmd::run(args),
         Command::Prover(args) => node_cmd::prover(args),
         Command::Verifier(args) => node_cmd::verifier(args),
     };

@@ -68,7 +68,7 @@ pub struct NodeKey {
 }
 
 impl NodeKey {
-    fn load(&self) -> anyhow::Result<Keypair> {
+    pub(crate) fn load(&self) -> anyhow::Result<Keypair> {
         Ok(wallet(&self.at)?
             .hotkey(&self.hotkey)
             .with_context(|| {
@@ -142,7 +142,7 @@ fn default_verifier_db() -> PathBuf {
 }
 
 /// The chain and its metagraph, after checking `key` is registered there.
-async fn connect_registered(
+pub(crate) async fn connect_registered(
     url: &str,
     key: &Keypair,
 ) -> anyhow::Result<(Arc<dyn Chain>, Metagraph)> {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::manifest::{ModelManifest, Size};
 use crate::merkle::MerkleProof;
-use crate::{Digest32, JobId, ManifestId, Seed};
+use crate::{Digest32, Hotkey, JobId, ManifestId, Seed};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Most steps one audit may open; keeps answers small and audits cheap.
@@ -214,6 +214,20 @@ pub enum Phase {
     Decoding,
     Muxing,
     Done,
+}
+
+/// A prover's `GET /v1/info`: what it runs and how busy it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProverInfo {
+    pub version: u32,
+    pub hotkey: Hotkey,
+    pub manifest_id: ManifestId,
+    pub model: String,
+    pub running: usize,
+    pub queued: usize,
+    pub max_concurrent: usize,
+    pub max_queued: usize,
+    pub audit_window_s: u64,
 }
 
 /// Streamed while a job runs (one JSON object per line / SSE event).

@@ -36,8 +36,7 @@ use fractal_protocol::wire::{
     AuditAnswer, AuditChallenge, Base64Bytes, GenerateRequest, GenerateResponse, Phase,
     ProgressEvent, StreamItem, PROTOCOL_VERSION,
 };
-use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId};
-use serde::{Deserialize, Serialize};
+use fractal_protocol::{Hotkey, JobId, Keypair};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use job::Strategy;
@@ -95,19 +94,7 @@ pub struct Prover {
     counters: Counters,
 }
 
-/// `GET /v1/info`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ProverInfo {
-    pub version: u32,
-    pub hotkey: Hotkey,
-    pub manifest_id: ManifestId,
-    pub model: String,
-    pub running: usize,
-    pub queued: usize,
-    pub max_concurrent: usize,
-    pub max_queued: usize,
-    pub audit_window_s: u64,
-}
+pub use fractal_protocol::wire::ProverInfo;
 
 impl Prover {
     pub fn new(key: Keypair, model: PinnedModel, config: ProverConfig) -> Arc<Self> {

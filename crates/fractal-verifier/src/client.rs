@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use fractal_http::{ErrorBody, SignedClient};
 use fractal_protocol::wire::{
-    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, ProgressEvent, StreamItem,
+    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, ProgressEvent, ProverInfo,
+    StreamItem,
 };
 use fractal_protocol::Hotkey;
 use reqwest::Url;
@@ -138,6 +139,40 @@ impl ProverClient {
                     }
                 }
             }
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| CallError::Timeout(deadline))?
+    }
+
+    /// The prover's `GET /v1/info` and the round trip it took: the map's
+    /// RTT probe (signed, so it also checks the prover still accepts us).
+    pub async fn info(
+        &self,
+        base: &str,
+        prover: &Hotkey,
+        deadline: Duration,
+    ) -> Result<(ProverInfo, Duration), CallError> {
+        let start = Instant::now();
+        let work = async {
+            let url = Url::parse(base)
+                .and_then(|u| u.join("/v1/info"))
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            let resp = self
+                .signer
+                .get(url, prover)
+                .await
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(Self::refused(resp).await);
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            let info: ProverInfo = serde_json::from_slice(&bytes)
+                .map_err(|e| CallError::Malformed(format!("info: {e}")))?;
+            Ok((info, start.elapsed()))
         };
         tokio::time::timeout(deadline, work)
             .await

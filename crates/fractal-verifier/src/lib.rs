@@ -133,7 +133,7 @@ pub fn synthetic_prompt(rng: &mut impl Rng) -> String {
 
 /// A neuron's HTTP base URL (empty when it serves none: the call then fails
 /// as unavailable).
-fn axon_url(n: &NeuronInfo) -> String {
+pub fn axon_url(n: &NeuronInfo) -> String {
     n.axon.as_ref().map(|a| a.base_url()).unwrap_or_default()
 }
 
@@ -176,6 +176,31 @@ impl Verifier {
 
     pub fn auditor(&self) -> &Auditor {
         &self.auditor
+    }
+
+    /// Signed client for calls the verifier's operator makes on its behalf
+    /// (the gateway's probes).
+    pub fn client(&self) -> &ProverClient {
+        &self.client
+    }
+
+    pub fn chain(&self) -> &Arc<dyn Chain> {
+        &self.chain
+    }
+
+    pub fn config(&self) -> &VerifierConfig {
+        &self.config
+    }
+
+    /// The weight each scored prover would get now (0 for a failed check
+    /// this epoch or the last): the gateway never routes to a zero.
+    pub async fn current_weights(&self) -> Result<Vec<(Hotkey, f64)>, VerifierError> {
+        let epoch = self.current_epoch().await?;
+        Ok(self
+            .scores()?
+            .iter()
+            .map(|s| (s.hotkey, Store::weight(s, epoch)))
+            .collect())
     }
 
     pub fn scores(&self) -> Result<Vec<ProverScore>, VerifierError> {

@@ -1,0 +1,277 @@
+//! Running accepted jobs on the grid: pick a prover from the map, send the
+//! job through the verifier (which audits a sample of routed jobs), hedge
+//! a slow request with a second prover, fail over on errors, store the
+//! outputs, and only then mark the job completed.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fractal_chain::NeuronInfo;
+use fractal_protocol::manifest::Size;
+use fractal_protocol::wire::{GenerateRequest, OutputFormat, Phase, ProgressEvent, PROTOCOL_VERSION};
+use fractal_protocol::{Hotkey, JobId, Seed};
+use fractal_router::{Failure, GridMap, Ticket, Work};
+use fractal_verifier::client::{CallError, Generated};
+
+use crate::db::{now_s, Job};
+use crate::Gateway;
+
+/// Percent shown for a progress event: denoising is most of the work.
+pub fn percent(p: &ProgressEvent) -> u32 {
+    match p.phase {
+        Phase::Queued | Phase::Encoding => 1,
+        Phase::Denoising => 2 + (90 * p.step / p.total.max(1)).min(90),
+        Phase::Decoding => 93,
+        Phase::Muxing => 97,
+        Phase::Done => 99,
+    }
+}
+
+pub fn work_of(job: &Job) -> Work {
+    Work {
+        width: job.spec.width,
+        height: job.spec.height,
+        frames: job.spec.frames,
+        steps: job.spec.steps,
+    }
+}
+
+/// A request counted in the map until it is settled; dropping it unsettled
+/// (the job was deleted or the gateway is stopping) counts it cancelled.
+struct Sent {
+    map: Arc<Mutex<GridMap>>,
+    ticket: Option<Ticket>,
+    neuron: NeuronInfo,
+    started: Instant,
+}
+
+impl Sent {
+    fn settle(&mut self, outcome: Result<&Generated, &CallError>, work: &Work) {
+        let Some(t) = self.ticket.take() else { return };
+        let mut map = self.map.lock().expect("map lock");
+        let now = crate::now_ms();
+        match outcome {
+            Ok(g) => {
+                let timing = &g.response.timing;
+                let service = (timing.denoise_ms + timing.decode_ms + timing.encode_ms) as f64;
+                let total = self.started.elapsed().as_secs_f64() * 1000.0;
+                map.completed(&t, work, service, total, now);
+            }
+            Err(CallError::Busy { .. }) => map.failed(&t, Failure::Busy, now),
+            Err(CallError::Timeout(_)) => map.failed(&t, Failure::Timeout, now),
+            Err(_) => map.failed(&t, Failure::Error, now),
+        }
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.map.lock().expect("map lock").cancelled(&t);
+        }
+    }
+}
+
+enum Pick {
+    Sent(Sent),
+    /// No eligible prover right now.
+    None,
+}
+
+impl Gateway {
+    fn pick(&self, work: &Work, tried: &mut Vec<Hotkey>) -> Pick {
+        let neurons = self.provers.lock().expect("provers lock").clone();
+        let mut map = self.map.lock().expect("map lock");
+        loop {
+            let Some(t) = map.choose(work, crate::now_ms(), tried) else {
+                return Pick::None;
+            };
+            tried.push(t.node);
+            match neurons.iter().find(|n| n.hotkey == t.node) {
+                Some(n) => {
+                    return Pick::Sent(Sent {
+                        map: self.map.clone(),
+                        ticket: Some(t),
+                        neuron: n.clone(),
+                        started: Instant::now(),
+                    })
+                }
+                // Left the metagraph since the map last synced.
+                None => map.cancelled(&t),
+            }
+        }
+    }
+
+    fn request(&self, job: &Job) -> GenerateRequest {
+        let m = &self.model.manifest;
+        GenerateRequest {
+            version: PROTOCOL_VERSION,
+            // A fresh id per attempt: provers refuse a job id twice.
+            job_id: JobId::random(),
+            manifest_id: self.model.manifest_id,
+            prompt: job.spec.prompt.clone(),
+            negative_prompt: job.spec.negative_prompt.clone(),
+            seed: Seed(job.spec.seed),
+            size: Size {
+                width: job.spec.width,
+                height: job.spec.height,
+            },
+            frames: job.spec.frames,
+            steps: job.spec.steps,
+            guidance_scale: m.defaults.guidance_scale,
+            output: OutputFormat::Mp4,
+        }
+    }
+
+    async fn send(&self, job: &Job, neuron: NeuronInfo) -> Result<Generated, CallError> {
+        let req = self.request(job);
+        let prover = neuron.hotkey.to_string();
+        let progress = self.progress_tx.clone();
+        let id = job.id.clone();
+        let mut on_progress = move |p: &ProgressEvent| {
+            let _ = progress.send((id.clone(), percent(p), prover.clone()));
+        };
+        self.verifier
+            .forward(&neuron, req, &mut on_progress)
+            .await
+    }
+
+    /// One attempt with an optional hedge: the first success wins and the
+    /// other request is dropped (the prover sees the hang-up and stops).
+    async fn attempt(
+        &self,
+        job: &Job,
+        work: &Work,
+        tried: &mut Vec<Hotkey>,
+    ) -> Option<(Result<Generated, CallError>, Hotkey)> {
+        let Pick::Sent(mut first) = self.pick(work, tried) else {
+            return None;
+        };
+        let hedge_after = {
+            let map = self.map.lock().expect("map lock");
+            Duration::from_secs_f64(
+                map.hedge_after_ms(first.ticket.as_ref().expect("fresh")) / 1000.0,
+            )
+        };
+        let a = self.send(job, first.neuron.clone());
+        tokio::pin!(a);
+        tokio::select! {
+            r = &mut a => {
+                first.settle(r.as_ref(), work);
+                return Some((r, first.neuron.hotkey));
+            }
+            _ = tokio::time::sleep(hedge_after) => {}
+        }
+        let Pick::Sent(mut second) = self.pick(work, tried) else {
+            let r = a.await;
+            first.settle(r.as_ref(), work);
+            return Some((r, first.neuron.hotkey));
+        };
+        tracing::info!(job = %job.id, slow = %first.neuron.hotkey, hedge = %second.neuron.hotkey, "hedging a slow request");
+        self.counters.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let b = self.send(job, second.neuron.clone());
+        tokio::pin!(b);
+        tokio::select! {
+            r = &mut a => {
+                first.settle(r.as_ref(), work);
+                if r.is_ok() { return Some((r, first.neuron.hotkey)); }
+                let r2 = b.await;
+                second.settle(r2.as_ref(), work);
+                Some((r2, second.neuron.hotkey))
+            }
+            r = &mut b => {
+                second.settle(r.as_ref(), work);
+                if r.is_ok() { return Some((r, second.neuron.hotkey)); }
+                let r1 = a.await;
+                first.settle(r1.as_ref(), work);
+                Some((r1, first.neuron.hotkey))
+            }
+        }
+    }
+
+    /// Runs a claimed job to completion, failure, or back to the queue.
+    pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
+        let work = work_of(&job);
+        let mut tried = Vec::new();
+        let mut errors = Vec::new();
+        while errors.len() < self.config.max_attempts as usize {
+            let Some((result, prover)) = self.attempt(&job, &work, &mut tried).await else {
+                break;
+            };
+            match result {
+                Ok(g) => {
+                    match self.store_outputs(&job, &g).await {
+                        Ok(()) => {
+                            let expires = now_s() + self.config.retention.as_secs() as i64;
+                            if let Err(e) = self.db.complete(&job.id, &prover.to_string(), expires) {
+                                tracing::error!(job = %job.id, error = %e, "recording completion failed");
+                            }
+                            self.counters.completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::error!(job = %job.id, error = %e, "storing outputs failed");
+                            let _ = self.db.fail(&job.id, "storage_error", &e.to_string());
+                        }
+                    }
+                    self.changed(&job.id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, %prover, error = %e, "prover failed the job; failing over");
+                    self.counters.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    errors.push(format!("{prover}: {e}"));
+                }
+            }
+        }
+        if errors.len() >= self.config.max_attempts as usize {
+            let msg = format!("{} attempts failed: {}", errors.len(), errors.join("; "));
+            let _ = self.db.fail(&job.id, "grid_error", &msg);
+            self.counters.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if now_s() - job.created_at > self.config.queue_timeout.as_secs() as i64 {
+            let _ = self.db.fail(
+                &job.id,
+                "no_capacity",
+                "no prover could take the job before the queue timeout",
+            );
+            self.counters.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            // Nobody eligible right now: back in the queue for the next pass.
+            let _ = self.db.requeue(&job.id);
+        }
+        self.changed(&job.id);
+    }
+
+    /// Writes the MP4 and derives the GIF and thumbnail, each via a
+    /// temporary file and a rename, so a crash never leaves half a file
+    /// under a final name.
+    async fn store_outputs(&self, job: &Job, g: &Generated) -> std::io::Result<()> {
+        let mp4 = g.response.content.0.clone();
+        let dir = self.config.videos_dir();
+        let id = job.id.clone();
+        let fps = self.model.manifest.defaults.fps;
+        let frames = job.spec.frames as usize;
+        tokio::task::spawn_blocking(move || {
+            let decoded = fractal_engine::video::decode_mp4(&mp4, frames)
+                .map_err(|e| std::io::Error::other(format!("prover's MP4 does not decode: {e}")))?;
+            let rgb: Vec<u8> = decoded.frames.concat();
+            let f = fractal_engine::video::Frames {
+                rgb: &rgb,
+                width: decoded.width,
+                height: decoded.height,
+                count: decoded.frames.len(),
+                fps,
+            };
+            let gif = fractal_engine::video::encode_gif(f).map_err(std::io::Error::other)?;
+            let png = fractal_engine::video::thumbnail_png(f).map_err(std::io::Error::other)?;
+            for (ext, bytes) in [("mp4", &mp4), ("gif", &gif), ("png", &png)] {
+                let tmp = dir.join(format!("{id}.{ext}.tmp"));
+                std::fs::write(&tmp, bytes)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, dir.join(format!("{id}.{ext}")))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
