@@ -57,8 +57,17 @@ pub fn run(b: RoutingBench) -> anyhow::Result<()> {
             r
         })
         .collect();
-    let get = |p| results.iter().find(|r| r.policy == p).expect("every policy ran");
-    let (ours, oracle, random) = (get(Policy::Fractal), get(Policy::Oracle), get(Policy::Random));
+    let get = |p| {
+        results
+            .iter()
+            .find(|r| r.policy == p)
+            .expect("every policy ran")
+    };
+    let (ours, oracle, random) = (
+        get(Policy::Fractal),
+        get(Policy::Oracle),
+        get(Policy::Random),
+    );
     println!("\n| policy | p50 | p95 | p99 | failed | retries | hedges |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &results {

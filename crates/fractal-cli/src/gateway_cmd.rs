@@ -132,13 +132,26 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
             } else {
-                println!("{:<18} {:<16} {:<8} {:>8} {:>8} {:>8} {:>8}", "id", "name", "state", "req/min", "new/min", "active", "per day");
+                println!(
+                    "{:<18} {:<16} {:<8} {:>8} {:>8} {:>8} {:>8}",
+                    "id", "name", "state", "req/min", "new/min", "active", "per day"
+                );
                 for k in keys {
-                    let state = if k.revoked_at.is_some() { "revoked" } else { "live" };
+                    let state = if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "live"
+                    };
                     let l = k.limits;
                     println!(
                         "{:<18} {:<16} {:<8} {:>8} {:>8} {:>8} {:>8}",
-                        k.id, k.name, state, l.requests_per_min, l.creates_per_min, l.max_active, l.daily_quota
+                        k.id,
+                        k.name,
+                        state,
+                        l.requests_per_min,
+                        l.creates_per_min,
+                        l.max_active,
+                        l.daily_quota
                     );
                 }
             }
@@ -172,7 +185,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr()?;
-        eprintln!("gateway at http://{addr}/ (data in {})", a.dir.dir.display());
+        eprintln!(
+            "gateway at http://{addr}/ (data in {})",
+            a.dir.dir.display()
+        );
         fractal_gateway::serve(listener, gw, shutdown_signal()).await?;
         eprintln!("gateway stopped");
         Ok(())

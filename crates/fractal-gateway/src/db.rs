@@ -363,7 +363,11 @@ impl Db {
                 .optional()?,
             None => None,
         };
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let cursor = cursor.unwrap_or(if ascending { 0 } else { i64::MAX });
         let mut stmt = conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE key_id = ?1 AND seq {cmp} ?2 ORDER BY seq {order} LIMIT ?3"
@@ -459,7 +463,8 @@ impl Db {
     /// Counts per status, for /metrics and the chaos report.
     pub fn counts(&self) -> Result<Vec<(String, u64)>, DbError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")?;
+        let mut stmt =
+            conn.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -499,7 +504,10 @@ mod tests {
         assert_eq!(db.key_by_secret(&secret).unwrap().unwrap().id, key.id);
         assert!(db.key_by_secret("fk-wrong").unwrap().is_none());
         let raw = std::fs::read(dir.path().join("g.sqlite")).unwrap();
-        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret stored in clear");
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret stored in clear"
+        );
         assert!(db.revoke_key(&key.id).unwrap());
         assert!(!db.revoke_key(&key.id).unwrap());
         assert!(db.key_by_secret(&secret).unwrap().is_none());
@@ -510,15 +518,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.sqlite")).unwrap();
         for i in 0..5 {
-            db.insert_job(&format!("video_{i}"), "key_a", &spec()).unwrap();
+            db.insert_job(&format!("video_{i}"), "key_a", &spec())
+                .unwrap();
         }
         db.insert_job("video_other", "key_b", &spec()).unwrap();
         let j = db.job("video_0").unwrap().unwrap();
         assert_eq!(j.spec, spec(), "seed round-trips through i64");
         assert_eq!(db.usage("key_a").unwrap(), (5, 5));
-        let page: Vec<String> = db.list_jobs("key_a", None, 2, false).unwrap().into_iter().map(|j| j.id).collect();
+        let page: Vec<String> = db
+            .list_jobs("key_a", None, 2, false)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
         assert_eq!(page, ["video_4", "video_3"]);
-        let next: Vec<String> = db.list_jobs("key_a", Some("video_3"), 10, false).unwrap().into_iter().map(|j| j.id).collect();
+        let next: Vec<String> = db
+            .list_jobs("key_a", Some("video_3"), 10, false)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
         assert_eq!(next, ["video_2", "video_1", "video_0"]);
         assert!(db.start("video_0").unwrap());
         assert!(!db.start("video_0").unwrap(), "claimed once");
@@ -529,11 +548,17 @@ mod tests {
         assert!(db.start("video_0").unwrap());
         assert!(db.complete("video_0", "prover", 10).unwrap());
         let j = db.job("video_0").unwrap().unwrap();
-        assert_eq!((j.status, j.progress, j.attempts), (Status::Completed, 100, 2));
+        assert_eq!(
+            (j.status, j.progress, j.attempts),
+            (Status::Completed, 100, 2)
+        );
         assert_eq!(db.expiring(9).unwrap().len(), 0);
         assert_eq!(db.expiring(10).unwrap(), ["video_0"]);
         db.fail("video_1", "no_capacity", "none").unwrap();
-        assert_eq!(db.job("video_1").unwrap().unwrap().error.unwrap().0, "no_capacity");
+        assert_eq!(
+            db.job("video_1").unwrap().unwrap().error.unwrap().0,
+            "no_capacity"
+        );
         assert!(db.integrity_check().unwrap());
     }
 }

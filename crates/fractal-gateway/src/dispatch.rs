@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use fractal_chain::NeuronInfo;
 use fractal_protocol::manifest::Size;
-use fractal_protocol::wire::{GenerateRequest, OutputFormat, Phase, ProgressEvent, PROTOCOL_VERSION};
+use fractal_protocol::wire::{
+    GenerateRequest, OutputFormat, Phase, ProgressEvent, PROTOCOL_VERSION,
+};
 use fractal_protocol::{Hotkey, JobId, Seed};
 use fractal_router::{Failure, GridMap, Ticket, Work};
 use fractal_verifier::client::{CallError, Generated};
@@ -131,9 +133,7 @@ impl Gateway {
         let mut on_progress = move |p: &ProgressEvent| {
             let _ = progress.send((id.clone(), percent(p), prover.clone()));
         };
-        self.verifier
-            .forward(&neuron, req, &mut on_progress)
-            .await
+        self.verifier.forward(&neuron, req, &mut on_progress).await
     }
 
     /// One attempt with an optional hedge: the first success wins and the
@@ -168,7 +168,9 @@ impl Gateway {
             return Some((r, first.neuron.hotkey));
         };
         tracing::info!(job = %job.id, slow = %first.neuron.hotkey, hedge = %second.neuron.hotkey, "hedging a slow request");
-        self.counters.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters
+            .hedges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let b = self.send(job, second.neuron.clone());
         tokio::pin!(b);
         tokio::select! {
@@ -203,10 +205,13 @@ impl Gateway {
                     match self.store_outputs(&job, &g).await {
                         Ok(()) => {
                             let expires = now_s() + self.config.retention.as_secs() as i64;
-                            if let Err(e) = self.db.complete(&job.id, &prover.to_string(), expires) {
+                            if let Err(e) = self.db.complete(&job.id, &prover.to_string(), expires)
+                            {
                                 tracing::error!(job = %job.id, error = %e, "recording completion failed");
                             }
-                            self.counters.completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.counters
+                                .completed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Err(e) => {
                             tracing::error!(job = %job.id, error = %e, "storing outputs failed");
@@ -218,7 +223,9 @@ impl Gateway {
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, %prover, error = %e, "prover failed the job; failing over");
-                    self.counters.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.counters
+                        .failovers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     errors.push(format!("{prover}: {e}"));
                 }
             }
@@ -226,14 +233,18 @@ impl Gateway {
         if errors.len() >= self.config.max_attempts as usize {
             let msg = format!("{} attempts failed: {}", errors.len(), errors.join("; "));
             let _ = self.db.fail(&job.id, "grid_error", &msg);
-            self.counters.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.counters
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else if now_s() - job.created_at > self.config.queue_timeout.as_secs() as i64 {
             let _ = self.db.fail(
                 &job.id,
                 "no_capacity",
                 "no prover could take the job before the queue timeout",
             );
-            self.counters.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.counters
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             // Nobody eligible right now: back in the queue for the next pass.
             let _ = self.db.requeue(&job.id);

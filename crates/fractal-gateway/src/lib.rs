@@ -225,10 +225,11 @@ impl Gateway {
             }
         };
         let provers = self.verifier.provers(&mg);
-        self.map
-            .lock()
-            .expect("map lock")
-            .sync(provers.iter().map(|n| (n.hotkey, Some(fractal_verifier::axon_url(n)))));
+        self.map.lock().expect("map lock").sync(
+            provers
+                .iter()
+                .map(|n| (n.hotkey, Some(fractal_verifier::axon_url(n)))),
+        );
         *self.provers.lock().expect("provers lock") = provers.clone();
         let client = self.verifier.client();
         let timeout = self.config.probe_every.max(Duration::from_secs(1));
@@ -242,7 +243,10 @@ impl Gateway {
                 Ok((info, rtt)) => map.observe_rtt(
                     &hk,
                     rtt.as_secs_f64() * 1000.0,
-                    Some(((info.running + info.queued) as u32, info.max_concurrent as u32)),
+                    Some((
+                        (info.running + info.queued) as u32,
+                        info.max_concurrent as u32,
+                    )),
                     now_ms(),
                 ),
                 Err(e) => {
@@ -315,7 +319,9 @@ impl Gateway {
     }
 
     fn sweep_expired(&self) {
-        let Ok(ids) = self.db.expiring(now_s()) else { return };
+        let Ok(ids) = self.db.expiring(now_s()) else {
+            return;
+        };
         for id in ids {
             for ext in ["mp4", "gif", "png"] {
                 let _ = std::fs::remove_file(self.config.videos_dir().join(format!("{id}.{ext}")));
@@ -343,7 +349,10 @@ impl Gateway {
             .map(str::trim)
             .unwrap_or("");
         if secret.is_empty() || secret.len() > 200 {
-            return Err(unauthorized("invalid_api_key", "Malformed Authorization header."));
+            return Err(unauthorized(
+                "invalid_api_key",
+                "Malformed Authorization header.",
+            ));
         }
         let key = self
             .db
@@ -354,7 +363,10 @@ impl Gateway {
             .map_err(|wait| {
                 OaiError::rate_limited(
                     "rate_limit_exceeded",
-                    format!("Rate limit reached for {} requests per minute.", key.limits.requests_per_min),
+                    format!(
+                        "Rate limit reached for {} requests per minute.",
+                        key.limits.requests_per_min
+                    ),
                     wait,
                 )
             })?;
@@ -428,7 +440,9 @@ pub async fn serve(
         }));
     }
     let app = router(gw.clone());
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     let _ = stop_tx.send(true);
     // Jobs still running stay `in_progress` in the database and are
     // re-queued by the next start; their requests are dropped here.
@@ -490,11 +504,19 @@ async fn read_fields(gw: &Gateway, req: Request) -> Result<Fields, OaiError> {
         .map_err(|_| too_large())?;
     if content_type.starts_with("application/json") {
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            OaiError::invalid(None, "invalid_json", format!("We could not parse the JSON body: {e}"))
+            OaiError::invalid(
+                None,
+                "invalid_json",
+                format!("We could not parse the JSON body: {e}"),
+            )
         })?;
         match v {
             Value::Object(m) => Ok(m.into_iter().collect()),
-            _ => Err(OaiError::invalid(None, "invalid_json", "The JSON body must be an object")),
+            _ => Err(OaiError::invalid(
+                None,
+                "invalid_json",
+                "The JSON body must be an object",
+            )),
         }
     } else if content_type.starts_with("multipart/form-data") {
         let req = Request::from_parts(parts, Body::from(bytes));
@@ -517,7 +539,11 @@ async fn read_fields(gw: &Gateway, req: Request) -> Result<Fields, OaiError> {
                 Value::String(format!("<file of {} bytes>", data.len()))
             } else {
                 Value::String(String::from_utf8(data.to_vec()).map_err(|_| {
-                    OaiError::invalid(None, "invalid_multipart", format!("field {name:?} is not UTF-8"))
+                    OaiError::invalid(
+                        None,
+                        "invalid_multipart",
+                        format!("field {name:?} is not UTF-8"),
+                    )
                 })?)
             };
             fields.insert(name, value);
@@ -550,7 +576,10 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
         .map_err(|wait| {
             OaiError::rate_limited(
                 "rate_limit_exceeded",
-                format!("Rate limit reached for {} videos per minute.", key.limits.creates_per_min),
+                format!(
+                    "Rate limit reached for {} videos per minute.",
+                    key.limits.creates_per_min
+                ),
                 wait,
             )
         })?;
@@ -565,14 +594,20 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
     if active >= key.limits.max_active {
         return Err(OaiError::rate_limited(
             "too_many_active_jobs",
-            format!("This key already has {active} videos queued or in progress (limit {}).", key.limits.max_active),
+            format!(
+                "This key already has {active} videos queued or in progress (limit {}).",
+                key.limits.max_active
+            ),
             5,
         ));
     }
     if today >= key.limits.daily_quota {
         return Err(OaiError::rate_limited(
             "insufficient_quota",
-            format!("This key created {today} videos in the last 24 hours (quota {}).", key.limits.daily_quota),
+            format!(
+                "This key created {today} videos in the last 24 hours (quota {}).",
+                key.limits.daily_quota
+            ),
             3600,
         ));
     }
@@ -611,16 +646,26 @@ async fn list_videos(
     let Query(q) = query.map_err(|e| OaiError::invalid(None, "invalid_query", e.body_text()))?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(OaiError::invalid(Some("limit"), "invalid_value", "limit must be 1..=100"));
+        return Err(OaiError::invalid(
+            Some("limit"),
+            "invalid_value",
+            "limit must be 1..=100",
+        ));
     }
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
         Some(_) => {
-            return Err(OaiError::invalid(Some("order"), "invalid_value", "order must be asc or desc"))
+            return Err(OaiError::invalid(
+                Some("order"),
+                "invalid_value",
+                "order must be asc or desc",
+            ))
         }
     };
-    let mut jobs = gw.db.list_jobs(&key.id, q.after.as_deref(), limit + 1, ascending)?;
+    let mut jobs = gw
+        .db
+        .list_jobs(&key.id, q.after.as_deref(), limit + 1, ascending)?;
     let has_more = jobs.len() > limit as usize;
     jobs.truncate(limit as usize);
     let data: Vec<Video> = jobs.iter().map(Video::from).collect();
@@ -649,7 +694,10 @@ async fn delete_video(
         let _ = std::fs::remove_file(gw.config.videos_dir().join(format!("{}.{ext}", job.id)));
     }
     gw.changed(&job.id);
-    Ok(Json(serde_json::json!({"id": job.id, "object": "video.deleted", "deleted": true})).into_response())
+    Ok(
+        Json(serde_json::json!({"id": job.id, "object": "video.deleted", "deleted": true}))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -684,7 +732,10 @@ async fn video_content(
             StatusCode::CONFLICT,
             "invalid_request_error",
             "video_not_ready",
-            format!("Video is {}; content is available once it is completed", job.status.as_str()),
+            format!(
+                "Video is {}; content is available once it is completed",
+                job.status.as_str()
+            ),
         ));
     }
     if job.expired {
@@ -696,10 +747,12 @@ async fn video_content(
         ));
     }
     let path = gw.config.videos_dir().join(format!("{}.{ext}", job.id));
-    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())))
-        .await
-        .map_err(OaiError::internal)?
-        .map_err(OaiError::internal)?;
+    let bytes = tokio::task::spawn_blocking(move || {
+        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    })
+    .await
+    .map_err(OaiError::internal)?
+    .map_err(OaiError::internal)?;
     Ok((
         [
             (header::CONTENT_TYPE, mime.to_string()),
@@ -748,7 +801,10 @@ async fn video_events(
                 .event("video")
                 .json_data(Video::from(&job))
                 .expect("video serialises");
-            Some((Ok::<_, std::convert::Infallible>(event), (gw, id, rx, None, terminal)))
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (gw, id, rx, None, terminal),
+            ))
         },
     );
     Ok(Sse::new(stream)
@@ -766,12 +822,30 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let c = &gw.counters;
     let mut out = String::new();
     for (name, v) in [
-        ("fractal_gateway_jobs_accepted_total", c.accepted.load(Ordering::Relaxed)),
-        ("fractal_gateway_jobs_completed_total", c.completed.load(Ordering::Relaxed)),
-        ("fractal_gateway_jobs_failed_total", c.failed.load(Ordering::Relaxed)),
-        ("fractal_gateway_failovers_total", c.failovers.load(Ordering::Relaxed)),
-        ("fractal_gateway_hedges_total", c.hedges.load(Ordering::Relaxed)),
-        ("fractal_gateway_jobs_running", gw.running.lock().expect("running lock").len() as u64),
+        (
+            "fractal_gateway_jobs_accepted_total",
+            c.accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_jobs_completed_total",
+            c.completed.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_jobs_failed_total",
+            c.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_failovers_total",
+            c.failovers.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_hedges_total",
+            c.hedges.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_jobs_running",
+            gw.running.lock().expect("running lock").len() as u64,
+        ),
     ] {
         out += &format!("{name} {v}\n");
     }

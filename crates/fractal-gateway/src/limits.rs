@@ -23,9 +23,10 @@ impl RateLimiter {
         let cap = per_min.max(1) as f64;
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("limiter lock");
-        let b = buckets
-            .entry((key.to_string(), kind))
-            .or_insert(Bucket { tokens: cap, at: now });
+        let b = buckets.entry((key.to_string(), kind)).or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(cap);
         b.at = now;
         if b.tokens >= 1.0 {

@@ -25,7 +25,11 @@ pub struct OaiError {
 }
 
 impl OaiError {
-    pub fn invalid(param: Option<&'static str>, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(
+        param: Option<&'static str>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         OaiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
@@ -35,7 +39,12 @@ impl OaiError {
             retry_after_s: None,
         }
     }
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         OaiError {
             status,
             message: message.into(),
@@ -53,10 +62,19 @@ impl OaiError {
             format!("{what} not found"),
         )
     }
-    pub fn rate_limited(code: &'static str, message: impl Into<String>, retry_after_s: u64) -> Self {
+    pub fn rate_limited(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after_s: u64,
+    ) -> Self {
         OaiError {
             retry_after_s: Some(retry_after_s.max(1)),
-            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, message)
+            ..OaiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                code,
+                message,
+            )
         }
     }
     pub fn internal(message: impl std::fmt::Display) -> Self {
@@ -116,6 +134,8 @@ pub struct Video {
     pub steps: u32,
     pub frames: u32,
     pub negative_prompt: String,
+    /// Hotkey of the prover that ran (or is running) it.
+    pub prover: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +167,7 @@ impl From<&Job> for Video {
             steps: j.spec.steps,
             frames: j.spec.frames,
             negative_prompt: j.spec.negative_prompt.clone(),
+            prover: j.prover.clone(),
         }
     }
 }
@@ -176,7 +197,11 @@ fn as_text(v: &Value) -> Option<String> {
 
 fn as_u64(v: &Value, param: &'static str) -> Result<u64, OaiError> {
     let text = as_text(v).ok_or_else(|| {
-        OaiError::invalid(Some(param), "invalid_type", format!("{param} must be an integer"))
+        OaiError::invalid(
+            Some(param),
+            "invalid_type",
+            format!("{param} must be an integer"),
+        )
     })?;
     text.trim().parse().map_err(|_| {
         OaiError::invalid(
@@ -214,9 +239,19 @@ pub fn parse_create(
     let prompt = match fields.get("prompt") {
         Some(Value::String(p)) if !p.trim().is_empty() => p.clone(),
         Some(Value::String(_)) => {
-            return Err(OaiError::invalid(Some("prompt"), "empty_string", "prompt must not be empty"))
+            return Err(OaiError::invalid(
+                Some("prompt"),
+                "empty_string",
+                "prompt must not be empty",
+            ))
         }
-        Some(_) => return Err(OaiError::invalid(Some("prompt"), "invalid_type", "prompt must be a string")),
+        Some(_) => {
+            return Err(OaiError::invalid(
+                Some("prompt"),
+                "invalid_type",
+                "prompt must be a string",
+            ))
+        }
         None => {
             return Err(OaiError::invalid(
                 Some("prompt"),
@@ -239,7 +274,11 @@ pub fn parse_create(
     for (param, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
         if text.len() > limits.max_prompt_bytes as usize {
             return Err(OaiError::invalid(
-                Some(if param == "prompt" { "prompt" } else { "negative_prompt" }),
+                Some(if param == "prompt" {
+                    "prompt"
+                } else {
+                    "negative_prompt"
+                }),
                 "string_above_max_length",
                 format!(
                     "{param} is {} bytes; this model accepts at most {}",
@@ -263,15 +302,26 @@ pub fn parse_create(
             ))
         }
     };
-    let sizes: Vec<String> = limits.sizes.iter().map(|s| format!("{}x{}", s.width, s.height)).collect();
+    let sizes: Vec<String> = limits
+        .sizes
+        .iter()
+        .map(|s| format!("{}x{}", s.width, s.height))
+        .collect();
     let (width, height) = match fields.get("size").and_then(as_text) {
         None => (d.size.width, d.size.height),
         Some(s) => {
-            let Some(size) = limits.sizes.iter().find(|z| format!("{}x{}", z.width, z.height) == s) else {
+            let Some(size) = limits
+                .sizes
+                .iter()
+                .find(|z| format!("{}x{}", z.width, z.height) == s)
+            else {
                 return Err(OaiError::invalid(
                     Some("size"),
                     "invalid_value",
-                    format!("Unsupported size {s:?}; this model renders {}", sizes.join(", ")),
+                    format!(
+                        "Unsupported size {s:?}; this model renders {}",
+                        sizes.join(", ")
+                    ),
                 ));
             };
             (size.width, size.height)
@@ -284,7 +334,11 @@ pub fn parse_create(
         Some(v) => {
             let text = as_text(v).unwrap_or_default();
             let secs: f64 = text.trim().parse().map_err(|_| {
-                OaiError::invalid(Some("seconds"), "invalid_value", format!("seconds must be a number, got {v}"))
+                OaiError::invalid(
+                    Some("seconds"),
+                    "invalid_value",
+                    format!("seconds must be a number, got {v}"),
+                )
             })?;
             let frames = (secs * fps as f64).round();
             if !(secs.is_finite() && frames >= 1.0 && frames <= limits.max_frames as f64) {
@@ -354,15 +408,23 @@ mod tests {
     #[test]
     fn defaults_come_from_the_manifest() {
         let s = parse(json!({"prompt": "a fox"})).unwrap();
-        assert_eq!((s.width, s.height, s.frames, s.steps, s.seed), (64, 64, 8, 10, 7));
+        assert_eq!(
+            (s.width, s.height, s.frames, s.steps, s.seed),
+            (64, 64, 8, 10, 7)
+        );
         assert_eq!(s.seconds, "1");
         assert_eq!(s.model, "fractal-tiny-v1");
     }
 
     #[test]
     fn form_strings_and_json_numbers_both_work() {
-        let a = parse(json!({"prompt": "x", "seconds": "0.5", "size": "32x32", "seed": "42", "steps": "4"})).unwrap();
-        let b = parse(json!({"prompt": "x", "seconds": 0.5, "size": "32x32", "seed": 42, "steps": 4})).unwrap();
+        let a = parse(
+            json!({"prompt": "x", "seconds": "0.5", "size": "32x32", "seed": "42", "steps": "4"}),
+        )
+        .unwrap();
+        let b =
+            parse(json!({"prompt": "x", "seconds": 0.5, "size": "32x32", "seed": 42, "steps": 4}))
+                .unwrap();
         assert_eq!(a, b);
         assert_eq!((a.frames, a.seconds.as_str(), a.seed), (4, "0.5", 42));
     }
@@ -373,17 +435,61 @@ mod tests {
             (json!({}), Some("prompt"), "missing_required_parameter"),
             (json!({"prompt": " "}), Some("prompt"), "empty_string"),
             (json!({"prompt": 5}), Some("prompt"), "invalid_type"),
-            (json!({"prompt": "x".repeat(1001)}), Some("prompt"), "string_above_max_length"),
-            (json!({"prompt": "x", "size": "720x1280"}), Some("size"), "invalid_value"),
-            (json!({"prompt": "x", "seconds": "4"}), Some("seconds"), "invalid_value"),
-            (json!({"prompt": "x", "seconds": "0"}), Some("seconds"), "invalid_value"),
-            (json!({"prompt": "x", "seconds": "NaN"}), Some("seconds"), "invalid_value"),
-            (json!({"prompt": "x", "steps": 0}), Some("steps"), "invalid_value"),
-            (json!({"prompt": "x", "steps": "-1"}), Some("steps"), "invalid_value"),
-            (json!({"prompt": "x", "seed": -1}), Some("seed"), "invalid_value"),
-            (json!({"prompt": "x", "model": "sora-2"}), Some("model"), "model_not_found"),
-            (json!({"prompt": "x", "input_reference": "f"}), Some("input_reference"), "unsupported_parameter"),
-            (json!({"prompt": "x", "colour": "red"}), None, "unknown_parameter"),
+            (
+                json!({"prompt": "x".repeat(1001)}),
+                Some("prompt"),
+                "string_above_max_length",
+            ),
+            (
+                json!({"prompt": "x", "size": "720x1280"}),
+                Some("size"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "seconds": "4"}),
+                Some("seconds"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "seconds": "0"}),
+                Some("seconds"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "seconds": "NaN"}),
+                Some("seconds"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "steps": 0}),
+                Some("steps"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "steps": "-1"}),
+                Some("steps"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "seed": -1}),
+                Some("seed"),
+                "invalid_value",
+            ),
+            (
+                json!({"prompt": "x", "model": "sora-2"}),
+                Some("model"),
+                "model_not_found",
+            ),
+            (
+                json!({"prompt": "x", "input_reference": "f"}),
+                Some("input_reference"),
+                "unsupported_parameter",
+            ),
+            (
+                json!({"prompt": "x", "colour": "red"}),
+                None,
+                "unknown_parameter",
+            ),
         ] {
             let e = parse(body.clone()).unwrap_err();
             assert_eq!((e.param, e.code), (param, code), "{body}");

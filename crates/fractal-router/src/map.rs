@@ -84,9 +84,13 @@ const REF_PIXELS: f64 = 64.0 * 64.0;
 pub enum Breaker {
     Closed,
     /// Refusing requests until `until_ms`.
-    Open { until_ms: f64 },
+    Open {
+        until_ms: f64,
+    },
     /// One trial request may go; its outcome closes or re-opens.
-    HalfOpen { probing: bool },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 /// Why a request to a node did not produce a result.
@@ -437,7 +441,10 @@ impl GridMap {
             .filter(|n| !exclude.contains(&n.hotkey) && self.eligible(n, now_ms))
             .map(|n| (n.hotkey, self.predict_with(n, work, prior, now_ms)))
             .collect();
-        let best = cands.iter().map(|c| c.1.total_ms).fold(f64::INFINITY, f64::min);
+        let best = cands
+            .iter()
+            .map(|c| c.1.total_ms)
+            .fold(f64::INFINITY, f64::min);
         if !best.is_finite() {
             return None;
         }
@@ -602,9 +609,7 @@ impl GridMap {
                         } else {
                             match n.breaker {
                                 Breaker::Closed => NodeHealth::Up,
-                                Breaker::Open { until_ms } if now_ms < until_ms => {
-                                    NodeHealth::Open
-                                }
+                                Breaker::Open { until_ms } if now_ms < until_ms => NodeHealth::Open,
                                 _ => NodeHealth::Probing,
                             }
                         },
@@ -697,7 +702,16 @@ mod tests {
             m.observe_rtt(&hk(2), 10.0, None, 0.0);
         }
         for (i, per) in [(0, 50.0), (1, 5.0), (2, 5.0)] {
-            let t = m.choose(&WORK, 0.0, &[hk(0), hk(1), hk(2)].into_iter().filter(|h| *h != hk(i)).collect::<Vec<_>>()).unwrap();
+            let t = m
+                .choose(
+                    &WORK,
+                    0.0,
+                    &[hk(0), hk(1), hk(2)]
+                        .into_iter()
+                        .filter(|h| *h != hk(i))
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap();
             m.completed(&t, &WORK, per * 80.0, per * 80.0 + 10.0, 0.0);
         }
         for _ in 0..20 {

@@ -198,8 +198,8 @@ impl Trace {
                 let region = rng.gen_range(0..cfg.region_rtt_ms.len());
                 let rtt_ms = cfg.region_rtt_ms[region] * rng.gen_range(0.8..1.2);
                 // Log-uniform speeds across the spread.
-                let ms = cfg.fastest_ms_per_frame_step
-                    * cfg.speed_spread.powf(rng.gen_range(0.0..1.0));
+                let ms =
+                    cfg.fastest_ms_per_frame_step * cfg.speed_spread.powf(rng.gen_range(0.0..1.0));
                 let mut outages = Vec::new();
                 let mut t = 0.0;
                 loop {
@@ -268,7 +268,9 @@ impl Trace {
     }
 
     fn service_ms(&self, job: usize, node: usize) -> f64 {
-        units(&self.jobs[job].work) * self.nodes[node].ms_per_frame_step * noise(self.cfg.seed, job, node)
+        units(&self.jobs[job].work)
+            * self.nodes[node].ms_per_frame_step
+            * noise(self.cfg.seed, job, node)
     }
 }
 
@@ -378,8 +380,10 @@ impl<'t> World<'t> {
             }
             Policy::LeastLoaded => {
                 let min = open.iter().map(|&i| self.outstanding[i]).min()?;
-                let least: Vec<usize> =
-                    open.into_iter().filter(|&i| self.outstanding[i] == min).collect();
+                let least: Vec<usize> = open
+                    .into_iter()
+                    .filter(|&i| self.outstanding[i] == min)
+                    .collect();
                 least[self.rng.gen_range(0..least.len())]
             }
             Policy::Oracle => {
@@ -395,7 +399,11 @@ impl<'t> World<'t> {
                     if let Some((_, _, _, ends)) = p.running {
                         free = free.max(ends);
                     }
-                    let backlog: f64 = p.queue.iter().map(|&(j, _)| self.trace.service_ms(j, i)).sum();
+                    let backlog: f64 = p
+                        .queue
+                        .iter()
+                        .map(|&(j, _)| self.trace.service_ms(j, i))
+                        .sum();
                     let done = free + backlog + self.trace.service_ms(job, i) + node.rtt_ms / 2.0;
                     if done < best.0 {
                         best = (done, i);
@@ -403,12 +411,11 @@ impl<'t> World<'t> {
                 }
                 if best.1 == usize::MAX {
                     // Everything is down: wait for the first node back.
-                    open.into_iter()
-                        .min_by(|&a, &b| {
-                            self.trace.nodes[a]
-                                .up_again(now)
-                                .total_cmp(&self.trace.nodes[b].up_again(now))
-                        })?
+                    open.into_iter().min_by(|&a, &b| {
+                        self.trace.nodes[a]
+                            .up_again(now)
+                            .total_cmp(&self.trace.nodes[b].up_again(now))
+                    })?
                 } else {
                     best.1
                 }
@@ -521,7 +528,10 @@ impl<'t> World<'t> {
                     }
                     self.provers[node].running = None;
                     let rtt = self.trace.nodes[node].rtt_ms;
-                    self.at(now + rtt / 2.0, Ev::Answer(job, node, attempt, Some(now - started)));
+                    self.at(
+                        now + rtt / 2.0,
+                        Ev::Answer(job, node, attempt, Some(now - started)),
+                    );
                     self.start_next(node, now);
                 }
                 Ev::NodeDown(node) => {
@@ -790,12 +800,19 @@ mod tests {
         let table: String = all.iter().map(|r| r.summary() + "\n").collect();
         eprintln!("{table}");
         let get = |p| all.iter().find(|r| r.policy == p).unwrap();
-        let (random, oracle, ours) = (get(Policy::Random), get(Policy::Oracle), get(Policy::Fractal));
+        let (random, oracle, ours) = (
+            get(Policy::Random),
+            get(Policy::Oracle),
+            get(Policy::Fractal),
+        );
         assert!(ours.p95_ms * 3.0 <= random.p95_ms, "{table}");
         // A short run on a small grid pays for learning; `fractal bench
         // routing` measures the target on the full-size grid.
         assert!(ours.p95_ms <= oracle.p95_ms * 1.5, "{table}");
-        assert_eq!(ours.failed, 0, "failover and breakers keep every job: {table}");
+        assert_eq!(
+            ours.failed, 0,
+            "failover and breakers keep every job: {table}"
+        );
     }
 
     #[test]

@@ -100,8 +100,8 @@ impl Coord {
         if mag > EPSILON {
             // The height takes its share of the correction, as the paper's
             // height-vector model does.
-            self.height = ((self.height + other.height) * force / mag + self.height)
-                .max(cfg.min_height);
+            self.height =
+                ((self.height + other.height) * force / mag + self.height).max(cfg.min_height);
         }
     }
 }
@@ -150,7 +150,10 @@ mod tests {
             }
         }
         assert!(worst < 0.15, "worst relative RTT error {worst}");
-        assert!(coords.iter().all(|c| c.error < 0.2), "errors settle: {coords:?}");
+        assert!(
+            coords.iter().all(|c| c.error < 0.2),
+            "errors settle: {coords:?}"
+        );
     }
 
     #[test]
@@ -173,7 +176,11 @@ mod tests {
             // Within 10%, or 1 ms for the shortest links (heights and the
             // jitter dominate there).
             let err = (me.distance(p) - rtt).abs();
-            assert!(err < (0.1 * rtt).max(1.0), "predicted {} for {rtt}", me.distance(p));
+            assert!(
+                err < (0.1 * rtt).max(1.0),
+                "predicted {} for {rtt}",
+                me.distance(p)
+            );
         }
     }
 
