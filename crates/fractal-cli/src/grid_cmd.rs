@@ -140,7 +140,7 @@ pub fn run(a: GridArgs) -> anyhow::Result<()> {
         let gw_addr = gw_listener.local_addr()?;
         let gateway_task = tokio::spawn(fractal_gateway::serve(gw_listener, gateway, stopped(stop_rx.clone())));
         eprintln!(
-            "grid ready: chain {chain_url}, {} provers, data in {}\n\
+            "grid ready: chain {chain_url} ({} provers, data in {})\n\
              web page: http://{gw_addr}/#key={api_key}\n\
              API key:  {api_key}\n\
              try:      curl -s http://{gw_addr}/v1/videos -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"a red fox running through snow\", \"size\": \"32x32\", \"seconds\": \"0.5\", \"steps\": 4}}'\n\

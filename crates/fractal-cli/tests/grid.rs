@@ -22,6 +22,8 @@ fn grid_comes_up_rewards_honest_provers_and_stops_cleanly() {
             "2",
             "--steps",
             "3",
+            "--listen",
+            "127.0.0.1:0",
             "--dir",
         ])
         .arg(dir.path())

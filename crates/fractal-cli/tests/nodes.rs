@@ -3,85 +3,17 @@
 //! The verifier must never flag either prover, and both must earn.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn fractal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fractal"))
-}
-
-/// Spawns `cmd`, waits for a stderr line containing `marker`, returns that line.
-fn spawn_until(mut cmd: Command, marker: &str) -> (Proc, String) {
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("exited before {marker:?}"))
-            .unwrap();
-        if line.contains(marker) {
-            break line;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (Proc(child), line)
-}
-
-fn run(wallets: &Path, chain: &str, args: &[&str]) -> Output {
-    let out = fractal()
-        .args(args)
-        .env("BT_WALLET_PATH", wallets)
-        .env("FRACTAL_CHAIN", chain)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+mod common;
+use common::{fractal, run, spawn_until, start_chain, Proc};
 
 #[test]
 fn honest_provers_on_different_thread_counts_pass_every_audit_and_earn() {
     let dir = tempfile::tempdir().unwrap();
     let wallets = dir.path().join("wallets");
-    let (_chain, line) = spawn_until(
-        {
-            let mut c = fractal();
-            c.args([
-                "chain",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--block-time-ms",
-                "200",
-                "--tempo",
-                "10",
-                "--db",
-            ])
-            .arg(dir.path().join("chain.sqlite"));
-            c
-        },
-        "local chain at",
-    );
-    let url = line
-        .split("local chain at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let (_chain, url) = start_chain(dir.path(), 200, 10);
     for w in ["val", "m1", "m2"] {
         run(
             &wallets,

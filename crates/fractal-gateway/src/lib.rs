@@ -32,6 +32,7 @@ use axum::{Json, Router};
 use fractal_chain::NeuronInfo;
 use fractal_engine::PinnedModel;
 use fractal_router::{GridMap, MapStore, RouterConfig, Work};
+use fractal_verifier::client::CallError;
 use fractal_verifier::Verifier;
 use serde::Deserialize;
 use serde_json::Value;
@@ -249,10 +250,14 @@ impl Gateway {
                     )),
                     now_ms(),
                 ),
-                Err(e) => {
+                // Down or unreachable: keep jobs away until it answers again.
+                Err(e @ (CallError::Transport(_) | CallError::Timeout(_))) => {
                     tracing::debug!(prover = %hk, error = %e, "probe failed");
                     map.unreachable(&hk, now_ms());
                 }
+                // It answered, but refused or garbled: jobs will show
+                // whether it serves us (e.g. before our validator permit).
+                Err(e) => tracing::debug!(prover = %hk, error = %e, "probe refused"),
             }
         }
         match self.verifier.current_weights().await {

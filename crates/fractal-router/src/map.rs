@@ -135,6 +135,10 @@ pub struct NodeState {
     pub error_rate: f64,
     pub consecutive_failures: u32,
     pub breaker: Breaker,
+    /// The breaker was opened by a failed probe (not by failed jobs), so a
+    /// successful probe may let a trial job through at once.
+    #[serde(default)]
+    pub probe_down: bool,
     /// The verifier's score; `Some(0.0)` means never route here.
     pub score: Option<f64>,
     pub audits_passed: u64,
@@ -162,6 +166,7 @@ impl NodeState {
             error_rate: 0.0,
             consecutive_failures: 0,
             breaker: Breaker::Closed,
+            probe_down: false,
             score: None,
             audits_passed: 0,
             audits_failed: 0,
@@ -335,6 +340,12 @@ impl GridMap {
         while n.rtt_samples.len() > self.cfg.rtt_window {
             n.rtt_samples.pop_front();
         }
+        if n.probe_down {
+            n.probe_down = false;
+            if let Breaker::Open { .. } = n.breaker {
+                n.breaker = Breaker::HalfOpen { probing: false };
+            }
+        }
         if let Some((queue, concurrency)) = queue {
             n.reported_queue = queue;
             n.reported_at_ms = now_ms;
@@ -357,6 +368,7 @@ impl GridMap {
         let open_ms = self.cfg.breaker_open_ms;
         if let Some(n) = self.nodes.get_mut(hk) {
             n.consecutive_failures += 1;
+            n.probe_down = true;
             if !matches!(n.breaker, Breaker::HalfOpen { probing: true }) {
                 n.breaker = Breaker::Open {
                     until_ms: now_ms + open_ms,
@@ -749,6 +761,18 @@ mod tests {
         m.completed(&trial, &WORK, 100.0, 120.0, later);
         assert_eq!(m.node(&hk(1)).unwrap().breaker, Breaker::Closed);
         assert!(m.choose(&WORK, later, &[]).is_some());
+    }
+
+    #[test]
+    fn a_node_back_from_a_failed_probe_gets_a_trial_at_once() {
+        let mut m = map(1);
+        m.unreachable(&hk(0), 0.0);
+        assert_eq!(m.choose(&WORK, 1.0, &[]), None);
+        m.observe_rtt(&hk(0), 5.0, None, 2.0);
+        let trial = m.choose(&WORK, 2.0, &[]).expect("one trial");
+        assert_eq!(m.choose(&WORK, 2.0, &[]), None, "only one until it answers");
+        m.completed(&trial, &WORK, 100.0, 110.0, 3.0);
+        assert_eq!(m.node(&hk(0)).unwrap().breaker, Breaker::Closed);
     }
 
     #[test]

@@ -1,0 +1,411 @@
+//! The gateway end to end, as separate processes on loopback:
+//! * the prover serving a job is killed: the job completes on another;
+//! * the gateway is killed mid-job and restarted: the job still completes;
+//! * `fractal grid` driven by the unmodified `openai` Python SDK and by a
+//!   real headless Chromium on the web page.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+mod common;
+use common::{fractal, run, spawn_until, start_chain, tool, Proc};
+
+struct Api {
+    base: String,
+    key: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn create(&self, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/videos", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+        r.json().unwrap()
+    }
+    fn get(&self, id: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}/v1/videos/{id}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .ok()?;
+        r.json().ok()
+    }
+    /// Polls until `pred` holds (the gateway may be restarting meanwhile).
+    fn wait(&self, id: &str, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.get(id) {
+                assert_ne!(v["status"], "failed", "{what}: {v}");
+                if pred(&v) {
+                    return v;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    fn content(&self, id: &str, variant: &str) -> Vec<u8> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/videos/{id}/content?variant={variant}",
+                self.base
+            ))
+            .bearer_auth(&self.key)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+        r.bytes().unwrap().to_vec()
+    }
+}
+
+fn start_gateway(wallets: &Path, chain: &str, dir: &Path) -> (Proc, String) {
+    let mut c = fractal();
+    c.args(["gateway", "-w", "val", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .env("BT_WALLET_PATH", wallets)
+        .env("FRACTAL_CHAIN", chain);
+    let (p, line, _) = spawn_until(c, "gateway at ");
+    let base = line
+        .split("gateway at ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    (p, base)
+}
+
+fn assert_valid_mp4(bytes: &[u8], frames: usize, size: usize) {
+    let v = fractal_engine::video::decode_mp4(bytes, 64).expect("the MP4 decodes");
+    assert_eq!((v.frames.len(), v.width, v.height), (frames, size, size));
+}
+
+#[test]
+fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let wallets = dir.path().join("wallets");
+    let (_chain, url) = start_chain(dir.path(), 200, 10);
+    for w in ["val", "m1", "m2"] {
+        run(
+            &wallets,
+            &url,
+            &["wallet", "create", "-w", w, "--no-password"],
+        );
+        run(&wallets, &url, &["register", "-w", w]);
+    }
+    run(&wallets, &url, &["stake", "-w", "val", "--amount", "100"]);
+    let mut provers = Vec::new();
+    for w in ["m1", "m2"] {
+        let mut c = fractal();
+        c.args(["prover", "-w", w, "--listen", "127.0.0.1:0"])
+            .env("BT_WALLET_PATH", &wallets)
+            .env("FRACTAL_CHAIN", &url)
+            .env("RAYON_NUM_THREADS", "1");
+        let (p, line, _) = spawn_until(c, "serving");
+        // "prover uid N (HOTKEY) serving …"
+        let hotkey = line
+            .split('(')
+            .nth(1)
+            .unwrap()
+            .split(')')
+            .next()
+            .unwrap()
+            .to_string();
+        provers.push(Some((p, hotkey)));
+    }
+    let gw_dir = dir.path().join("gateway");
+    let out = fractal()
+        .args(["gateway", "keys", "create", "--name", "e2e", "--dir"])
+        .arg(&gw_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (gateway, base) = start_gateway(&wallets, &url, &gw_dir);
+    let api = Api {
+        base,
+        key,
+        http: reqwest::blocking::Client::new(),
+    };
+    // Long enough to kill mid-way on two cores: 8 frames, 64x64, 24 steps.
+    let job = json!({"prompt": "a red fox running through snow", "size": "64x64", "seconds": "1", "steps": 24, "seed": 5});
+
+    // 1. Kill -9 the prover serving a job: it completes on the other one.
+    let first = api.create(job.clone());
+    let id = first["id"].as_str().unwrap().to_string();
+    let running = api.wait(&id, "the job to start", 120, |v| {
+        v["status"] == "in_progress"
+            && v["progress"].as_u64().unwrap_or(0) >= 5
+            && v["prover"].is_string()
+    });
+    let victim = running["prover"].as_str().unwrap().to_string();
+    let slot = provers
+        .iter_mut()
+        .position(|p| p.as_ref().is_some_and(|(_, hk)| *hk == victim))
+        .expect("the serving prover is one of ours");
+    let (mut proc, _) = provers[slot].take().unwrap();
+    proc.0.kill().unwrap();
+    let done = api.wait(&id, "failover", 180, |v| v["status"] == "completed");
+    assert_ne!(done["prover"], victim, "completed elsewhere: {done}");
+    let video = api.content(&id, "video");
+    assert_valid_mp4(&video, 8, 64);
+
+    // 2. Kill -9 the gateway mid-job, start it again: the job completes,
+    //    once, with the same seed (so the very same video).
+    let second = api.create(job);
+    let id2 = second["id"].as_str().unwrap().to_string();
+    api.wait(&id2, "the second job to start", 120, |v| {
+        v["status"] == "in_progress" && v["progress"].as_u64().unwrap_or(0) >= 5
+    });
+    drop(gateway);
+    let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir);
+    let api = Api { base, ..api };
+    api.wait(&id2, "the resumed job", 180, |v| v["status"] == "completed");
+    assert_eq!(
+        api.content(&id2, "video"),
+        video,
+        "same prompt and seed on the same build: the same video"
+    );
+    let list: Value = api
+        .http
+        .get(format!("{}/v1/videos", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [id2.as_str(), id.as_str()],
+        "nothing lost, nothing duplicated"
+    );
+}
+
+/// Minimal W3C WebDriver client over chromedriver's HTTP API.
+struct Browser {
+    http: reqwest::blocking::Client,
+    url: String,
+    _driver: Proc,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start(chromedriver: &str, chromium: &str) -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Proc(
+            Command::new(chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let profile = tempfile::tempdir().unwrap();
+        let http = reqwest::blocking::Client::new();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--no-first-run", "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required",
+                     format!("--user-data-dir={}", profile.path().display())]}}}});
+        let start = Instant::now();
+        let session = loop {
+            match http
+                .post(format!("http://127.0.0.1:{port}/session"))
+                .json(&caps)
+                .send()
+            {
+                Ok(r) => {
+                    let v: Value = r.json().unwrap();
+                    break v["value"]["sessionId"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("{v}"))
+                        .to_string();
+                }
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("chromedriver did not start: {e}"),
+            }
+        };
+        Browser {
+            http,
+            url: format!("http://127.0.0.1:{port}/session/{session}"),
+            _driver: driver,
+            _profile: profile,
+        }
+    }
+    fn cmd(&self, path: &str, body: Value) -> Value {
+        let v: Value = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        // WebDriver errors come as {"value": {"error", "message", …}}.
+        assert!(v["value"].get("stacktrace").is_none(), "{path}: {v}");
+        v["value"].clone()
+    }
+    fn js(&self, script: &str) -> Value {
+        self.cmd("/execute/sync", json!({"script": script, "args": []}))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.http.delete(&self.url).send();
+    }
+}
+
+#[test]
+fn openai_sdk_and_browser_on_fractal_grid() {
+    let Some(python) = tool("FRACTAL_PYTHON") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = fractal();
+    c.args([
+        "grid",
+        "--provers",
+        "3",
+        "--block-time-ms",
+        "100",
+        "--tempo",
+        "10",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+    ])
+    .arg(dir.path())
+    .stdout(Stdio::null());
+    let (_grid, _, log) = spawn_until(c, "Ctrl-C stops");
+    let text = log.lock().unwrap().join("\n");
+    let page = text
+        .split("web page: ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let base = page.split("/#key=").next().unwrap().to_string();
+    let key = page.split("/#key=").nth(1).unwrap().to_string();
+
+    // The openai SDK, unchanged (create_and_poll, download_content, list, retrieve, delete, errors).
+    let mp4 = dir.path().join("sdk.mp4");
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tools/sdk/e2e.py"
+        ))
+        .args([&base, &key])
+        .arg(&mp4)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai SDK run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["size"], "32x32");
+    assert_valid_mp4(&std::fs::read(&mp4).unwrap(), 4, 32);
+
+    // A real browser on the web page.
+    let (Some(driver), Some(chromium)) = (tool("FRACTAL_CHROMEDRIVER"), tool("FRACTAL_CHROMIUM"))
+    else {
+        return;
+    };
+    let b = Browser::start(&driver, &chromium);
+    b.cmd("/url", json!({"url": page}));
+    b.js(
+        "document.getElementById('prompt').value = 'a cat playing piano in space';
+          document.getElementById('size').value = '32x32';
+          document.getElementById('seconds').value = '0.5';
+          document.getElementById('steps').value = '4';
+          document.getElementById('go').click();",
+    );
+    let start = Instant::now();
+    let state = loop {
+        let s = b.js("const v = document.getElementById('player');
+            return { progress: document.getElementById('progress').value,
+                     status: document.getElementById('status').textContent,
+                     page_error: document.getElementById('error').textContent,
+                     ready: v.readyState, time: v.currentTime, width: v.videoWidth, paused: v.paused,
+                     gif: !document.getElementById('gif').hidden,
+                     nodes: document.querySelectorAll('#map circle.node').length,
+                     rows: document.querySelectorAll('#nodes tbody tr').length,
+                     history: document.querySelectorAll('#history li').length };");
+        if s["progress"] == 100
+            && s["ready"].as_u64() >= Some(2)
+            && s["time"].as_f64() > Some(0.0)
+            && s["nodes"] == 3
+        {
+            break s;
+        }
+        assert!(
+            s["page_error"].as_str().unwrap_or("").is_empty(),
+            "page error: {s}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "page never finished: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(state["width"], 32, "{state}");
+    assert!(
+        state["status"].as_str().unwrap().contains("completed"),
+        "{state}"
+    );
+    assert_eq!(state["gif"], true, "GIF download offered: {state}");
+    assert_eq!(
+        state["rows"], 3,
+        "latency table lists every prover: {state}"
+    );
+    let shot = b
+        .http
+        .get(format!("{}/screenshot", b.url))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap();
+    let png = base64_decode(shot["value"].as_str().unwrap());
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::write(artifacts.join("gateway-page.png"), png).unwrap();
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
