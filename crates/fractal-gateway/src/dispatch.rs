@@ -138,15 +138,33 @@ impl Gateway {
 
     /// One attempt with an optional hedge: the first success wins and the
     /// other request is dropped (the prover sees the hang-up and stops).
+    /// `started` says whether the job is already `in_progress`; it is
+    /// marked so only once a prover is picked, so a job waiting for
+    /// capacity stays `queued` for the app.
     async fn attempt(
         &self,
         job: &Job,
         work: &Work,
         tried: &mut Vec<Hotkey>,
+        started: &mut bool,
     ) -> Option<(Result<Generated, CallError>, Hotkey)> {
         let Pick::Sent(mut first) = self.pick(work, tried) else {
             return None;
         };
+        if !*started {
+            match self.db.start(&job.id) {
+                Ok(true) => {
+                    *started = true;
+                    self.changed(&job.id);
+                }
+                // Deleted meanwhile.
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "claiming a job failed");
+                    return None;
+                }
+            }
+        }
         let hedge_after = {
             let map = self.map.lock().expect("map lock");
             Duration::from_secs_f64(
@@ -191,13 +209,16 @@ impl Gateway {
         }
     }
 
-    /// Runs a claimed job to completion, failure, or back to the queue.
+    /// Runs a queued job to completion or failure, or leaves it queued
+    /// when no prover can take it now.
     pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
         let work = work_of(&job);
         let mut tried = Vec::new();
         let mut errors = Vec::new();
+        let mut started = false;
         while errors.len() < self.config.max_attempts as usize {
-            let Some((result, prover)) = self.attempt(&job, &work, &mut tried).await else {
+            let Some((result, prover)) = self.attempt(&job, &work, &mut tried, &mut started).await
+            else {
                 break;
             };
             match result {
@@ -245,9 +266,12 @@ impl Gateway {
             self.counters
                 .failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            // Nobody eligible right now: back in the queue for the next pass.
+        } else if started {
+            // Every eligible prover failed it: back in the queue.
             let _ = self.db.requeue(&job.id);
+        } else {
+            // Nobody eligible yet; the dispatcher tries again shortly.
+            return;
         }
         self.changed(&job.id);
     }

@@ -304,15 +304,6 @@ impl Gateway {
             .take(room)
             .collect();
         for job in fresh {
-            match self.db.start(&job.id) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "claiming a job failed");
-                    continue;
-                }
-            }
-            self.changed(&job.id);
             let me = self.clone();
             let id = job.id.clone();
             let task = tokio::spawn(async move {
