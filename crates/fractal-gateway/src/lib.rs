@@ -263,8 +263,8 @@ impl Gateway {
         match self.verifier.current_weights().await {
             Ok(weights) => {
                 let mut map = self.map.lock().expect("map lock");
-                for (hk, w) in weights {
-                    map.set_score(&hk, w);
+                for (s, w) in weights {
+                    map.set_verdict(&s.hotkey, w, s.passed, s.failed);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "verifier scores unavailable"),
@@ -314,7 +314,9 @@ impl Gateway {
         }
     }
 
-    fn sweep_expired(&self) {
+    /// Deletes the files of videos past their retention; their `content`
+    /// answers 410 from then on.
+    pub fn sweep_expired(&self) {
         let Ok(ids) = self.db.expiring(now_s()) else {
             return;
         };

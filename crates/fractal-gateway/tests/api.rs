@@ -476,6 +476,67 @@ async fn limits_and_quotas_answer_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_videos_lose_their_files_and_answer_410() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), KeyLimits::default()).await;
+    let http = reqwest::Client::new();
+    let v: Value = http
+        .post(format!("{}/v1/videos", g.base))
+        .bearer_auth(&g.key)
+        .json(&json!({"prompt": "a fox", "size": "32x32"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    // Finish it by hand, already past its retention.
+    let videos = g.gw.config.videos_dir();
+    for ext in ["mp4", "gif", "png"] {
+        std::fs::write(videos.join(format!("{id}.{ext}")), b"x").unwrap();
+    }
+    assert!(g.gw.db.start(&id).unwrap());
+    assert!(g
+        .gw
+        .db
+        .complete(&id, "prover", fractal_gateway::db::now_s() - 1)
+        .unwrap());
+    let content = format!("{}/v1/videos/{id}/content", g.base);
+    assert_eq!(
+        http.get(&content)
+            .bearer_auth(&g.key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    g.gw.sweep_expired();
+    for ext in ["mp4", "gif", "png"] {
+        assert!(!videos.join(format!("{id}.{ext}")).exists());
+    }
+    expect_error(
+        http.get(&content).bearer_auth(&g.key).send().await.unwrap(),
+        410,
+        "video_expired",
+    )
+    .await;
+    // The record stays: apps still see it completed.
+    let v: Value = http
+        .get(format!("{}/v1/videos/{id}", g.base))
+        .bearer_auth(&g.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "completed");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_jobs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let g = start(dir.path(), KeyLimits::default()).await;

@@ -304,20 +304,13 @@ impl GridMap {
         self.nodes.get(hk)
     }
 
-    pub fn set_score(&mut self, hk: &Hotkey, score: f64) {
+    /// The verifier's view of `hk`: its current weight (0 excludes it)
+    /// and its audit record.
+    pub fn set_verdict(&mut self, hk: &Hotkey, score: f64, audits_passed: u64, audits_failed: u64) {
         if let Some(n) = self.nodes.get_mut(hk) {
             n.score = Some(score);
-        }
-    }
-
-    pub fn record_audit(&mut self, hk: &Hotkey, passed: bool) {
-        if let Some(n) = self.nodes.get_mut(hk) {
-            if passed {
-                n.audits_passed += 1;
-            } else {
-                n.audits_failed += 1;
-                n.score = Some(0.0);
-            }
+            n.audits_passed = audits_passed;
+            n.audits_failed = audits_failed;
         }
     }
 
@@ -742,7 +735,7 @@ mod tests {
     #[test]
     fn never_routes_to_zero_scores_and_breaks_on_failures() {
         let mut m = map(2);
-        m.set_score(&hk(0), 0.0);
+        m.set_verdict(&hk(0), 0.0, 0, 1);
         for _ in 0..10 {
             let t = m.choose(&WORK, 0.0, &[]).unwrap();
             assert_eq!(t.node, hk(1));
@@ -778,7 +771,7 @@ mod tests {
     #[test]
     fn failed_audit_excludes_the_node() {
         let mut m = map(2);
-        m.record_audit(&hk(1), false);
+        m.set_verdict(&hk(1), 0.0, 3, 1);
         for _ in 0..10 {
             let t = m.choose(&WORK, 0.0, &[]).unwrap();
             assert_eq!(t.node, hk(0));

@@ -192,14 +192,18 @@ impl Verifier {
         &self.config
     }
 
-    /// The weight each scored prover would get now (0 for a failed check
-    /// this epoch or the last): the gateway never routes to a zero.
-    pub async fn current_weights(&self) -> Result<Vec<(Hotkey, f64)>, VerifierError> {
+    /// Every scored prover with the weight it would get now (0 for a
+    /// failed check this epoch or the last): the gateway never routes to a
+    /// zero.
+    pub async fn current_weights(&self) -> Result<Vec<(ProverScore, f64)>, VerifierError> {
         let epoch = self.current_epoch().await?;
         Ok(self
             .scores()?
-            .iter()
-            .map(|s| (s.hotkey, Store::weight(s, epoch)))
+            .into_iter()
+            .map(|s| {
+                let w = Store::weight(&s, epoch);
+                (s, w)
+            })
             .collect())
     }
 
