@@ -18,6 +18,14 @@ use fractal_verifier::client::{CallError, Generated};
 use crate::db::{now_s, Job};
 use crate::Gateway;
 
+#[derive(Debug, thiserror::Error)]
+enum OutputError {
+    #[error("bad video from the prover: {0}")]
+    BadVideo(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Percent shown for a progress event: denoising is most of the work.
 pub fn percent(p: &ProgressEvent) -> u32 {
     match p.phase {
@@ -224,6 +232,16 @@ impl Gateway {
             match result {
                 Ok(g) => {
                     match self.store_outputs(&job, &g).await {
+                        // The prover's fault: try another one.
+                        Err(OutputError::BadVideo(e)) => {
+                            tracing::warn!(job = %job.id, %prover, error = %e, "prover returned a video that does not decode; failing over");
+                            self.map
+                                .lock()
+                                .expect("map lock")
+                                .distrust(&prover, crate::now_ms());
+                            errors.push(format!("{prover}: {e}"));
+                            continue;
+                        }
                         Ok(()) => {
                             let expires = now_s() + self.config.retention.as_secs() as i64;
                             if let Err(e) = self.db.complete(&job.id, &prover.to_string(), expires)
@@ -234,7 +252,7 @@ impl Gateway {
                                 .completed
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
-                        Err(e) => {
+                        Err(OutputError::Io(e)) => {
                             tracing::error!(job = %job.id, error = %e, "storing outputs failed");
                             let _ = self.db.fail(&job.id, "storage_error", &e.to_string());
                         }
@@ -279,15 +297,25 @@ impl Gateway {
     /// Writes the MP4 and derives the GIF and thumbnail, each via a
     /// temporary file and a rename, so a crash never leaves half a file
     /// under a final name.
-    async fn store_outputs(&self, job: &Job, g: &Generated) -> std::io::Result<()> {
+    async fn store_outputs(&self, job: &Job, g: &Generated) -> Result<(), OutputError> {
         let mp4 = g.response.content.0.clone();
         let dir = self.config.videos_dir();
         let id = job.id.clone();
         let fps = self.model.manifest.defaults.fps;
         let frames = job.spec.frames as usize;
+        let (width, height) = (job.spec.width as usize, job.spec.height as usize);
         tokio::task::spawn_blocking(move || {
             let decoded = fractal_engine::video::decode_mp4(&mp4, frames)
-                .map_err(|e| std::io::Error::other(format!("prover's MP4 does not decode: {e}")))?;
+                .map_err(|e| OutputError::BadVideo(format!("its MP4 does not decode: {e}")))?;
+            if decoded.frames.len() != frames || (decoded.width, decoded.height) != (width, height)
+            {
+                return Err(OutputError::BadVideo(format!(
+                    "its MP4 has {} frames of {}x{}, not {frames} of {width}x{height}",
+                    decoded.frames.len(),
+                    decoded.width,
+                    decoded.height
+                )));
+            }
             let rgb: Vec<u8> = decoded.frames.concat();
             let f = fractal_engine::video::Frames {
                 rgb: &rgb,
@@ -296,8 +324,10 @@ impl Gateway {
                 count: decoded.frames.len(),
                 fps,
             };
-            let gif = fractal_engine::video::encode_gif(f).map_err(std::io::Error::other)?;
-            let png = fractal_engine::video::thumbnail_png(f).map_err(std::io::Error::other)?;
+            let gif = fractal_engine::video::encode_gif(f)
+                .map_err(|e| OutputError::BadVideo(e.to_string()))?;
+            let png = fractal_engine::video::thumbnail_png(f)
+                .map_err(|e| OutputError::BadVideo(e.to_string()))?;
             for (ext, bytes) in [("mp4", &mp4), ("gif", &gif), ("png", &png)] {
                 let tmp = dir.join(format!("{id}.{ext}.tmp"));
                 std::fs::write(&tmp, bytes)?;
@@ -307,6 +337,6 @@ impl Gateway {
             Ok(())
         })
         .await
-        .map_err(std::io::Error::other)?
+        .map_err(|e| OutputError::Io(std::io::Error::other(e)))?
     }
 }

@@ -355,6 +355,19 @@ impl GridMap {
             .update(&node_before, filtered, &self.cfg.vivaldi, &mut self.rng);
     }
 
+    /// `hk` answered with something unusable (a video that does not
+    /// decode): keep jobs away for the breaker's open period.
+    pub fn distrust(&mut self, hk: &Hotkey, now_ms: f64) {
+        let open_ms = self.cfg.breaker_open_ms;
+        if let Some(n) = self.nodes.get_mut(hk) {
+            n.errors += 1;
+            n.consecutive_failures += 1;
+            n.breaker = Breaker::Open {
+                until_ms: now_ms + open_ms,
+            };
+        }
+    }
+
     /// A probe found `hk` unreachable (connection refused or timed out):
     /// open its breaker now rather than after failed jobs.
     pub fn unreachable(&mut self, hk: &Hotkey, now_ms: f64) {
