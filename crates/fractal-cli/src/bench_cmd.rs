@@ -21,6 +21,8 @@ pub enum BenchCmd {
     /// One side of the engine benchmark (run by `bench engine`).
     #[command(hide = true)]
     EngineWorker(Workload),
+    /// The gateway under concurrent apps: throughput, latency, memory, back-pressure.
+    Load(crate::bench_load::LoadBench),
     /// Routing policies on a simulated 256-prover grid, against an oracle.
     Routing(crate::bench_routing::RoutingBench),
     /// Spot-check cost, detection rate per cheat, honest false positives.
@@ -261,6 +263,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Engine(b) => engine(b),
         BenchCmd::Routing(b) => crate::bench_routing::run(b),
+        BenchCmd::Load(b) => crate::bench_load::run(b),
         BenchCmd::EngineWorker(w) => worker(w),
         #[cfg(feature = "cheats")]
         BenchCmd::Verify(b) => crate::bench_verify::run(b),

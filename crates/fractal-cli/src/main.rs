@@ -1,6 +1,7 @@
 //! `fractal`: one binary for every role in the grid.
 
 mod bench_cmd;
+mod bench_load;
 mod bench_routing;
 #[cfg(feature = "cheats")]
 mod bench_verify;

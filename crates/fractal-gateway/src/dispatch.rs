@@ -82,24 +82,17 @@ impl Drop for Sent {
     }
 }
 
-enum Pick {
-    Sent(Sent),
-    /// No eligible prover right now.
-    None,
-}
-
 impl Gateway {
-    fn pick(&self, work: &Work, tried: &mut Vec<Hotkey>) -> Pick {
+    /// The best eligible prover not tried yet; `None` when there is none.
+    fn pick(&self, work: &Work, tried: &mut Vec<Hotkey>) -> Option<Sent> {
         let neurons = self.provers.lock().expect("provers lock").clone();
         let mut map = self.map.lock().expect("map lock");
         loop {
-            let Some(t) = map.choose(work, crate::now_ms(), tried) else {
-                return Pick::None;
-            };
+            let t = map.choose(work, crate::now_ms(), tried)?;
             tried.push(t.node);
             match neurons.iter().find(|n| n.hotkey == t.node) {
                 Some(n) => {
-                    return Pick::Sent(Sent {
+                    return Some(Sent {
                         map: self.map.clone(),
                         ticket: Some(t),
                         neuron: n.clone(),
@@ -156,9 +149,7 @@ impl Gateway {
         tried: &mut Vec<Hotkey>,
         started: &mut bool,
     ) -> Option<(Result<Generated, CallError>, Hotkey)> {
-        let Pick::Sent(mut first) = self.pick(work, tried) else {
-            return None;
-        };
+        let mut first = self.pick(work, tried)?;
         if !*started {
             match self.db.start(&job.id) {
                 Ok(true) => {
@@ -188,7 +179,7 @@ impl Gateway {
             }
             _ = tokio::time::sleep(hedge_after) => {}
         }
-        let Pick::Sent(mut second) = self.pick(work, tried) else {
+        let Some(mut second) = self.pick(work, tried) else {
             let r = a.await;
             first.settle(r.as_ref(), work);
             return Some((r, first.neuron.hotkey));

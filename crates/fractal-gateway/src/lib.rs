@@ -613,7 +613,7 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
     // Durable before the answer: from here on the job survives restarts.
     let job = gw.db.insert_job(&id, &key.id, &spec)?;
     gw.counters.accepted.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(video = %id, key = %key.id, "accepted");
+    tracing::debug!(video = %id, key = %key.id, "accepted");
     gw.wake.notify_one();
     Ok(video_json(&job))
 }
