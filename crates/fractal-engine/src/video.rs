@@ -438,6 +438,27 @@ mod tests {
         assert!(decode_mp4(&mp4[..mp4.len() / 2], 100).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+        /// Verifiers and the gateway decode MP4s that provers send: corrupt
+        /// ones must be errors, never panics or runaway allocations.
+        #[test]
+        fn corrupted_mp4s_are_errors_not_panics(
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..16),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let rgb = gradient(3, 32, 32);
+            let f = Frames { rgb: &rgb, width: 32, height: 32, count: 3, fps: 8 };
+            let mut mp4 = encode_mp4(f).unwrap();
+            for (at, byte) in edits {
+                let i = at.index(mp4.len());
+                mp4[i] = byte;
+            }
+            let _ = decode_mp4(&mp4, 16);
+            let _ = decode_mp4(&mp4[..cut.index(mp4.len())], 16);
+        }
+    }
+
     #[test]
     fn gif_and_png_are_well_formed() {
         let rgb = gradient(3, 16, 8);

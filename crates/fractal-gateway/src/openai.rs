@@ -394,6 +394,7 @@ fn trim_float(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy as _;
     use serde_json::json;
 
     fn fields(v: Value) -> Fields {
@@ -427,6 +428,36 @@ mod tests {
                 .unwrap();
         assert_eq!(a, b);
         assert_eq!((a.frames, a.seconds.as_str(), a.seed), (4, "0.5", 42));
+    }
+
+    proptest::proptest! {
+        /// Whatever an app sends, parsing answers a spec or a 400, and a
+        /// spec is always within the model's limits.
+        #[test]
+        fn any_fields_give_a_valid_spec_or_a_400(
+            pairs in proptest::collection::vec((
+                proptest::sample::select(vec!["prompt", "model", "seconds", "size", "seed", "steps", "negative_prompt", "input_reference", "other"]),
+                proptest::prop_oneof![
+                    proptest::prelude::any::<String>().prop_map(Value::String),
+                    proptest::prelude::any::<i64>().prop_map(|n| json!(n)),
+                    proptest::prelude::any::<f64>().prop_map(|x| json!(x)),
+                    proptest::sample::select(vec!["0.5", "1", "3", "32x32", "64x64", "fractal-tiny-v1", "-1", "1e308", ""]).prop_map(|s| json!(s)),
+                    proptest::prelude::Just(Value::Null),
+                ],
+            ), 0..8),
+        ) {
+            let f: Fields = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let m = fractal_engine::tiny::manifest(fractal_engine::TinyVariant::Base);
+            match parse_create(&f, &m, "abc", || 1) {
+                Ok(s) => {
+                    proptest::prop_assert!(!s.prompt.trim().is_empty() && s.prompt.len() <= 1000);
+                    proptest::prop_assert!((1..=m.limits.max_frames).contains(&s.frames));
+                    proptest::prop_assert!((1..=m.limits.max_steps).contains(&s.steps));
+                    proptest::prop_assert!(m.limits.sizes.iter().any(|z| (z.width, z.height) == (s.width, s.height)));
+                }
+                Err(e) => proptest::prop_assert_eq!(e.status, StatusCode::BAD_REQUEST),
+            }
+        }
     }
 
     #[test]
