@@ -21,6 +21,9 @@ pub enum BenchCmd {
     /// One side of the engine benchmark (run by `bench engine`).
     #[command(hide = true)]
     EngineWorker(Workload),
+    /// The grid under faults: kill -9 and restart every role, faulty links;
+    /// nothing accepted may be lost or duplicated.
+    Chaos(crate::bench_chaos::ChaosBench),
     /// The gateway under concurrent apps: throughput, latency, memory, back-pressure.
     Load(crate::bench_load::LoadBench),
     /// Routing policies on a simulated 256-prover grid, against an oracle.
@@ -264,6 +267,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Engine(b) => engine(b),
         BenchCmd::Routing(b) => crate::bench_routing::run(b),
         BenchCmd::Load(b) => crate::bench_load::run(b),
+        BenchCmd::Chaos(b) => crate::bench_chaos::run(b),
         BenchCmd::EngineWorker(w) => worker(w),
         #[cfg(feature = "cheats")]
         BenchCmd::Verify(b) => crate::bench_verify::run(b),

@@ -1,5 +1,6 @@
 //! `fractal`: one binary for every role in the grid.
 
+mod bench_chaos;
 mod bench_cmd;
 mod bench_load;
 mod bench_routing;

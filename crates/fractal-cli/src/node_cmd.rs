@@ -92,6 +92,10 @@ pub struct ProverArgs {
     /// Address to serve on; it is announced on the chain (serve_axon).
     #[arg(long, default_value = "127.0.0.1:8091")]
     listen: SocketAddr,
+    /// Address announced instead of --listen, when validators reach this
+    /// node through a forwarded port or a proxy.
+    #[arg(long)]
+    announce: Option<SocketAddr>,
     #[arg(long, default_value_t = 1)]
     max_concurrent: usize,
     #[arg(long, default_value_t = 8)]
@@ -181,7 +185,7 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr()?;
-        fractal_prover::announce(chain.as_ref(), &key, addr).await?;
+        fractal_prover::announce(chain.as_ref(), &key, a.announce.unwrap_or(addr)).await?;
         let auth = ValidatorAuthorizer::new(allow);
         auth.update(&mg);
         let refresh = auth.spawn_refresh(chain.clone(), Duration::from_secs(12));

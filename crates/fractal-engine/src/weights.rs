@@ -108,6 +108,17 @@ impl SafetensorsFile {
         })
     }
 
+    /// Every tensor's name and shape, sorted by name.
+    pub fn names(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }

@@ -203,7 +203,16 @@ impl Db {
                  seq INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (key_id, seq);
-             CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);",
+             CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+             -- A client that did not hear the answer to a create (its
+             -- connection or the gateway died) retries with the same
+             -- Idempotency-Key and gets the first job back, not a second.
+             CREATE TABLE IF NOT EXISTS idempotency (
+                 key_id TEXT NOT NULL,
+                 idem TEXT NOT NULL,
+                 job_id TEXT NOT NULL,
+                 PRIMARY KEY (key_id, idem)
+             );",
         )?;
         Ok(Db {
             conn: Mutex::new(conn),
@@ -307,10 +316,54 @@ impl Db {
         Ok((active, day))
     }
 
-    pub fn insert_job(&self, id: &str, key_id: &str, spec: &JobSpec) -> Result<Job, DbError> {
+    /// The job an earlier create with this Idempotency-Key made, if any.
+    pub fn job_by_idempotency_key(&self, key_id: &str, idem: &str) -> Result<Option<Job>, DbError> {
+        let id: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT job_id FROM idempotency WHERE key_id = ?1 AND idem = ?2",
+                params![key_id, idem],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => self.job(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a new queued job. With `idem`, a job already made under the
+    /// same key and Idempotency-Key is returned instead (`false`: not new);
+    /// the check and the insert are one transaction.
+    pub fn insert_job(
+        &self,
+        id: &str,
+        key_id: &str,
+        spec: &JobSpec,
+        idem: Option<&str>,
+    ) -> Result<(Job, bool), DbError> {
         let created_at = now_s();
-        let conn = self.conn();
-        conn.execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(idem) = idem {
+            let earlier: Option<String> = tx
+                .query_row(
+                    "SELECT job_id FROM idempotency WHERE key_id = ?1 AND idem = ?2",
+                    params![key_id, idem],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(earlier) = earlier {
+                drop(tx);
+                drop(conn);
+                return Ok((self.job(&earlier)?.expect("idempotency rows point at jobs"), false));
+            }
+            tx.execute(
+                "INSERT INTO idempotency (key_id, idem, job_id) VALUES (?1, ?2, ?3)",
+                params![key_id, idem, id],
+            )?;
+        }
+        tx.execute(
             "INSERT INTO jobs (id, key_id, prompt, negative_prompt, seed, width, height, frames, steps, seconds, model, status, created_at, seq)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12,
                      (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
@@ -329,8 +382,9 @@ impl Db {
                 created_at
             ],
         )?;
+        tx.commit()?;
         drop(conn);
-        Ok(self.job(id)?.expect("just inserted"))
+        Ok((self.job(id)?.expect("just inserted"), true))
     }
 
     pub fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
@@ -518,10 +572,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.sqlite")).unwrap();
         for i in 0..5 {
-            db.insert_job(&format!("video_{i}"), "key_a", &spec())
+            db.insert_job(&format!("video_{i}"), "key_a", &spec(), None)
                 .unwrap();
         }
-        db.insert_job("video_other", "key_b", &spec()).unwrap();
+        db.insert_job("video_other", "key_b", &spec(), None).unwrap();
         let j = db.job("video_0").unwrap().unwrap();
         assert_eq!(j.spec, spec(), "seed round-trips through i64");
         assert_eq!(db.usage("key_a").unwrap(), (5, 5));
@@ -560,5 +614,24 @@ mod tests {
             "no_capacity"
         );
         assert!(db.integrity_check().unwrap());
+    }
+
+    #[test]
+    fn an_idempotency_key_makes_one_job_per_api_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("g.sqlite")).unwrap();
+        let (first, new) = db.insert_job("video_a", "key_a", &spec(), Some("req-1")).unwrap();
+        assert!(new);
+        let (again, new) = db.insert_job("video_b", "key_a", &spec(), Some("req-1")).unwrap();
+        assert_eq!((again.id.as_str(), new), (first.id.as_str(), false));
+        assert!(db.job("video_b").unwrap().is_none(), "the retry stored nothing");
+        // Keys are per API key: another key's "req-1" is its own job.
+        let (other, new) = db.insert_job("video_c", "key_b", &spec(), Some("req-1")).unwrap();
+        assert_eq!((other.id.as_str(), new), ("video_c", true));
+        assert_eq!(
+            db.job_by_idempotency_key("key_a", "req-1").unwrap().unwrap().id,
+            "video_a"
+        );
+        assert!(db.job_by_idempotency_key("key_a", "req-2").unwrap().is_none());
     }
 }

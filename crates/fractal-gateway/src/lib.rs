@@ -495,12 +495,20 @@ async fn read_fields(gw: &Gateway, req: Request) -> Result<Fields, OaiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_ascii_lowercase();
-    let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, gw.config.max_body_bytes)
+        .to_string();
+    let bytes = axum::body::to_bytes(req.into_body(), gw.config.max_body_bytes)
         .await
         .map_err(|_| too_large())?;
-    if content_type.starts_with("application/json") {
+    parse_body(&content_type, bytes).await
+}
+
+/// A create request's fields from its body (JSON object or multipart
+/// form), given the request's `Content-Type`. Files in a multipart form are
+/// counted, not kept: the Videos API's `input_reference` is not supported.
+pub async fn parse_body(content_type: &str, bytes: axum::body::Bytes) -> Result<Fields, OaiError> {
+    // Media types are case-insensitive; the multipart boundary is not.
+    let media_type = content_type.to_ascii_lowercase();
+    if media_type.starts_with("application/json") {
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
             OaiError::invalid(
                 None,
@@ -516,8 +524,11 @@ async fn read_fields(gw: &Gateway, req: Request) -> Result<Fields, OaiError> {
                 "The JSON body must be an object",
             )),
         }
-    } else if content_type.starts_with("multipart/form-data") {
-        let req = Request::from_parts(parts, Body::from(bytes));
+    } else if media_type.starts_with("multipart/form-data") {
+        let req = Request::builder()
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(bytes))
+            .map_err(|_| OaiError::invalid(None, "invalid_multipart", "bad Content-Type"))?;
         let mut form = axum::extract::Multipart::from_request(req, &())
             .await
             .map_err(|e| OaiError::invalid(None, "invalid_multipart", e.body_text()))?;
@@ -581,7 +592,13 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
                 wait,
             )
         })?;
+    let idem = idempotency_key(req.headers())?;
     let fields = read_fields(&gw, req).await?;
+    if let Some(idem) = &idem {
+        if let Some(job) = gw.db.job_by_idempotency_key(&key.id, idem)? {
+            return Ok(video_json(&job));
+        }
+    }
     let spec = openai::parse_create(
         &fields,
         &gw.model.manifest,
@@ -611,11 +628,30 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
     }
     let id = format!("video_{}", fractal_protocol::JobId::random());
     // Durable before the answer: from here on the job survives restarts.
-    let job = gw.db.insert_job(&id, &key.id, &spec)?;
-    gw.counters.accepted.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(video = %id, key = %key.id, "accepted");
-    gw.wake.notify_one();
+    let (job, new) = gw.db.insert_job(&id, &key.id, &spec, idem.as_deref())?;
+    if new {
+        gw.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(video = %id, key = %key.id, "accepted");
+        gw.wake.notify_one();
+    }
     Ok(video_json(&job))
+}
+
+/// The optional `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OaiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s) if !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(s.to_string()))
+        }
+        _ => Err(OaiError::invalid(
+            None,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
 }
 
 async fn get_video(

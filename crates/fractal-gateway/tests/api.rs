@@ -565,3 +565,35 @@ async fn accepted_jobs_survive_a_restart() {
     assert!(g2.gw.db.integrity_check().unwrap());
     g2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_create_with_an_idempotency_key_makes_no_second_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), KeyLimits::default()).await;
+    let http = reqwest::Client::new();
+    let create = |idem: &str| {
+        http.post(format!("{}/v1/videos", g.base))
+            .bearer_auth(&g.key)
+            .header("Idempotency-Key", idem)
+            .json(&json!({"prompt": "a fox", "size": "32x32"}))
+            .send()
+    };
+    let first: Value = create("retry-me").await.unwrap().json().await.unwrap();
+    let again: Value = create("retry-me").await.unwrap().json().await.unwrap();
+    assert_eq!(first["id"], again["id"], "{first} {again}");
+    let other: Value = create("another").await.unwrap().json().await.unwrap();
+    assert_ne!(first["id"], other["id"]);
+    let list: Value = http
+        .get(format!("{}/v1/videos", g.base))
+        .bearer_auth(&g.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    let long = "k".repeat(256);
+    expect_error(create(&long).await.unwrap(), 400, "invalid_idempotency_key").await;
+    g.stop().await;
+}
