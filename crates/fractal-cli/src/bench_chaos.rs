@@ -101,7 +101,12 @@ struct Component {
 }
 
 impl Component {
-    fn new(name: impl Into<String>, args: Vec<OsString>, marker: &'static str, logs: &Path) -> Self {
+    fn new(
+        name: impl Into<String>,
+        args: Vec<OsString>,
+        marker: &'static str,
+        logs: &Path,
+    ) -> Self {
         let name = name.into();
         Component {
             log: logs.join(format!("{name}.log")),
@@ -672,7 +677,9 @@ pub fn run(b: ChaosBench) -> anyhow::Result<()> {
             }
             completed += 1;
             let prover = v["prover"].as_str().unwrap_or("?");
-            *completed_by.entry(prover.chars().take(8).collect()).or_default() += 1;
+            *completed_by
+                .entry(prover.chars().take(8).collect())
+                .or_default() += 1;
             let frames = v["frames"].as_u64().unwrap_or(0) as usize;
             let bytes = http
                 .get(format!("{base}/v1/videos/{id}/content"))
@@ -702,10 +709,22 @@ pub fn run(b: ChaosBench) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let link_faults = BTreeMap::from([
-            ("connections".to_string(), link_faults.connections.load(Ordering::Relaxed)),
-            ("dropped".to_string(), link_faults.dropped.load(Ordering::Relaxed)),
-            ("truncated".to_string(), link_faults.truncated.load(Ordering::Relaxed)),
-            ("delayed".to_string(), link_faults.delayed.load(Ordering::Relaxed)),
+            (
+                "connections".to_string(),
+                link_faults.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "dropped".to_string(),
+                link_faults.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "truncated".to_string(),
+                link_faults.truncated.load(Ordering::Relaxed),
+            ),
+            (
+                "delayed".to_string(),
+                link_faults.delayed.load(Ordering::Relaxed),
+            ),
         ]);
         anyhow::Ok(Report {
             duration_s: b.duration_s,
@@ -734,7 +753,11 @@ pub fn run(b: ChaosBench) -> anyhow::Result<()> {
         c.stop();
     }
     for path in sqlite_files(&dir)? {
-        let name = path.strip_prefix(&dir).unwrap_or(&path).display().to_string();
+        let name = path
+            .strip_prefix(&dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
         report.stores.insert(name, integrity(&path));
     }
     report.passed = report.lost.is_empty()

@@ -11,7 +11,15 @@ use common::fractal;
 fn nothing_accepted_is_lost_or_duplicated_under_kill_9() {
     let out = fractal()
         .args([
-            "bench", "chaos", "--duration-s", "45", "--kill-every-s", "4", "--seed", "7", "--json",
+            "bench",
+            "chaos",
+            "--duration-s",
+            "45",
+            "--kill-every-s",
+            "4",
+            "--seed",
+            "7",
+            "--json",
         ])
         .output()
         .unwrap();

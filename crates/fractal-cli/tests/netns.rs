@@ -88,7 +88,13 @@ impl Net {
         };
         // The chain's address lives on this namespace's loopback device,
         // so provers reach it through their veth.
-        ip(&["addr", "add", &format!("{}/32", net.chain_ip()), "dev", "lo"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", net.chain_ip()),
+            "dev",
+            "lo",
+        ])?;
         net.namespaces.push(String::new()); // marks the address for cleanup
         for (i, rtt) in RTT_MS.iter().enumerate() {
             let (ns, host, inner) = (net.ns(i), net.host_if(i), format!("fr{}i{i}", net.tag));
@@ -96,26 +102,52 @@ impl Net {
             net.namespaces.push(ns.clone());
             ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
             ip(&["link", "set", &inner, "netns", &ns])?;
-            ip(&["addr", "add", &format!("10.{}.{i}.1/30", net.net), "dev", &host])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.{}.{i}.1/30", net.net),
+                "dev",
+                &host,
+            ])?;
             ip(&["link", "set", &host, "up"])?;
             let in_ns = |args: &[&str]| {
                 let mut a = vec!["netns", "exec", &ns, "ip"];
                 a.extend_from_slice(args);
                 ip(&a)
             };
-            in_ns(&["addr", "add", &format!("{}/30", net.prover_ip(i)), "dev", &inner])?;
+            in_ns(&[
+                "addr",
+                "add",
+                &format!("{}/30", net.prover_ip(i)),
+                "dev",
+                &inner,
+            ])?;
             in_ns(&["link", "set", &inner, "up"])?;
             in_ns(&["link", "set", "lo", "up"])?;
-            in_ns(&["route", "add", "default", "via", &format!("10.{}.{i}.1", net.net)])?;
+            in_ns(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{}.{i}.1", net.net),
+            ])?;
             // Half the round trip each way.
             let half = format!("{}ms", rtt / 2.0);
-            tc(&["qdisc", "add", "dev", &host, "root", "netem", "delay", &half])?;
+            tc(&[
+                "qdisc", "add", "dev", &host, "root", "netem", "delay", &half,
+            ])?;
             let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "tc", "qdisc", "add", "dev", &inner, "root", "netem", "delay", &half])
+                .args([
+                    "netns", "exec", &ns, "tc", "qdisc", "add", "dev", &inner, "root", "netem",
+                    "delay", &half,
+                ])
                 .output()
                 .map_err(|e| e.to_string())?;
             if !out.status.success() {
-                return Err(format!("tc in {ns}: {}", String::from_utf8_lossy(&out.stderr)));
+                return Err(format!(
+                    "tc in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
             }
         }
         Ok(net)
@@ -125,7 +157,13 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         if !self.namespaces.is_empty() {
-            let _ = ip(&["addr", "del", &format!("{}/32", self.chain_ip()), "dev", "lo"]);
+            let _ = ip(&[
+                "addr",
+                "del",
+                &format!("{}/32", self.chain_ip()),
+                "dev",
+                "lo",
+            ]);
         }
         for (i, ns) in self.namespaces.iter().enumerate().skip(1) {
             let _ = ip(&["link", "del", &self.host_if(i - 1)]);
@@ -154,7 +192,11 @@ async fn delayed_pipe(
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n) = from.read(&mut buf).await {
-            if n == 0 || tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
                 break;
             }
         }
@@ -224,10 +266,18 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let wallets = dir.path().join("wallets");
     let mut c = fractal();
-    c.args(["chain", "serve", "--block-time-ms", "200", "--tempo", "10", "--listen"])
-        .arg(format!("{chain_ip}:0"))
-        .arg("--db")
-        .arg(dir.path().join("chain.sqlite"));
+    c.args([
+        "chain",
+        "serve",
+        "--block-time-ms",
+        "200",
+        "--tempo",
+        "10",
+        "--listen",
+    ])
+    .arg(format!("{chain_ip}:0"))
+    .arg("--db")
+    .arg(dir.path().join("chain.sqlite"));
     let (_chain, line, _) = spawn_until(c, "local chain at");
     let url = line
         .split("local chain at ")
@@ -239,7 +289,11 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
         .to_string();
     let names = ["near", "mid", "far"];
     for w in ["gw"].iter().chain(&names) {
-        run(&wallets, &url, &["wallet", "create", "-w", w, "--no-password"]);
+        run(
+            &wallets,
+            &url,
+            &["wallet", "create", "-w", w, "--no-password"],
+        );
         run(&wallets, &url, &["register", "-w", w]);
     }
     run(&wallets, &url, &["stake", "-w", "gw", "--amount", "100"]);
@@ -272,7 +326,14 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
             .env("FRACTAL_CHAIN", &url)
             .env("RAYON_NUM_THREADS", "1");
         let (p, line, _) = spawn_until(c, "serving");
-        let hotkey = line.split('(').nth(1).unwrap().split(')').next().unwrap().to_string();
+        let hotkey = line
+            .split('(')
+            .nth(1)
+            .unwrap()
+            .split(')')
+            .next()
+            .unwrap()
+            .to_string();
         provers.push((p, hotkey));
     }
 
@@ -356,7 +417,10 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
                 break v;
             }
             assert_ne!(v["status"], "failed", "{v}");
-            assert!(start.elapsed() < Duration::from_secs(120), "job {id} stuck: {v}");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "job {id} stuck: {v}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         served.push(done["prover"].as_str().unwrap().to_string());
@@ -365,7 +429,10 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
     let far = served.iter().filter(|p| **p == provers[2].1).count();
     eprintln!("5 jobs: {near} on the near prover, {far} on the far one");
     assert!(near >= 4, "routing prefers the near prover: {served:?}");
-    assert_eq!(far, 0, "never the far one while the near one is free: {served:?}");
+    assert_eq!(
+        far, 0,
+        "never the far one while the near one is free: {served:?}"
+    );
     drop(provers);
     drop(links);
 }

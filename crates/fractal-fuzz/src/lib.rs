@@ -289,7 +289,9 @@ pub fn safetensors(data: &[u8]) -> bool {
     };
     let names = file.names();
     let vb = file.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu);
-    names.iter().all(|(name, shape)| vb.get(shape.as_slice(), name).is_ok())
+    names
+        .iter()
+        .all(|(name, shape)| vb.get(shape.as_slice(), name).is_ok())
 }
 
 /// Input: an MP4 as a prover returns it; decoded as the gateway checks it.
@@ -297,10 +299,7 @@ pub fn mp4(data: &[u8]) -> bool {
     match fractal_engine::video::decode_mp4(data, 64) {
         Ok(v) => {
             assert!(v.frames.len() <= 64, "max_frames is a bound");
-            assert!(v
-                .frames
-                .iter()
-                .all(|f| f.len() == v.width * v.height * 3));
+            assert!(v.frames.iter().all(|f| f.len() == v.width * v.height * 3));
             true
         }
         Err(_) => false,
@@ -322,10 +321,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 Some(&bob().hotkey()),
                 NOW_NS,
             );
-            let mut text: String = signed
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}\n"))
-                .collect();
+            let mut text: String = signed.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
             text.push('\n');
             text.push_str(std::str::from_utf8(body).expect("ascii"));
             vec![text.into_bytes()]
@@ -391,8 +387,10 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         }
         "safetensors" => {
             // The tiny VAE's weights: a real file the engine loads.
-            vec![std::fs::read(tiny_folder().join("vae/diffusion_pytorch_model.safetensors"))
-                .expect("weights")]
+            vec![
+                std::fs::read(tiny_folder().join("vae/diffusion_pytorch_model.safetensors"))
+                    .expect("weights"),
+            ]
         }
         "mp4" => {
             let (w, h, n) = (16, 16, 3);

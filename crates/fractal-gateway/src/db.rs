@@ -356,7 +356,10 @@ impl Db {
             if let Some(earlier) = earlier {
                 drop(tx);
                 drop(conn);
-                return Ok((self.job(&earlier)?.expect("idempotency rows point at jobs"), false));
+                return Ok((
+                    self.job(&earlier)?.expect("idempotency rows point at jobs"),
+                    false,
+                ));
             }
             tx.execute(
                 "INSERT INTO idempotency (key_id, idem, job_id) VALUES (?1, ?2, ?3)",
@@ -575,7 +578,8 @@ mod tests {
             db.insert_job(&format!("video_{i}"), "key_a", &spec(), None)
                 .unwrap();
         }
-        db.insert_job("video_other", "key_b", &spec(), None).unwrap();
+        db.insert_job("video_other", "key_b", &spec(), None)
+            .unwrap();
         let j = db.job("video_0").unwrap().unwrap();
         assert_eq!(j.spec, spec(), "seed round-trips through i64");
         assert_eq!(db.usage("key_a").unwrap(), (5, 5));
@@ -620,18 +624,33 @@ mod tests {
     fn an_idempotency_key_makes_one_job_per_api_key() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.sqlite")).unwrap();
-        let (first, new) = db.insert_job("video_a", "key_a", &spec(), Some("req-1")).unwrap();
+        let (first, new) = db
+            .insert_job("video_a", "key_a", &spec(), Some("req-1"))
+            .unwrap();
         assert!(new);
-        let (again, new) = db.insert_job("video_b", "key_a", &spec(), Some("req-1")).unwrap();
+        let (again, new) = db
+            .insert_job("video_b", "key_a", &spec(), Some("req-1"))
+            .unwrap();
         assert_eq!((again.id.as_str(), new), (first.id.as_str(), false));
-        assert!(db.job("video_b").unwrap().is_none(), "the retry stored nothing");
+        assert!(
+            db.job("video_b").unwrap().is_none(),
+            "the retry stored nothing"
+        );
         // Keys are per API key: another key's "req-1" is its own job.
-        let (other, new) = db.insert_job("video_c", "key_b", &spec(), Some("req-1")).unwrap();
+        let (other, new) = db
+            .insert_job("video_c", "key_b", &spec(), Some("req-1"))
+            .unwrap();
         assert_eq!((other.id.as_str(), new), ("video_c", true));
         assert_eq!(
-            db.job_by_idempotency_key("key_a", "req-1").unwrap().unwrap().id,
+            db.job_by_idempotency_key("key_a", "req-1")
+                .unwrap()
+                .unwrap()
+                .id,
             "video_a"
         );
-        assert!(db.job_by_idempotency_key("key_a", "req-2").unwrap().is_none());
+        assert!(db
+            .job_by_idempotency_key("key_a", "req-2")
+            .unwrap()
+            .is_none());
     }
 }
