@@ -257,6 +257,109 @@ pub fn psnr_luma(a: &[u8], b: &[u8]) -> f64 {
     psnr_rgb8(&luma(a), &luma(b))
 }
 
+/// Which boxes may appear where, and how many bytes of fields precede a
+/// container's children. It is the layout [`encode_mp4`] writes, plus
+/// harmless optional boxes.
+struct BoxLevel {
+    allowed: &'static [(&'static [u8; 4], usize, Option<&'static BoxLevel>)],
+}
+
+const LEAF: Option<&BoxLevel> = None;
+const TOP_LEVEL: &BoxLevel = &BoxLevel {
+    allowed: &[
+        (b"ftyp", 0, LEAF),
+        (b"mdat", 0, LEAF),
+        (b"free", 0, LEAF),
+        (b"moov", 0, Some(&MOOV)),
+    ],
+};
+const MOOV: BoxLevel = BoxLevel {
+    allowed: &[(b"mvhd", 0, LEAF), (b"trak", 0, Some(&TRAK))],
+};
+const TRAK: BoxLevel = BoxLevel {
+    allowed: &[(b"tkhd", 0, LEAF), (b"mdia", 0, Some(&MDIA))],
+};
+const MDIA: BoxLevel = BoxLevel {
+    allowed: &[
+        (b"mdhd", 0, LEAF),
+        (b"hdlr", 0, LEAF),
+        (b"minf", 0, Some(&MINF)),
+    ],
+};
+const MINF: BoxLevel = BoxLevel {
+    allowed: &[
+        (b"vmhd", 0, LEAF),
+        (b"dinf", 0, Some(&DINF)),
+        (b"stbl", 0, Some(&STBL)),
+    ],
+};
+const DINF: BoxLevel = BoxLevel {
+    // dref: version, flags and an entry count before its entries.
+    allowed: &[(b"dref", 8, Some(&DREF))],
+};
+const DREF: BoxLevel = BoxLevel {
+    allowed: &[(b"url ", 0, LEAF)],
+};
+const STBL: BoxLevel = BoxLevel {
+    allowed: &[
+        // stsd: version, flags and an entry count before its entries.
+        (b"stsd", 8, Some(&STSD)),
+        (b"stts", 0, LEAF),
+        (b"ctts", 0, LEAF),
+        (b"stss", 0, LEAF),
+        (b"stsc", 0, LEAF),
+        (b"stsz", 0, LEAF),
+        (b"stco", 0, LEAF),
+        (b"co64", 0, LEAF),
+    ],
+};
+const STSD: BoxLevel = BoxLevel {
+    // avc1: the 78 bytes of a visual sample entry before its boxes.
+    allowed: &[(b"avc1", 78, Some(&AVC1))],
+};
+const AVC1: BoxLevel = BoxLevel {
+    allowed: &[
+        (b"avcC", 0, LEAF),
+        (b"btrt", 0, LEAF),
+        (b"pasp", 0, LEAF),
+        (b"colr", 0, LEAF),
+    ],
+};
+
+/// Walks the box tree in `bytes[start..end]` before the `mp4` crate sees
+/// it: every box must be a kind expected at its place, at least a header
+/// long and inside its parent. The crate loops forever on a child box of
+/// size 0 (it seeks back to the same header), so a malicious prover could
+/// otherwise hang whoever checks its video; found by `scripts/fuzz`.
+fn check_boxes(bytes: &[u8], start: usize, end: usize, level: &BoxLevel) -> Result<(), VideoError> {
+    let bad = |what: String| Err(VideoError::Demux(what));
+    let mut at = start;
+    while at < end {
+        if end - at < 8 {
+            return bad(format!("truncated box header at byte {at}"));
+        }
+        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let kind: [u8; 4] = bytes[at + 4..at + 8].try_into().expect("4 bytes");
+        let name = String::from_utf8_lossy(&kind).into_owned();
+        // 0 ("to the end") and 1 (64-bit size) are legal MP4 but never
+        // written by encode_mp4; refusing them keeps the walk simple.
+        if size < 8 || size > end - at {
+            return bad(format!("box {name:?} at byte {at} has size {size}, outside its parent"));
+        }
+        let Some(&(_, fields, children)) = level.allowed.iter().find(|(k, _, _)| **k == kind) else {
+            return bad(format!("unexpected box {name:?} at byte {at}"));
+        };
+        if let Some(children) = children {
+            if size < 8 + fields {
+                return bad(format!("box {name:?} at byte {at} is too short"));
+            }
+            check_boxes(bytes, at + 8 + fields, at + size, children)?;
+        }
+        at += size;
+    }
+    Ok(())
+}
+
 /// Decoded RGB8 frames of an MP4 (the first video track), in order.
 pub struct DecodedVideo {
     pub width: usize,
@@ -268,7 +371,22 @@ pub struct DecodedVideo {
 /// Demuxes and decodes an H.264 MP4 such as [`encode_mp4`] writes, so a
 /// verifier can compare the video a prover returned with its own decode.
 /// Bounded: at most `max_frames` frames of at most 4096x4096.
+///
+/// The input comes from provers, so it may be hostile. The box tree is
+/// checked first (see [`check_boxes`]), and a panic inside the `mp4`
+/// crate on a malformed table (fuzzing found a division by zero for a
+/// chunk of zero samples) is turned into an error instead of taking the
+/// caller's task down.
 pub fn decode_mp4(bytes: &[u8], max_frames: usize) -> Result<DecodedVideo, VideoError> {
+    check_boxes(bytes, 0, bytes.len(), TOP_LEVEL)?;
+    std::panic::catch_unwind(|| decode_checked_mp4(bytes, max_frames)).unwrap_or_else(|_| {
+        Err(VideoError::Demux(
+            "malformed MP4 (the demuxer gave up on it)".into(),
+        ))
+    })
+}
+
+fn decode_checked_mp4(bytes: &[u8], max_frames: usize) -> Result<DecodedVideo, VideoError> {
     use openh264::decoder::Decoder;
     use openh264::formats::YUVSource;
     let demux = |e: mp4::Error| VideoError::Demux(e.to_string());
@@ -436,6 +554,40 @@ mod tests {
         assert!(matches!(decode_mp4(&mp4, 4), Err(VideoError::Demux(_))));
         assert!(decode_mp4(b"not a video at all", 100).is_err());
         assert!(decode_mp4(&mp4[..mp4.len() / 2], 100).is_err());
+    }
+
+    /// The byte offset of the first `kind` box header in `mp4`.
+    fn box_at(mp4: &[u8], kind: &[u8; 4]) -> usize {
+        mp4.windows(4).position(|w| w == kind).unwrap() - 4
+    }
+
+    #[test]
+    fn malformed_box_trees_are_errors_before_the_demuxer_loops() {
+        let rgb = gradient(2, 16, 16);
+        let f = Frames {
+            rgb: &rgb,
+            width: 16,
+            height: 16,
+            count: 2,
+            fps: 8,
+        };
+        let mp4 = encode_mp4(f).unwrap();
+        // A child box of size 0 inside trak made the mp4 crate loop forever.
+        let mut zero = mp4.clone();
+        let tkhd = box_at(&zero, b"tkhd");
+        zero[tkhd..tkhd + 4].copy_from_slice(&0u32.to_be_bytes());
+        let err = decode_mp4(&zero, 16).err().unwrap().to_string();
+        assert!(err.contains("\"tkhd\"") && err.contains("size 0"), "{err}");
+        // A child larger than its parent, and a box of a kind we never write.
+        let mut big = mp4.clone();
+        let mvhd = box_at(&big, b"mvhd");
+        big[mvhd..mvhd + 4].copy_from_slice(&100_000u32.to_be_bytes());
+        assert!(decode_mp4(&big, 16).is_err());
+        let mut odd = mp4.clone();
+        let stss = box_at(&odd, b"stss");
+        odd[stss + 4..stss + 8].copy_from_slice(b"udta");
+        let err = decode_mp4(&odd, 16).err().unwrap().to_string();
+        assert!(err.contains("unexpected box \"udta\""), "{err}");
     }
 
     proptest::proptest! {
