@@ -188,6 +188,8 @@ impl Component {
     /// SIGTERM and wait (at the end of the run, before the stores are checked).
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child, which has not been reaped
+            // yet, so the pid cannot have been reused.
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }

@@ -235,11 +235,24 @@ pub fn run(b: LoadBench) -> anyhow::Result<()> {
             let first = samples[1.min(samples.len() - 1)].1;
             let last = samples.last().expect("samples").1;
             let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+            // Growth over the second half tells a leak (steady growth) from
+            // caches filling up once (growth early, flat after).
+            let mid = samples
+                .iter()
+                .find(|s| s.0 >= b.soak_s / 2)
+                .map_or(first, |s| s.1);
             println!(
-                "\nsoak: {polls} status polls over {} s; RSS before polling {rss_before} KiB, after the first 10 s {first} KiB, at the end {last} KiB, max {max} KiB ({:+.1}% from the first sample)",
+                "\nsoak: {polls} status polls over {} s; RSS before polling {rss_before} KiB, after the first 10 s {first} KiB, at the end {last} KiB, max {max} KiB ({:+.1}% from the first sample, {:+.1}% over the second half)",
                 b.soak_s,
-                (last as f64 - first as f64) / first.max(1) as f64 * 100.0
+                (last as f64 - first as f64) / first.max(1) as f64 * 100.0,
+                (last as f64 - mid as f64) / mid.max(1) as f64 * 100.0
             );
+            let per_minute: Vec<String> = samples
+                .iter()
+                .filter(|s| s.0 % 60 < 10)
+                .map(|s| format!("{}s {} MiB", s.0, s.1 / 1024))
+                .collect();
+            println!("RSS over the soak: {}", per_minute.join(", "));
         }
         let _ = stop_tx.send(());
         server.await??;

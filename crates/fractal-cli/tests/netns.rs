@@ -61,7 +61,10 @@ struct Net {
     tag: String,
     /// 10.NET.0.0/16 holds every address of this run.
     net: u32,
-    namespaces: Vec<String>,
+    /// The chain's address was added to `lo`.
+    chain_addr: bool,
+    /// Links made so far (namespace i and its host-side veth).
+    links: usize,
 }
 
 impl Net {
@@ -84,7 +87,8 @@ impl Net {
         let mut net = Net {
             tag: format!("{}", pid % 100_000),
             net: 200 + pid % 50,
-            namespaces: Vec::new(),
+            chain_addr: false,
+            links: 0,
         };
         // The chain's address lives on this namespace's loopback device,
         // so provers reach it through their veth.
@@ -95,11 +99,11 @@ impl Net {
             "dev",
             "lo",
         ])?;
-        net.namespaces.push(String::new()); // marks the address for cleanup
+        net.chain_addr = true;
         for (i, rtt) in RTT_MS.iter().enumerate() {
             let (ns, host, inner) = (net.ns(i), net.host_if(i), format!("fr{}i{i}", net.tag));
             ip(&["netns", "add", &ns])?;
-            net.namespaces.push(ns.clone());
+            net.links = i + 1;
             ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
             ip(&["link", "set", &inner, "netns", &ns])?;
             ip(&[
@@ -156,7 +160,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        if !self.namespaces.is_empty() {
+        if self.chain_addr {
             let _ = ip(&[
                 "addr",
                 "del",
@@ -165,20 +169,12 @@ impl Drop for Net {
                 "lo",
             ]);
         }
-        for (i, ns) in self.namespaces.iter().enumerate().skip(1) {
-            let _ = ip(&["link", "del", &self.host_if(i - 1)]);
-            let _ = ip(&["netns", "del", ns]);
+        for i in 0..self.links {
+            // Deleting the namespace deletes its veth end, and with it the pair.
+            let _ = ip(&["link", "del", &self.host_if(i)]);
+            let _ = ip(&["netns", "del", &self.ns(i)]);
         }
     }
-}
-
-fn get(http: &reqwest::blocking::Client, url: &str, key: &str) -> Value {
-    http.get(url)
-        .bearer_auth(key)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
 }
 
 /// Holds each chunk read from `from` for `delay`, then writes it to `to`;

@@ -344,9 +344,12 @@ fn check_boxes(bytes: &[u8], start: usize, end: usize, level: &BoxLevel) -> Resu
         // 0 ("to the end") and 1 (64-bit size) are legal MP4 but never
         // written by encode_mp4; refusing them keeps the walk simple.
         if size < 8 || size > end - at {
-            return bad(format!("box {name:?} at byte {at} has size {size}, outside its parent"));
+            return bad(format!(
+                "box {name:?} at byte {at} has size {size}, outside its parent"
+            ));
         }
-        let Some(&(_, fields, children)) = level.allowed.iter().find(|(k, _, _)| **k == kind) else {
+        let Some(&(_, fields, children)) = level.allowed.iter().find(|(k, _, _)| **k == kind)
+        else {
             return bad(format!("unexpected box {name:?} at byte {at}"));
         };
         if let Some(children) = children {
