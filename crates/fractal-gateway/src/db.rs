@@ -316,20 +316,23 @@ impl Db {
         Ok((active, day))
     }
 
-    /// The job an earlier create with this Idempotency-Key made, if any.
+    /// The job an earlier create with this Idempotency-Key made, if it
+    /// still exists.
     pub fn job_by_idempotency_key(&self, key_id: &str, idem: &str) -> Result<Option<Job>, DbError> {
-        let id: Option<String> = self
-            .conn()
+        Self::idempotent_job(&self.conn(), key_id, idem)
+    }
+
+    fn idempotent_job(conn: &Connection, key_id: &str, idem: &str) -> Result<Option<Job>, DbError> {
+        Ok(conn
             .query_row(
-                "SELECT job_id FROM idempotency WHERE key_id = ?1 AND idem = ?2",
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE id =
+                     (SELECT job_id FROM idempotency WHERE key_id = ?1 AND idem = ?2)"
+                ),
                 params![key_id, idem],
-                |r| r.get(0),
+                job_from_row,
             )
-            .optional()?;
-        match id {
-            Some(id) => self.job(&id),
-            None => Ok(None),
-        }
+            .optional()?)
     }
 
     /// Stores a new queued job. With `idem`, a job already made under the
@@ -346,23 +349,12 @@ impl Db {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(idem) = idem {
-            let earlier: Option<String> = tx
-                .query_row(
-                    "SELECT job_id FROM idempotency WHERE key_id = ?1 AND idem = ?2",
-                    params![key_id, idem],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(earlier) = earlier {
-                drop(tx);
-                drop(conn);
-                return Ok((
-                    self.job(&earlier)?.expect("idempotency rows point at jobs"),
-                    false,
-                ));
+            if let Some(earlier) = Self::idempotent_job(&tx, key_id, idem)? {
+                return Ok((earlier, false));
             }
+            // A key whose job was deleted starts over with the new one.
             tx.execute(
-                "INSERT INTO idempotency (key_id, idem, job_id) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO idempotency (key_id, idem, job_id) VALUES (?1, ?2, ?3)",
                 params![key_id, idem, id],
             )?;
         }
@@ -385,9 +377,13 @@ impl Db {
                 created_at
             ],
         )?;
+        let job = tx.query_row(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            params![id],
+            job_from_row,
+        )?;
         tx.commit()?;
-        drop(conn);
-        Ok((self.job(id)?.expect("just inserted"), true))
+        Ok((job, true))
     }
 
     pub fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
@@ -495,10 +491,12 @@ impl Db {
     }
 
     pub fn delete(&self, id: &str) -> Result<bool, DbError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM jobs WHERE id = ?1", params![id])?
-            == 1)
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let deleted = tx.execute("DELETE FROM jobs WHERE id = ?1", params![id])? == 1;
+        tx.execute("DELETE FROM idempotency WHERE job_id = ?1", params![id])?;
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// Completed jobs whose retention ran out and still have files.
@@ -652,5 +650,15 @@ mod tests {
             .job_by_idempotency_key("key_a", "req-2")
             .unwrap()
             .is_none());
+        // Once its job is deleted, the key makes a new one.
+        assert!(db.delete("video_a").unwrap());
+        assert!(db
+            .job_by_idempotency_key("key_a", "req-1")
+            .unwrap()
+            .is_none());
+        let (fresh, new) = db
+            .insert_job("video_d", "key_a", &spec(), Some("req-1"))
+            .unwrap();
+        assert_eq!((fresh.id.as_str(), new), ("video_d", true));
     }
 }
