@@ -177,6 +177,15 @@ impl Drop for Net {
     }
 }
 
+fn get(http: &reqwest::blocking::Client, url: &str, key: &str) -> Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
 /// Holds each chunk read from `from` for `delay`, then writes it to `to`;
 /// chunks keep their order and their own deadlines, as on a real link.
 async fn delayed_pipe(
