@@ -22,8 +22,11 @@ use fractal_protocol::wire::{
 };
 use fractal_protocol::{Digest32, JobId, Keypair, ModelManifest, Seed};
 
+/// A harness: arbitrary bytes in, "accepted" out; it must never panic.
+pub type Harness = fn(&[u8]) -> bool;
+
 /// Every harness, by the name of its cargo-fuzz target.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("btauth", btauth_headers),
     ("wire_json", wire_json),
     ("gateway_create", gateway_create),
