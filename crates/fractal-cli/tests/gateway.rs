@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{fractal, run, spawn_until, start_chain, tool, Proc};
+use common::{
+    create_api_key, fractal, hotkey_in, run, spawn_until, start_chain, start_gateway, tool, Proc,
+};
 
 struct Api {
     base: String,
@@ -72,25 +74,6 @@ impl Api {
     }
 }
 
-fn start_gateway(wallets: &Path, chain: &str, dir: &Path) -> (Proc, String) {
-    let mut c = fractal();
-    c.args(["gateway", "-w", "val", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(dir)
-        .env("BT_WALLET_PATH", wallets)
-        .env("FRACTAL_CHAIN", chain);
-    let (p, line, _) = spawn_until(c, "gateway at ");
-    let base = line
-        .split("gateway at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    (p, base)
-}
-
 fn assert_valid_mp4(bytes: &[u8], frames: usize, size: usize) {
     let v = fractal_engine::video::decode_mp4(bytes, 64).expect("the MP4 decodes");
     assert_eq!((v.frames.len(), v.width, v.height), (frames, size, size));
@@ -119,25 +102,12 @@ fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
             .env("RAYON_NUM_THREADS", "1");
         let (p, line, _) = spawn_until(c, "serving");
         // "prover uid N (HOTKEY) serving …"
-        let hotkey = line
-            .split('(')
-            .nth(1)
-            .unwrap()
-            .split(')')
-            .next()
-            .unwrap()
-            .to_string();
+        let hotkey = hotkey_in(&line);
         provers.push(Some((p, hotkey)));
     }
     let gw_dir = dir.path().join("gateway");
-    let out = fractal()
-        .args(["gateway", "keys", "create", "--name", "e2e", "--dir"])
-        .arg(&gw_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let (gateway, base) = start_gateway(&wallets, &url, &gw_dir);
+    let key = create_api_key(&gw_dir, "e2e");
+    let (gateway, base) = start_gateway(&wallets, &url, &gw_dir, "val");
     let api = Api {
         base,
         key,
@@ -174,7 +144,7 @@ fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
         v["status"] == "in_progress" && v["progress"].as_u64().unwrap_or(0) >= 5
     });
     drop(gateway);
-    let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir);
+    let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir, "val");
     let api = Api { base, ..api };
     api.wait(&id2, "the resumed job", 180, |v| v["status"] == "completed");
     assert_eq!(

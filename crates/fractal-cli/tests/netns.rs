@@ -19,7 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use serde_json::{json, Value};
 
 mod common;
-use common::{fractal, run, spawn_until, Proc};
+use common::{
+    create_api_key, fractal, hotkey_in, run, spawn_until, start_chain_on, start_gateway, Proc,
+};
 
 /// Round-trip delays of the three links, in milliseconds.
 const RTT_MS: [f64; 3] = [40.0, 120.0, 240.0];
@@ -270,28 +272,7 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
     };
     let dir = tempfile::tempdir().unwrap();
     let wallets = dir.path().join("wallets");
-    let mut c = fractal();
-    c.args([
-        "chain",
-        "serve",
-        "--block-time-ms",
-        "200",
-        "--tempo",
-        "10",
-        "--listen",
-    ])
-    .arg(format!("{chain_ip}:0"))
-    .arg("--db")
-    .arg(dir.path().join("chain.sqlite"));
-    let (_chain, line, _) = spawn_until(c, "local chain at");
-    let url = line
-        .split("local chain at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let (_chain, url) = start_chain_on(dir.path(), &chain_ip, 200, 10);
     let names = ["near", "mid", "far"];
     for w in ["gw"].iter().chain(&names) {
         run(
@@ -331,40 +312,12 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
             .env("FRACTAL_CHAIN", &url)
             .env("RAYON_NUM_THREADS", "1");
         let (p, line, _) = spawn_until(c, "serving");
-        let hotkey = line
-            .split('(')
-            .nth(1)
-            .unwrap()
-            .split(')')
-            .next()
-            .unwrap()
-            .to_string();
-        provers.push((p, hotkey));
+        provers.push((p, hotkey_in(&line)));
     }
 
     let gw_dir = dir.path().join("gateway");
-    let out = fractal()
-        .args(["gateway", "keys", "create", "--name", "netns", "--dir"])
-        .arg(&gw_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let mut c = fractal();
-    c.args(["gateway", "-w", "gw", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(&gw_dir)
-        .env("BT_WALLET_PATH", &wallets)
-        .env("FRACTAL_CHAIN", &url);
-    let (_gateway, line, _) = spawn_until(c, "gateway at ");
-    let base = line
-        .split("gateway at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
+    let key = create_api_key(&gw_dir, "netns");
+    let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir, "gw");
     let http = reqwest::blocking::Client::new();
 
     // 1. Measured RTTs and Vivaldi predictions within 20% of the links'.

@@ -60,14 +60,40 @@ pub fn run(wallets: &Path, chain: &str, args: &[&str]) -> Output {
     out
 }
 
-/// Starts `fractal chain serve` on a free port; returns it and its URL.
+/// The address a ready line names after `marker`, e.g. the URL in
+/// "local chain at http://127.0.0.1:9944 (…)".
+pub fn addr_after(line: &str, marker: &str) -> String {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// The hotkey in a prover's "prover uid N (HOTKEY) serving …" line.
+pub fn hotkey_in(serving_line: &str) -> String {
+    serving_line
+        .split('(')
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no hotkey in {serving_line:?}"))
+        .to_string()
+}
+
+/// Starts `fractal chain serve` on a free loopback port; returns it and its URL.
 pub fn start_chain(dir: &Path, block_time_ms: u32, tempo: u32) -> (Proc, String) {
+    start_chain_on(dir, "127.0.0.1", block_time_ms, tempo)
+}
+
+/// Starts `fractal chain serve` on a free port of `ip`.
+pub fn start_chain_on(dir: &Path, ip: &str, block_time_ms: u32, tempo: u32) -> (Proc, String) {
     let mut c = fractal();
     c.args([
         "chain",
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        &format!("{ip}:0"),
         "--block-time-ms",
         &block_time_ms.to_string(),
         "--tempo",
@@ -76,15 +102,34 @@ pub fn start_chain(dir: &Path, block_time_ms: u32, tempo: u32) -> (Proc, String)
     ])
     .arg(dir.join("chain.sqlite"));
     let (proc, line, _) = spawn_until(c, "local chain at");
-    let url = line
-        .split("local chain at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    (proc, url)
+    (proc, addr_after(&line, "local chain at "))
+}
+
+/// Creates a gateway API key in `dir`; returns its secret.
+pub fn create_api_key(dir: &Path, name: &str) -> String {
+    let out = fractal()
+        .args(["gateway", "keys", "create", "--name", name, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Starts `fractal gateway` on a free loopback port, signing with `wallet`;
+/// returns it and its base URL.
+pub fn start_gateway(wallets: &Path, chain: &str, dir: &Path, wallet: &str) -> (Proc, String) {
+    let mut c = fractal();
+    c.args(["gateway", "-w", wallet, "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .env("BT_WALLET_PATH", wallets)
+        .env("FRACTAL_CHAIN", chain);
+    let (p, line, _) = spawn_until(c, "gateway at ");
+    (p, addr_after(&line, "gateway at "))
 }
 
 /// An external tool the test needs: from `var` (set by
