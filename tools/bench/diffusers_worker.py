@@ -21,15 +21,20 @@ ap.add_argument("--steps", type=int, required=True)
 ap.add_argument("--guidance", type=float, required=True)
 ap.add_argument("--threads", type=int, required=True)
 ap.add_argument("--repeats", type=int, required=True)
+ap.add_argument("--device", default="cpu")
 a = ap.parse_args()
 
 torch.set_num_threads(a.threads)
 t = time.perf_counter()
 pipe = TextToVideoSDPipeline.from_pretrained(a.model, dtype=torch.float32)
 pipe.set_progress_bar_config(disable=True)
+if a.device != "cpu":
+    pipe.to(a.device)
+    torch.cuda.synchronize()
 load = time.perf_counter() - t
 runs = []
 for i in range(a.repeats):
+    # The generator stays on the CPU (as the Rust side draws its noise there).
     g = torch.Generator().manual_seed(i)
     t = time.perf_counter()
     with torch.no_grad():

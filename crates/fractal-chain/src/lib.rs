@@ -7,12 +7,16 @@
 //! * [`server`] / [`remote::RemoteChain`]: the local chain over HTTP on
 //!   loopback (`fractal chain serve`), so several processes share one chain.
 //!   Reads are open; every state change is a btauth/1-signed request.
+//! * [`subtensor::SubtensorChain`] (feature `subtensor`): one subnet of a
+//!   real Bittensor node over subxt, with commit-reveal weights.
 //!
 //! Amounts are in rao (1 TAO = 10^9 rao), as on Bittensor.
 
 pub mod local;
 pub mod remote;
 pub mod server;
+#[cfg(feature = "subtensor")]
+pub mod subtensor;
 pub mod yuma;
 
 use std::net::IpAddr;

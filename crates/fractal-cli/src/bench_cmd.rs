@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::{Args, Subcommand};
 use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
@@ -54,6 +53,9 @@ pub struct Workload {
     threads: usize,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// cpu or cuda (both sides run there).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -71,6 +73,10 @@ pub struct EngineBench {
     threads: usize,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// cpu, or cuda for both engines on the first GPU (needs a `--features
+    /// cuda` build and a CUDA PyTorch).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Python with torch + diffusers (tools/parity/make_fixtures.sh creates it).
     #[arg(long, default_value = "tools/parity/.venv/bin/python")]
     python: PathBuf,
@@ -117,7 +123,7 @@ fn run_measured(mut cmd: Command) -> anyhow::Result<(String, i64)> {
 fn worker(w: Workload) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", w.threads.to_string());
     let t = Instant::now();
-    let model = Model::load(&w.model, &Device::Cpu)?;
+    let model = Model::load(&w.model, &fractal_engine::device_from_name(&w.device)?)?;
     let scheduler = fractal_engine::model::scheduler_spec_from_folder(&w.model)?;
     let tok = ClipTokenizer::from_folder(&w.model.join("tokenizer"))?;
     let pipeline = Pipeline::new(model, scheduler)?;
@@ -161,6 +167,8 @@ fn args_of(w: &Workload) -> Vec<String> {
         w.threads.to_string(),
         "--repeats".into(),
         w.repeats.to_string(),
+        "--device".into(),
+        w.device.clone(),
     ]
 }
 
@@ -203,6 +211,7 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
         guidance: 9.0,
         threads: b.threads,
         repeats: b.repeats,
+        device: b.device.clone(),
     };
     let worker = PathBuf::from("tools/bench/diffusers_worker.py");
     if !worker.exists() {
@@ -223,8 +232,8 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
         .args(args_of(&w))
         .env("OMP_NUM_THREADS", b.threads.to_string());
     eprintln!(
-        "benchmarking {} ({} frames {}x{}, {} steps, CFG 9, {} threads, best of {})...",
-        b.variant, b.frames, b.size, b.size, b.steps, b.threads, b.repeats
+        "benchmarking {} ({} frames {}x{}, {} steps, CFG 9, {} threads, {}, best of {})...",
+        b.variant, b.frames, b.size, b.size, b.steps, b.threads, b.device, b.repeats
     );
     let rust = measure(ours)?;
     let py = measure(theirs)?;

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::Args;
 use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::video::{self, Frames};
@@ -51,6 +50,9 @@ pub struct GenerateArgs {
     scheduler: Option<String>,
     #[arg(long)]
     fps: Option<u32>,
+    /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Output file: .mp4, .gif or .png (the middle frame).
     #[arg(short, long)]
     output: PathBuf,
@@ -132,7 +134,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Some("png") => OutputFormat::Latents,
         _ => bail!("--output must end in .mp4, .gif or .png"),
     };
-    let device = Device::Cpu;
+    let device = fractal_engine::device_from_name(&a.device)?;
     let load_start = Instant::now();
     let (model, manifest, tokenizer) = match &a.model {
         Some(dir) => {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::Args;
 use fractal_chain::{Chain, Metagraph, RemoteChain};
 use fractal_engine::{tiny, PinnedModel, TinyVariant};
@@ -31,6 +30,9 @@ pub struct ModelArgs {
     /// Built-in tiny model (the default when no --manifest is given).
     #[arg(long, default_value = "tiny-v1", conflicts_with = "manifest")]
     pub tiny: String,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl ModelArgs {
@@ -52,7 +54,7 @@ impl ModelArgs {
         Ok(PinnedModel::load(
             manifest,
             self.model.as_deref(),
-            &Device::Cpu,
+            &fractal_engine::device_from_name(&self.device)?,
         )?)
     }
 }

@@ -50,3 +50,40 @@ pub enum EngineError {
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
 }
+
+/// The device named `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` cargo
+/// feature; without it the name is refused with a message saying so.
+pub fn device_from_name(name: &str) -> Result<candle_core::Device, EngineError> {
+    let cuda_ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(EngineError::BadInput(format!(
+                    "unknown device {other:?} (cpu, cuda or cuda:N)"
+                )))
+            }
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::Unsupported(format!(
+            "device {name:?}: this build has no CUDA support (build with --features cuda)"
+        )));
+    }
+    Ok(candle_core::Device::new_cuda(cuda_ordinal)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_names() {
+        assert!(super::device_from_name("cpu").unwrap().is_cpu());
+        assert!(super::device_from_name("gpu").is_err());
+        assert!(super::device_from_name("cuda:x").is_err());
+        if !cfg!(feature = "cuda") {
+            let e = super::device_from_name("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
+}

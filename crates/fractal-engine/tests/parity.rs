@@ -11,6 +11,13 @@ use fractal_protocol::Seed;
 /// Max absolute error allowed per stage, in f32.
 const TOLERANCE: f32 = 1e-4;
 
+/// `FRACTAL_TEST_DEVICE=cuda` runs the comparison on the GPU (a `--features
+/// cuda` build); the fixtures were made on the CPU.
+fn device() -> Device {
+    let name = std::env::var("FRACTAL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    fractal_engine::device_from_name(&name).unwrap()
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
 }
@@ -20,14 +27,15 @@ fn check(name: &str) {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
             .unwrap();
+    let device = device();
     let fx: HashMap<String, Tensor> =
-        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
     let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
     let mut scheduler = fractal_engine::tiny::manifest(variant).scheduler;
     if meta["scheduler"].as_str() == Some("dpm-solver") {
         scheduler.kind = fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep;
     }
-    let p = Pipeline::new(Model::tiny(variant, &Device::Cpu).unwrap(), scheduler).unwrap();
+    let p = Pipeline::new(Model::tiny(variant, &device).unwrap(), scheduler).unwrap();
     let ids = |k: &str| {
         fx[k]
             .to_vec1::<i64>()
