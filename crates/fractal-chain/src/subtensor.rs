@@ -383,7 +383,7 @@ pub fn offline_client(
     let md = metadata_from_bytes(metadata)?;
     let config = SubstrateConfig::builder()
         .set_genesis_hash(genesis_hash.into())
-        .set_metadata_for_spec_versions([(spec_version, Arc::new(md).into())])
+        .set_metadata_for_spec_versions([(spec_version, Arc::new(md))])
         .set_spec_version_for_block_ranges([SpecVersionForRange {
             block_range: 0..u64::MAX,
             spec_version,
@@ -397,11 +397,11 @@ pub fn offline_client(
 /// stable across runtimes; everything else keeps the node's message.
 fn dispatch_error(message: String, signer: &Hotkey, target: Option<&Hotkey>) -> ChainError {
     let has = |name: &str| message.contains(name);
-    let target = target.unwrap_or(signer).clone();
+    let target = *target.unwrap_or(signer);
     if has("HotKeyNotRegisteredInSubNet") || has("HotKeyNotRegisteredInNetwork") {
         ChainError::NotRegistered(target)
     } else if has("NeuronNoValidatorPermit") {
-        ChainError::NoValidatorPermit(signer.clone())
+        ChainError::NoValidatorPermit(*signer)
     } else if has("CommitRevealEnabled") {
         ChainError::Invalid("the subnet uses commit-reveal weights (set_weights refused)".into())
     } else {
@@ -718,7 +718,7 @@ impl Chain for SubtensorChain {
 
     async fn register(&self, coldkey: &Keypair, hotkey: &Hotkey) -> Result<Uid, ChainError> {
         if let Some(n) = self.metagraph().await?.neuron(hotkey) {
-            return Err(ChainError::AlreadyRegistered(hotkey.clone(), n.uid));
+            return Err(ChainError::AlreadyRegistered(*hotkey, n.uid));
         }
         self.submit(
             coldkey,
@@ -730,7 +730,7 @@ impl Chain for SubtensorChain {
             .await?
             .neuron(hotkey)
             .map(|n| n.uid)
-            .ok_or_else(|| ChainError::NotRegistered(hotkey.clone()))
+            .ok_or_else(|| ChainError::NotRegistered(*hotkey))
     }
 
     async fn serve_axon(&self, hotkey: &Keypair, axon: AxonInfo) -> Result<(), ChainError> {

@@ -17,9 +17,45 @@ pub const DEFAULT_CHAIN_URL: &str = "http://127.0.0.1:9944";
 
 #[derive(Args, Clone)]
 pub struct ChainUrl {
-    /// Chain endpoint (`fractal chain serve`).
+    /// Chain endpoint: `http://` for `fractal chain serve`, `ws://` or
+    /// `wss://` for a subtensor node (e.g. wss://entrypoint-finney.opentensor.ai:443).
     #[arg(long = "chain", env = "FRACTAL_CHAIN", default_value = DEFAULT_CHAIN_URL)]
     pub url: String,
+    /// The subnet, on a subtensor node (the local chain has one subnet).
+    #[arg(long, env = "FRACTAL_NETUID", default_value_t = 1)]
+    pub netuid: u16,
+}
+
+impl ChainUrl {
+    fn is_subtensor(&self) -> bool {
+        self.url.starts_with("ws://") || self.url.starts_with("wss://")
+    }
+
+    /// The chain behind the URL, as a `Chain`.
+    pub async fn connect(&self) -> anyhow::Result<Arc<dyn Chain>> {
+        if self.is_subtensor() {
+            return self.connect_subtensor().await;
+        }
+        Ok(Arc::new(connect(&self.url).await?))
+    }
+
+    #[cfg(feature = "subtensor")]
+    async fn connect_subtensor(&self) -> anyhow::Result<Arc<dyn Chain>> {
+        let state = fractal_home("subtensor");
+        let chain =
+            fractal_chain::subtensor::SubtensorChain::connect(&self.url, self.netuid, &state)
+                .await
+                .with_context(|| format!("subtensor at {}", self.url))?;
+        Ok(Arc::new(chain))
+    }
+
+    #[cfg(not(feature = "subtensor"))]
+    async fn connect_subtensor(&self) -> anyhow::Result<Arc<dyn Chain>> {
+        bail!(
+            "{} is a subtensor node, and this build has no subtensor support (build with --features subtensor)",
+            self.url
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -112,9 +148,9 @@ pub fn run(cmd: ChainCmd) -> anyhow::Result<()> {
     let rt = runtime()?;
     match cmd {
         ChainCmd::Serve(args) => rt.block_on(serve(args)),
-        ChainCmd::Status { chain } => rt.block_on(status(&chain.url)),
+        ChainCmd::Status { chain } => rt.block_on(status(&chain)),
         ChainCmd::Metagraph { chain, json } => rt.block_on(async {
-            let mg = connect(&chain.url).await?.metagraph().await?;
+            let mg = chain.connect().await?.metagraph().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&mg)?);
             } else {
@@ -201,7 +237,23 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn status(url: &str) -> anyhow::Result<()> {
+async fn status(at: &ChainUrl) -> anyhow::Result<()> {
+    if at.is_subtensor() {
+        let chain = at.connect().await?;
+        let p = chain.hyperparams().await?;
+        let mg = chain.metagraph().await?;
+        println!("chain     {} (subtensor, netuid {})", at.url, at.netuid);
+        println!("block     {}", chain.block().await?);
+        println!(
+            "neurons   {} of {} ({} with validator permit)",
+            mg.neurons.len(),
+            p.max_uids,
+            mg.neurons.iter().filter(|n| n.validator_permit).count()
+        );
+        println!("rules     {}", serde_json::to_string(&p)?);
+        return Ok(());
+    }
+    let url = &at.url;
     let chain = connect(url).await?;
     let info = chain.info().await?;
     let mg = chain.metagraph().await?;
@@ -288,7 +340,7 @@ fn coldkey_and_hotkey(k: &KeyArgs) -> anyhow::Result<(Keypair, Hotkey)> {
 pub fn register(k: KeyArgs) -> anyhow::Result<()> {
     let (coldkey, hotkey) = coldkey_and_hotkey(&k)?;
     runtime()?.block_on(async {
-        let chain = connect(&k.chain.url).await?;
+        let chain = k.chain.connect().await?;
         let uid = chain.register(&coldkey, &hotkey).await?;
         let balance = chain.balance(&coldkey.hotkey()).await?;
         println!("registered {hotkey} as uid {uid}; coldkey balance now {balance}");
@@ -302,7 +354,7 @@ pub fn stake(args: StakeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--amount {} is not a positive TAO amount", args.amount))?;
     let (coldkey, hotkey) = coldkey_and_hotkey(&args.key)?;
     runtime()?.block_on(async {
-        let chain = connect(&args.key.chain.url).await?;
+        let chain = args.key.chain.connect().await?;
         chain.add_stake(&coldkey, &hotkey, amount).await?;
         let mg = chain.metagraph().await?;
         let stake = mg.neuron(&hotkey).map(|n| n.stake).unwrap_or_default();

@@ -174,7 +174,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store = Verifier::open_store(&config.data_dir.join("verifier.sqlite"))?;
     runtime()?.block_on(async move {
-        let (chain, _) = connect_registered(&a.chain.url, &key).await?;
+        let (chain, _) = connect_registered(&a.chain, &key).await?;
         let vconfig = VerifierConfig {
             audit_sample: a.audit_sample.clamp(0.0, 1.0),
             ..VerifierConfig::from_manifest(&model.manifest)

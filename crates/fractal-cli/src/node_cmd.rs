@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fractal_chain::{Chain, Metagraph, RemoteChain};
+use fractal_chain::{Chain, Metagraph};
 use fractal_engine::{tiny, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::ModelManifest;
 use fractal_protocol::{Hotkey, Keypair};
@@ -149,14 +149,10 @@ fn default_verifier_db() -> PathBuf {
 
 /// The chain and its metagraph, after checking `key` is registered there.
 pub(crate) async fn connect_registered(
-    url: &str,
+    at: &ChainUrl,
     key: &Keypair,
 ) -> anyhow::Result<(Arc<dyn Chain>, Metagraph)> {
-    let chain: Arc<dyn Chain> = Arc::new(
-        RemoteChain::connect(url)
-            .await
-            .with_context(|| format!("cannot reach the chain at {url}"))?,
-    );
+    let chain = at.connect().await?;
     let mg = chain.metagraph().await?;
     if mg.neuron(&key.hotkey()).is_none() {
         bail!(
@@ -178,7 +174,7 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let model = a.model.load()?;
     runtime()?.block_on(async move {
-        let (chain, mg) = connect_registered(&a.chain.url, &key).await?;
+        let (chain, mg) = connect_registered(&a.chain, &key).await?;
         let me = mg
             .neuron(&key.hotkey())
             .expect("checked by connect_registered");
@@ -230,7 +226,7 @@ pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
     let store =
         Verifier::open_store(&a.db).with_context(|| format!("opening {}", a.db.display()))?;
     runtime()?.block_on(async move {
-        let (chain, mg) = connect_registered(&a.chain.url, &key).await?;
+        let (chain, mg) = connect_registered(&a.chain, &key).await?;
         let me = mg.neuron(&key.hotkey()).expect("checked by connect_registered");
         if !me.validator_permit {
             eprintln!("note: uid {} has no validator permit yet (stake, then wait an epoch); provers will refuse it until then", me.uid);
