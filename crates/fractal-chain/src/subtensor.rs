@@ -27,7 +27,9 @@
 //! revealed by the chain itself). We implement v2: [`commit_hash`] is
 //! subtensor's `get_commit_hash`, pending commits (with their salts) are
 //! kept in a JSON file before the commit is sent, so a restart loses none,
-//! and a background task reveals each one once its epoch comes. v3 is not
+//! and a background task reveals each one in its reveal epoch (read from the
+//! chain's `WeightCommits`, `SubnetEpochIndex` and `RevealPeriodEpochs`, so
+//! no reveal is paid for before it can succeed). v3 is not
 //! implemented: it needs drand's timelock encryption (BLS12-381 IBE over the
 //! quicknet chain) in Rust, which no crate here provides.
 
@@ -598,33 +600,121 @@ async fn submit(
     Ok(())
 }
 
-/// Reveals `key`'s pending commits whose epoch has come: a reveal the chain
-/// calls early stays pending; one it can no longer match is dropped.
+/// When a pending commit may be revealed, from the chain's own bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevealTiming {
+    /// Not in the chain's commit list (yet, or any more).
+    NotOnChain,
+    NotYet,
+    Due,
+    Expired,
+}
+
+/// Subtensor reveals a commit made in epoch `e` during epoch
+/// `e + reveal_period` exactly (`is_reveal_block_range`); later it expires.
+pub fn reveal_timing(
+    on_chain_epoch: Option<u64>,
+    current_epoch: u64,
+    reveal_period: u64,
+) -> RevealTiming {
+    match on_chain_epoch {
+        None => RevealTiming::NotOnChain,
+        Some(e) => match current_epoch.cmp(&e.saturating_add(reveal_period)) {
+            std::cmp::Ordering::Less => RevealTiming::NotYet,
+            std::cmp::Ordering::Equal => RevealTiming::Due,
+            std::cmp::Ordering::Greater => RevealTiming::Expired,
+        },
+    }
+}
+
+/// A commit younger than this many blocks may still be on its way into a
+/// block; it is not dropped for being missing from the chain's list.
+const COMMIT_GRACE_BLOCKS: u64 = 20;
+
+/// Reveals `key`'s pending commits whose epoch has come. Timing comes from
+/// the chain's `WeightCommits`, `SubnetEpochIndex` and `RevealPeriodEpochs`,
+/// so no reveal is sent (and paid for) before it can succeed; commits the
+/// chain no longer holds, or that expired, are dropped with a warning.
 async fn reveal_due(
     api: &OnlineClient<SubstrateConfig>,
     commits: &CommitStore,
     key: &Keypair,
 ) -> Result<(), ChainError> {
-    for c in commits
+    let mine: Vec<PendingCommit> = commits
         .pending()
         .into_iter()
         .filter(|c| c.hotkey == key.hotkey())
-    {
-        match submit(api, key, calls::reveal_weights(&c)).await {
-            Ok(()) => {
-                tracing::info!(hash = %c.hash, "weights revealed");
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let at = api.at_current_block().await.map_err(transport)?;
+    let block = at.block_number();
+    for c in mine {
+        let net = Value::u128(c.netuid as u128);
+        let u64_at = |entry: &'static str, keys: Vec<Value>| {
+            let at = &at;
+            async move {
+                let addr = subxt::dynamic::storage::<Vec<Value>, Value>(PALLET, entry);
+                match at
+                    .storage()
+                    .try_fetch(addr, keys)
+                    .await
+                    .map_err(transport)?
+                {
+                    None => Ok::<_, ChainError>(None),
+                    Some(v) => Ok(Some(
+                        v.decode_as::<u64>().map_err(|e| decode_err(entry, e))?,
+                    )),
+                }
+            }
+        };
+        let epoch = u64_at("SubnetEpochIndex", vec![net.clone()])
+            .await?
+            .unwrap_or(0);
+        let period = u64_at("RevealPeriodEpochs", vec![net.clone()])
+            .await?
+            .unwrap_or(1);
+        let addr = subxt::dynamic::storage::<Vec<Value>, Vec<(subxt::utils::H256, u64, u64, u64)>>(
+            PALLET,
+            "WeightCommits",
+        );
+        let on_chain = match at
+            .storage()
+            .try_fetch(addr, vec![net, account(&key.hotkey())])
+            .await
+            .map_err(transport)?
+        {
+            None => Vec::new(),
+            Some(v) => v.decode().map_err(|e| decode_err("WeightCommits", e))?,
+        };
+        let commit_epoch = on_chain
+            .iter()
+            .find(|(h, ..)| hex::encode(h.0) == c.hash)
+            .map(|&(_, e, ..)| e);
+        match reveal_timing(commit_epoch, epoch, period) {
+            RevealTiming::NotYet => {}
+            RevealTiming::NotOnChain if block <= c.commit_block + COMMIT_GRACE_BLOCKS => {}
+            RevealTiming::NotOnChain | RevealTiming::Expired => {
+                tracing::warn!(hash = %c.hash, epoch, "weight commit can no longer be revealed; dropped");
                 commits.remove(&c.hash)?;
             }
-            Err(m) if m.contains("RevealTooEarly") => {}
-            Err(m)
-                if m.contains("ExpiredWeightCommit")
-                    || m.contains("NoWeightsCommitFound")
-                    || m.contains("InvalidRevealCommitHashNotMatch") =>
-            {
-                tracing::warn!(hash = %c.hash, "weight commit can no longer be revealed: {m}");
-                commits.remove(&c.hash)?;
-            }
-            Err(m) => return Err(ChainError::Transport(m)),
+            RevealTiming::Due => match submit(api, key, calls::reveal_weights(&c)).await {
+                Ok(()) => {
+                    tracing::info!(hash = %c.hash, "weights revealed");
+                    commits.remove(&c.hash)?;
+                }
+                Err(m) if m.contains("RevealTooEarly") => {}
+                Err(m)
+                    if m.contains("ExpiredWeightCommit")
+                        || m.contains("NoWeightsCommitFound")
+                        || m.contains("InvalidRevealCommitHashNotMatch") =>
+                {
+                    tracing::warn!(hash = %c.hash, "weight commit can no longer be revealed: {m}");
+                    commits.remove(&c.hash)?;
+                }
+                Err(m) => return Err(ChainError::Transport(m)),
+            },
         }
     }
     Ok(())
@@ -759,8 +849,11 @@ impl Chain for SubtensorChain {
         )?;
         let (uids, values): (Vec<u16>, Vec<u16>) = normalized.into_iter().unzip();
         if raw.commit_reveal_weights_enabled {
-            // Reveal what is due first: the chain keeps at most 10 unrevealed commits.
-            reveal_due(&self.api, &self.commits, hotkey).await?;
+            // Reveal what is due first (the chain keeps at most 10 unrevealed
+            // commits); a failed reveal must not stop new commits.
+            if let Err(e) = reveal_due(&self.api, &self.commits, hotkey).await {
+                tracing::warn!("revealing weights: {e}");
+            }
             self.commit_weights(hotkey, uids, values, version_key).await
         } else {
             self.submit(

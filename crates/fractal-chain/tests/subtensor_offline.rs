@@ -362,3 +362,42 @@ fn pending_commits_survive_reopening() {
     std::fs::write(&path, b"{not json").unwrap();
     assert!(subtensor::CommitStore::open(&path).is_err());
 }
+
+#[test]
+fn reveals_happen_in_the_reveal_epoch_only() {
+    use subtensor::{reveal_timing, RevealTiming::*};
+    // Committed in epoch 10 with a reveal period of 2: reveal in epoch 12.
+    assert_eq!(reveal_timing(Some(10), 10, 2), NotYet);
+    assert_eq!(reveal_timing(Some(10), 11, 2), NotYet);
+    assert_eq!(reveal_timing(Some(10), 12, 2), Due);
+    assert_eq!(reveal_timing(Some(10), 13, 2), Expired);
+    assert_eq!(reveal_timing(None, 12, 2), NotOnChain);
+    assert_eq!(reveal_timing(Some(u64::MAX), 0, 2), NotYet);
+}
+
+#[test]
+fn weight_commits_storage_decodes() {
+    // WeightCommits(netuid, hotkey) -> VecDeque<(H256, u64, u64, u64)>, as
+    // the reveal task reads it, decoded against the runtime's own type.
+    use scale_decode::DecodeAsType;
+    let md = subtensor::metadata_from_bytes(&metadata_bytes()).unwrap();
+    let entry = md
+        .pallet_by_name("SubtensorModule")
+        .unwrap()
+        .storage()
+        .unwrap()
+        .entry_by_name("WeightCommits")
+        .unwrap();
+    let mut bytes = vec![0x04]; // one commit
+    bytes.extend([0xcd; 32]);
+    for x in [7u64, 1234, 0] {
+        bytes.extend(x.to_le_bytes());
+    }
+    let got = Vec::<(subxt::utils::H256, u64, u64, u64)>::decode_as_type(
+        &mut &bytes[..],
+        entry.value_ty(),
+        md.types(),
+    )
+    .unwrap();
+    assert_eq!(got, vec![(subxt::utils::H256([0xcd; 32]), 7, 1234, 0)]);
+}
