@@ -820,7 +820,7 @@ impl Chain for SubtensorChain {
             .await?
             .neuron(hotkey)
             .map(|n| n.uid)
-            .ok_or_else(|| ChainError::NotRegistered(*hotkey))
+            .ok_or(ChainError::NotRegistered(*hotkey))
     }
 
     async fn serve_axon(&self, hotkey: &Keypair, axon: AxonInfo) -> Result<(), ChainError> {
