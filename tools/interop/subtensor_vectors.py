@@ -41,6 +41,8 @@ keep = {
     "storage_keys": [k for k in g["storage_keys"] if k["pallet"] in ("System", "SubtensorModule")],
     "storage_values": [v for v in g["storage_values"] if v["storage_function"] == "Account"],
     "runtime_calls": [c for c in g["runtime_calls"] if c["api"] in ("NeuronInfoRuntimeApi", "SubnetInfoRuntimeApi", "AccountNonceApi")],
+    # The block the reads above were made at, as the node's RPC returned it.
+    "block": {"block_hash": g["block"]["block_hash"], "header": g["block"]["raw"]["block"]["header"]},
 }
 with open(f"{out}/golden.json", "w") as f:
     json.dump(keep, f, indent=1)
