@@ -42,8 +42,18 @@ keep = {
     "storage_values": [v for v in g["storage_values"] if v["storage_function"] == "Account"],
     "runtime_calls": [c for c in g["runtime_calls"] if c["api"] in ("NeuronInfoRuntimeApi", "SubnetInfoRuntimeApi", "AccountNonceApi")],
     # The block the reads above were made at, as the node's RPC returned it.
-    "block": {"block_hash": g["block"]["block_hash"], "header": g["block"]["raw"]["block"]["header"]},
+    "block": {
+        "block_hash": g["block"]["block_hash"],
+        "header": g["block"]["raw"]["block"]["header"],
+        "extrinsics": g["block"]["raw"]["block"]["extrinsics"],
+    },
+    # System::Events of that block (extrinsic 2 succeeded), and their key.
+    "events": {
+        "key_hex": [k["key_hex"] for k in g["storage_keys"] if k["storage_function"] == "Events"][0],
+        "raw_hex": g["events"]["raw_hex"],
+    },
 }
+assert g["events"]["block_hash"] == g["block"]["block_hash"]
 with open(f"{out}/golden.json", "w") as f:
     json.dump(keep, f, indent=1)
     f.write("\n")

@@ -2,7 +2,9 @@
 //! metadata, runtime API calls, storage) against a loopback node that
 //! answers with what a real subtensor node answered the reference SDK
 //! (fixtures/subtensor/golden.json): connect, block, hyperparameters,
-//! metagraph and balance must come out as the SDK decoded them.
+//! metagraph and balance must come out as the SDK decoded them; and the
+//! write path (sign, submit and watch, find the extrinsic in its block, read
+//! its events) for registration and commit-reveal weights.
 #![cfg(feature = "subtensor")]
 
 use std::collections::BTreeSet;
@@ -11,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::routing::get;
-use fractal_chain::subtensor::SubtensorChain;
-use fractal_chain::{Chain, Rao};
-use fractal_protocol::Hotkey;
+use fractal_chain::subtensor::{calls, commit_hash, SubtensorChain};
+use fractal_chain::{Chain, ChainError, Rao};
+use fractal_protocol::{Hotkey, Keypair};
 use serde_json::{json, Value as Json};
 use subxt::ext::codec::Encode;
 
@@ -25,6 +27,11 @@ struct Node {
     metadata_v15: String,
     /// Methods the node was asked for and does not know.
     unknown: Mutex<BTreeSet<String>>,
+    /// Extrinsics submitted, in order.
+    submitted: Mutex<Vec<Vec<u8>>>,
+    /// Serve the recorded neuron with this hotkey instead of its own, and
+    /// only once something was submitted (the registration).
+    neuron_hotkey: Option<[u8; 32]>,
 }
 
 fn hexs(bytes: &[u8]) -> String {
@@ -32,85 +39,142 @@ fn hexs(bytes: &[u8]) -> String {
 }
 
 impl Node {
-    fn answer(&self, method: &str, params: &Json) -> Result<Json, String> {
+    fn neurons(&self, recorded: &Json) -> Json {
+        let Some(key) = self.neuron_hotkey else {
+            return recorded.clone();
+        };
+        if self.submitted.lock().unwrap().is_empty() {
+            return json!(hexs(&Vec::<u8>::new().encode()));
+        }
+        // One neuron: compact length 1, then its hotkey first.
+        let mut raw = hex::decode(&recorded.as_str().unwrap()[2..]).unwrap();
+        assert_eq!(raw[0], 0x04);
+        raw[1..33].copy_from_slice(&key);
+        json!(hexs(&raw))
+    }
+
+    /// The JSON-RPC result, and subscription notifications to send after it.
+    fn answer(&self, method: &str, params: &Json) -> Result<(Json, Vec<Json>), String> {
         let g = &self.golden;
         let head = g["block"]["block_hash"].clone();
-        Ok(match method {
-            "rpc_methods" => json!({"methods": [
+        Ok((
+            match method {
+                "rpc_methods" => json!({"methods": [
                 "rpc_methods", "chain_getBlockHash", "chain_getHeader", "chain_getFinalizedHead",
-                "state_call", "state_getStorage", "state_getRuntimeVersion", "system_chain"]}),
-            "chain_getBlockHash" => match params[0].as_u64() {
-                Some(0) => g["network"]["genesis_hash"].clone(),
-                Some(67) | None => head,
-                Some(_) => Json::Null,
-            },
-            "chain_getFinalizedHead" => head,
-            "chain_getHeader" => g["block"]["header"].clone(),
-            "state_getRuntimeVersion" => json!({
-                "specName": "node-subtensor", "implName": "node-subtensor", "authoringVersion": 1,
-                "specVersion": g["network"]["spec_version"], "implVersion": 1, "apis": [],
-                "transactionVersion": g["network"]["transaction_version"], "stateVersion": 1,
-            }),
-            "system_chain" => json!("Bittensor"),
-            "state_call" => {
-                let (name, args) = (
-                    params[0].as_str().unwrap_or(""),
-                    params[1].as_str().unwrap_or(""),
-                );
-                match name {
-                    "Metadata_metadata_at_version" => json!(self.metadata_v15),
-                    "Metadata_metadata_versions" => json!(hexs(&vec![14u32, 15].encode())),
-                    // sp_version::RuntimeVersion: names, authoring, spec and impl
-                    // versions, runtime APIs, transaction version, state version.
-                    "Core_version" => {
-                        let spec = g["network"]["spec_version"].as_u64().unwrap() as u32;
-                        let tx = g["network"]["transaction_version"].as_u64().unwrap() as u32;
-                        let apis: Vec<([u8; 8], u32)> = Vec::new();
-                        let v = (
-                            "node-subtensor",
-                            "node-subtensor",
-                            1u32,
-                            spec,
-                            1u32,
-                            apis,
-                            tx,
-                            1u8,
-                        );
-                        json!(hexs(&v.encode()))
+                "chain_getBlock", "state_call", "state_getStorage", "state_getRuntimeVersion",
+                "system_chain", "author_submitAndWatchExtrinsic", "author_unwatchExtrinsic"]}),
+                "author_submitAndWatchExtrinsic" => {
+                    let tx = hex::decode(&params[0].as_str().unwrap_or("0x")[2..]).unwrap();
+                    self.submitted.lock().unwrap().push(tx);
+                    let sub = json!("tx-1");
+                    let note = |status: Json| {
+                        json!({"jsonrpc": "2.0", "method": "author_extrinsicUpdate",
+                           "params": {"subscription": sub, "result": status}})
+                    };
+                    return Ok((
+                        sub.clone(),
+                        vec![
+                            note(json!("ready")),
+                            note(json!({"inBlock": head})),
+                            note(json!({"finalized": head})),
+                        ],
+                    ));
+                }
+                "author_unwatchExtrinsic" => json!(true),
+                // The recorded block, with the last submitted extrinsic in place
+                // of its third, whose success the recorded events report.
+                "chain_getBlock" => {
+                    let mut xts = g["block"]["extrinsics"].as_array().unwrap().clone();
+                    if let Some(tx) = self.submitted.lock().unwrap().last() {
+                        xts[2] = json!(hexs(tx));
                     }
-                    _ => {
-                        let api = name.split('_').next().unwrap_or("");
-                        let method = name.split_once('_').map(|(_, m)| m).unwrap_or("");
-                        let call = g["runtime_calls"].as_array().unwrap().iter().find(|c| {
-                            c["api"] == api
-                                && c["method"] == method
-                                && format!("0x{}", c["encoded_params_hex"].as_str().unwrap())
-                                    == args
-                        });
-                        match call {
-                            Some(c) => c["raw_hex"].clone(),
-                            // No such subnet: `None`.
-                            None if name == "SubnetInfoRuntimeApi_get_subnet_hyperparams" => {
-                                json!("0x00")
+                    json!({"block": {"header": g["block"]["header"], "extrinsics": xts},
+                       "justifications": null})
+                }
+                "chain_getBlockHash" => match params[0].as_u64() {
+                    Some(0) => g["network"]["genesis_hash"].clone(),
+                    Some(67) | None => head,
+                    Some(_) => Json::Null,
+                },
+                "chain_getFinalizedHead" => head,
+                "chain_getHeader" => g["block"]["header"].clone(),
+                "state_getRuntimeVersion" => json!({
+                    "specName": "node-subtensor", "implName": "node-subtensor", "authoringVersion": 1,
+                    "specVersion": g["network"]["spec_version"], "implVersion": 1, "apis": [],
+                    "transactionVersion": g["network"]["transaction_version"], "stateVersion": 1,
+                }),
+                "system_chain" => json!("Bittensor"),
+                "state_call" => {
+                    let (name, args) = (
+                        params[0].as_str().unwrap_or(""),
+                        params[1].as_str().unwrap_or(""),
+                    );
+                    match name {
+                        "Metadata_metadata_at_version" => json!(self.metadata_v15),
+                        "Metadata_metadata_versions" => json!(hexs(&vec![14u32, 15].encode())),
+                        // sp_version::RuntimeVersion: names, authoring, spec and impl
+                        // versions, runtime APIs, transaction version, state version.
+                        "Core_version" => {
+                            let spec = g["network"]["spec_version"].as_u64().unwrap() as u32;
+                            let tx = g["network"]["transaction_version"].as_u64().unwrap() as u32;
+                            let apis: Vec<([u8; 8], u32)> = Vec::new();
+                            let v = (
+                                "node-subtensor",
+                                "node-subtensor",
+                                1u32,
+                                spec,
+                                1u32,
+                                apis,
+                                tx,
+                                1u8,
+                            );
+                            json!(hexs(&v.encode()))
+                        }
+                        _ => {
+                            let api = name.split('_').next().unwrap_or("");
+                            let method = name.split_once('_').map(|(_, m)| m).unwrap_or("");
+                            let call = g["runtime_calls"].as_array().unwrap().iter().find(|c| {
+                                c["api"] == api
+                                    && c["method"] == method
+                                    && format!("0x{}", c["encoded_params_hex"].as_str().unwrap())
+                                        == args
+                            });
+                            match call {
+                                Some(c) if method == "get_neurons_lite" => {
+                                    self.neurons(&c["raw_hex"])
+                                }
+                                Some(c) => c["raw_hex"].clone(),
+                                // A new account: nonce 0.
+                                None if name == "AccountNonceApi_account_nonce" => {
+                                    json!(hexs(&0u32.encode()))
+                                }
+                                // No such subnet: `None`.
+                                None if name == "SubnetInfoRuntimeApi_get_subnet_hyperparams" => {
+                                    json!("0x00")
+                                }
+                                None => return Err(format!("state_call {name} {args}")),
                             }
-                            None => return Err(format!("state_call {name} {args}")),
                         }
                     }
                 }
-            }
-            "state_getStorage" => {
-                let key = params[0].as_str().unwrap_or("");
-                g["storage_values"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|v| v["key_hex"] == key)
-                    .map(|v| v["raw_hex"].clone())
-                    // Everything else is unset, as on a young localnet.
-                    .unwrap_or(Json::Null)
-            }
-            other => return Err(other.to_string()),
-        })
+                "state_getStorage" if params[0] == g["events"]["key_hex"] => {
+                    g["events"]["raw_hex"].clone()
+                }
+                "state_getStorage" => {
+                    let key = params[0].as_str().unwrap_or("");
+                    g["storage_values"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|v| v["key_hex"] == key)
+                        .map(|v| v["raw_hex"].clone())
+                        // Everything else is unset, as on a young localnet.
+                        .unwrap_or(Json::Null)
+                }
+                other => return Err(other.to_string()),
+            },
+            vec![],
+        ))
     }
 }
 
@@ -121,25 +185,31 @@ async fn serve_socket(node: Arc<Node>, mut socket: WebSocket) {
             continue;
         };
         let method = req["method"].as_str().unwrap_or("");
-        let reply = match node.answer(method, &req["params"]) {
-            Ok(result) => json!({"jsonrpc": "2.0", "id": req["id"], "result": result}),
+        let (reply, notes) = match node.answer(method, &req["params"]) {
+            Ok((result, notes)) => (
+                json!({"jsonrpc": "2.0", "id": req["id"], "result": result}),
+                notes,
+            ),
             Err(what) => {
                 node.unknown.lock().unwrap().insert(what);
-                json!({"jsonrpc": "2.0", "id": req["id"],
-                       "error": {"code": -32601, "message": "Method not found"}})
+                let error = json!({"jsonrpc": "2.0", "id": req["id"],
+                    "error": {"code": -32601, "message": "Method not found"}});
+                (error, vec![])
             }
         };
-        if socket
-            .send(Message::Text(reply.to_string().into()))
-            .await
-            .is_err()
-        {
-            break;
+        for frame in std::iter::once(reply).chain(notes) {
+            if socket
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 }
 
-async fn start_node() -> (String, Arc<Node>) {
+async fn start_node(neuron_hotkey: Option<[u8; 32]>) -> (String, Arc<Node>) {
     let golden: Json =
         serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap())
             .unwrap();
@@ -148,6 +218,8 @@ async fn start_node() -> (String, Arc<Node>) {
         golden,
         metadata_v15: hexs(&Some(metadata).encode()),
         unknown: Mutex::new(BTreeSet::new()),
+        submitted: Mutex::new(Vec::new()),
+        neuron_hotkey,
     });
     let app = axum::Router::new()
         .route(
@@ -167,7 +239,7 @@ async fn start_node() -> (String, Arc<Node>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_come_out_as_the_sdk_decoded_them() {
-    let (url, node) = start_node().await;
+    let (url, node) = start_node(None).await;
     let g = node.golden.clone();
     let state = tempfile::tempdir().unwrap();
     let chain = match SubtensorChain::connect(&url, 1, state.path()).await {
@@ -247,4 +319,94 @@ async fn reads_come_out_as_the_sdk_decoded_them() {
         .err()
         .expect("netuid 9 does not exist");
     assert!(err.to_string().contains("subnet 9"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_then_commit_weights_through_the_node() {
+    let coldkey = Keypair::from_suri("//Alice").unwrap();
+    let hotkey = Keypair::from_suri("//Fractal//replay").unwrap();
+    let (url, node) = start_node(Some(hotkey.hotkey().0)).await;
+    let state = tempfile::tempdir().unwrap();
+    let chain = SubtensorChain::connect(&url, 1, state.path())
+        .await
+        .unwrap();
+    let unknown = || format!("{:?}", node.unknown.lock().unwrap());
+    let offline = offline_client();
+    let at = offline.at_block(1u64).unwrap();
+
+    let uid = chain
+        .register(&coldkey, &hotkey.hotkey())
+        .await
+        .unwrap_or_else(|e| panic!("register: {e}; {}", unknown()));
+    assert_eq!(uid, 0);
+    let tx = node.submitted.lock().unwrap()[0].clone();
+    let call = at
+        .tx()
+        .call_data(&calls::burned_register(1, &hotkey.hotkey()))
+        .unwrap();
+    assert!(
+        tx.ends_with(&call),
+        "the extrinsic carries burned_register(1, hotkey)"
+    );
+    assert!(
+        tx.windows(32).any(|w| w == coldkey.hotkey().0),
+        "signed by the coldkey"
+    );
+    // Registered now: a second registration is refused before anything is sent.
+    assert!(matches!(
+        chain.register(&coldkey, &hotkey.hotkey()).await,
+        Err(ChainError::AlreadyRegistered(_, 0))
+    ));
+    assert_eq!(node.submitted.lock().unwrap().len(), 1);
+
+    // The recorded subnet has commit-reveal on: weights go out as a hash
+    // commit, kept (with its salt) for the reveal.
+    chain
+        .set_weights(&hotkey, &[(0, 300)], 0)
+        .await
+        .unwrap_or_else(|e| panic!("set_weights: {e}; {}", unknown()));
+    let pending = chain.pending_commits();
+    assert_eq!(pending.len(), 1);
+    let c = &pending[0];
+    assert_eq!(
+        (c.uids.as_slice(), c.values.as_slice()),
+        (&[0u16][..], &[65535u16][..])
+    );
+    let hash = commit_hash(&hotkey.hotkey(), 1, &c.uids, &c.values, &c.salt, 0);
+    assert_eq!(c.hash, hex::encode(hash));
+    let tx = node.submitted.lock().unwrap()[1].clone();
+    let call = at.tx().call_data(&calls::commit_weights(1, hash)).unwrap();
+    assert!(
+        tx.ends_with(&call),
+        "the extrinsic carries commit_weights(1, hash)"
+    );
+    assert!(
+        tx.windows(32).any(|w| w == hotkey.hotkey().0),
+        "signed by the hotkey"
+    );
+    assert!(node.unknown.lock().unwrap().is_empty(), "{}", unknown());
+
+    // The commit outlives the process.
+    drop(chain);
+    let chain = SubtensorChain::connect(&url, 1, state.path())
+        .await
+        .unwrap();
+    assert_eq!(chain.pending_commits(), pending);
+}
+
+fn offline_client() -> subxt::OfflineClient<subxt::config::SubstrateConfig> {
+    let g: Json =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap())
+            .unwrap();
+    let net = &g["network"];
+    fractal_chain::subtensor::offline_client(
+        &std::fs::read(format!("{DIR}metadata-spec461.scale")).unwrap(),
+        hex::decode(&net["genesis_hash"].as_str().unwrap()[2..])
+            .unwrap()
+            .try_into()
+            .unwrap(),
+        net["spec_version"].as_u64().unwrap() as u32,
+        net["transaction_version"].as_u64().unwrap() as u32,
+    )
+    .unwrap()
 }
