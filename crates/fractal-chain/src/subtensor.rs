@@ -304,6 +304,22 @@ fn decode_err(what: &str, e: impl std::fmt::Display) -> ChainError {
     ChainError::Transport(format!("decoding {what}: {e}"))
 }
 
+/// Decodes `bytes` as the runtime's type `ty`, all of them: trailing bytes
+/// mean the answer is not what we think it is.
+fn decode_all<T: DecodeAsType>(
+    md: &Metadata,
+    ty: u32,
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, ChainError> {
+    let mut rest = bytes;
+    let value = T::decode_as_type(&mut rest, ty, md.types()).map_err(|e| decode_err(what, e))?;
+    if !rest.is_empty() {
+        return Err(decode_err(what, format!("{} bytes left over", rest.len())));
+    }
+    Ok(value)
+}
+
 fn api_output_type(md: &Metadata, api: &str, method: &str) -> Result<u32, ChainError> {
     md.runtime_api_trait_by_name(api)
         .and_then(|t| t.method_by_name(method).map(|m| m.output_ty()))
@@ -334,8 +350,7 @@ fn axon_from(raw: &AxonInfoRaw) -> Option<AxonInfo> {
 /// fills it from storage).
 pub fn decode_neurons_lite(md: &Metadata, bytes: &[u8]) -> Result<Vec<NeuronInfo>, ChainError> {
     let ty = api_output_type(md, "NeuronInfoRuntimeApi", "get_neurons_lite")?;
-    let raw = Vec::<NeuronInfoLiteRaw>::decode_as_type(&mut &bytes[..], ty, md.types())
-        .map_err(|e| decode_err("neurons", e))?;
+    let raw: Vec<NeuronInfoLiteRaw> = decode_all(md, ty, bytes, "neurons")?;
     Ok(raw
         .into_iter()
         .map(|n| NeuronInfo {
@@ -365,8 +380,7 @@ pub fn decode_hyperparams(
     bytes: &[u8],
 ) -> Result<Option<SubnetHyperparamsRaw>, ChainError> {
     let ty = api_output_type(md, "SubnetInfoRuntimeApi", "get_subnet_hyperparams")?;
-    Option::<SubnetHyperparamsRaw>::decode_as_type(&mut &bytes[..], ty, md.types())
-        .map_err(|e| decode_err("hyperparams", e))
+    decode_all(md, ty, bytes, "hyperparams")
 }
 
 /// Metadata from its SCALE bytes (`meta` + version + registry).

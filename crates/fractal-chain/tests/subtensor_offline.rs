@@ -304,8 +304,11 @@ fn hyperparams_decode_like_the_sdk() {
     );
     // A subnet that does not exist answers None.
     assert_eq!(subtensor::decode_hyperparams(&md, &[0]).unwrap(), None);
-    // Garbage is an error, not a panic.
+    // Garbage is an error, not a panic; so is a real answer with bytes after it.
     assert!(subtensor::decode_hyperparams(&md, &[1, 2]).is_err());
+    let mut long = unhex(call["raw_hex"].as_str().unwrap());
+    long.push(0);
+    assert!(subtensor::decode_hyperparams(&md, &long).is_err());
     assert!(subtensor::decode_neurons_lite(&md, &[0x04, 1, 2, 3]).is_err());
 }
 
@@ -400,4 +403,29 @@ fn weight_commits_storage_decodes() {
     )
     .unwrap();
     assert_eq!(got, vec![(subxt::utils::H256([0xcd; 32]), 7, 1234, 0)]);
+}
+
+fn metadata() -> &'static subxt::Metadata {
+    static MD: std::sync::OnceLock<subxt::Metadata> = std::sync::OnceLock::new();
+    MD.get_or_init(|| subtensor::metadata_from_bytes(&metadata_bytes()).unwrap())
+}
+
+proptest::proptest! {
+    // A node's answers are input like any other: whatever bytes a node (or
+    // something posing as one) sends, decoding answers Ok or Err, never panics.
+    #[test]
+    fn node_answers_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+        let _ = subtensor::decode_neurons_lite(metadata(), &bytes);
+        let _ = subtensor::decode_hyperparams(metadata(), &bytes);
+    }
+
+    #[test]
+    fn truncated_real_answers_are_errors(cut in 0usize..183) {
+        let g = golden();
+        let raw = g["runtime_calls"].as_array().unwrap().iter()
+            .find(|c| c["method"] == "get_neurons_lite").unwrap()["raw_hex"].as_str().unwrap().to_string();
+        let bytes = unhex(&raw);
+        let cut = cut.min(bytes.len() - 1);
+        proptest::prop_assert!(subtensor::decode_neurons_lite(metadata(), &bytes[..cut]).is_err());
+    }
 }
