@@ -480,7 +480,7 @@ impl SubtensorChain {
             reveal_keys,
             reveal_task: task,
         };
-        if chain.raw_hyperparams().await?.is_none() {
+        if chain.raw_hyperparams(&chain.at().await?).await?.is_none() {
             return Err(ChainError::Invalid(format!(
                 "subnet {netuid} does not exist on {url}"
             )));
@@ -501,45 +501,28 @@ impl SubtensorChain {
         self.commits.pending()
     }
 
-    async fn at(
-        &self,
-    ) -> Result<
-        subxt::client::ClientAtBlock<
-            SubstrateConfig,
-            impl subxt::client::OnlineClientAtBlockT<SubstrateConfig>,
-        >,
-        ChainError,
-    > {
+    async fn at(&self) -> Result<AtBlock, ChainError> {
         self.api.at_current_block().await.map_err(transport)
     }
 
-    async fn raw_hyperparams(&self) -> Result<Option<SubnetHyperparamsRaw>, ChainError> {
-        let at = self.at().await?;
-        let bytes = at
-            .runtime_apis()
-            .call_raw(
-                "SubnetInfoRuntimeApi_get_subnet_hyperparams",
-                Some(&self.netuid.encode()),
-            )
-            .await
-            .map_err(transport)?;
+    async fn raw_hyperparams(
+        &self,
+        at: &AtBlock,
+    ) -> Result<Option<SubnetHyperparamsRaw>, ChainError> {
+        let bytes = subnet_api_call(
+            at,
+            "SubnetInfoRuntimeApi_get_subnet_hyperparams",
+            self.netuid,
+        )
+        .await?;
         decode_hyperparams(&at.metadata(), &bytes)
     }
 
-    async fn storage_u64(&self, entry: &str, keys: Vec<Value>) -> Result<Option<u64>, ChainError> {
-        let at = self.at().await?;
-        let addr = subxt::dynamic::storage::<Vec<Value>, Value>(PALLET, entry);
-        let v = at
-            .storage()
-            .try_fetch(addr, keys)
-            .await
-            .map_err(transport)?;
-        match v {
-            None => Ok(None),
-            Some(v) => Ok(Some(
-                v.decode_as::<u64>().map_err(|e| decode_err(entry, e))?,
-            )),
-        }
+    /// The subnet's rules; an error if it does not exist.
+    async fn existing_hyperparams(&self, at: &AtBlock) -> Result<SubnetHyperparamsRaw, ChainError> {
+        self.raw_hyperparams(at)
+            .await?
+            .ok_or_else(|| ChainError::Invalid(format!("subnet {} does not exist", self.netuid)))
     }
 
     async fn submit(
@@ -596,6 +579,36 @@ impl SubtensorChain {
         }
         Ok(())
     }
+}
+
+type AtBlock = subxt::client::OnlineClientAtBlock<SubstrateConfig>;
+
+/// A `SubtensorModule` storage value read as u64 (`None` when unset).
+async fn storage_u64(
+    at: &AtBlock,
+    entry: &str,
+    keys: Vec<Value>,
+) -> Result<Option<u64>, ChainError> {
+    let addr = subxt::dynamic::storage::<Vec<Value>, Value>(PALLET, entry);
+    match at
+        .storage()
+        .try_fetch(addr, keys)
+        .await
+        .map_err(transport)?
+    {
+        None => Ok(None),
+        Some(v) => Ok(Some(
+            v.decode_as::<u64>().map_err(|e| decode_err(entry, e))?,
+        )),
+    }
+}
+
+/// A runtime API that takes the netuid, answered as raw SCALE bytes.
+async fn subnet_api_call(at: &AtBlock, function: &str, netuid: u16) -> Result<Vec<u8>, ChainError> {
+    at.runtime_apis()
+        .call_raw(function, Some(&netuid.encode()))
+        .await
+        .map_err(transport)
 }
 
 async fn submit(
@@ -666,27 +679,10 @@ async fn reveal_due(
     let block = at.block_number();
     for c in mine {
         let net = Value::u128(c.netuid as u128);
-        let u64_at = |entry: &'static str, keys: Vec<Value>| {
-            let at = &at;
-            async move {
-                let addr = subxt::dynamic::storage::<Vec<Value>, Value>(PALLET, entry);
-                match at
-                    .storage()
-                    .try_fetch(addr, keys)
-                    .await
-                    .map_err(transport)?
-                {
-                    None => Ok::<_, ChainError>(None),
-                    Some(v) => Ok(Some(
-                        v.decode_as::<u64>().map_err(|e| decode_err(entry, e))?,
-                    )),
-                }
-            }
-        };
-        let epoch = u64_at("SubnetEpochIndex", vec![net.clone()])
+        let epoch = storage_u64(&at, "SubnetEpochIndex", vec![net.clone()])
             .await?
             .unwrap_or(0);
-        let period = u64_at("RevealPeriodEpochs", vec![net.clone()])
+        let period = storage_u64(&at, "RevealPeriodEpochs", vec![net.clone()])
             .await?
             .unwrap_or(1);
         let addr = subxt::dynamic::storage::<Vec<Value>, Vec<(subxt::utils::H256, u64, u64, u64)>>(
@@ -759,16 +755,12 @@ impl Chain for SubtensorChain {
     }
 
     async fn hyperparams(&self) -> Result<Hyperparams, ChainError> {
-        let raw = self
-            .raw_hyperparams()
-            .await?
-            .ok_or_else(|| ChainError::Invalid(format!("subnet {} does not exist", self.netuid)))?;
+        let at = self.at().await?;
+        let raw = self.existing_hyperparams(&at).await?;
         let net = Value::u128(self.netuid as u128);
-        let max_uids = self
-            .storage_u64("MaxAllowedUids", vec![net.clone()])
-            .await?;
-        let burn = self.storage_u64("Burn", vec![net]).await?;
-        let owner_cut = self.storage_u64("SubnetOwnerCut", vec![]).await?;
+        let max_uids = storage_u64(&at, "MaxAllowedUids", vec![net.clone()]).await?;
+        let burn = storage_u64(&at, "Burn", vec![net]).await?;
+        let owner_cut = storage_u64(&at, "SubnetOwnerCut", vec![]).await?;
         Ok(Hyperparams {
             netuid: self.netuid,
             max_uids: max_uids.unwrap_or(256) as u16,
@@ -791,14 +783,8 @@ impl Chain for SubtensorChain {
 
     async fn metagraph(&self) -> Result<Metagraph, ChainError> {
         let at = self.at().await?;
-        let bytes = at
-            .runtime_apis()
-            .call_raw(
-                "NeuronInfoRuntimeApi_get_neurons_lite",
-                Some(&self.netuid.encode()),
-            )
-            .await
-            .map_err(transport)?;
+        let bytes =
+            subnet_api_call(&at, "NeuronInfoRuntimeApi_get_neurons_lite", self.netuid).await?;
         let mut neurons = decode_neurons_lite(&at.metadata(), &bytes)?;
         let addr = subxt::dynamic::storage::<(u16, u16), u64>(PALLET, "BlockAtRegistration");
         for n in &mut neurons {
@@ -849,10 +835,7 @@ impl Chain for SubtensorChain {
         version_key: u64,
     ) -> Result<(), ChainError> {
         let mg = self.metagraph().await?;
-        let raw = self
-            .raw_hyperparams()
-            .await?
-            .ok_or_else(|| ChainError::Invalid(format!("subnet {} does not exist", self.netuid)))?;
+        let raw = self.existing_hyperparams(&self.at().await?).await?;
         if mg.neuron(&hotkey.hotkey()).is_none() {
             return Err(ChainError::NotRegistered(hotkey.hotkey()));
         }

@@ -12,36 +12,11 @@ use subxt::config::SubstrateConfig;
 use subxt::config::SubstrateExtrinsicParamsBuilder as Params;
 use subxt::utils::{AccountId32, MultiSignature};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/subtensor/");
-
-fn golden() -> Json {
-    serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap()).unwrap()
-}
-
-fn metadata_bytes() -> Vec<u8> {
-    std::fs::read(format!("{DIR}metadata-spec461.scale")).unwrap()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    hex::decode(s.trim_start_matches("0x")).unwrap()
-}
+mod subtensor_fixtures;
+use subtensor_fixtures::{golden, metadata_bytes, offline_client, runtime_call, unhex};
 
 fn hotkey(ss58: &str) -> Hotkey {
     Hotkey::from_ss58(ss58).unwrap()
-}
-
-fn client() -> subxt::OfflineClient<SubstrateConfig> {
-    let g = golden();
-    let net = &g["network"];
-    subtensor::offline_client(
-        &metadata_bytes(),
-        unhex(net["genesis_hash"].as_str().unwrap())
-            .try_into()
-            .unwrap(),
-        net["spec_version"].as_u64().unwrap() as u32,
-        net["transaction_version"].as_u64().unwrap() as u32,
-    )
-    .unwrap()
 }
 
 fn golden_call(g: &Json, function: &str) -> (Json, Vec<u8>) {
@@ -57,7 +32,7 @@ fn golden_call(g: &Json, function: &str) -> (Json, Vec<u8>) {
 #[test]
 fn call_data_matches_the_sdk() {
     let g = golden();
-    let at = client().at_block(1u64).unwrap();
+    let at = offline_client().at_block(1u64).unwrap();
     let tx = at.tx();
 
     let (p, want) = golden_call(&g, "set_weights");
@@ -102,7 +77,7 @@ fn call_data_matches_the_sdk() {
 fn our_other_calls_fit_the_runtime() {
     // No SDK vectors for these: check the node's metadata accepts them and
     // the bytes are the pallet/call index followed by the fields in order.
-    let at = client().at_block(1u64).unwrap();
+    let at = offline_client().at_block(1u64).unwrap();
     let tx = at.tx();
     let axon = AxonInfo {
         ip: "10.1.2.3".parse().unwrap(),
@@ -149,7 +124,7 @@ fn our_other_calls_fit_the_runtime() {
 #[test]
 fn signer_payloads_and_signed_extrinsics_match_the_sdk() {
     let g = golden();
-    let at = client().at_block(1u64).unwrap();
+    let at = offline_client().at_block(1u64).unwrap();
     let tx = at.tx();
     // The SDK's vectors sign a Balances transfer; the extensions (nonce,
     // era, tip, spec and tx versions, genesis, metadata hash) are what
@@ -217,7 +192,7 @@ fn signer_payloads_and_signed_extrinsics_match_the_sdk() {
 fn a_wallet_key_signs_verifiably() {
     // A real signature from one of our keys over the signer payload, checked
     // the way the runtime checks it (sr25519, substrate context).
-    let at = client().at_block(1u64).unwrap();
+    let at = offline_client().at_block(1u64).unwrap();
     let kp = fractal_protocol::Keypair::from_suri("//Alice").unwrap();
     let call = calls::set_weights(1, &[0, 1], &[65535, 30000], 0);
     let mut signable = at
@@ -244,12 +219,7 @@ fn a_wallet_key_signs_verifiably() {
 fn neurons_lite_decode_like_the_sdk() {
     let g = golden();
     let md = subtensor::metadata_from_bytes(&metadata_bytes()).unwrap();
-    let call = g["runtime_calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["method"] == "get_neurons_lite")
-        .unwrap();
+    let call = runtime_call(&g, "get_neurons_lite");
     let neurons =
         subtensor::decode_neurons_lite(&md, &unhex(call["raw_hex"].as_str().unwrap())).unwrap();
     let want = call["decoded"].as_array().unwrap();
@@ -277,12 +247,7 @@ fn neurons_lite_decode_like_the_sdk() {
 fn hyperparams_decode_like_the_sdk() {
     let g = golden();
     let md = subtensor::metadata_from_bytes(&metadata_bytes()).unwrap();
-    let call = g["runtime_calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["method"] == "get_subnet_hyperparams")
-        .unwrap();
+    let call = runtime_call(&g, "get_subnet_hyperparams");
     let h = subtensor::decode_hyperparams(&md, &unhex(call["raw_hex"].as_str().unwrap()))
         .unwrap()
         .expect("subnet 1 exists");
@@ -422,8 +387,7 @@ proptest::proptest! {
     #[test]
     fn truncated_real_answers_are_errors(cut in 0usize..183) {
         let g = golden();
-        let raw = g["runtime_calls"].as_array().unwrap().iter()
-            .find(|c| c["method"] == "get_neurons_lite").unwrap()["raw_hex"].as_str().unwrap().to_string();
+        let raw = runtime_call(&g, "get_neurons_lite")["raw_hex"].as_str().unwrap().to_string();
         let bytes = unhex(&raw);
         let cut = cut.min(bytes.len() - 1);
         proptest::prop_assert!(subtensor::decode_neurons_lite(metadata(), &bytes[..cut]).is_err());

@@ -19,7 +19,8 @@ use fractal_protocol::{Hotkey, Keypair};
 use serde_json::{json, Value as Json};
 use subxt::ext::codec::Encode;
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/subtensor/");
+mod subtensor_fixtures;
+use subtensor_fixtures::{golden, metadata_bytes, offline_client, runtime_call};
 
 struct Node {
     golden: Json,
@@ -210,13 +211,9 @@ async fn serve_socket(node: Arc<Node>, mut socket: WebSocket) {
 }
 
 async fn start_node(neuron_hotkey: Option<[u8; 32]>) -> (String, Arc<Node>) {
-    let golden: Json =
-        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap())
-            .unwrap();
-    let metadata = std::fs::read(format!("{DIR}metadata-spec461.scale")).unwrap();
     let node = Arc::new(Node {
-        golden,
-        metadata_v15: hexs(&Some(metadata).encode()),
+        golden: golden(),
+        metadata_v15: hexs(&Some(metadata_bytes()).encode()),
         unknown: Mutex::new(BTreeSet::new()),
         submitted: Mutex::new(Vec::new()),
         neuron_hotkey,
@@ -254,13 +251,7 @@ async fn reads_come_out_as_the_sdk_decoded_them() {
     assert_eq!(chain.block().await.unwrap(), 67, "{}", unknown());
     assert_eq!(chain.spec_version().await.unwrap(), 461);
 
-    let hp_call = g["runtime_calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["method"] == "get_subnet_hyperparams")
-        .unwrap();
-    let want = &hp_call["decoded"];
+    let want = &runtime_call(&g, "get_subnet_hyperparams")["decoded"];
     let p = chain
         .hyperparams()
         .await
@@ -286,13 +277,7 @@ async fn reads_come_out_as_the_sdk_decoded_them() {
         .unwrap_or_else(|e| panic!("{e}; {}", unknown()));
     assert_eq!(mg.block, 67);
     assert_eq!(mg.netuid, 1);
-    let neurons = g["runtime_calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["method"] == "get_neurons_lite")
-        .unwrap()["decoded"]
-        .clone();
+    let neurons = runtime_call(&g, "get_neurons_lite")["decoded"].clone();
     assert_eq!(mg.neurons.len(), neurons.as_array().unwrap().len());
     assert_eq!(
         mg.neurons[0].hotkey.to_ss58(),
@@ -392,21 +377,4 @@ async fn register_then_commit_weights_through_the_node() {
         .await
         .unwrap();
     assert_eq!(chain.pending_commits(), pending);
-}
-
-fn offline_client() -> subxt::OfflineClient<subxt::config::SubstrateConfig> {
-    let g: Json =
-        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap())
-            .unwrap();
-    let net = &g["network"];
-    fractal_chain::subtensor::offline_client(
-        &std::fs::read(format!("{DIR}metadata-spec461.scale")).unwrap(),
-        hex::decode(&net["genesis_hash"].as_str().unwrap()[2..])
-            .unwrap()
-            .try_into()
-            .unwrap(),
-        net["spec_version"].as_u64().unwrap() as u32,
-        net["transaction_version"].as_u64().unwrap() as u32,
-    )
-    .unwrap()
 }
