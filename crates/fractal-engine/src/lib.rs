@@ -7,9 +7,12 @@
 //! * [`pipeline`]: CFG denoising loop with a per-step hook, VAE decode.
 
 pub mod clip;
+mod cpu_kernels;
+mod layers;
 pub mod model;
 pub mod pinned;
 pub mod pipeline;
+pub mod profile;
 pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;

@@ -8,8 +8,11 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use serde::{Deserialize, Serialize};
+
+use crate::cpu_kernels;
+use crate::layers::{Conv2d, GroupNorm, ResnetBlock};
+use crate::profile;
 
 /// `unet/config.json` of a diffusers UNet3D folder (only the keys that matter).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,20 +106,25 @@ impl GegluFeedForward {
 
 impl Module for GegluFeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        self.out.forward(&(&h[0] * h[1].gelu_erf()?)?)
+        let proj = profile::time("ff.linear", || self.proj.forward(xs))?;
+        let gated = profile::time("ff.geglu", || {
+            if cpu_kernels::applies(&proj) {
+                cpu_kernels::geglu(&proj)
+            } else {
+                let h = proj.chunk(2, D::Minus1)?;
+                &h[0] * h[1].gelu_erf()?
+            }
+        })?;
+        profile::time("ff.linear", || self.out.forward(&gated))
     }
 }
 
-/// Score matrices above this size use flash attention on the CPU.
-const FLASH_ABOVE_BYTES: usize = 64 << 20;
-
 /// diffusers `Attention` (no q/k/v bias, biased output projection).
 ///
-/// When the score matrix would be large (it is about 8.6 GB per layer at
-/// 256x256, 16 frames) the CPU path runs candle-nn's flash attention, which
-/// never materialises it; small attentions use plain softmax attention, which
-/// is faster at small head sizes.
+/// On the CPU the fused kernel computes softmax(q k^T) v one block of query
+/// rows at a time, so the score matrix (about 8.6 GB per layer at 256x256,
+/// 16 frames) never exists whole; on other devices it is plain softmax
+/// attention.
 #[derive(Debug)]
 pub(crate) struct Attention {
     to_q: nn::Linear,
@@ -125,6 +133,8 @@ pub(crate) struct Attention {
     to_out: nn::Linear,
     heads: usize,
     head_dim: usize,
+    /// Profile stage name of the attention core.
+    stage: &'static str,
 }
 
 impl Attention {
@@ -134,6 +144,7 @@ impl Attention {
         context_dim: Option<usize>,
         heads: usize,
         head_dim: usize,
+        stage: &'static str,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         let ctx = context_dim.unwrap_or(query_dim);
@@ -144,6 +155,7 @@ impl Attention {
             to_out: nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
+            stage,
         })
     }
 
@@ -152,39 +164,30 @@ impl Attention {
         let ctx = context.unwrap_or(xs);
         let m = ctx.dim(1)?;
         let (h, d) = (self.heads, self.head_dim);
-        let q = self.to_q.forward(xs)?.reshape((b, n, h, d))?;
-        let k = self.to_k.forward(ctx)?.reshape((b, m, h, d))?;
-        let v = self.to_v.forward(ctx)?.reshape((b, m, h, d))?;
+        let (q, k, v) = profile::time("attn.qkv", || {
+            Ok::<_, candle_core::Error>((
+                self.to_q.forward(xs)?,
+                self.to_k.forward(ctx)?,
+                self.to_v.forward(ctx)?,
+            ))
+        })?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores_bytes = b * h * n * m * 4;
-        let out = if xs.device().is_cpu()
-            && xs.dtype() == candle_core::DType::F32
-            && scores_bytes > FLASH_ABOVE_BYTES
-        {
-            // (B, H, S, D)
-            nn::attention::flash_attn::<f32>(
-                &q,
-                &k,
-                &v,
-                scale as f32,
-                nn::attention::AttnMask::None,
-                None,
-                None,
-            )?
+        let _core = profile::stage(self.stage);
+        let out = if cpu_kernels::applies(&q) {
+            cpu_kernels::attention(&q, &k, &v, h, scale as f32)?
         } else {
-            let (q, k, v) = (
-                q.transpose(1, 2)?.contiguous()?,
-                k.transpose(1, 2)?.contiguous()?,
-                v.transpose(1, 2)?.contiguous()?,
-            );
+            let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+                t.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()
+            };
+            let (q, k, v) = (split(&q, n)?, split(&k, m)?, split(&v, m)?);
             // Scaling q (S x D) is cheaper than scaling the S x M scores.
             let att = (q * scale)?.matmul(&k.t()?)?;
             let att = nn::ops::softmax_last_dim(&att.to_dtype(candle_core::DType::F32)?)?
                 .to_dtype(v.dtype())?;
-            att.matmul(&v)?
+            att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * d))?
         };
-        self.to_out
-            .forward(&out.transpose(1, 2)?.reshape((b, n, h * d))?)
+        drop(_core);
+        profile::time("attn.out", || self.to_out.forward(&out))
     }
 }
 
@@ -211,18 +214,43 @@ impl TransformerBlock {
     ) -> Result<Self> {
         Ok(Self {
             norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim)?,
+            attn1: Attention::new(
+                vb.pp("attn1"),
+                dim,
+                None,
+                heads,
+                head_dim,
+                if context_dim.is_some() {
+                    "attn.spatial"
+                } else {
+                    "attn.temporal"
+                },
+            )?,
             norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                if context_dim.is_some() {
+                    "attn.cross"
+                } else {
+                    "attn.temporal"
+                },
+            )?,
             norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: GegluFeedForward::new(vb.pp("ff"), dim)?,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let ln =
+            |norm: &nn::LayerNorm, xs: &Tensor| profile::time("layer_norm", || norm.forward(xs));
+        let add = |a: Tensor, b: &Tensor| profile::time("residual", || a + b);
+        let xs = add(self.attn1.forward(&ln(&self.norm1, xs)?, None)?, xs)?;
+        let xs = add(self.attn2.forward(&ln(&self.norm2, &xs)?, context)?, &xs)?;
+        add(self.ff.forward(&ln(&self.norm3, &xs)?)?, &xs)
     }
 }
 
@@ -232,7 +260,7 @@ impl TransformerBlock {
 /// `TransformerTemporalModel`. They differ in which axis the tokens run along.
 #[derive(Debug)]
 struct ProjectedTransformer {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: nn::Linear,
     block: TransformerBlock,
     proj_out: nn::Linear,
@@ -251,7 +279,7 @@ impl ProjectedTransformer {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            norm: nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,
             proj_in: nn::linear(channels, inner, vb.pp("proj_in"))?,
             block: TransformerBlock::new(
                 vb.pp("transformer_blocks.0"),
@@ -265,48 +293,57 @@ impl ProjectedTransformer {
     }
 
     fn project(&self, tokens: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let hs = self.proj_in.forward(tokens)?;
+        let hs = profile::time("proj", || self.proj_in.forward(tokens))?;
         let hs = self.block.forward(&hs, context)?;
-        self.proj_out.forward(&hs)
+        profile::time("proj", || self.proj_out.forward(&hs))
     }
 
     /// Attention over the pixels of each frame, conditioned on the text.
     fn forward_spatial(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .norm
-            .forward(xs)?
-            .permute((0, 2, 3, 1))?
-            .reshape((n, h * w, c))?;
+        let normed = self.norm.forward(xs)?;
+        let tokens = profile::time("layout", || {
+            normed.permute((0, 2, 3, 1))?.reshape((n, h * w, c))
+        })?;
         let hs = self.project(&tokens, Some(context))?;
-        hs.reshape((n, h, w, c))?.permute((0, 3, 1, 2))? + xs
+        profile::time("layout", || {
+            hs.reshape((n, h, w, c))?.permute((0, 3, 1, 2))? + xs
+        })
     }
 
     /// Self-attention across the frames at each pixel.
     fn forward_temporal(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let (bf, c, h, w) = xs.dims4()?;
         let b = bf / frames;
-        let hs = xs.reshape((b, frames, c, h, w))?.permute((0, 2, 1, 3, 4))?;
-        let tokens =
-            self.norm
-                .forward(&hs)?
+        let hs = profile::time("layout", || {
+            xs.reshape((b, frames, c, h, w))?
+                .permute((0, 2, 1, 3, 4))?
+                .contiguous()
+        })?;
+        let normed = self.norm.forward(&hs)?;
+        let tokens = profile::time("layout", || {
+            normed
                 .permute((0, 3, 4, 2, 1))?
-                .reshape((b * h * w, frames, c))?;
+                .reshape((b * h * w, frames, c))
+        })?;
         let hs = self.project(&tokens, None)?;
-        let hs = hs
-            .reshape((b, h, w, frames, c))?
-            .permute((0, 3, 4, 1, 2))?
-            .reshape((bf, c, h, w))?;
-        hs + xs
+        profile::time("layout", || {
+            hs.reshape((b, h, w, frames, c))?
+                .permute((0, 3, 4, 1, 2))?
+                .reshape((bf, c, h, w))?
+                + xs
+        })
     }
 }
 
 /// diffusers `TemporalConvLayer`: four (GroupNorm, SiLU, Conv3d (3,1,1)) stages
-/// with a residual. The (3,1,1) kernel mixes neighbouring frames only, so it is
-/// computed as three frame-shifted 1x1 channel matmuls.
+/// with a residual. The (3,1,1) kernel mixes neighbouring frames only, so with
+/// the pixels of a frame flattened into one axis it is a 2D convolution with
+/// a (3, 1) kernel padded along frames.
 #[derive(Debug)]
 struct TemporalConv {
-    stages: Vec<(nn::GroupNorm, [Tensor; 3], Tensor)>,
+    /// Norm, weight `[C, C, 3, 1]`, bias `[C]`.
+    stages: Vec<(GroupNorm, Tensor, Tensor)>,
 }
 
 impl TemporalConv {
@@ -314,15 +351,12 @@ impl TemporalConv {
         let mut stages = Vec::with_capacity(4);
         for (i, conv_idx) in [(1, 2), (2, 3), (3, 3), (4, 3)] {
             let s = vb.pp(format!("conv{i}"));
-            let norm = nn::group_norm(groups, channels, 1e-5, s.pp("0"))?;
+            let norm = GroupNorm::new(s.pp("0"), groups, channels, 1e-5)?;
             let c = s.pp(conv_idx.to_string());
-            let w = c.get((channels, channels, 3, 1, 1), "weight")?;
-            let taps = [0, 1, 2].map(|k| {
-                w.narrow(2, k, 1)
-                    .and_then(|t| t.reshape((channels, channels)))
-            });
-            let [a, b, d] = taps;
-            stages.push((norm, [a?, b?, d?], c.get(channels, "bias")?));
+            let w = c
+                .get((channels, channels, 3, 1, 1), "weight")?
+                .reshape((channels, channels, 3, 1))?;
+            stages.push((norm, w, c.get(channels, "bias")?));
         }
         Ok(Self { stages })
     }
@@ -330,34 +364,29 @@ impl TemporalConv {
     fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let (bf, c, h, w) = xs.dims4()?;
         let b = bf / frames;
-        let identity = xs
-            .reshape((b, frames, c, h, w))?
-            .permute((0, 2, 1, 3, 4))?
-            .contiguous()?;
+        let identity = profile::time("layout", || {
+            xs.reshape((b, frames, c, h, w))?
+                .permute((0, 2, 1, 3, 4))?
+                .contiguous()
+        })?;
         let mut hs = identity.clone();
-        for (norm, taps, bias) in &self.stages {
-            let act = nn::ops::silu(&norm.forward(&hs)?)?;
-            let padded = act.pad_with_zeros(2, 1, 1)?;
-            let mut acc: Option<Tensor> = None;
-            for (k, tap) in taps.iter().enumerate() {
-                let shifted =
-                    padded
-                        .narrow(2, k, frames)?
-                        .contiguous()?
-                        .reshape((b, c, frames * h * w))?;
-                let y = tap.broadcast_matmul(&shifted)?;
-                acc = Some(match acc {
-                    None => y,
-                    Some(a) => (a + y)?,
-                });
-            }
-            let y = acc
-                .expect("three taps")
-                .broadcast_add(&bias.reshape((1, c, 1))?)?;
+        for (norm, weight, bias) in &self.stages {
+            let act = norm.forward_silu(&hs)?.reshape((b, c, frames, h * w))?;
+            let _s = profile::stage("temporal_conv");
+            let y = if cpu_kernels::applies(&act) {
+                cpu_kernels::conv2d(&act, weight, Some(bias), 1, (1, 0))?
+            } else {
+                act.pad_with_zeros(2, 1, 1)?
+                    .conv2d(weight, 0, 1, 1, 1)?
+                    .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
+            };
             hs = y.reshape((b, c, frames, h, w))?;
         }
-        let out = (identity + hs)?;
-        out.permute((0, 2, 1, 3, 4))?.reshape((bf, c, h, w))
+        profile::time("layout", || {
+            (identity + hs)?
+                .permute((0, 2, 1, 3, 4))?
+                .reshape((bf, c, h, w))
+        })
     }
 }
 
@@ -365,12 +394,12 @@ impl TemporalConv {
 /// (for the cross-attention variants) spatial and temporal transformers.
 #[derive(Debug)]
 struct Block3D {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     temp_convs: Vec<TemporalConv>,
     attentions: Vec<ProjectedTransformer>,
     temp_attentions: Vec<ProjectedTransformer>,
-    downsample: Option<nn::Conv2d>,
-    upsample: Option<nn::Conv2d>,
+    downsample: Option<Conv2d>,
+    upsample: Option<Conv2d>,
 }
 
 struct BlockSpec<'a> {
@@ -381,17 +410,17 @@ struct BlockSpec<'a> {
 }
 
 impl BlockSpec<'_> {
-    fn resnet(&self, vb: VarBuilder, cin: usize, cout: usize, scale: f64) -> Result<ResnetBlock2D> {
-        let conf = ResnetBlock2DConfig {
-            out_channels: Some(cout),
-            temb_channels: Some(self.temb),
-            groups: self.cfg.norm_num_groups,
-            groups_out: None,
-            eps: self.cfg.norm_eps,
-            use_in_shortcut: None,
-            output_scale_factor: scale,
-        };
-        ResnetBlock2D::new(vb, cin, conf)
+    fn resnet(&self, vb: VarBuilder, cin: usize, cout: usize, scale: f64) -> Result<ResnetBlock> {
+        let cfg = self.cfg;
+        ResnetBlock::new(
+            vb,
+            cin,
+            cout,
+            self.temb,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            scale,
+        )
     }
 
     /// Adds the i-th (temporal conv, spatial + temporal attention) layers.
@@ -454,17 +483,13 @@ impl Block3D {
             spec.layers(&vb, i, cout, &mut block)?;
         }
         if add_downsample {
-            let conf = nn::Conv2dConfig {
-                stride: 2,
-                padding: spec.cfg.downsample_padding,
-                ..Default::default()
-            };
-            block.downsample = Some(nn::conv2d(
+            block.downsample = Some(Conv2d::new(
+                vb.pp("downsamplers.0.conv"),
                 cout,
                 cout,
                 3,
-                conf,
-                vb.pp("downsamplers.0.conv"),
+                2,
+                spec.cfg.downsample_padding,
             )?);
         }
         Ok(block)
@@ -492,11 +517,14 @@ impl Block3D {
             spec.layers(&vb, i, cout, &mut block)?;
         }
         if add_upsample {
-            let conf = nn::Conv2dConfig {
-                padding: 1,
-                ..Default::default()
-            };
-            block.upsample = Some(nn::conv2d(cout, cout, 3, conf, vb.pp("upsamplers.0.conv"))?);
+            block.upsample = Some(Conv2d::new(
+                vb.pp("upsamplers.0.conv"),
+                cout,
+                cout,
+                3,
+                1,
+                1,
+            )?);
         }
         Ok(block)
     }
@@ -548,7 +576,7 @@ impl Block3D {
         ctx: &Tensor,
         frames: usize,
     ) -> Result<Tensor> {
-        let xs = self.resnets[i].forward(xs, Some(temb))?;
+        let xs = self.resnets[i].forward(xs, temb)?;
         let mut xs = self.temp_convs[i].forward(&xs, frames)?;
         if let (Some(a), Some(t)) = (self.attentions.get(i), self.temp_attentions.get(i)) {
             xs = a.forward_spatial(&xs, ctx)?;
@@ -589,13 +617,14 @@ impl Block3D {
         let mut xs = xs.clone();
         for i in 0..self.resnets.len() {
             let skip = skips.pop().expect("one skip per resnet");
-            xs = Tensor::cat(&[&xs, &skip], 1)?;
+            xs = profile::time("layout", || Tensor::cat(&[&xs, &skip], 1))?;
             xs = self.layer(i, &xs, temb, ctx, frames)?;
         }
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (h2, w2) = size.unwrap_or((2 * h, 2 * w));
-            xs = conv.forward(&xs.upsample_nearest2d(h2, w2)?)?;
+            let up = profile::time("upsample", || xs.upsample_nearest2d(h2, w2))?;
+            xs = conv.forward(&up)?;
         }
         Ok(xs)
     }
@@ -607,11 +636,11 @@ impl Block3D {
         ctx: &Tensor,
         frames: usize,
     ) -> Result<Tensor> {
-        let xs = self.resnets[0].forward(xs, Some(temb))?;
+        let xs = self.resnets[0].forward(xs, temb)?;
         let xs = self.temp_convs[0].forward(&xs, frames)?;
         let xs = self.attentions[0].forward_spatial(&xs, ctx)?;
         let xs = self.temp_attentions[0].forward_temporal(&xs, frames)?;
-        let xs = self.resnets[1].forward(&xs, Some(temb))?;
+        let xs = self.resnets[1].forward(&xs, temb)?;
         self.temp_convs[1].forward(&xs, frames)
     }
 }
@@ -619,15 +648,15 @@ impl Block3D {
 /// The denoising network.
 #[derive(Debug)]
 pub struct Unet3d {
-    conv_in: nn::Conv2d,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     transformer_in: ProjectedTransformer,
     down: Vec<Block3D>,
     mid: Block3D,
     up: Vec<Block3D>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     pub config: Unet3dConfig,
 }
 
@@ -637,11 +666,7 @@ impl Unet3d {
         let cfg = &config;
         let ch = &cfg.block_out_channels;
         let temb = ch[0] * 4;
-        let conv3 = nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = nn::conv2d(cfg.in_channels, ch[0], 3, conv3, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
         let time_proj = Timesteps::new(ch[0], true, 0.0);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
         let transformer_in = ProjectedTransformer::new(
@@ -700,13 +725,13 @@ impl Unet3d {
                 i + 1 < n,
             )?);
         }
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = GroupNorm::new(
+            vb.pp("conv_norm_out"),
             cfg.norm_num_groups,
             ch[0],
             cfg.norm_eps,
-            vb.pp("conv_norm_out"),
         )?;
-        let conv_out = nn::conv2d(ch[0], cfg.out_channels, 3, conv3, vb.pp("conv_out"))?;
+        let conv_out = Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -730,6 +755,8 @@ impl Unet3d {
             .time_embedding
             .forward(&self.time_proj.forward(&t)?.to_dtype(sample.dtype())?)?;
         let temb_dim = emb.dim(1)?;
+        // Every resnet applies SiLU to the time embedding first: do it once.
+        let emb = nn::ops::silu(&emb)?;
         // repeat_interleave over frames: [B, T] -> [B*F, T]
         let emb = emb
             .unsqueeze(1)?
@@ -766,49 +793,11 @@ impl Unet3d {
             };
             xs = block.forward_up(&xs, mine, &emb, &ctx, f, size)?;
         }
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         let xs = self.conv_out.forward(&xs)?;
         let oc = self.config.out_channels;
         xs.reshape((b, f, oc, h, w))?
             .permute((0, 2, 1, 3, 4))?
             .contiguous()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// Flash and plain attention agree, so the size threshold never changes results beyond f32 noise.
-    #[test]
-    fn flash_and_plain_attention_agree() {
-        let dev = Device::Cpu;
-        let (b, s, h, d) = (2, 50, 3, 8);
-        let q = Tensor::randn(0f32, 1., (b, s, h, d), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1., (b, 77, h, d), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1., (b, 77, h, d), &dev).unwrap();
-        let scale = 1.0 / (d as f64).sqrt();
-        let flash = nn::attention::flash_attn::<f32>(
-            &q,
-            &k,
-            &v,
-            scale as f32,
-            nn::attention::AttnMask::None,
-            None,
-            None,
-        )
-        .unwrap();
-        let (qt, kt, vt) = (
-            q.transpose(1, 2).unwrap().contiguous().unwrap(),
-            k.transpose(1, 2).unwrap().contiguous().unwrap(),
-            v.transpose(1, 2).unwrap().contiguous().unwrap(),
-        );
-        let att =
-            nn::ops::softmax_last_dim(&(qt.matmul(&kt.t().unwrap()).unwrap() * scale).unwrap())
-                .unwrap();
-        let plain = att.matmul(&vt).unwrap();
-        let err = crate::pipeline::max_abs_diff(&flash, &plain).unwrap();
-        assert!(err < 1e-5, "{err}");
     }
 }
