@@ -145,6 +145,10 @@ fn worker(w: Workload) -> anyhow::Result<()> {
         out.rgb8()?;
         runs_s.push(t.elapsed().as_secs_f64());
     }
+    // FRACTAL_PROFILE=1: per-stage UNet time over all runs, to stderr.
+    if let Some(report) = fractal_engine::profile::take_report() {
+        eprintln!("{report}");
+    }
     println!("{}", serde_json::to_string(&Timing { load_s, runs_s })?);
     Ok(())
 }

@@ -4,10 +4,12 @@
 //! * [`model`]: load a diffusers folder or build the tiny model;
 //! * [`unet3d`], [`clip`]: the networks candle does not ship in this form;
 //! * [`scheduler`]: DDIM as diffusers defines it;
-//! * [`pipeline`]: CFG denoising loop with a per-step hook, VAE decode.
+//! * [`pipeline`]: CFG denoising loop with a per-step hook, VAE decode;
+//! * [`cpu_kernels`]: fused f32 CPU kernels for the UNet's hot stages;
+//! * [`profile`]: where the time goes (`FRACTAL_PROFILE=1`).
 
 pub mod clip;
-mod cpu_kernels;
+pub mod cpu_kernels;
 mod layers;
 pub mod model;
 pub mod pinned;

@@ -59,6 +59,40 @@ fn same_seed_same_bits_other_seed_differs() {
     assert!(hi - lo > 10, "{lo}..{hi}");
 }
 
+/// The fused CPU kernels and candle's ops (the path CUDA takes) compute the
+/// same pipeline: every step's latents and the decoded frames agree.
+#[test]
+fn fused_cpu_kernels_match_candle_ops() {
+    let p = pipeline();
+    let s = GenerateSpec {
+        frames: 3,
+        height: 40,
+        width: 24,
+        ..spec(5)
+    };
+    fractal_engine::cpu_kernels::set_enabled(Some(true));
+    let (fused, v1) = run(&p, &s);
+    fractal_engine::cpu_kernels::set_enabled(Some(false));
+    let (plain, v2) = run(&p, &s);
+    fractal_engine::cpu_kernels::set_enabled(None);
+    assert_ne!(fused, plain, "the switch must change which ops run");
+    for (step, (a, b)) in fused.iter().zip(&plain).enumerate() {
+        let err = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "step {step}: max abs {err}");
+    }
+    let worst = v1
+        .iter()
+        .zip(&v2)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "frames differ by {worst}/255");
+}
+
 #[test]
 fn exported_folder_loads_and_matches_the_builtin_model() {
     let dir = tempfile::tempdir().unwrap();
