@@ -6,6 +6,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::Linear;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
@@ -45,13 +47,13 @@ impl Act {
 #[derive(Debug)]
 struct Layer {
     ln1: nn::LayerNorm,
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     ln2: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 #[derive(Debug)]
@@ -90,13 +92,13 @@ impl ClipTextModel {
             let (h, m) = (c.hidden_size, c.intermediate_size);
             layers.push(Layer {
                 ln1: nn::layer_norm(h, c.layer_norm_eps, l.pp("layer_norm1"))?,
-                q: nn::linear(h, h, l.pp("self_attn.q_proj"))?,
-                k: nn::linear(h, h, l.pp("self_attn.k_proj"))?,
-                v: nn::linear(h, h, l.pp("self_attn.v_proj"))?,
-                o: nn::linear(h, h, l.pp("self_attn.out_proj"))?,
+                q: Linear::new(l.pp("self_attn.q_proj"), h, h)?,
+                k: Linear::new(l.pp("self_attn.k_proj"), h, h)?,
+                v: Linear::new(l.pp("self_attn.v_proj"), h, h)?,
+                o: Linear::new(l.pp("self_attn.out_proj"), h, h)?,
                 ln2: nn::layer_norm(h, c.layer_norm_eps, l.pp("layer_norm2"))?,
-                fc1: nn::linear(h, m, l.pp("mlp.fc1"))?,
-                fc2: nn::linear(m, h, l.pp("mlp.fc2"))?,
+                fc1: Linear::new(l.pp("mlp.fc1"), h, m)?,
+                fc2: Linear::new(l.pp("mlp.fc2"), m, h)?,
             });
         }
         let final_layer_norm =
@@ -138,7 +140,6 @@ impl ClipTextModel {
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let res = xs.clone();
             let x = l.ln1.forward(&xs)?;
             let split = |t: Tensor| {
                 t.reshape((b, n, self.heads, hd))?
@@ -151,12 +152,9 @@ impl ClipTextModel {
             let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
             let att = nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
-            xs = (l.o.forward(&y)? + res)?;
-            let res = xs.clone();
-            let x = l
-                .fc2
-                .forward(&self.act.apply(&l.fc1.forward(&l.ln2.forward(&xs)?)?)?)?;
-            xs = (x + res)?;
+            xs = l.o.forward_add(&y, &xs)?;
+            let hidden = self.act.apply(&l.fc1.forward(&l.ln2.forward(&xs)?)?)?;
+            xs = l.fc2.forward_add(&hidden, &xs)?;
         }
         self.final_layer_norm
             .forward(&xs)?

@@ -715,6 +715,129 @@ fn softmax_body(row: &mut [f32]) {
     }
 }
 
+// ---------------------------------------------------------------- Linear
+
+/// `x W^T + bias (+ residual)` over the last axis of `x` (`[.., k]`, strided
+/// views read in place), with `weight` `[n, k]`. The bias and the residual go
+/// into the output before the product is accumulated onto it, so the whole
+/// layer is one pass besides the GEMM. The output is contiguous `[.., n]`.
+pub(crate) fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("linear: input {dims:?} against weight [{n}, {k}]");
+    }
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    if let Some(r) = residual {
+        if r.dims() != out_dims.as_slice() {
+            candle_core::bail!("linear: residual {:?}, output {out_dims:?}", r.dims());
+        }
+    }
+    // Rows as (batches, m) with a stride for each; a strided input whose rows
+    // do not form one such grid is copied first.
+    let rank3 = match dims.len() {
+        0 => unreachable!("dims.last() is k"),
+        1 => x.reshape((1, 1, k))?,
+        2 => x.unsqueeze(0)?,
+        3 => x.clone(),
+        _ => x.reshape(((), dims[dims.len() - 2], k))?,
+    };
+    let (batches, m, _) = rank3.dims3()?;
+    let rows = batches * m;
+    let mut out = vec![0f32; rows * n];
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    match residual {
+        Some(r) => with_slice(r, |rs| {
+            out.par_chunks_mut(n)
+                .zip(rs.par_chunks(n))
+                .for_each(|(o, r)| add_bias_row(o, r, bias.as_deref()));
+        })?,
+        None => {
+            if let Some(b) = &bias {
+                out.par_chunks_mut(n).for_each(|o| o.copy_from_slice(b));
+            }
+        }
+    }
+    let read_dst = residual.is_some() || bias.is_some();
+    let (storage, layout) = rank3.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("cpu kernel called on a {:?} tensor", x.device().location())
+    };
+    let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+    let (sb, sm, sk) = match *layout.stride() {
+        [sb, sm, sk] => (sb, sm, sk),
+        _ => unreachable!("rank 3"),
+    };
+    // One GEMM over every row when the batches stack evenly.
+    let (calls, call_rows, call_sb) = if batches == 1 || sb == m * sm {
+        (1, rows, 0)
+    } else {
+        (batches, m, sb)
+    };
+    let inner = if calls >= threads() {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads())
+    };
+    let dst = SharedMut(out.as_mut_ptr());
+    with_slice(weight, |wt| {
+        let one_call = |c: usize| {
+            // SAFETY: call c reads rows c*call_rows.. of x through the tensor's
+            // own strides (inside its storage) and writes only its rows of
+            // out (row stride n); the weight is n x k, read transposed.
+            unsafe {
+                gemm::gemm(
+                    call_rows,
+                    n,
+                    k,
+                    { dst }.0.add(c * call_rows * n),
+                    1,
+                    n as isize,
+                    read_dst,
+                    xs.as_ptr().add(c * call_sb),
+                    sk as isize,
+                    sm as isize,
+                    wt.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    inner,
+                )
+            }
+        };
+        if matches!(inner, Parallelism::None) {
+            (0..calls).into_par_iter().for_each(one_call);
+        } else {
+            (0..calls).for_each(one_call);
+        }
+    })?;
+    drop(storage);
+    tensor(out, out_dims)
+}
+
+avx2_dispatch! {
+    fn add_bias_row(out: &mut [f32], residual: &[f32], bias: Option<&[f32]>) {
+        match bias {
+            Some(b) => {
+                for ((o, &r), &b) in out.iter_mut().zip(residual).zip(b) {
+                    *o = r + b;
+                }
+            }
+            None => out.copy_from_slice(residual),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- GEGLU
 
 /// `a * gelu(g)` where the last axis of `x` is `[a, g]` (diffusers' GEGLU).
@@ -833,6 +956,39 @@ mod tests {
             let ours = group_norm(&x, groups, 1e-6, &gamma, &beta, silu_after).unwrap();
             assert!(max_diff(&ours, &reference) < 2e-5, "{shape:?}");
         }
+    }
+
+    #[test]
+    fn linear_matches_candle() {
+        let w = randn(&[24, 40], 7);
+        let b = randn(&[24], 8);
+        let contiguous = randn(&[3, 17, 40], 9);
+        // A permuted view, read in place: rows of the first axis stride 1.
+        let strided = randn(&[3, 40, 17], 10).transpose(1, 2).unwrap();
+        // Batches that do not stack into one row grid.
+        let gapped = randn(&[3, 20, 40], 11).narrow(1, 2, 17).unwrap();
+        let rank4 = randn(&[2, 3, 5, 40], 12);
+        let matrix = randn(&[7, 40], 13);
+        for x in [contiguous, strided, gapped, rank4, matrix] {
+            for bias in [None, Some(&b)] {
+                // candle 0.11's batched matmul misreads a transposed input
+                // with more than one batch, so the reference gets a copy.
+                let reference = candle_nn::Linear::new(w.clone(), bias.cloned())
+                    .forward(&x.contiguous().unwrap())
+                    .unwrap();
+                let residual = randn(reference.dims(), 14);
+                let ours = linear(&x, &w, bias, None).unwrap();
+                assert_eq!(ours.dims(), reference.dims());
+                assert!(max_diff(&ours, &reference) < 1e-5, "{:?}", x.dims());
+                let ours = linear(&x, &w, bias, Some(&residual)).unwrap();
+                let reference = (&reference + &residual).unwrap();
+                assert!(max_diff(&ours, &reference) < 1e-5, "{:?}", x.dims());
+            }
+        }
+        let x = randn(&[3, 17, 39], 9);
+        assert!(linear(&x, &w, None, None).is_err());
+        let x = randn(&[3, 17, 40], 9);
+        assert!(linear(&x, &w, None, Some(&randn(&[3, 17, 23], 1))).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The UNet's convolution, normalisation and ResNet layers, with diffusers'
-//! parameter names. On the CPU in f32 they run the fused kernels of
+//! The models' linear, convolution, normalisation and ResNet layers, with
+//! diffusers' parameter names. On the CPU in f32 they run the fused kernels of
 //! [`crate::cpu_kernels`]; elsewhere (CUDA, other dtypes) candle's ops.
 
 use candle_core::{Module, Result, Tensor, D};
@@ -64,6 +64,48 @@ impl GroupNorm {
     }
 }
 
+/// `torch.nn.Linear`; on the CPU one GEMM over all rows with the bias (and
+/// an optional residual) folded into its output.
+#[derive(Debug)]
+pub(crate) struct Linear {
+    inner: nn::Linear,
+}
+
+impl Linear {
+    pub(crate) fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self {
+            inner: nn::linear(cin, cout, vb)?,
+        })
+    }
+
+    pub(crate) fn no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self {
+            inner: nn::linear_no_bias(cin, cout, vb)?,
+        })
+    }
+
+    /// `forward(xs) + residual`.
+    pub(crate) fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let _s = profile::stage("linear");
+        if cpu_kernels::applies(xs) {
+            return cpu_kernels::linear(xs, self.inner.weight(), self.inner.bias(), Some(residual));
+        }
+        self.forward(xs)? + residual
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _s = profile::stage("linear");
+        if cpu_kernels::applies(xs) {
+            return cpu_kernels::linear(xs, self.inner.weight(), self.inner.bias(), None);
+        }
+        // candle 0.11's batched matmul misreads transposed inputs with more
+        // than one batch (seen on the CPU); a contiguous copy avoids it.
+        self.inner.forward(&xs.contiguous()?)
+    }
+}
+
 /// `torch.nn.Conv2d` (groups 1, dilation 1), im2col + GEMM on the CPU.
 #[derive(Debug)]
 pub(crate) struct Conv2d {
@@ -107,12 +149,13 @@ impl Module for Conv2d {
     }
 }
 
-/// diffusers `ResnetBlock2D` (SiLU, time embedding added after conv1).
+/// diffusers `ResnetBlock2D` (SiLU; the time embedding, where the block has
+/// one, added after conv1).
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: nn::Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -120,11 +163,12 @@ pub(crate) struct ResnetBlock {
 }
 
 impl ResnetBlock {
+    /// `temb`: the time embedding's width, None for blocks without one (VAE).
     pub(crate) fn new(
         vb: VarBuilder,
         cin: usize,
         cout: usize,
-        temb: usize,
+        temb: Option<usize>,
         groups: usize,
         eps: f64,
         output_scale_factor: f64,
@@ -132,7 +176,9 @@ impl ResnetBlock {
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: temb
+                .map(|t| Linear::new(vb.pp("time_emb_proj"), t, cout))
+                .transpose()?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
@@ -144,19 +190,27 @@ impl ResnetBlock {
         })
     }
 
-    /// `temb`: the time embedding `[N, temb]`, already through SiLU.
-    pub(crate) fn forward(&self, xs: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
+    /// `temb_silu`: the time embedding `[N, temb]`, already through SiLU
+    /// (None for blocks without one).
+    pub(crate) fn forward(&self, xs: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
         let hs = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_silu)?
-            .unsqueeze(D::Minus1)?
-            .unsqueeze(D::Minus1)?;
-        let hs = profile::time("resnet.add_temb", || hs.broadcast_add(&t))?;
+        let hs = match (&self.time_emb_proj, temb_silu) {
+            (Some(proj), Some(temb)) => {
+                let t = proj
+                    .forward(temb)?
+                    .unsqueeze(D::Minus1)?
+                    .unsqueeze(D::Minus1)?;
+                profile::time("resnet.add_temb", || hs.broadcast_add(&t))?
+            }
+            (None, None) => hs,
+            _ => candle_core::bail!(
+                "resnet: time embedding given to a block without one, or missing"
+            ),
+        };
         let hs = self.conv2.forward(&self.norm2.forward_silu(&hs)?)?;
         profile::time("resnet.residual", || {
             let out = (shortcut + hs)?;

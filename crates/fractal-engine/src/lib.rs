@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;
 pub mod unet3d;
+pub mod vae;
 pub mod video;
 pub mod weights;
 

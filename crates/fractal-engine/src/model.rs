@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::tiny::{self, TinyVariant, TinyWeights};
 use crate::unet3d::{Unet3d, Unet3dConfig};
+use crate::vae::VaeDecoder;
 use crate::EngineError;
 
 /// `vae/config.json` (the keys that matter).
@@ -49,7 +50,7 @@ pub struct ModelConfigs {
 pub struct Model {
     pub text_encoder: ClipTextModel,
     pub unet: Unet3d,
-    pub vae: AutoEncoderKL,
+    pub vae: VaeDecoder,
     pub configs: ModelConfigs,
     pub device: Device,
 }
@@ -86,6 +87,8 @@ fn read_json<T: serde::de::DeserializeOwned>(dir: &Path, rel: &str) -> Result<T,
     })
 }
 
+/// candle's full `AutoEncoderKL`, built only so that a written tiny folder
+/// also holds the encoder's weights, which diffusers requires to load it.
 fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
     AutoEncoderKLConfig {
         block_out_channels: v.block_out_channels.clone(),
@@ -137,13 +140,8 @@ impl Model {
             .map_err(|e| build(TEXT_WEIGHTS, e))?;
         let unet = Unet3d::new(vb(UNET_WEIGHTS)?, configs.unet.clone())
             .map_err(|e| build(UNET_WEIGHTS, e))?;
-        let vae = AutoEncoderKL::new(
-            vb(VAE_WEIGHTS)?,
-            configs.vae.in_channels,
-            configs.vae.out_channels,
-            vae_candle_config(&configs.vae),
-        )
-        .map_err(|e| build(VAE_WEIGHTS, e))?;
+        let vae =
+            VaeDecoder::new(vb(VAE_WEIGHTS)?, &configs.vae).map_err(|e| build(VAE_WEIGHTS, e))?;
         Ok(Model {
             text_encoder,
             unet,
@@ -184,12 +182,7 @@ impl Model {
         let text_encoder =
             ClipTextModel::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
         let unet = Unet3d::new(w.var_builder("unet.", device), configs.unet.clone())?;
-        let vae = AutoEncoderKL::new(
-            w.var_builder("vae.", device),
-            configs.vae.in_channels,
-            configs.vae.out_channels,
-            vae_candle_config(&configs.vae),
-        )?;
+        let vae = VaeDecoder::new(w.var_builder("vae.", device), &configs.vae)?;
         Ok((
             Model {
                 text_encoder,
@@ -211,6 +204,12 @@ impl Model {
     ) -> Result<Vec<PathBuf>, EngineError> {
         let (model, weights) = Self::tiny_with_weights(variant, &Device::Cpu)?;
         let c = &model.configs;
+        AutoEncoderKL::new(
+            weights.var_builder("vae.", &Device::Cpu),
+            c.vae.in_channels,
+            c.vae.out_channels,
+            vae_candle_config(&c.vae),
+        )?;
         let io = |path: PathBuf| move |e: std::io::Error| EngineError::Io { path, source: e };
         let write_json = |rel: &str, v: serde_json::Value| -> Result<(), EngineError> {
             let path = dir.join(rel);

@@ -11,7 +11,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use serde::{Deserialize, Serialize};
 
 use crate::cpu_kernels;
-use crate::layers::{Conv2d, GroupNorm, ResnetBlock};
+use crate::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
 use crate::profile;
 
 /// `unet/config.json` of a diffusers UNet3D folder (only the keys that matter).
@@ -90,23 +90,24 @@ impl Unet3dConfig {
 /// Feed-forward with GEGLU and the exact (erf) GELU, as diffusers' `FeedForward`.
 #[derive(Debug)]
 struct GegluFeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: Linear,
+    out: Linear,
 }
 
 impl GegluFeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: Linear::new(vb.pp("net.0.proj"), dim, inner * 2)?,
+            out: Linear::new(vb.pp("net.2"), inner, dim)?,
         })
     }
 }
 
-impl Module for GegluFeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let proj = profile::time("ff.linear", || self.proj.forward(xs))?;
+impl GegluFeedForward {
+    /// `FeedForward(xs) + residual`.
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let proj = self.proj.forward(xs)?;
         let gated = profile::time("ff.geglu", || {
             if cpu_kernels::applies(&proj) {
                 cpu_kernels::geglu(&proj)
@@ -115,7 +116,7 @@ impl Module for GegluFeedForward {
                 &h[0] * h[1].gelu_erf()?
             }
         })?;
-        profile::time("ff.linear", || self.out.forward(&gated))
+        self.out.forward_add(&gated, residual)
     }
 }
 
@@ -127,10 +128,10 @@ impl Module for GegluFeedForward {
 /// attention.
 #[derive(Debug)]
 pub(crate) struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     head_dim: usize,
     /// Profile stage name of the attention core.
@@ -149,28 +150,32 @@ impl Attention {
         let inner = heads * head_dim;
         let ctx = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: nn::linear_no_bias(ctx, inner, vb.pp("to_k"))?,
-            to_v: nn::linear_no_bias(ctx, inner, vb.pp("to_v"))?,
-            to_out: nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(vb.pp("to_q"), query_dim, inner)?,
+            to_k: Linear::no_bias(vb.pp("to_k"), ctx, inner)?,
+            to_v: Linear::no_bias(vb.pp("to_v"), ctx, inner)?,
+            to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim)?,
             heads,
             head_dim,
             stage,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `Attention(xs, context) + residual`.
+    fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
         let ctx = context.unwrap_or(xs);
         let m = ctx.dim(1)?;
         let (h, d) = (self.heads, self.head_dim);
-        let (q, k, v) = profile::time("attn.qkv", || {
-            Ok::<_, candle_core::Error>((
-                self.to_q.forward(xs)?,
-                self.to_k.forward(ctx)?,
-                self.to_v.forward(ctx)?,
-            ))
-        })?;
+        let (q, k, v) = (
+            self.to_q.forward(xs)?,
+            self.to_k.forward(ctx)?,
+            self.to_v.forward(ctx)?,
+        );
         let scale = 1.0 / (d as f64).sqrt();
         let _core = profile::stage(self.stage);
         let out = if cpu_kernels::applies(&q) {
@@ -187,7 +192,7 @@ impl Attention {
             att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * d))?
         };
         drop(_core);
-        profile::time("attn.out", || self.to_out.forward(&out))
+        self.to_out.forward_add(&out, residual)
     }
 }
 
@@ -247,10 +252,11 @@ impl TransformerBlock {
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ln =
             |norm: &nn::LayerNorm, xs: &Tensor| profile::time("layer_norm", || norm.forward(xs));
-        let add = |a: Tensor, b: &Tensor| profile::time("residual", || a + b);
-        let xs = add(self.attn1.forward(&ln(&self.norm1, xs)?, None)?, xs)?;
-        let xs = add(self.attn2.forward(&ln(&self.norm2, &xs)?, context)?, &xs)?;
-        add(self.ff.forward(&ln(&self.norm3, &xs)?)?, &xs)
+        let xs = self.attn1.forward_add(&ln(&self.norm1, xs)?, None, xs)?;
+        let xs = self
+            .attn2
+            .forward_add(&ln(&self.norm2, &xs)?, context, &xs)?;
+        self.ff.forward_add(&ln(&self.norm3, &xs)?, &xs)
     }
 }
 
@@ -261,9 +267,9 @@ impl TransformerBlock {
 #[derive(Debug)]
 struct ProjectedTransformer {
     norm: GroupNorm,
-    proj_in: nn::Linear,
+    proj_in: Linear,
     block: TransformerBlock,
-    proj_out: nn::Linear,
+    proj_out: Linear,
 }
 
 impl ProjectedTransformer {
@@ -280,7 +286,7 @@ impl ProjectedTransformer {
         let inner = heads * head_dim;
         Ok(Self {
             norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,
-            proj_in: nn::linear(channels, inner, vb.pp("proj_in"))?,
+            proj_in: Linear::new(vb.pp("proj_in"), channels, inner)?,
             block: TransformerBlock::new(
                 vb.pp("transformer_blocks.0"),
                 inner,
@@ -288,14 +294,14 @@ impl ProjectedTransformer {
                 head_dim,
                 context_dim,
             )?,
-            proj_out: nn::linear(inner, channels, vb.pp("proj_out"))?,
+            proj_out: Linear::new(vb.pp("proj_out"), inner, channels)?,
         })
     }
 
     fn project(&self, tokens: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let hs = profile::time("proj", || self.proj_in.forward(tokens))?;
+        let hs = self.proj_in.forward(tokens)?;
         let hs = self.block.forward(&hs, context)?;
-        profile::time("proj", || self.proj_out.forward(&hs))
+        self.proj_out.forward(&hs)
     }
 
     /// Attention over the pixels of each frame, conditioned on the text.
@@ -416,7 +422,7 @@ impl BlockSpec<'_> {
             vb,
             cin,
             cout,
-            self.temb,
+            Some(self.temb),
             cfg.norm_num_groups,
             cfg.norm_eps,
             scale,
@@ -576,7 +582,7 @@ impl Block3D {
         ctx: &Tensor,
         frames: usize,
     ) -> Result<Tensor> {
-        let xs = self.resnets[i].forward(xs, temb)?;
+        let xs = self.resnets[i].forward(xs, Some(temb))?;
         let mut xs = self.temp_convs[i].forward(&xs, frames)?;
         if let (Some(a), Some(t)) = (self.attentions.get(i), self.temp_attentions.get(i)) {
             xs = a.forward_spatial(&xs, ctx)?;
@@ -636,11 +642,11 @@ impl Block3D {
         ctx: &Tensor,
         frames: usize,
     ) -> Result<Tensor> {
-        let xs = self.resnets[0].forward(xs, temb)?;
+        let xs = self.resnets[0].forward(xs, Some(temb))?;
         let xs = self.temp_convs[0].forward(&xs, frames)?;
         let xs = self.attentions[0].forward_spatial(&xs, ctx)?;
         let xs = self.temp_attentions[0].forward_temporal(&xs, frames)?;
-        let xs = self.resnets[1].forward(&xs, temb)?;
+        let xs = self.resnets[1].forward(&xs, Some(temb))?;
         self.temp_convs[1].forward(&xs, frames)
     }
 }
