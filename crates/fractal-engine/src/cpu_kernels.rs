@@ -73,25 +73,48 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// Defines `fn name(args)` whose body is compiled twice: for the baseline
-/// target and with AVX2 enabled, picked at run time. Rust never contracts
-/// `a * b + c` into an FMA, and every reduction here runs in explicit lanes,
-/// so both versions give bit-identical results: AVX2 only widens the vectors.
-macro_rules! avx2_dispatch {
+#[cfg(test)]
+thread_local! {
+    static FORCE_BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests run the baseline build on this thread to compare it with the wide ones.
+#[inline(always)]
+fn baseline_forced() -> bool {
+    #[cfg(test)]
+    return FORCE_BASELINE.with(|f| f.get());
+    #[cfg(not(test))]
+    false
+}
+
+/// Defines `fn name(args)` whose body is compiled three times: for the
+/// baseline target, with AVX2 and with AVX-512F enabled, picked at run time.
+/// Rust never contracts `a * b + c` into an FMA, and every reduction here runs
+/// in explicit lanes, so all versions give bit-identical results: the wider
+/// instruction sets only widen the vectors.
+macro_rules! simd_dispatch {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+            if !baseline_forced() {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU reports AVX-512F.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU reports AVX2.
-                    return unsafe { wide($($arg),*) };
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             body($($arg),*)
@@ -207,7 +230,7 @@ pub(crate) fn group_norm(
     tensor(out, dims)
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn normalize(src: &[f32], dst: &mut [f32], mean: f32, scale: f32, shift: f32, silu_after: bool) {
         if silu_after {
             for (d, &s) in dst.iter_mut().zip(src) {
@@ -221,7 +244,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Sum in eight f32 lanes per block of 1024, blocks summed in f64: fast
     /// and accurate to ~1e-7 relative for the group sizes of a UNet.
     fn sum_f64(xs: &[f32]) -> f64 {
@@ -229,7 +252,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn sum_sq_dev(xs: &[f32], mean: f32) -> f64 {
         xs.chunks(1024)
             .map(|b| {
@@ -252,11 +275,17 @@ fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             acc[i] += f(ch[i]);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = fold_lanes(acc);
     for &v in rest {
         s += f(v);
     }
     s
+}
+
+/// The fixed reduction tree of eight lane sums.
+#[inline(always)]
+fn fold_lanes(acc: [f32; 8]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 // ---------------------------------------------------------------- Conv2d
@@ -547,88 +576,102 @@ pub(crate) fn attention(
     with_slice(q, |qs| {
         with_slice(k, |ks| {
             with_slice(v, |vs| {
-                (0..b * heads * blocks).into_par_iter().for_each(|task| {
-                    let blk = task % blocks;
-                    let bh = task / blocks;
-                    let (bi, hi) = (bh / heads, bh % heads);
-                    let r0 = blk * QUERY_BLOCK;
-                    let rows = QUERY_BLOCK.min(n - r0);
-                    let q0 = (bi * n + r0) * hd + hi * d;
-                    let kv0 = bi * m * hd + hi * d;
-                    if m <= DIRECT_MAX_KEYS {
-                        // SAFETY: as below, this task alone writes these rows of head hi.
-                        let o = unsafe { std::slice::from_raw_parts_mut({ dst }.0, b * n * hd) };
-                        attend_direct(
-                            &qs[q0..],
-                            &ks[kv0..],
-                            &vs[kv0..],
-                            &mut o[q0..],
-                            rows,
-                            m,
-                            d,
-                            hd,
-                            scale,
-                        );
-                        return;
-                    }
-                    SCORES.with(|s| {
-                        let mut s = s.borrow_mut();
-                        s.clear();
-                        s.resize(rows * m, 0.0);
-                        // SAFETY: strides and extents stay inside q/k/v and the
-                        // score block; this task alone writes its rows x d
-                        // window of the output (head hi, rows r0..r0+rows).
-                        unsafe {
-                            gemm::gemm(
+                // Short sequences (the temporal attention) make thousands of
+                // tiny tasks: hand them out in batches of about 32K products.
+                let per_task = QUERY_BLOCK.min(n) * m * d;
+                let min_len = ((1 << 15) / per_task.max(1)).max(1);
+                (0..b * heads * blocks)
+                    .into_par_iter()
+                    .with_min_len(min_len)
+                    .for_each(|task| {
+                        let blk = task % blocks;
+                        let bh = task / blocks;
+                        let (bi, hi) = (bh / heads, bh % heads);
+                        let r0 = blk * QUERY_BLOCK;
+                        let rows = QUERY_BLOCK.min(n - r0);
+                        let q0 = (bi * n + r0) * hd + hi * d;
+                        let kv0 = bi * m * hd + hi * d;
+                        if m <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_DIM {
+                            attend_direct(
+                                &qs[q0..],
+                                &ks[kv0..],
+                                &vs[kv0..],
+                                // SAFETY: q0 is inside the output, as inside q.
+                                SharedMut(unsafe { { dst }.0.add(q0) }),
                                 rows,
                                 m,
                                 d,
-                                s.as_mut_ptr(),
-                                1,
-                                m as isize,
-                                false,
-                                qs.as_ptr().add(q0),
-                                1,
-                                hd as isize,
-                                ks.as_ptr().add(kv0),
-                                hd as isize,
-                                1,
-                                0.0,
+                                hd,
                                 scale,
-                                false,
-                                false,
-                                false,
-                                Parallelism::None,
                             );
+                            return;
                         }
-                        for row in s.chunks_mut(m) {
-                            softmax_in_place(row);
-                        }
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                d,
-                                m,
-                                { dst }.0.add(q0),
-                                1,
-                                hd as isize,
-                                false,
-                                s.as_ptr(),
-                                1,
-                                m as isize,
-                                vs.as_ptr().add(kv0),
-                                1,
-                                hd as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                Parallelism::None,
-                            );
-                        }
-                    });
-                })
+                        SCORES.with(|s| {
+                            let mut s = s.borrow_mut();
+                            s.clear();
+                            s.resize(rows * m, 0.0);
+                            // SAFETY: strides and extents stay inside q/k/v and the
+                            // score block; this task alone writes its rows x d
+                            // window of the output (head hi, rows r0..r0+rows).
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    m,
+                                    d,
+                                    s.as_mut_ptr(),
+                                    1,
+                                    m as isize,
+                                    false,
+                                    qs.as_ptr().add(q0),
+                                    1,
+                                    hd as isize,
+                                    ks.as_ptr().add(kv0),
+                                    hd as isize,
+                                    1,
+                                    0.0,
+                                    scale,
+                                    false,
+                                    false,
+                                    false,
+                                    Parallelism::None,
+                                );
+                            }
+                            // Unnormalised probabilities: each output row is
+                            // divided by its sum after the product instead.
+                            let mut inv = [0f32; QUERY_BLOCK];
+                            exp_rows(&mut s, m, &mut inv[..rows]);
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    d,
+                                    m,
+                                    { dst }.0.add(q0),
+                                    1,
+                                    hd as isize,
+                                    false,
+                                    s.as_ptr(),
+                                    1,
+                                    m as isize,
+                                    vs.as_ptr().add(kv0),
+                                    1,
+                                    hd as isize,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    Parallelism::None,
+                                );
+                                for (r, &f) in inv[..rows].iter().enumerate() {
+                                    let row = std::slice::from_raw_parts_mut(
+                                        { dst }.0.add(q0 + r * hd),
+                                        d,
+                                    );
+                                    row.iter_mut().for_each(|v| *v *= f);
+                                }
+                            }
+                        });
+                    })
             })
         })
     })???;
@@ -642,74 +685,110 @@ thread_local! {
 /// Key sequences up to this long (the temporal attention's frames) skip GEMM:
 /// its packing costs more than the product.
 const DIRECT_MAX_KEYS: usize = 32;
+/// Head widths the direct path takes (its transposed keys live on the stack).
+const DIRECT_MAX_DIM: usize = 128;
 
-avx2_dispatch! {
-    /// Attention for `rows` query rows against `m <= DIRECT_MAX_KEYS` keys, by
-    /// dot products: `q`, `k`, `v` and `out` start at the first row of the
+simd_dispatch! {
+    /// Attention for `rows` query rows against `m <= DIRECT_MAX_KEYS` keys
+    /// without GEMM: `q`, `k`, `v` and `out` start at the first row of the
     /// head and step `stride` per row.
     #[allow(clippy::too_many_arguments)]
     fn attend_direct(
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        out: &mut [f32],
+        out: SharedMut,
         rows: usize,
         m: usize,
         d: usize,
         stride: usize,
         scale: f32,
     ) {
+        // K as [d, m8] (m padded to whole lanes with zeros): a query's scores
+        // are then d sweeps over m8-wide rows, summed in registers, instead
+        // of m horizontal dot products.
+        let m8 = m.next_multiple_of(8);
+        let mut kt = [0f32; DIRECT_MAX_KEYS * DIRECT_MAX_DIM];
+        let kt = &mut kt[..d * m8];
+        for j in 0..m {
+            for (c, &kv) in k[j * stride..j * stride + d].iter().enumerate() {
+                kt[c * m8 + j] = kv;
+            }
+        }
         let mut scores = [0f32; DIRECT_MAX_KEYS];
-        let scores = &mut scores[..m];
+        let mut acc = [0f32; DIRECT_MAX_DIM];
+        let acc = &mut acc[..d];
         for r in 0..rows {
             let qr = &q[r * stride..r * stride + d];
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let kr = &k[j * stride..j * stride + d];
-                *sc = lanes_dot(qr, kr) * scale;
-            }
-            softmax_body(scores);
-            let or = &mut out[r * stride..r * stride + d];
-            or.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let vr = &v[j * stride..j * stride + d];
-                for (o, &x) in or.iter_mut().zip(vr) {
-                    *o += p * x;
+            for j0 in (0..m8).step_by(8) {
+                let mut lanes = [0f32; 8];
+                for (c, &qv) in qr.iter().enumerate() {
+                    let kr = &kt[c * m8 + j0..c * m8 + j0 + 8];
+                    for i in 0..8 {
+                        lanes[i] += qv * kr[i];
+                    }
+                }
+                for i in 0..8 {
+                    scores[j0 + i] = lanes[i] * scale;
                 }
             }
+            let scores = &mut scores[..m];
+            softmax_body(scores);
+            for d0 in (0..d).step_by(8) {
+                let w = 8.min(d - d0);
+                let mut lanes = [0f32; 8];
+                for (j, &p) in scores.iter().enumerate() {
+                    let vr = &v[j * stride + d0..j * stride + d0 + w];
+                    for i in 0..w {
+                        lanes[i] += p * vr[i];
+                    }
+                }
+                acc[d0..d0 + w].copy_from_slice(&lanes[..w]);
+            }
+            // SAFETY: row r of this head (d elements at r * stride) is
+            // written by this task alone.
+            unsafe { std::slice::from_raw_parts_mut(out.0.add(r * stride), d) }
+                .copy_from_slice(acc);
         }
     }
 }
 
+simd_dispatch! {
+    /// For each `m`-wide row of `scores`: exp(score - row max) in place, and
+    /// the reciprocal of the row's sum into `inv`.
+    fn exp_rows(scores: &mut [f32], m: usize, inv: &mut [f32]) {
+        for (row, inv) in scores.chunks_mut(m).zip(inv) {
+            *inv = 1.0 / exp_shifted(row);
+        }
+    }
+}
+
+/// Replaces each element with exp(element - max); returns their sum.
 #[inline(always)]
-fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+fn exp_shifted(row: &mut [f32]) -> f32 {
+    // Three plain loops: each vectorises at full width (one fused loop did
+    // not), and the max runs in lanes (exact, so the order cannot matter).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            lanes[i] = lanes[i].max(ch[i]);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+    let max = rest.iter().fold(
+        lanes.into_iter().fold(f32::NEG_INFINITY, f32::max),
+        |a, &b| a.max(b),
+    );
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
     }
-    s
-}
-
-avx2_dispatch! {
-    fn softmax_in_place(row: &mut [f32]) {
-        softmax_body(row)
-    }
+    lanes_sum(row, |v| v)
 }
 
 #[inline(always)]
 fn softmax_body(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in row.iter_mut() {
-        *v = exp(*v - max);
-    }
-    let inv = 1.0 / lanes_sum(row, |v| v);
+    let inv = 1.0 / exp_shifted(row);
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -825,7 +904,7 @@ pub(crate) fn linear(
     tensor(out, out_dims)
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn add_bias_row(out: &mut [f32], residual: &[f32], bias: Option<&[f32]>) {
         match bias {
             Some(b) => {
@@ -863,7 +942,7 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     tensor(out, shape)
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn geglu_row(out: &mut [f32], a: &[f32], g: &[f32]) {
         for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
             *o = a * gelu_erf(g);
@@ -1059,6 +1138,8 @@ mod tests {
             (1, 130, 130, 1, 4),
             (2, 70, 20, 2, 13),
             (3, 16, 32, 4, 64),
+            // Short keys but heads wider than the direct path takes.
+            (1, 9, 5, 1, 130),
         ] {
             let q = randn(&[b, n, heads * d], 7);
             let k = randn(&[b, m, heads * d], 8);
@@ -1122,5 +1203,41 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn simd_builds_give_the_baseline_bits() {
+        let x = randn(&[2, 8, 12, 12], 21);
+        let run = |baseline| {
+            FORCE_BASELINE.with(|f| f.set(baseline));
+            // One thread: the flag is per thread.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let out = pool.install(|| {
+                FORCE_BASELINE.with(|f| f.set(baseline));
+                let y = group_norm(&x, 4, 1e-5, &randn(&[8], 1), &randn(&[8], 2), true).unwrap();
+                let long = y.reshape((2, 144, 8)).unwrap();
+                let short = y.reshape((2 * 18, 8, 8)).unwrap();
+                let gated = geglu(&y.reshape((2, 144, 8)).unwrap()).unwrap();
+                let w = randn(&[8, 8], 3);
+                let lin = linear(&long, &w, Some(&randn(&[8], 4)), Some(&long)).unwrap();
+                [
+                    y.clone(),
+                    attention(&long, &long, &long, 2, 0.5).unwrap(),
+                    attention(&short, &short, &short, 2, 0.5).unwrap(),
+                    gated,
+                    lin,
+                ]
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            });
+            FORCE_BASELINE.with(|f| f.set(false));
+            out
+        };
+        let (wide, base) = (run(false), run(true));
+        for (w, b) in wide.iter().zip(&base) {
+            assert!(w.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
     }
 }
