@@ -831,15 +831,19 @@ pub(crate) fn linear(
     let rows = batches * m;
     let mut out = vec![0f32; rows * n];
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    // Whole blocks of rows per task: one task per row costs more than the copy.
+    let block = n * 64;
     match residual {
         Some(r) => with_slice(r, |rs| {
-            out.par_chunks_mut(n)
-                .zip(rs.par_chunks(n))
-                .for_each(|(o, r)| add_bias_row(o, r, bias.as_deref()));
+            out.par_chunks_mut(block)
+                .zip(rs.par_chunks(block))
+                .for_each(|(o, r)| add_bias_rows(o, r, bias.as_deref()));
         })?,
         None => {
             if let Some(b) = &bias {
-                out.par_chunks_mut(n).for_each(|o| o.copy_from_slice(b));
+                out.par_chunks_mut(block).for_each(|o| {
+                    o.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+                });
             }
         }
     }
@@ -905,11 +909,14 @@ pub(crate) fn linear(
 }
 
 simd_dispatch! {
-    fn add_bias_row(out: &mut [f32], residual: &[f32], bias: Option<&[f32]>) {
+    /// `out = residual + bias` for whole rows (`bias` as wide as one row).
+    fn add_bias_rows(out: &mut [f32], residual: &[f32], bias: Option<&[f32]>) {
         match bias {
             Some(b) => {
-                for ((o, &r), &b) in out.iter_mut().zip(residual).zip(b) {
-                    *o = r + b;
+                for (o, r) in out.chunks_mut(b.len()).zip(residual.chunks(b.len())) {
+                    for ((o, &r), &b) in o.iter_mut().zip(r).zip(b) {
+                        *o = r + b;
+                    }
                 }
             }
             None => out.copy_from_slice(residual),
