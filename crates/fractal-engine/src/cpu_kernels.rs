@@ -437,30 +437,51 @@ fn conv2d_grouped(
                 }
             });
         let mut prod = vec![0f32; co * cols];
-        // SAFETY: prod is co x cols (row stride cols), wt co x k (row stride
-        // k), col k x cols (row stride cols); each slice is exactly that long.
-        unsafe {
-            gemm::gemm(
-                co,
-                cols,
+        if cols <= SKINNY_MAX_ROWS {
+            // A few output pixels in all: stream each weight row once against
+            // the transposed patch matrix instead of packing the weights.
+            let mut col_t = vec![0f32; cols * k];
+            for (kk, row) in col.chunks(cols).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    col_t[c * k + kk] = v;
+                }
+            }
+            let patches: Vec<&[f32]> = col_t.chunks(k).collect();
+            skinny_gemm(
+                wt,
                 k,
-                prod.as_mut_ptr(),
+                &patches,
+                SharedMut(prod.as_mut_ptr()),
+                cols,
                 1,
-                cols as isize,
                 false,
-                wt.as_ptr(),
-                1,
-                k as isize,
-                col.as_ptr(),
-                1,
-                cols as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(threads()),
-            )
+            );
+        } else {
+            // SAFETY: prod is co x cols (row stride cols), wt co x k (row stride
+            // k), col k x cols (row stride cols); each slice is exactly that long.
+            unsafe {
+                gemm::gemm(
+                    co,
+                    cols,
+                    k,
+                    prod.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    wt.as_ptr(),
+                    1,
+                    k as isize,
+                    col.as_ptr(),
+                    1,
+                    cols as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::Rayon(threads()),
+                )
+            }
         }
         out[first * co * plane..(first + g) * co * plane]
             .par_chunks_mut(plane)
@@ -541,6 +562,92 @@ impl ConvGeometry {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------- Skinny products
+
+/// Rows (pixels, tokens) up to which a product with a weight matrix streams
+/// the weights once instead of packing them for GEMM: the deep UNet levels at
+/// small sizes, where weights of up to 59 MB meet a handful of pixels.
+const SKINNY_MAX_ROWS: usize = 32;
+/// Weight rows per task.
+const SKINNY_BLOCK: usize = 16;
+
+/// `out[i * out_a + j * out_b] (+)= a[i] . b[j]` for `a` `[ma, k]` (row-major,
+/// contiguous: the weights) and up to [`SKINNY_MAX_ROWS`] rows `b[j]` of `k`
+/// elements. Each row of `a` is read once, tasks split the rows of `a`, and
+/// every element is one dot product in fixed lanes, whatever the threads.
+/// The index map must be one-to-one (each task writes only its rows of `a`).
+fn skinny_gemm(
+    a: &[f32],
+    k: usize,
+    b: &[&[f32]],
+    out: SharedMut,
+    out_a: usize,
+    out_b: usize,
+    accumulate: bool,
+) {
+    a.par_chunks(k * SKINNY_BLOCK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (ii, ar) in rows.chunks(k).enumerate() {
+                let i = blk * SKINNY_BLOCK + ii;
+                for (g, group) in b.chunks(4).enumerate() {
+                    let dots = dot_rows(ar, group);
+                    for (q, &v) in dots[..group.len()].iter().enumerate() {
+                        // SAFETY: (i, j) maps to a distinct element of out,
+                        // and only this task handles row i of a.
+                        unsafe {
+                            let p = { out }.0.add(i * out_a + (g * 4 + q) * out_b);
+                            *p = if accumulate { *p + v } else { v };
+                        }
+                    }
+                }
+            }
+        });
+}
+
+simd_dispatch! {
+    /// Dot products of `a` with up to four rows, each summed in eight fixed
+    /// lanes (the same arithmetic for every row, however many come along).
+    fn dot_rows(a: &[f32], rows: &[&[f32]]) -> [f32; 4] {
+        let mut acc = [[0f32; 8]; 4];
+        let full = a.len() / 8 * 8;
+        if let [r0, r1, r2, r3] = rows {
+            // Four rows at once: each 8-lane slice of `a` is loaded once.
+            let it = a[..full]
+                .chunks_exact(8)
+                .zip(r0[..full].chunks_exact(8))
+                .zip(r1[..full].chunks_exact(8))
+                .zip(r2[..full].chunks_exact(8))
+                .zip(r3[..full].chunks_exact(8));
+            for ((((av, b0), b1), b2), b3) in it {
+                for l in 0..8 {
+                    acc[0][l] += av[l] * b0[l];
+                    acc[1][l] += av[l] * b1[l];
+                    acc[2][l] += av[l] * b2[l];
+                    acc[3][l] += av[l] * b3[l];
+                }
+            }
+        } else {
+            for (q, r) in rows.iter().enumerate() {
+                for (av, bv) in a[..full].chunks_exact(8).zip(r[..full].chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[q][l] += av[l] * bv[l];
+                    }
+                }
+            }
+        }
+        let mut dots = [0f32; 4];
+        for (q, r) in rows.iter().enumerate() {
+            let mut s = fold_lanes(acc[q]);
+            for (&x, &y) in a[full..].iter().zip(&r[full..]) {
+                s += x * y;
+            }
+            dots[q] = s;
+        }
+        dots
     }
 }
 
@@ -857,6 +964,19 @@ pub(crate) fn linear(
         [sb, sm, sk] => (sb, sm, sk),
         _ => unreachable!("rank 3"),
     };
+    if rows <= SKINNY_MAX_ROWS && sk == 1 {
+        let x_rows: Vec<&[f32]> = (0..batches)
+            .flat_map(|bi| (0..m).map(move |r| bi * sb + r * sm))
+            .map(|at| &xs[at..at + k])
+            .collect();
+        let dst = SharedMut(out.as_mut_ptr());
+        with_slice(weight, |wt| {
+            skinny_gemm(wt, k, &x_rows, dst, 1, n, read_dst)
+        })?;
+        drop(x_rows);
+        drop(storage);
+        return tensor(out, out_dims);
+    }
     // One GEMM over every row when the batches stack evenly.
     let (calls, call_rows, call_sb) = if batches == 1 || sb == m * sm {
         (1, rows, 0)
@@ -1071,9 +1191,24 @@ mod tests {
                 assert!(max_diff(&ours, &reference) < 1e-5, "{:?}", x.dims());
             }
         }
+        // Few rows (the skinny product), K not a whole number of lanes, and
+        // batches with gaps between them.
+        let w = randn(&[24, 45], 15);
+        for x in [
+            randn(&[2, 3, 45], 16),
+            randn(&[3, 20, 45], 17).narrow(1, 2, 5).unwrap(),
+        ] {
+            let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()))
+                .forward(&x.contiguous().unwrap())
+                .unwrap();
+            let residual = randn(reference.dims(), 18);
+            let ours = linear(&x, &w, Some(&b), Some(&residual)).unwrap();
+            let reference = (&reference + &residual).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-5, "{:?}", x.dims());
+        }
         let x = randn(&[3, 17, 39], 9);
         assert!(linear(&x, &w, None, None).is_err());
-        let x = randn(&[3, 17, 40], 9);
+        let x = randn(&[3, 17, 45], 9);
         assert!(linear(&x, &w, None, Some(&randn(&[3, 17, 23], 1))).is_err());
     }
 
@@ -1088,6 +1223,9 @@ mod tests {
             (33, 7, 5, 4, 3, 3, 1, 1),
             // Weights of GROUP_MIN_WEIGHTS: images grouped into one GEMM.
             (5, 128, 228, 3, 4, 3, 1, 1),
+            // Grouped, and few enough pixels in all for the skinny product
+            // (K = 1161, not a whole number of lanes).
+            (4, 129, 300, 2, 2, 3, 1, 1),
             // Over GROUP_COL_BUDGET: one image at a time.
             (2, 48, 8, 100, 100, 3, 1, 1),
         ] {
@@ -1236,6 +1374,8 @@ mod tests {
                     attention(&short, &short, &short, 2, 0.5).unwrap(),
                     gated,
                     lin,
+                    // Few rows: the skinny product.
+                    linear(&long.narrow(1, 0, 4).unwrap(), &w, None, None).unwrap(),
                 ]
                 .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             });
