@@ -128,10 +128,24 @@ impl SafetensorsFile {
             .tensors
             .get(name)
             .ok_or_else(|| bad(&self.path, format!("no tensor {name}")))?;
+        let read = |buf: &mut [u8]| {
+            self.file
+                .read_exact_at(buf, info.start)
+                .map_err(|e| bad(&self.path, format!("reading {name}: {e}")))
+        };
+        // f32 (the pipeline's dtype) is read straight into the tensor's own
+        // buffer: safetensors is little-endian, as the targets we build for.
+        if cfg!(target_endian = "little") && info.dtype == DType::F32 {
+            let mut data = vec![0f32; info.len / 4];
+            // SAFETY: the u8 view covers exactly the f32 buffer, and every
+            // bit pattern is a valid f32.
+            read(unsafe {
+                std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), info.len)
+            })?;
+            return Tensor::from_vec(data, info.shape.as_slice(), &Device::Cpu);
+        }
         let mut bytes = vec![0u8; info.len];
-        self.file
-            .read_exact_at(&mut bytes, info.start)
-            .map_err(|e| bad(&self.path, format!("reading {name}: {e}")))?;
+        read(&mut bytes)?;
         Tensor::from_raw_buffer(&bytes, info.dtype, &info.shape, &Device::Cpu)
     }
 }
