@@ -87,8 +87,9 @@ fn read_json<T: serde::de::DeserializeOwned>(dir: &Path, rel: &str) -> Result<T,
     })
 }
 
-/// candle's full `AutoEncoderKL`, built only so that a written tiny folder
-/// also holds the encoder's weights, which diffusers requires to load it.
+/// The config of candle's full `AutoEncoderKL`. The engine decodes with
+/// [`VaeDecoder`]; the full model is only built when a tiny folder is written,
+/// so that the folder also holds the encoder weights diffusers needs to load.
 fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
     AutoEncoderKLConfig {
         block_out_channels: v.block_out_channels.clone(),

@@ -102,9 +102,7 @@ impl GegluFeedForward {
             out: Linear::new(vb.pp("net.2"), inner, dim)?,
         })
     }
-}
 
-impl GegluFeedForward {
     /// `FeedForward(xs) + residual`.
     fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let proj = self.proj.forward(xs)?;

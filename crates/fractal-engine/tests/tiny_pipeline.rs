@@ -99,6 +99,23 @@ fn exported_folder_loads_and_matches_the_builtin_model() {
     let m = fractal_engine::tiny::manifest(TinyVariant::Base);
     let files = Model::write_tiny_folder(TinyVariant::Base, dir.path(), &m.scheduler).unwrap();
     assert_eq!(files.len(), 3);
+    // The engine only decodes, but diffusers loads the whole autoencoder.
+    let vae = fractal_engine::weights::SafetensorsFile::open(
+        &dir.path().join("vae/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let names: Vec<String> = vae.names().into_iter().map(|(n, _)| n).collect();
+    for want in [
+        "encoder.conv_in.weight",
+        "quant_conv.weight",
+        "decoder.conv_out.weight",
+        "post_quant_conv.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from the exported VAE"
+        );
+    }
     let loaded = Pipeline::new(
         Model::load(dir.path(), &Device::Cpu).unwrap(),
         m.scheduler.clone(),
