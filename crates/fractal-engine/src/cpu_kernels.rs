@@ -969,7 +969,7 @@ pub(crate) fn linear(
         [sb, sm, sk] => (sb, sm, sk),
         _ => unreachable!("rank 3"),
     };
-    if rows <= SKINNY_MAX_ROWS && sk == 1 {
+    if rows <= SKINNY_MAX_ROWS && sk == 1 && k > 0 {
         let x_rows: Vec<&[f32]> = (0..batches)
             .flat_map(|bi| (0..m).map(move |r| bi * sb + r * sm))
             .map(|at| &xs[at..at + k])
@@ -1211,6 +1211,12 @@ mod tests {
             let reference = (&reference + &residual).unwrap();
             assert!(max_diff(&ours, &reference) < 1e-5, "{:?}", x.dims());
         }
+        // No inputs at all: the output is the bias (no panic on a bad config).
+        let empty = linear(&randn(&[2, 0], 19), &randn(&[24, 0], 20), Some(&b), None).unwrap();
+        assert_eq!(
+            max_diff(&empty, &b.unsqueeze(0).unwrap().repeat((2, 1)).unwrap()),
+            0.0
+        );
         let x = randn(&[3, 17, 39], 9);
         assert!(linear(&x, &w, None, None).is_err());
         let x = randn(&[3, 17, 45], 9);
