@@ -122,6 +122,52 @@ macro_rules! simd_dispatch {
     };
 }
 
+/// `dst = scale * lhs rhs`, or `dst += scale * lhs rhs` when `accumulate`,
+/// for `lhs` m x k and `rhs` k x n: one call of the `gemm` crate. `dst` is
+/// (pointer, row stride) with unit column stride; `lhs` and `rhs` are
+/// (pointer, row stride, column stride).
+///
+/// # Safety
+/// Every operand must hold the elements its strides reach, and no other
+/// thread may touch the written part of `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1 as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 // ---------------------------------------------------------------- math
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -367,25 +413,15 @@ pub(crate) fn conv2d(
                 // (row stride k), rhs k x plane (row stride plane); all three
                 // slices are exactly that long.
                 unsafe {
-                    gemm::gemm(
+                    matmul(
                         co,
                         plane,
                         k,
-                        o.as_mut_ptr(),
-                        1,
-                        plane as isize,
+                        (o.as_mut_ptr(), plane),
                         bias.is_some(),
-                        wt.as_ptr(),
-                        1,
-                        k as isize,
-                        col.as_ptr(),
-                        1,
-                        plane as isize,
+                        (wt.as_ptr(), k, 1),
+                        (col.as_ptr(), plane, 1),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         inner,
                     )
                 }
@@ -460,25 +496,15 @@ fn conv2d_grouped(
             // SAFETY: prod is co x cols (row stride cols), wt co x k (row stride
             // k), col k x cols (row stride cols); each slice is exactly that long.
             unsafe {
-                gemm::gemm(
+                matmul(
                     co,
                     cols,
                     k,
-                    prod.as_mut_ptr(),
-                    1,
-                    cols as isize,
+                    (prod.as_mut_ptr(), cols),
                     false,
-                    wt.as_ptr(),
-                    1,
-                    k as isize,
-                    col.as_ptr(),
-                    1,
-                    cols as isize,
-                    0.0,
+                    (wt.as_ptr(), k, 1),
+                    (col.as_ptr(), cols, 1),
                     1.0,
-                    false,
-                    false,
-                    false,
                     Parallelism::Rayon(threads()),
                 )
             }
@@ -726,25 +752,15 @@ pub(crate) fn attention(
                             // score block; this task alone writes its rows x d
                             // window of the output (head hi, rows r0..r0+rows).
                             unsafe {
-                                gemm::gemm(
+                                matmul(
                                     rows,
                                     m,
                                     d,
-                                    s.as_mut_ptr(),
-                                    1,
-                                    m as isize,
+                                    (s.as_mut_ptr(), m),
                                     false,
-                                    qs.as_ptr().add(q0),
-                                    1,
-                                    hd as isize,
-                                    ks.as_ptr().add(kv0),
-                                    hd as isize,
-                                    1,
-                                    0.0,
+                                    (qs.as_ptr().add(q0), hd, 1),
+                                    (ks.as_ptr().add(kv0), 1, hd),
                                     scale,
-                                    false,
-                                    false,
-                                    false,
                                     Parallelism::None,
                                 );
                             }
@@ -753,25 +769,15 @@ pub(crate) fn attention(
                             let mut inv = [0f32; QUERY_BLOCK];
                             exp_rows(&mut s, m, &mut inv[..rows]);
                             unsafe {
-                                gemm::gemm(
+                                matmul(
                                     rows,
                                     d,
                                     m,
-                                    { dst }.0.add(q0),
-                                    1,
-                                    hd as isize,
+                                    ({ dst }.0.add(q0), hd),
                                     false,
-                                    s.as_ptr(),
-                                    1,
-                                    m as isize,
-                                    vs.as_ptr().add(kv0),
-                                    1,
-                                    hd as isize,
-                                    0.0,
+                                    (s.as_ptr(), m, 1),
+                                    (vs.as_ptr().add(kv0), hd, 1),
                                     1.0,
-                                    false,
-                                    false,
-                                    false,
                                     Parallelism::None,
                                 );
                                 for (r, &f) in inv[..rows].iter().enumerate() {
@@ -1000,25 +1006,15 @@ pub(crate) fn linear(
             // own strides (inside its storage) and writes only its rows of
             // out (row stride n); the weight is n x k, read transposed.
             unsafe {
-                gemm::gemm(
+                matmul(
                     call_rows,
                     n,
                     k,
-                    { dst }.0.add(c * call_rows * n),
-                    1,
-                    n as isize,
+                    ({ dst }.0.add(c * call_rows * n), n),
                     read_dst,
-                    xs.as_ptr().add(c * call_sb),
-                    sk as isize,
-                    sm as isize,
-                    wt.as_ptr(),
-                    k as isize,
-                    1,
+                    (xs.as_ptr().add(c * call_sb), sm, sk),
+                    (wt.as_ptr(), 1, k),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     inner,
                 )
             }
