@@ -65,6 +65,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    fractal_engine::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

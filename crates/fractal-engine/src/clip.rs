@@ -123,6 +123,10 @@ impl ClipTextModel {
 
     /// `input_ids` `[batch, tokens]` (u32) to `[batch, tokens, hidden]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        crate::cpu_kernels::on_workers(|| self.forward_on_workers(input_ids))
+    }
+
+    fn forward_on_workers(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, n) = input_ids.dims2()?;
         if n > self.config.max_position_embeddings {
             candle_core::bail!(

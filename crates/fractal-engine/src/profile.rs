@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const UNKNOWN: u8 = 0;
@@ -31,16 +32,14 @@ pub fn enabled() -> bool {
     }
 }
 
-#[derive(Default)]
-struct Book {
-    /// Time spent in nested stages, one entry per open stage.
-    nested: Vec<Duration>,
-    totals: BTreeMap<&'static str, (Duration, u64)>,
+thread_local! {
+    /// Time spent in nested stages, one entry per open stage on this thread.
+    static NESTED: RefCell<Vec<Duration>> = const { RefCell::new(Vec::new()) };
 }
 
-thread_local! {
-    static BOOK: RefCell<Book> = RefCell::new(Book::default());
-}
+/// Exclusive time and calls per stage, from every thread: the model runs on
+/// rayon's workers, not on the thread that asks for the report.
+static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// An open stage; its time is booked when it is dropped.
 pub struct Stage {
@@ -52,7 +51,7 @@ pub fn stage(name: &'static str) -> Stage {
     if !enabled() {
         return Stage { open: None };
     }
-    BOOK.with(|b| b.borrow_mut().nested.push(Duration::ZERO));
+    NESTED.with(|n| n.borrow_mut().push(Duration::ZERO));
     Stage {
         open: Some((name, Instant::now())),
     }
@@ -64,16 +63,18 @@ impl Drop for Stage {
             return;
         };
         let total = start.elapsed();
-        BOOK.with(|b| {
-            let mut b = b.borrow_mut();
-            let nested = b.nested.pop().unwrap_or_default();
-            if let Some(parent) = b.nested.last_mut() {
+        let nested = NESTED.with(|n| {
+            let mut n = n.borrow_mut();
+            let nested = n.pop().unwrap_or_default();
+            if let Some(parent) = n.last_mut() {
                 *parent += total;
             }
-            let e = b.totals.entry(name).or_default();
-            e.0 += total.saturating_sub(nested);
-            e.1 += 1;
+            nested
         });
+        let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = totals.entry(name).or_default();
+        e.0 += total.saturating_sub(nested);
+        e.1 += 1;
     }
 }
 
@@ -83,13 +84,13 @@ pub fn time<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// The table of this thread's stages since the last report, slowest first,
+/// The table of all threads' stages since the last report, slowest first,
 /// and clears it. `None` when profiling is off or nothing was timed.
 pub fn take_report() -> Option<String> {
     if !enabled() {
         return None;
     }
-    let totals = BOOK.with(|b| std::mem::take(&mut b.borrow_mut().totals));
+    let totals = std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()));
     if totals.is_empty() {
         return None;
     }
@@ -117,22 +118,36 @@ pub fn take_report() -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Column `col` of `name`'s row (1: ms, 3: calls).
+    fn cell(report: &str, name: &str, col: usize) -> f64 {
+        let line = report.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(col).unwrap().parse().unwrap()
+    }
+
     #[test]
     fn nested_time_is_not_counted_twice() {
         STATE.store(ON, Ordering::Relaxed);
         {
-            let _outer = stage("outer");
+            let _outer = stage("test.outer");
             std::thread::sleep(Duration::from_millis(20));
-            time("inner", || std::thread::sleep(Duration::from_millis(30)));
+            time("test.inner", || std::thread::sleep(Duration::from_millis(30)));
         }
         let report = take_report().unwrap();
-        let ms = |name: &str| -> f64 {
-            let line = report.lines().find(|l| l.starts_with(name)).unwrap();
-            line.split_whitespace().nth(1).unwrap().parse().unwrap()
-        };
-        assert!(ms("inner") >= 30.0, "{report}");
+        assert!(cell(&report, "test.inner", 1) >= 30.0, "{report}");
         // Counted twice, outer would be at least 50 ms.
-        assert!(ms("outer") >= 20.0 && ms("outer") < 50.0, "{report}");
-        assert!(take_report().is_none(), "the report clears the book");
+        let outer = cell(&report, "test.outer", 1);
+        assert!((20.0..50.0).contains(&outer), "{report}");
+
+        // A stage on another thread (a rayon worker) lands in the same table,
+        // and does not nest in this thread's open stage.
+        {
+            let _outer = stage("test.outer");
+            std::thread::scope(|s| {
+                s.spawn(|| time("test.inner", || std::thread::sleep(Duration::from_millis(30))));
+            });
+        }
+        let report = take_report().unwrap();
+        assert_eq!(cell(&report, "test.inner", 3), 1.0, "the report clears the table: {report}");
+        assert!(cell(&report, "test.outer", 1) >= 30.0, "{report}");
     }
 }

@@ -753,6 +753,10 @@ impl Unet3d {
     /// Predicts noise for `sample` `[B, C, F, H, W]` at `timestep`, conditioned
     /// on `context` `[B, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        crate::cpu_kernels::on_workers(|| self.forward_on_workers(sample, timestep, context))
+    }
+
+    fn forward_on_workers(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         let (b, c, f, h, w) = sample.dims5()?;
         let t = Tensor::full(timestep as f32, b, sample.device())?;
         let emb = self

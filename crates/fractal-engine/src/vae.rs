@@ -82,6 +82,10 @@ impl VaeDecoder {
     /// Latents `[N, latent, h, w]` (already divided by the scaling factor)
     /// to images `[N, out, h * s, w * s]` in about `[-1, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::cpu_kernels::on_workers(|| self.decode_on_workers(latents))
+    }
+
+    fn decode_on_workers(&self, latents: &Tensor) -> Result<Tensor> {
         let xs = self.post_quant_conv.forward(latents)?;
         let xs = self.conv_in.forward(&xs)?;
         let xs = self.mid_resnets[0].forward(&xs, None)?;
