@@ -18,6 +18,7 @@
 use candle_core::{Device, Result, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 thread_local! {
     /// Per-thread override of `FRACTAL_CPU_KERNELS`.
@@ -70,8 +71,31 @@ fn tensor(data: Vec<f32>, shape: impl Into<candle_core::Shape>) -> Result<Tensor
 /// tiny model that was ~10k context switches per generation and ~20% of its
 /// time, so each model entry point (UNet, VAE, text encoder) hops onto the
 /// pool once instead.
+///
+/// The caller's [`set_enabled`] choice goes along, and the worker's own is
+/// restored afterwards (a worker may run other callers' passes in between).
 pub(crate) fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    let choice = OVERRIDE.get();
+    rayon::scope(|_| {
+        let before = OVERRIDE.replace(choice);
+        let r = f();
+        OVERRIDE.set(before);
+        r
+    })
+}
+
+/// A `len`-element output that `fill` writes completely before anything
+/// reads it. Not zeroing it first saves a whole pass over memory: a zeroed
+/// 4 MB output cost 160 us next to the 260 us GEMM that overwrites it.
+///
+/// # Safety
+/// `fill` must initialise every element of the slice it is given.
+unsafe fn written_output(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    fill(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's fill initialised all `len` elements.
+    unsafe { out.set_len(len) };
+    out
 }
 
 fn threads() -> usize {
@@ -400,52 +424,67 @@ pub(crate) fn conv2d(
     let out = with_slice(weight, |wt| {
         with_slice(x, |xs| {
             let plane = oh * ow;
-            let mut out = vec![0f32; n * co * plane];
             let inner = if n >= threads() {
                 Parallelism::None
             } else {
                 Parallelism::Rayon(threads())
             };
-            let one_image = |(img, o): (usize, &mut [f32])| {
+            // Each image's block is written whole: by the bias, or else by
+            // the product (k > 0: a convolution has at least one tap).
+            let one_image = |(img, o): (usize, &mut [MaybeUninit<f32>])| {
                 let src = &xs[img * ci * h * w..(img + 1) * ci * h * w];
                 if let Some(b) = &bias {
                     for (row, &bv) in o.chunks_mut(plane).zip(b) {
-                        row.fill(bv);
+                        row.fill(MaybeUninit::new(bv));
                     }
+                } else if k == 0 {
+                    o.fill(MaybeUninit::new(0.0));
                 }
                 let pointwise = kh == 1 && kw == 1 && stride == 1 && pad_h == 0 && pad_w == 0;
-                let col_owned;
-                let col: &[f32] = if pointwise {
-                    src
-                } else {
-                    col_owned = geo.im2col(src);
-                    &col_owned
+                let dst = o.as_mut_ptr().cast::<f32>();
+                let product = |col: &[f32]| {
+                    // SAFETY: dst is co x plane (row stride `plane`), lhs co x k
+                    // (row stride k), rhs k x plane (row stride plane); all
+                    // three slices are exactly that long.
+                    unsafe {
+                        matmul(
+                            co,
+                            plane,
+                            k,
+                            (dst, plane),
+                            bias.is_some(),
+                            (wt.as_ptr(), k, 1),
+                            (col.as_ptr(), plane, 1),
+                            1.0,
+                            inner,
+                        )
+                    }
                 };
-                // SAFETY: dst is co x plane (row stride `plane`), lhs co x k
-                // (row stride k), rhs k x plane (row stride plane); all three
-                // slices are exactly that long.
-                unsafe {
-                    matmul(
-                        co,
-                        plane,
-                        k,
-                        (o.as_mut_ptr(), plane),
-                        bias.is_some(),
-                        (wt.as_ptr(), k, 1),
-                        (col.as_ptr(), plane, 1),
-                        1.0,
-                        inner,
-                    )
+                if pointwise {
+                    product(src);
+                } else {
+                    // Taken out of the cell, not borrowed: a parallel GEMM
+                    // may run another convolution on this thread meanwhile.
+                    let mut col = COL.take();
+                    geo.im2col(src, &mut col);
+                    product(&col);
+                    if col.len() <= COL_KEEP_MAX {
+                        COL.set(col);
+                    }
                 }
             };
-            if matches!(inner, Parallelism::None) {
-                out.par_chunks_mut(co * plane)
-                    .enumerate()
-                    .for_each(one_image);
-            } else {
-                out.chunks_mut(co * plane).enumerate().for_each(one_image);
+            // SAFETY: one_image writes every element of its block (above).
+            unsafe {
+                written_output(n * co * plane, |out| {
+                    if matches!(inner, Parallelism::None) {
+                        out.par_chunks_mut(co * plane)
+                            .enumerate()
+                            .for_each(one_image);
+                    } else {
+                        out.chunks_mut(co * plane).enumerate().for_each(one_image);
+                    }
+                })
             }
-            out
         })
     })??;
     tensor(out, (n, co, oh, ow))
@@ -551,22 +590,22 @@ struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    /// The `[ci*kh*kw, oh*ow]` patch matrix of one image, rows in the
-    /// weight's (ci, kh, kw) order; padding reads as zero.
-    fn im2col(&self, src: &[f32]) -> Vec<f32> {
+    /// The `[ci*kh*kw, oh*ow]` patch matrix of one image into `col` (resized
+    /// to fit), rows in the weight's (ci, kh, kw) order; padding reads as zero.
+    fn im2col(&self, src: &[f32], col: &mut Vec<f32>) {
         let g = *self;
         let plane = g.oh * g.ow;
         let taps = g.kh * g.kw;
-        let mut col = vec![0f32; g.ci * taps * plane];
+        // Only grown, never cleared: channel_rows writes every element.
+        col.resize(g.ci * taps * plane, 0.0);
         for (c, rows) in col.chunks_mut(taps * plane).enumerate() {
             self.channel_rows(&src[c * g.h * g.w..(c + 1) * g.h * g.w], rows, plane, 0);
         }
-        col
     }
 
     /// Writes the kh*kw patch rows of one input channel `chan` into `rows`
-    /// (row r at `r * row_stride + offset`, `oh*ow` long); `rows` must be
-    /// zeroed, padding is left as it is.
+    /// (row r at `r * row_stride + offset`, `oh*ow` long), padding as zeros:
+    /// every element of those rows is written, so `rows` may hold anything.
     fn channel_rows(&self, chan: &[f32], rows: &mut [f32], row_stride: usize, offset: usize) {
         let g = *self;
         let plane = g.oh * g.ow;
@@ -580,15 +619,19 @@ impl ConvGeometry {
                 let first = g.pad_w.saturating_sub(kx).div_ceil(g.stride);
                 let last = ((g.w + g.pad_w).saturating_sub(kx).div_ceil(g.stride)).min(g.ow);
                 if first >= last {
+                    dst.fill(0.0);
                     continue;
                 }
                 for oy in 0..g.oh {
                     let iy = (oy * g.stride + ky) as isize - g.pad_h as isize;
+                    let dst_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
                     if iy < 0 || iy >= g.h as isize {
+                        dst_row.fill(0.0);
                         continue;
                     }
+                    dst_row[..first].fill(0.0);
+                    dst_row[last..].fill(0.0);
                     let src_row = &chan[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    let dst_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
                     if g.stride == 1 {
                         let ix0 = first + kx - g.pad_w;
                         dst_row[first..last].copy_from_slice(&src_row[ix0..ix0 + (last - first)]);
@@ -810,7 +853,13 @@ pub(crate) fn attention(
 
 thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A convolution's patch matrix, kept between calls: a fresh one per
+    /// image was allocated and zeroed only to be overwritten.
+    static COL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
+
+/// The largest patch matrix (f32 elements, 64 MiB) kept between calls.
+const COL_KEEP_MAX: usize = 16 << 20;
 
 /// Key sequences up to this long (the temporal attention's frames) skip GEMM:
 /// its packing costs more than the product.
@@ -838,13 +887,18 @@ simd_dispatch! {
         // are then d sweeps over m8-wide rows, summed in registers, instead
         // of m horizontal dot products.
         let m8 = m.next_multiple_of(8);
-        let mut kt = [0f32; DIRECT_MAX_KEYS * DIRECT_MAX_DIM];
-        let kt = &mut kt[..d * m8];
-        for j in 0..m {
-            for (c, &kv) in k[j * stride..j * stride + d].iter().enumerate() {
-                kt[c * m8 + j] = kv;
+        // Left uninitialised and then written whole: zeroing the full 16 KB
+        // tile cost more than the attention itself at 8 frames and 8 dims.
+        let mut tile = [std::mem::MaybeUninit::<f32>::uninit(); DIRECT_MAX_KEYS * DIRECT_MAX_DIM];
+        let tile = &mut tile[..d * m8];
+        for c in 0..d {
+            for j in 0..m8 {
+                let kv = if j < m { k[j * stride + c] } else { 0.0 };
+                tile[c * m8 + j].write(kv);
             }
         }
+        // SAFETY: every element of tile[..d * m8] was written just above.
+        let kt = unsafe { &*(tile as *const [std::mem::MaybeUninit<f32>] as *const [f32]) };
         let mut scores = [0f32; DIRECT_MAX_KEYS];
         let mut acc = [0f32; DIRECT_MAX_DIM];
         let acc = &mut acc[..d];
@@ -959,23 +1013,30 @@ pub(crate) fn linear(
     };
     let (batches, m, _) = rank3.dims3()?;
     let rows = batches * m;
-    let mut out = vec![0f32; rows * n];
+    // Written whole below: by the residual and bias, or by the bias, or else
+    // by the product alone (which overwrites when there is nothing to add).
+    let mut out = Vec::<f32>::with_capacity(rows * n);
+    let start = &mut out.spare_capacity_mut()[..rows * n];
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
     // Whole blocks of rows per task: one task per row costs more than the copy.
     let block = n * 64;
-    match residual {
-        Some(r) => with_slice(r, |rs| {
-            out.par_chunks_mut(block)
+    match (residual, &bias) {
+        (Some(r), _) => with_slice(r, |rs| {
+            start
+                .par_chunks_mut(block)
                 .zip(rs.par_chunks(block))
                 .for_each(|(o, r)| add_bias_rows(o, r, bias.as_deref()));
         })?,
-        None => {
-            if let Some(b) = &bias {
-                out.par_chunks_mut(block).for_each(|o| {
-                    o.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-                });
+        (None, Some(b)) => start.par_chunks_mut(block).for_each(|o| {
+            for row in o.chunks_mut(n) {
+                for (d, &v) in row.iter_mut().zip(b) {
+                    d.write(v);
+                }
             }
-        }
+        }),
+        // No inputs at all: the product is zero and GEMM may not write it.
+        (None, None) if k == 0 => start.fill(MaybeUninit::new(0.0)),
+        (None, None) => {}
     }
     let read_dst = residual.is_some() || bias.is_some();
     let (storage, layout) = rank3.storage_and_layout();
@@ -998,6 +1059,9 @@ pub(crate) fn linear(
         })?;
         drop(x_rows);
         drop(storage);
+        // SAFETY: every element was written: prefilled, or (k > 0 here) set
+        // by its dot product.
+        unsafe { out.set_len(rows * n) };
         return tensor(out, out_dims);
     }
     // One GEMM over every row when the batches stack evenly.
@@ -1038,21 +1102,28 @@ pub(crate) fn linear(
         }
     })?;
     drop(storage);
+    // SAFETY: every element was written: prefilled above, or overwritten by
+    // the product (k > 0; k == 0 was zero-filled).
+    unsafe { out.set_len(rows * n) };
     tensor(out, out_dims)
 }
 
 simd_dispatch! {
     /// `out = residual + bias` for whole rows (`bias` as wide as one row).
-    fn add_bias_rows(out: &mut [f32], residual: &[f32], bias: Option<&[f32]>) {
+    fn add_bias_rows(out: &mut [MaybeUninit<f32>], residual: &[f32], bias: Option<&[f32]>) {
         match bias {
             Some(b) => {
                 for (o, r) in out.chunks_mut(b.len()).zip(residual.chunks(b.len())) {
                     for ((o, &r), &b) in o.iter_mut().zip(r).zip(b) {
-                        *o = r + b;
+                        o.write(r + b);
                     }
                 }
             }
-            None => out.copy_from_slice(residual),
+            None => {
+                for (o, &r) in out.iter_mut().zip(residual) {
+                    o.write(r);
+                }
+            }
         }
     }
 }
