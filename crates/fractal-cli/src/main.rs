@@ -65,7 +65,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    fractal_engine::keep_freed_memory();
+    fractal_engine::prepare_process();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -7,7 +7,7 @@ use fractal_engine::{GenerateSpec, Model, Pipeline};
 use fractal_protocol::Seed;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    fractal_engine::keep_freed_memory();
+    fractal_engine::prepare_process();
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(
         args.get(1)

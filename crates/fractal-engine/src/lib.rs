@@ -80,17 +80,22 @@ pub fn device_from_name(name: &str) -> Result<candle_core::Device, EngineError> 
     Ok(candle_core::Device::new_cuda(cuda_ordinal)?)
 }
 
-/// Tells glibc's malloc to keep freed memory for reuse. Call it once, early,
-/// in a binary that runs the model.
+/// Process settings for a binary that runs the model. Call it first thing in
+/// `main`, before any other thread starts (it sets an environment variable).
 ///
-/// glibc hands blocks above its mmap threshold (128 KiB at first, adapting
-/// up to 32 MiB) straight back to the kernel when freed, and trims the top of
-/// the heap. A UNet pass allocates and frees hundreds of 0.1-4 MB activations,
-/// so every one of them was faulted in and zeroed afresh: ~40k page faults
-/// and ~8% of a tiny-model generation. With both thresholds raised the freed
-/// blocks are reused. The peak is unchanged (the same tensors are alive at
-/// once); what changes is that the process keeps that peak between jobs.
-pub fn keep_freed_memory() {
+/// * glibc's malloc keeps freed memory for reuse. It hands blocks above its
+///   mmap threshold (128 KiB at first, adapting up to 32 MiB) straight back
+///   to the kernel when freed, and trims the top of the heap. A UNet pass
+///   allocates and frees hundreds of 0.1-4 MB activations, so every one of
+///   them was faulted in and zeroed afresh: ~40k page faults and ~8% of a
+///   tiny-model generation. The peak is unchanged (the same tensors are alive
+///   at once); what changes is that the process keeps that peak between jobs.
+/// * candle's own elementwise thread pool gets no threads
+///   (`CANDLE_NUM_THREADS=1` unless set). Its workers spin for a while after
+///   every large elementwise op, on cores that the engine's rayon workers
+///   need: 7% of a generation's CPU samples were that spinning. The few
+///   candle elementwise ops left on the path then run on the calling worker.
+pub fn prepare_process() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; valid at any time.
     unsafe {
@@ -98,6 +103,9 @@ pub fn keep_freed_memory() {
         // (whole-clip activations at real sizes) still come from mmap.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 
