@@ -1159,23 +1159,38 @@ simd_dispatch! {
 
 // ---------------------------------------------------------------- GEGLU
 
-/// `a * gelu(g)` where the last axis of `x` is `[a, g]` (diffusers' GEGLU).
-pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
+/// `a * gelu(g)` where the last axis of `x + bias` is `[a, g]` (diffusers'
+/// GEGLU). Taking the projection's bias here spares the projection a pass
+/// over its output (prefilling the bias), and the sum is the same either way.
+pub(crate) fn geglu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let last = *dims.last().unwrap_or(&0);
     if last % 2 != 0 {
         candle_core::bail!("geglu: odd last dimension {last}");
     }
     let half = last / 2;
+    let bias = match bias {
+        Some(b) if b.dims() != [last] => {
+            candle_core::bail!("geglu: bias {:?} for rows of {last}", b.dims())
+        }
+        Some(b) => b.to_vec1::<f32>()?,
+        None => vec![0f32; last],
+    };
+    let (ba, bg) = bias.split_at(half);
     let out = with_slice(x, |xs| {
-        let mut out = vec![0f32; xs.len() / 2];
-        out.par_chunks_mut(half)
-            .zip(xs.par_chunks(last))
-            .for_each(|(o, row)| {
-                let (a, g) = row.split_at(half);
-                geglu_row(o, a, g);
-            });
-        out
+        let len = xs.len() / 2;
+        // SAFETY: the rows of out pair up with the rows of xs, and
+        // geglu_row writes each whole.
+        unsafe {
+            written_output(len, |out| {
+                out.par_chunks_mut(half.max(1))
+                    .zip(xs.par_chunks(last.max(1)))
+                    .for_each(|(o, row)| {
+                        let (a, g) = row.split_at(half);
+                        geglu_row(o, a, g, ba, bg);
+                    });
+            })
+        }
     })?;
     let mut shape = dims;
     *shape.last_mut().expect("rank >= 1") = half;
@@ -1183,9 +1198,9 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
 }
 
 simd_dispatch! {
-    fn geglu_row(out: &mut [f32], a: &[f32], g: &[f32]) {
-        for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
-            *o = a * gelu_erf(g);
+    fn geglu_row(out: &mut [MaybeUninit<f32>], a: &[f32], g: &[f32], ba: &[f32], bg: &[f32]) {
+        for ((((o, &a), &g), &ba), &bg) in out.iter_mut().zip(a).zip(g).zip(ba).zip(bg) {
+            o.write((a + ba) * gelu_erf(g + bg));
         }
     }
 }
@@ -1442,7 +1457,13 @@ mod tests {
         let x = (randn(&[3, 5, 12], 10) * 2.0).unwrap();
         let h = x.chunk(2, 2).unwrap();
         let reference = (&h[0] * h[1].gelu_erf().unwrap()).unwrap();
-        assert!(max_diff(&geglu(&x).unwrap(), &reference) < 1e-5);
+        assert!(max_diff(&geglu(&x, None).unwrap(), &reference) < 1e-5);
+        // With the projection's bias folded in.
+        let bias = randn(&[12], 11);
+        let h = x.broadcast_add(&bias).unwrap().chunk(2, 2).unwrap();
+        let reference = (&h[0] * h[1].gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu(&x, Some(&bias)).unwrap(), &reference) < 1e-5);
+        assert!(geglu(&x, Some(&randn(&[6], 1))).is_err(), "bias of the wrong width");
     }
 
     #[test]
@@ -1484,7 +1505,7 @@ mod tests {
                 let y = group_norm(&x, 4, 1e-5, &randn(&[8], 1), &randn(&[8], 2), true).unwrap();
                 let long = y.reshape((2, 144, 8)).unwrap();
                 let short = y.reshape((2 * 18, 8, 8)).unwrap();
-                let gated = geglu(&y.reshape((2, 144, 8)).unwrap()).unwrap();
+                let gated = geglu(&y.reshape((2, 144, 8)).unwrap(), Some(&randn(&[8], 5))).unwrap();
                 let w = randn(&[8, 8], 3);
                 let lin = linear(&long, &w, Some(&randn(&[8], 4)), Some(&long)).unwrap();
                 [

@@ -105,15 +105,15 @@ impl GegluFeedForward {
 
     /// `FeedForward(xs) + residual`.
     fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let proj = self.proj.forward(xs)?;
-        let gated = profile::time("ff.geglu", || {
-            if cpu_kernels::applies(&proj) {
-                cpu_kernels::geglu(&proj)
-            } else {
-                let h = proj.chunk(2, D::Minus1)?;
-                &h[0] * h[1].gelu_erf()?
-            }
-        })?;
+        let gated = if cpu_kernels::applies(xs) {
+            // The projection's bias is added by the GEGLU kernel.
+            let proj = self.proj.forward_without_bias(xs)?;
+            profile::time("ff.geglu", || cpu_kernels::geglu(&proj, self.proj.bias()))?
+        } else {
+            let proj = self.proj.forward(xs)?;
+            let h = proj.chunk(2, D::Minus1)?;
+            profile::time("ff.geglu", || &h[0] * h[1].gelu_erf()?)?
+        };
         self.out.forward_add(&gated, residual)
     }
 }
