@@ -283,44 +283,56 @@ pub(crate) fn group_norm(
     let cg = c / groups;
     let gamma = gamma.to_vec1::<f32>()?;
     let beta = beta.to_vec1::<f32>()?;
-    let out = with_slice(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        let group_len = cg * spatial;
-        out.par_chunks_mut(group_len)
-            .zip(xs.par_chunks(group_len))
-            .enumerate()
-            .for_each(|(ng, (o, xg))| {
-                let g = ng % groups;
-                let mean = sum_f64(xg) / group_len as f64;
-                let m = mean as f32;
-                let var = sum_sq_dev(xg, m) / group_len as f64;
-                let inv = (1.0 / (var + eps).sqrt()) as f32;
-                for ch in 0..cg {
-                    let ci = g * cg + ch;
-                    normalize(
-                        &xg[ch * spatial..(ch + 1) * spatial],
-                        &mut o[ch * spatial..(ch + 1) * spatial],
-                        m,
-                        inv * gamma[ci],
-                        beta[ci],
-                        silu_after,
-                    );
-                }
-            });
-        out
+    let group_len = cg * spatial;
+    if group_len == 0 {
+        return Ok(x.clone());
+    }
+    // SAFETY: the groups of out pair up with those of x, and every channel
+    // row of a group is normalised into out whole.
+    let out = with_slice(x, |xs| unsafe {
+        written_output(xs.len(), |out| {
+            out.par_chunks_mut(group_len)
+                .zip(xs.par_chunks(group_len))
+                .enumerate()
+                .for_each(|(ng, (o, xg))| {
+                    let g = ng % groups;
+                    let mean = sum_f64(xg) / group_len as f64;
+                    let m = mean as f32;
+                    let var = sum_sq_dev(xg, m) / group_len as f64;
+                    let inv = (1.0 / (var + eps).sqrt()) as f32;
+                    for ch in 0..cg {
+                        let ci = g * cg + ch;
+                        normalize(
+                            &xg[ch * spatial..(ch + 1) * spatial],
+                            &mut o[ch * spatial..(ch + 1) * spatial],
+                            m,
+                            inv * gamma[ci],
+                            beta[ci],
+                            silu_after,
+                        );
+                    }
+                });
+        })
     })?;
     tensor(out, dims)
 }
 
 simd_dispatch! {
-    fn normalize(src: &[f32], dst: &mut [f32], mean: f32, scale: f32, shift: f32, silu_after: bool) {
+    fn normalize(
+        src: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        mean: f32,
+        scale: f32,
+        shift: f32,
+        silu_after: bool,
+    ) {
         if silu_after {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = silu((s - mean) * scale + shift);
+                d.write(silu((s - mean) * scale + shift));
             }
         } else {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = (s - mean) * scale + shift;
+                d.write((s - mean) * scale + shift);
             }
         }
     }
@@ -997,15 +1009,15 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
             lanes[i] = bigger(lanes[i], ch[i]);
         }
     }
-    let max = rest
-        .iter()
-        .fold(lanes.into_iter().fold(f32::NEG_INFINITY, bigger), |a, &b| bigger(a, b));
+    let max = rest.iter().fold(
+        lanes.into_iter().fold(f32::NEG_INFINITY, bigger),
+        |a, &b| bigger(a, b),
+    );
     for v in row.iter_mut() {
         *v = exp(*v - max);
     }
     lanes_sum(row, |v| v)
 }
-
 
 // ---------------------------------------------------------------- Linear
 
@@ -1463,7 +1475,10 @@ mod tests {
         let h = x.broadcast_add(&bias).unwrap().chunk(2, 2).unwrap();
         let reference = (&h[0] * h[1].gelu_erf().unwrap()).unwrap();
         assert!(max_diff(&geglu(&x, Some(&bias)).unwrap(), &reference) < 1e-5);
-        assert!(geglu(&x, Some(&randn(&[6], 1))).is_err(), "bias of the wrong width");
+        assert!(
+            geglu(&x, Some(&randn(&[6], 1))).is_err(),
+            "bias of the wrong width"
+        );
     }
 
     #[test]

@@ -130,7 +130,9 @@ mod tests {
         {
             let _outer = stage("test.outer");
             std::thread::sleep(Duration::from_millis(20));
-            time("test.inner", || std::thread::sleep(Duration::from_millis(30)));
+            time("test.inner", || {
+                std::thread::sleep(Duration::from_millis(30))
+            });
         }
         let report = take_report().unwrap();
         assert!(cell(&report, "test.inner", 1) >= 30.0, "{report}");
@@ -143,11 +145,19 @@ mod tests {
         {
             let _outer = stage("test.outer");
             std::thread::scope(|s| {
-                s.spawn(|| time("test.inner", || std::thread::sleep(Duration::from_millis(30))));
+                s.spawn(|| {
+                    time("test.inner", || {
+                        std::thread::sleep(Duration::from_millis(30))
+                    })
+                });
             });
         }
         let report = take_report().unwrap();
-        assert_eq!(cell(&report, "test.inner", 3), 1.0, "the report clears the table: {report}");
+        assert_eq!(
+            cell(&report, "test.inner", 3),
+            1.0,
+            "the report clears the table: {report}"
+        );
         assert!(cell(&report, "test.outer", 1) >= 30.0, "{report}");
     }
 }

@@ -756,7 +756,12 @@ impl Unet3d {
         crate::cpu_kernels::on_workers(|| self.forward_on_workers(sample, timestep, context))
     }
 
-    fn forward_on_workers(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+    fn forward_on_workers(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let (b, c, f, h, w) = sample.dims5()?;
         let t = Tensor::full(timestep as f32, b, sample.device())?;
         let emb = self
