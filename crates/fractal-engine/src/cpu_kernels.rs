@@ -1429,6 +1429,8 @@ mod tests {
             (1, 130, 130, 1, 4),
             (2, 70, 20, 2, 13),
             (3, 16, 32, 4, 64),
+            // Direct path with keys that are not whole groups of four.
+            (2, 5, 7, 2, 8),
             // Short keys but heads wider than the direct path takes.
             (1, 9, 5, 1, 130),
         ] {
@@ -1519,6 +1521,7 @@ mod tests {
                 FORCE_BASELINE.with(|f| f.set(baseline));
                 let y = group_norm(&x, 4, 1e-5, &randn(&[8], 1), &randn(&[8], 2), true).unwrap();
                 let long = y.reshape((2, 144, 8)).unwrap();
+                // 8 keys, one head of 8: the direct path.
                 let short = y.reshape((2 * 18, 8, 8)).unwrap();
                 let gated = geglu(&y.reshape((2, 144, 8)).unwrap(), Some(&randn(&[8], 5))).unwrap();
                 let w = randn(&[8, 8], 3);
@@ -1526,7 +1529,7 @@ mod tests {
                 [
                     y.clone(),
                     attention(&long, &long, &long, 2, 0.5).unwrap(),
-                    attention(&short, &short, &short, 2, 0.5).unwrap(),
+                    attention(&short, &short, &short, 1, 0.5).unwrap(),
                     gated,
                     lin,
                     // Few rows: the skinny product.
