@@ -944,9 +944,24 @@ simd_dispatch! {
                     scores[j0 + i] = lanes[i] * scale;
                 }
             }
-            let scores = &mut scores[..m];
-            // Unnormalised: the d outputs are scaled instead of the m scores.
-            let inv = 1.0 / exp_shifted(scores);
+            // Softmax in whole lanes of 8 (padding lanes at -inf), so that a
+            // few keys still run vectorised instead of in scalar tails;
+            // unnormalised: the d outputs are scaled instead of the m scores.
+            scores[m..m8].fill(f32::NEG_INFINITY);
+            let mut top = [f32::NEG_INFINITY; 8];
+            for ch in scores[..m8].chunks_exact(8) {
+                for i in 0..8 {
+                    top[i] = if ch[i] > top[i] { ch[i] } else { top[i] };
+                }
+            }
+            let max = top.into_iter().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+            for ch in scores[..m8].chunks_exact_mut(8) {
+                for v in ch {
+                    *v = exp(*v - max);
+                }
+            }
+            let scores = &scores[..m];
+            let inv = 1.0 / lanes_sum(scores, |v| v);
             let v_lanes = |j: usize, d0: usize| -> &[f32; 8] {
                 v[j * stride + d0..j * stride + d0 + 8].try_into().expect("8 lanes")
             };
