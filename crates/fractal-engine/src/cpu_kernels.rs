@@ -634,6 +634,10 @@ impl ConvGeometry {
                     dst.fill(0.0);
                     continue;
                 }
+                if g.stride == 1 && g.ow == g.w {
+                    self.shifted_plane(chan, dst, ky, kx, first, last);
+                    continue;
+                }
                 for oy in 0..g.oh {
                     let iy = (oy * g.stride + ky) as isize - g.pad_h as isize;
                     let dst_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
@@ -653,6 +657,51 @@ impl ConvGeometry {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+impl ConvGeometry {
+    /// One patch row of a stride-1 convolution whose output is as wide as
+    /// its input: the tap (ky, kx) reads the input shifted by a constant
+    /// offset, so the whole plane is one copy, then the columns and rows
+    /// that fall in the padding are zeroed. Row by row, small images made a
+    /// memcpy call per 16 floats.
+    fn shifted_plane(
+        &self,
+        chan: &[f32],
+        dst: &mut [f32],
+        ky: usize,
+        kx: usize,
+        first: usize,
+        last: usize,
+    ) {
+        let g = *self;
+        let w = g.w;
+        // Output rows whose input row lies inside the image.
+        let oy0 = g.pad_h.saturating_sub(ky).min(g.oh);
+        let oy1 = (g.h + g.pad_h).saturating_sub(ky).min(g.oh).max(oy0);
+        dst[..oy0 * w].fill(0.0);
+        dst[oy1 * w..].fill(0.0);
+        if oy0 == oy1 {
+            return;
+        }
+        let delta = (ky as isize - g.pad_h as isize) * w as isize + kx as isize - g.pad_w as isize;
+        // Clipped to the channel; what is clipped lies in padding columns
+        // of the first or last row, which are zeroed below.
+        let lo = ((oy0 * w) as isize).max(-delta) as usize;
+        let hi = ((oy1 * w) as isize).min(chan.len() as isize - delta) as usize;
+        if lo < hi {
+            let from = (lo as isize + delta) as usize;
+            dst[lo..hi].copy_from_slice(&chan[from..from + (hi - lo)]);
+        }
+        for row in dst[oy0 * w..oy1 * w].chunks_exact_mut(w) {
+            for v in &mut row[..first] {
+                *v = 0.0;
+            }
+            for v in &mut row[last..] {
+                *v = 0.0;
             }
         }
     }
@@ -1382,6 +1431,12 @@ mod tests {
             (4, 6, 5, 5, 5, 1, 1, 0),
             (2, 2, 2, 4, 6, 3, 1, 0),
             (33, 7, 5, 4, 3, 3, 1, 1),
+            // Output as wide as the input (one shifted copy per tap), with
+            // taps reaching past whole rows or the whole image.
+            (2, 3, 4, 1, 1, 3, 1, 1),
+            (2, 3, 4, 2, 3, 5, 1, 2),
+            (1, 2, 3, 6, 1, 3, 1, 1),
+            (1, 2, 3, 3, 2, 7, 1, 3),
             // Weights of GROUP_MIN_WEIGHTS: images grouped into one GEMM.
             (5, 128, 228, 3, 4, 3, 1, 1),
             // Grouped, and few enough pixels in all for the skinny product
