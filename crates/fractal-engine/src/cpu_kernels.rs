@@ -159,9 +159,8 @@ macro_rules! simd_dispatch {
 }
 
 /// `dst = scale * lhs rhs`, or `dst += scale * lhs rhs` when `accumulate`,
-/// for `lhs` m x k and `rhs` k x n: one call of the `gemm` crate. `dst` is
-/// (pointer, row stride) with unit column stride; `lhs` and `rhs` are
-/// (pointer, row stride, column stride).
+/// for `lhs` m x k and `rhs` k x n: one call of the `gemm` crate. Each
+/// operand is (pointer, row stride, column stride).
 ///
 /// # Safety
 /// Every operand must hold the elements its strides reach, and no other
@@ -171,7 +170,7 @@ unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,
-    dst: (*mut f32, usize),
+    dst: (*mut f32, usize, usize),
     accumulate: bool,
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
@@ -185,7 +184,7 @@ unsafe fn matmul(
             n,
             k,
             dst.0,
-            1,
+            dst.2 as isize,
             dst.1 as isize,
             accumulate,
             lhs.0,
@@ -472,7 +471,7 @@ pub(crate) fn conv2d(
                             co,
                             plane,
                             k,
-                            (dst, plane),
+                            (dst, plane, 1),
                             bias.is_some(),
                             (wt.as_ptr(), k, 1),
                             (col.as_ptr(), plane, 1),
@@ -572,7 +571,7 @@ fn conv2d_grouped(
                     co,
                     cols,
                     k,
-                    (prod.as_mut_ptr(), cols),
+                    (prod.as_mut_ptr(), cols, 1),
                     false,
                     (wt.as_ptr(), k, 1),
                     (col.as_ptr(), cols, 1),
@@ -875,17 +874,24 @@ pub(crate) fn attention(
                         }
                         SCORES.with(|s| {
                             let mut s = s.borrow_mut();
-                            s.clear();
-                            s.resize(rows * m, 0.0);
+                            // Only grown: both products overwrite their part.
+                            let need = rows * m + rows * d;
+                            if s.len() < need {
+                                s.resize(need, 0.0);
+                            }
+                            let (s, pv) = s[..need].split_at_mut(rows * m);
                             // SAFETY: strides and extents stay inside q/k/v and the
                             // score block; this task alone writes its rows x d
                             // window of the output (head hi, rows r0..r0+rows).
                             unsafe {
+                                // Scores column-major (query rows along
+                                // the lanes): the softmax below then runs
+                                // down the columns with no horizontal sums.
                                 matmul(
                                     rows,
                                     m,
                                     d,
-                                    (s.as_mut_ptr(), m),
+                                    (s.as_mut_ptr(), 1, rows),
                                     false,
                                     (qs.as_ptr().add(q0), hd, 1),
                                     (ks.as_ptr().add(kv0), 1, hd),
@@ -896,25 +902,30 @@ pub(crate) fn attention(
                             // Unnormalised probabilities: each output row is
                             // divided by its sum after the product instead.
                             let mut inv = [0f32; QUERY_BLOCK];
-                            exp_rows(&mut s, m, &mut inv[..rows]);
+                            exp_columns(s, rows, &mut inv[..rows]);
+                            // P V into a column-major block too: with a
+                            // row-major destination GEMM computes the
+                            // transpose, d rows high, and a head of 8 fills
+                            // half its kernel.
                             unsafe {
                                 matmul(
                                     rows,
                                     d,
                                     m,
-                                    ({ dst }.0.add(q0), hd),
+                                    (pv.as_mut_ptr(), 1, rows),
                                     false,
-                                    (s.as_ptr(), m, 1),
+                                    (s.as_ptr(), 1, rows),
                                     (vs.as_ptr().add(kv0), hd, 1),
                                     1.0,
                                     Parallelism::None,
                                 );
-                                for (r, &f) in inv[..rows].iter().enumerate() {
-                                    let row = std::slice::from_raw_parts_mut(
-                                        { dst }.0.add(q0 + r * hd),
-                                        d,
-                                    );
-                                    row.iter_mut().for_each(|v| *v *= f);
+                            }
+                            for (r, &f) in inv[..rows].iter().enumerate() {
+                                // SAFETY: row r of this head's d-wide window
+                                // of the output is written by this task alone.
+                                let out = unsafe { { dst }.0.add(q0 + r * hd) };
+                                for c in 0..d {
+                                    unsafe { out.add(c).write(pv[c * rows + r] * f) };
                                 }
                             }
                         });
@@ -1056,40 +1067,31 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// For each `m`-wide row of `scores`: exp(score - row max) in place, and
-    /// the reciprocal of the row's sum into `inv`.
-    fn exp_rows(scores: &mut [f32], m: usize, inv: &mut [f32]) {
-        for (row, inv) in scores.chunks_mut(m).zip(inv) {
-            *inv = 1.0 / exp_shifted(row);
+    /// Softmax numerators of a column-major score block, one query row per
+    /// lane (`rows` of them, at most [`QUERY_BLOCK`]): each score becomes
+    /// exp(score - its row's max) in place, and `inv` gets the reciprocal of
+    /// each row's sum. Sums run over the keys in order, per lane.
+    fn exp_columns(scores: &mut [f32], rows: usize, inv: &mut [f32]) {
+        let mut max = [f32::NEG_INFINITY; QUERY_BLOCK];
+        let max = &mut max[..rows];
+        for col in scores.chunks_exact(rows) {
+            for (mx, &v) in max.iter_mut().zip(col) {
+                // Not f32::max: its NaN handling costs a compare per lane.
+                *mx = if v > *mx { v } else { *mx };
+            }
+        }
+        let mut sum = [0f32; QUERY_BLOCK];
+        let sum = &mut sum[..rows];
+        for col in scores.chunks_exact_mut(rows) {
+            for ((v, &mx), s) in col.iter_mut().zip(&*max).zip(sum.iter_mut()) {
+                *v = exp(*v - mx);
+                *s += *v;
+            }
+        }
+        for (i, &s) in inv.iter_mut().zip(&*sum) {
+            *i = 1.0 / s;
         }
     }
-}
-
-/// Replaces each element with exp(element - max); returns their sum.
-#[inline(always)]
-fn exp_shifted(row: &mut [f32]) -> f32 {
-    // Three plain loops: each vectorises at full width (one fused loop did
-    // not), and the max runs in lanes (exact, so the order cannot matter).
-    // A plain comparison, not f32::max: its NaN handling made each lane one
-    // chain of max + compare-unordered, a third of the softmax's time. NaN
-    // scores are lost either way.
-    let bigger = |a: f32, b: f32| if b > a { b } else { a };
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = row.chunks_exact(16);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for i in 0..16 {
-            lanes[i] = bigger(lanes[i], ch[i]);
-        }
-    }
-    let max = rest.iter().fold(
-        lanes.into_iter().fold(f32::NEG_INFINITY, bigger),
-        |a, &b| bigger(a, b),
-    );
-    for v in row.iter_mut() {
-        *v = exp(*v - max);
-    }
-    lanes_sum(row, |v| v)
 }
 
 // ---------------------------------------------------------------- Linear
@@ -1200,7 +1202,7 @@ pub(crate) fn linear(
                     call_rows,
                     n,
                     k,
-                    ({ dst }.0.add(c * call_rows * n), n),
+                    ({ dst }.0.add(c * call_rows * n), n, 1),
                     read_dst,
                     (xs.as_ptr().add(c * call_sb), sm, sk),
                     (wt.as_ptr(), 1, k),
@@ -1342,7 +1344,10 @@ mod tests {
         assert!(worst_erf < 1e-6, "erf absolute error {worst_erf}");
         assert_eq!(exp(-1e9), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert!(exp(-64.0) > 1e-28, "the smallest kept value is a normal number");
+        assert!(
+            exp(-64.0) > 1e-28,
+            "the smallest kept value is a normal number"
+        );
         assert_eq!(exp(1e9), exp(88.0));
         assert!(exp(f32::NAN).is_nan());
         assert!(silu(-1e6).abs() < 1e-30 && silu(1e6) == 1e6);
