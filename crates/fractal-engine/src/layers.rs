@@ -35,6 +35,22 @@ impl GroupNorm {
         self.apply(xs, false)
     }
 
+    pub(crate) fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     pub(crate) fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         self.apply(xs, true)
     }
@@ -86,6 +102,10 @@ impl Linear {
 
     pub(crate) fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
+    }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        self.inner.weight()
     }
 
     /// `xs W^T` on the CPU kernels, the bias left for the caller to fuse.

@@ -317,6 +317,9 @@ impl ProjectedTransformer {
 
     /// Self-attention across the frames at each pixel.
     fn forward_temporal(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        if cpu_kernels::applies(xs) && frames <= cpu_kernels::CF_MAX_FRAMES {
+            return self.forward_temporal_channels_first(xs, frames);
+        }
         let (bf, c, h, w) = xs.dims4()?;
         let b = bf / frames;
         let hs = profile::time("layout", || {
@@ -337,6 +340,54 @@ impl ProjectedTransformer {
                 .reshape((bf, c, h, w))?
                 + xs
         })
+    }
+}
+
+impl ProjectedTransformer {
+    /// [`Self::forward_temporal`] on the CPU kernels, in the clip's own
+    /// `[b * frames, c, h, w]` layout: every linear layer is a per-frame
+    /// product over the channels, layer norms and the attention run with the
+    /// pixels along the lanes, and nothing is permuted.
+    fn forward_temporal_channels_first(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let lin = |l: &Linear, x: &Tensor, residual: Option<&Tensor>| {
+            let _s = profile::stage("linear");
+            cpu_kernels::pointwise(x, l.weight(), l.bias(), residual)
+        };
+        let ln = |norm: &nn::LayerNorm, x: &Tensor| {
+            profile::time("layer_norm", || {
+                cpu_kernels::layer_norm_channels(x, norm.weight(), norm.bias(), norm.eps())
+            })
+        };
+        let attend = |a: &Attention, x: &Tensor, residual: &Tensor| -> Result<Tensor> {
+            let (q, k, v) = (
+                lin(&a.to_q, x, None)?,
+                lin(&a.to_k, x, None)?,
+                lin(&a.to_v, x, None)?,
+            );
+            let scale = 1.0 / (a.head_dim as f64).sqrt();
+            let out = profile::time(a.stage, || {
+                cpu_kernels::temporal_attention(&q, &k, &v, frames, a.heads, scale as f32)
+            })?;
+            lin(&a.to_out, &out, Some(residual))
+        };
+        let normed = profile::time("group_norm", || {
+            cpu_kernels::group_norm_frames(
+                xs,
+                frames,
+                self.norm.groups(),
+                self.norm.eps(),
+                self.norm.weight(),
+                self.norm.bias(),
+            )
+        })?;
+        let hs = lin(&self.proj_in, &normed, None)?;
+        let b = &self.block;
+        let hs = attend(&b.attn1, &ln(&b.norm1, &hs)?, &hs)?;
+        let hs = attend(&b.attn2, &ln(&b.norm2, &hs)?, &hs)?;
+        let proj = lin(&b.ff.proj, &ln(&b.norm3, &hs)?, None)?;
+        let gated = profile::time("ff.geglu", || cpu_kernels::geglu_channels(&proj))?;
+        let hs = lin(&b.ff.out, &gated, Some(&hs))?;
+        lin(&self.proj_out, &hs, Some(xs))
     }
 }
 
