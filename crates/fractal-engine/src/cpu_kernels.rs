@@ -1989,6 +1989,101 @@ mod tests {
         );
     }
 
+    /// `[b * frames, c, h, w]` to the token-major `[b * h * w, frames, c]`
+    /// the temporal transformer used before it went channels-first.
+    fn frames_to_tokens(x: &Tensor, frames: usize) -> Tensor {
+        let (bf, c, h, w) = x.dims4().unwrap();
+        x.reshape((bf / frames, frames, c, h, w))
+            .unwrap()
+            .permute((0, 3, 4, 1, 2))
+            .unwrap()
+            .reshape((bf / frames * h * w, frames, c))
+            .unwrap()
+    }
+
+    #[test]
+    fn channels_first_kernels_match_the_token_major_ones() {
+        let (b, frames, c, h, w) = (2, 5, 12, 3, 7);
+        let x = randn(&[b * frames, c, h, w], 31);
+        let (gamma, beta) = (randn(&[c], 32), randn(&[c], 33));
+
+        // GroupNorm over each clip's frames = GroupNorm of [b, c, frames, h, w].
+        let clips = x
+            .reshape((b, frames, c, h, w))
+            .unwrap()
+            .permute((0, 2, 1, 3, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let reference = group_norm(&clips, 4, 1e-6, &gamma, &beta, false)
+            .unwrap()
+            .permute((0, 2, 1, 3, 4))
+            .unwrap()
+            .reshape((b * frames, c, h, w))
+            .unwrap();
+        let ours = group_norm_frames(&x, frames, 4, 1e-6, &gamma, &beta).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+
+        // Per-pixel linear layer, with bias and residual.
+        let wt = randn(&[6, c], 34);
+        let bias = randn(&[6], 35);
+        let residual = randn(&[b * frames, 6, h, w], 36);
+        let reference = x
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .broadcast_matmul(&wt.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .add(&residual)
+            .unwrap();
+        let ours = pointwise(&x, &wt, Some(&bias), Some(&residual)).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-4);
+        assert!(pointwise(&x, &randn(&[6, c + 1], 1), None, None).is_err());
+
+        // Layer norm over the channels of each pixel.
+        let ln = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5);
+        let reference = ln
+            .forward(&x.permute((0, 2, 3, 1)).unwrap())
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        let ours = layer_norm_channels(&x, &gamma, Some(&beta), 1e-5).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+
+        // GEGLU over channel halves.
+        let h2 = x.chunk(2, 1).unwrap();
+        let reference = (&h2[0] * h2[1].gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu_channels(&x).unwrap(), &reference) < 1e-5);
+
+        // Attention across each pixel's frames: the token-major kernel on
+        // permuted copies, permuted back.
+        let (q, k, v) = (
+            x.clone(),
+            randn(&[b * frames, c, h, w], 37),
+            randn(&[b * frames, c, h, w], 38),
+        );
+        let tokens = |t: &Tensor| frames_to_tokens(t, frames).contiguous().unwrap();
+        let reference = attention(&tokens(&q), &tokens(&k), &tokens(&v), 3, 0.4)
+            .unwrap()
+            .reshape((b, h, w, frames, c))
+            .unwrap()
+            .permute((0, 3, 4, 1, 2))
+            .unwrap()
+            .reshape((b * frames, c, h, w))
+            .unwrap();
+        let ours = temporal_attention(&q, &k, &v, frames, 3, 0.4).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        assert!(
+            temporal_attention(&q, &k, &v, 3, 3, 0.4).is_err(),
+            "frames must divide the batch"
+        );
+    }
+
     #[test]
     fn kernels_are_deterministic_across_thread_counts() {
         let x = randn(&[4, 8, 12, 12], 11);
@@ -2002,9 +2097,14 @@ mod tests {
                 let y = conv2d(&x, &wt, None, 1, (1, 1)).unwrap();
                 let y = group_norm(&y, 4, 1e-5, &randn(&[8], 1), &randn(&[8], 2), true).unwrap();
                 let t = y.reshape((4, 144, 8)).unwrap();
-                attention(&t, &t, &t, 2, 0.5)
-                    .unwrap()
-                    .flatten_all()
+                let a = attention(&t, &t, &t, 2, 0.5).unwrap();
+                // The channels-first temporal chain, 2 clips of 2 frames.
+                let g =
+                    group_norm_frames(&y, 2, 4, 1e-5, &randn(&[8], 3), &randn(&[8], 4)).unwrap();
+                let g = layer_norm_channels(&g, &randn(&[8], 5), None, 1e-5).unwrap();
+                let g = pointwise(&g, &randn(&[8, 8], 6), None, Some(&y)).unwrap();
+                let g = temporal_attention(&g, &g, &y, 2, 2, 0.5).unwrap();
+                Tensor::cat(&[a.flatten_all().unwrap(), g.flatten_all().unwrap()], 0)
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap()
@@ -2040,6 +2140,11 @@ mod tests {
                     lin,
                     // Few rows: the skinny product.
                     linear(&long.narrow(1, 0, 4).unwrap(), &w, None, None).unwrap(),
+                    group_norm_frames(&x, 2, 4, 1e-5, &randn(&[8], 1), &randn(&[8], 2)).unwrap(),
+                    layer_norm_channels(&y, &randn(&[8], 6), Some(&randn(&[8], 7)), 1e-5).unwrap(),
+                    geglu_channels(&y).unwrap(),
+                    temporal_attention(&y, &x, &y, 2, 2, 0.5).unwrap(),
+                    pointwise(&y, &w, Some(&randn(&[8], 8)), Some(&x)).unwrap(),
                 ]
                 .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             });
