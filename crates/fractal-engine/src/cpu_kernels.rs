@@ -821,9 +821,52 @@ pub(crate) fn attention(
     heads: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    let (b, n, hd) = q.dims3()?;
-    let (kb, m, khd) = k.dims3()?;
-    if kb != b || khd != hd || v.dims3()? != (b, m, hd) || hd % heads != 0 {
+    attention_in(q, Layout::Tokens, k, v, Layout::Tokens, heads, scale)
+}
+
+/// How a `[batch, tokens, channels]` operand is stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Layout {
+    /// `[batch, tokens, channels]`: a token's channels side by side.
+    Tokens,
+    /// `[batch, channels, tokens]`: the UNet's `[n, c, h*w]` pixels.
+    ChannelsFirst,
+}
+
+impl Layout {
+    /// (tokens, channels) of a rank-3 tensor in this layout.
+    fn dims(self, t: &Tensor) -> Result<(usize, usize, usize)> {
+        let (b, x, y) = t.dims3()?;
+        Ok(match self {
+            Layout::Tokens => (b, x, y),
+            Layout::ChannelsFirst => (b, y, x),
+        })
+    }
+
+    /// (token stride, channel stride) for `tokens` x `channels`.
+    fn strides(self, tokens: usize, channels: usize) -> (usize, usize) {
+        match self {
+            Layout::Tokens => (channels, 1),
+            Layout::ChannelsFirst => (1, tokens),
+        }
+    }
+}
+
+/// [`attention`] with q (and the output) in `q_layout`, k and v in
+/// `kv_layout`: channels-first pixels can attend to token-major text.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_in(
+    q: &Tensor,
+    q_layout: Layout,
+    k: &Tensor,
+    v: &Tensor,
+    kv_layout: Layout,
+    heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (b, n, hd) = q_layout.dims(q)?;
+    let (kb, m, khd) = kv_layout.dims(k)?;
+    if kb != b || khd != hd || kv_layout.dims(v)? != (b, m, hd) || hd % heads != 0 {
         candle_core::bail!(
             "attention: q {:?} k {:?} v {:?} with {heads} heads",
             q.dims(),
@@ -831,6 +874,8 @@ pub(crate) fn attention(
             v.dims()
         );
     }
+    let (qt, qc) = q_layout.strides(n, hd);
+    let (kt, kc) = kv_layout.strides(m, hd);
     if m == 0 {
         candle_core::bail!("attention: no keys to attend to");
     }
@@ -855,9 +900,9 @@ pub(crate) fn attention(
                         let (bi, hi) = (bh / heads, bh % heads);
                         let r0 = blk * QUERY_BLOCK;
                         let rows = QUERY_BLOCK.min(n - r0);
-                        let q0 = (bi * n + r0) * hd + hi * d;
-                        let kv0 = bi * m * hd + hi * d;
-                        if direct_applies(m, d) {
+                        let q0 = bi * n * hd + r0 * qt + hi * d * qc;
+                        let kv0 = bi * m * hd + hi * d * kc;
+                        if qc == 1 && kc == 1 && direct_applies(m, d) {
                             attend_direct(
                                 &qs[q0..],
                                 &ks[kv0..],
@@ -893,8 +938,8 @@ pub(crate) fn attention(
                                     d,
                                     (s.as_mut_ptr(), 1, rows),
                                     false,
-                                    (qs.as_ptr().add(q0), hd, 1),
-                                    (ks.as_ptr().add(kv0), 1, hd),
+                                    (qs.as_ptr().add(q0), qt, qc),
+                                    (ks.as_ptr().add(kv0), kc, kt),
                                     scale,
                                     Parallelism::None,
                                 );
@@ -915,17 +960,18 @@ pub(crate) fn attention(
                                     (pv.as_mut_ptr(), 1, rows),
                                     false,
                                     (s.as_ptr(), 1, rows),
-                                    (vs.as_ptr().add(kv0), hd, 1),
+                                    (vs.as_ptr().add(kv0), kt, kc),
                                     1.0,
                                     Parallelism::None,
                                 );
                             }
-                            for (r, &f) in inv[..rows].iter().enumerate() {
-                                // SAFETY: row r of this head's d-wide window
-                                // of the output is written by this task alone.
-                                let out = unsafe { { dst }.0.add(q0 + r * hd) };
-                                for c in 0..d {
-                                    unsafe { out.add(c).write(pv[c * rows + r] * f) };
+                            for c in 0..d {
+                                // SAFETY: this head's channels of rows
+                                // r0..r0+rows are written by this task alone.
+                                let out = unsafe { { dst }.0.add(q0 + c * qc) };
+                                let col = &pv[c * rows..(c + 1) * rows];
+                                for (r, (&x, &f)) in col.iter().zip(&inv[..rows]).enumerate() {
+                                    unsafe { out.add(r * qt).write(x * f) };
                                 }
                             }
                         });
@@ -936,7 +982,7 @@ pub(crate) fn attention(
     // SAFETY: the tasks cover every query row of every head, and each writes
     // its rows' d-wide windows whole (directly, or as GEMM's overwritten dst).
     unsafe { out.set_len(b * n * hd) };
-    tensor(out, (b, n, hd))
+    tensor(out, q.dims())
 }
 
 thread_local! {

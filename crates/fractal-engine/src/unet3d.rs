@@ -134,6 +134,8 @@ pub(crate) struct Attention {
     head_dim: usize,
     /// Profile stage name of the attention core.
     stage: &'static str,
+    /// Keys and values come from the text context.
+    cross: bool,
 }
 
 impl Attention {
@@ -155,6 +157,7 @@ impl Attention {
             heads,
             head_dim,
             stage,
+            cross: context_dim.is_some(),
         })
     }
 
@@ -304,6 +307,9 @@ impl ProjectedTransformer {
 
     /// Attention over the pixels of each frame, conditioned on the text.
     fn forward_spatial(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if cpu_kernels::applies(xs) {
+            return self.forward_spatial_channels_first(xs, context);
+        }
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let tokens = profile::time("layout", || {
@@ -343,33 +349,79 @@ impl ProjectedTransformer {
     }
 }
 
+/// A linear layer over the channels of `[n, c, h, w]` pixels (CPU kernels).
+fn pointwise(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    let _s = profile::stage("linear");
+    cpu_kernels::pointwise(x, l.weight(), l.bias(), residual)
+}
+
+/// Layer norm over the channels of `[n, c, h, w]` pixels (CPU kernels).
+fn layer_norm_channels(norm: &nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
+    profile::time("layer_norm", || {
+        cpu_kernels::layer_norm_channels(x, norm.weight(), norm.bias(), norm.eps())
+    })
+}
+
 impl ProjectedTransformer {
+    /// The transformer block on channels-first pixels `hs` (CPU kernels);
+    /// `attend(attention, normed pixels)` is the core of its two attentions.
+    fn block_channels_first(
+        &self,
+        hs: Tensor,
+        attend: impl Fn(&Attention, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let b = &self.block;
+        let a = attend(&b.attn1, &layer_norm_channels(&b.norm1, &hs)?)?;
+        let hs = pointwise(&b.attn1.to_out, &a, Some(&hs))?;
+        let a = attend(&b.attn2, &layer_norm_channels(&b.norm2, &hs)?)?;
+        let hs = pointwise(&b.attn2.to_out, &a, Some(&hs))?;
+        let proj = pointwise(&b.ff.proj, &layer_norm_channels(&b.norm3, &hs)?, None)?;
+        let gated = profile::time("ff.geglu", || cpu_kernels::geglu_channels(&proj))?;
+        pointwise(&b.ff.out, &gated, Some(&hs))
+    }
+
+    /// [`Self::forward_spatial`] on the CPU kernels, in the frames' own
+    /// `[n, c, h, w]` layout: linear layers are per-frame products over the
+    /// channels, the attention reads the pixels channels-first (and the text
+    /// token-major), and nothing is permuted.
+    fn forward_spatial_channels_first(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let hs = pointwise(&self.proj_in, &normed, None)?;
+        let inner = hs.dim(1)?;
+        let attend = |a: &Attention, x: &Tensor| -> Result<Tensor> {
+            let q = pointwise(&a.to_q, x, None)?.reshape((n, inner, h * w))?;
+            let (k, v, kv_layout) = if a.cross {
+                let k = a.to_k.forward(context)?;
+                (k, a.to_v.forward(context)?, cpu_kernels::Layout::Tokens)
+            } else {
+                let k = pointwise(&a.to_k, x, None)?.reshape((n, inner, h * w))?;
+                let v = pointwise(&a.to_v, x, None)?.reshape((n, inner, h * w))?;
+                (k, v, cpu_kernels::Layout::ChannelsFirst)
+            };
+            let scale = 1.0 / (a.head_dim as f64).sqrt();
+            let out = profile::time(a.stage, || {
+                cpu_kernels::attention_in(
+                    &q,
+                    cpu_kernels::Layout::ChannelsFirst,
+                    &k,
+                    &v,
+                    kv_layout,
+                    a.heads,
+                    scale as f32,
+                )
+            })?;
+            out.reshape((n, inner, h, w))
+        };
+        let hs = self.block_channels_first(hs, attend)?;
+        pointwise(&self.proj_out, &hs, Some(xs))
+    }
+
     /// [`Self::forward_temporal`] on the CPU kernels, in the clip's own
     /// `[b * frames, c, h, w]` layout: every linear layer is a per-frame
     /// product over the channels, layer norms and the attention run with the
     /// pixels along the lanes, and nothing is permuted.
     fn forward_temporal_channels_first(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
-        let lin = |l: &Linear, x: &Tensor, residual: Option<&Tensor>| {
-            let _s = profile::stage("linear");
-            cpu_kernels::pointwise(x, l.weight(), l.bias(), residual)
-        };
-        let ln = |norm: &nn::LayerNorm, x: &Tensor| {
-            profile::time("layer_norm", || {
-                cpu_kernels::layer_norm_channels(x, norm.weight(), norm.bias(), norm.eps())
-            })
-        };
-        let attend = |a: &Attention, x: &Tensor, residual: &Tensor| -> Result<Tensor> {
-            let (q, k, v) = (
-                lin(&a.to_q, x, None)?,
-                lin(&a.to_k, x, None)?,
-                lin(&a.to_v, x, None)?,
-            );
-            let scale = 1.0 / (a.head_dim as f64).sqrt();
-            let out = profile::time(a.stage, || {
-                cpu_kernels::temporal_attention(&q, &k, &v, frames, a.heads, scale as f32)
-            })?;
-            lin(&a.to_out, &out, Some(residual))
-        };
         let normed = profile::time("group_norm", || {
             cpu_kernels::group_norm_frames(
                 xs,
@@ -380,14 +432,18 @@ impl ProjectedTransformer {
                 self.norm.bias(),
             )
         })?;
-        let hs = lin(&self.proj_in, &normed, None)?;
-        let b = &self.block;
-        let hs = attend(&b.attn1, &ln(&b.norm1, &hs)?, &hs)?;
-        let hs = attend(&b.attn2, &ln(&b.norm2, &hs)?, &hs)?;
-        let proj = lin(&b.ff.proj, &ln(&b.norm3, &hs)?, None)?;
-        let gated = profile::time("ff.geglu", || cpu_kernels::geglu_channels(&proj))?;
-        let hs = lin(&b.ff.out, &gated, Some(&hs))?;
-        lin(&self.proj_out, &hs, Some(xs))
+        let hs = pointwise(&self.proj_in, &normed, None)?;
+        let attend = |a: &Attention, x: &Tensor| -> Result<Tensor> {
+            let q = pointwise(&a.to_q, x, None)?;
+            let k = pointwise(&a.to_k, x, None)?;
+            let v = pointwise(&a.to_v, x, None)?;
+            let scale = 1.0 / (a.head_dim as f64).sqrt();
+            profile::time(a.stage, || {
+                cpu_kernels::temporal_attention(&q, &k, &v, frames, a.heads, scale as f32)
+            })
+        };
+        let hs = self.block_channels_first(hs, attend)?;
+        pointwise(&self.proj_out, &hs, Some(xs))
     }
 }
 
