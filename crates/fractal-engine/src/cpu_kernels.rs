@@ -1391,6 +1391,15 @@ pub(crate) fn pointwise(
             candle_core::bail!("pointwise: residual {:?}, output {out_dims:?}", r.dims());
         }
     }
+    if spatial < POINTWISE_MIN_PIXELS {
+        // A handful of pixels per image (the deep levels of a real UNet):
+        // one product per image would pack the weights once per image, so
+        // the pixels go through the token-major layer as one batch instead.
+        let tokens = |t: &Tensor, c: usize| t.reshape((n, c, spatial))?.transpose(1, 2)?.contiguous();
+        let residual = residual.map(|r| tokens(r, m)).transpose()?;
+        let out = linear(&tokens(x, k)?, weight, bias, residual.as_ref())?;
+        return out.transpose(1, 2)?.contiguous()?.reshape(out_dims);
+    }
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
     let inner = if n >= threads() {
         Parallelism::None
@@ -1453,6 +1462,9 @@ pub(crate) fn pointwise(
     })???;
     tensor(out, out_dims)
 }
+
+/// Pixels per image below which [`pointwise`] runs token-major.
+const POINTWISE_MIN_PIXELS: usize = 64;
 
 simd_dispatch! {
     /// `out = residual + bias[row]` for channel rows of `spatial` elements.
@@ -2088,6 +2100,21 @@ mod tests {
             .add(&residual)
             .unwrap();
         let ours = pointwise(&x, &wt, Some(&bias), Some(&residual)).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-4);
+        // Enough pixels for the per-image products (the above has 21).
+        let wide = randn(&[3, c, 9, 9], 39);
+        let reference = wide
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .broadcast_matmul(&wt.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        let ours = pointwise(&wide, &wt, Some(&bias), None).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-4);
         assert!(pointwise(&x, &randn(&[6, c + 1], 1), None, None).is_err());
 
