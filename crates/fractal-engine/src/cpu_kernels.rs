@@ -1395,7 +1395,8 @@ pub(crate) fn pointwise(
         // A handful of pixels per image (the deep levels of a real UNet):
         // one product per image would pack the weights once per image, so
         // the pixels go through the token-major layer as one batch instead.
-        let tokens = |t: &Tensor, c: usize| t.reshape((n, c, spatial))?.transpose(1, 2)?.contiguous();
+        let tokens =
+            |t: &Tensor, c: usize| t.reshape((n, c, spatial))?.transpose(1, 2)?.contiguous();
         let residual = residual.map(|r| tokens(r, m)).transpose()?;
         let out = linear(&tokens(x, k)?, weight, bias, residual.as_ref())?;
         return out.transpose(1, 2)?.contiguous()?.reshape(out_dims);

@@ -126,10 +126,9 @@ impl Pipeline {
         if spec.negative_ids.len() == spec.prompt_ids.len() {
             // One pass over both prompts: the text encoder's weights (1.4 GB
             // in ModelScope's) are read once instead of twice.
-            let ids = Tensor::new(spec.negative_ids.as_slice(), &self.model.device)?
-                .unsqueeze(0)?;
-            let cond = Tensor::new(spec.prompt_ids.as_slice(), &self.model.device)?.unsqueeze(0)?;
-            return Ok(self.model.text_encoder.forward(&Tensor::cat(&[&ids, &cond], 0)?)?);
+            let ids: Vec<u32> = [&spec.negative_ids[..], &spec.prompt_ids[..]].concat();
+            let ids = Tensor::from_vec(ids, (2, spec.prompt_ids.len()), &self.model.device)?;
+            return Ok(self.model.text_encoder.forward(&ids)?);
         }
         let cond = self.encode_prompt(&spec.prompt_ids)?;
         let uncond = self.encode_prompt(&spec.negative_ids)?;
