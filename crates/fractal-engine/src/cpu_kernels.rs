@@ -1609,9 +1609,12 @@ pub(crate) fn temporal_attention(
         || frames == 0
         || dims[0] % frames != 0
         || dims[1] % heads != 0
-        || frames > CF_MAX_FRAMES
     {
-        candle_core::bail!("temporal_attention: q {dims:?} k {:?} v {:?}, {frames} frames (at most {CF_MAX_FRAMES}), {heads} heads", k.dims(), v.dims());
+        candle_core::bail!(
+            "temporal_attention: q {dims:?} k {:?} v {:?}, {frames} frames, {heads} heads",
+            k.dims(),
+            v.dims()
+        );
     }
     let (inner, spatial) = (dims[1], dims[2..].iter().product::<usize>());
     let (clips, d) = (dims[0] / frames, inner / heads);
@@ -1651,8 +1654,8 @@ pub(crate) fn temporal_attention(
     tensor(out, dims)
 }
 
-/// Most frames [`temporal_attention`] takes (its scores live on the stack).
-pub(crate) const CF_MAX_FRAMES: usize = 32;
+/// Frames up to which [`temporal_attention`]'s scores live on the stack.
+const CF_STACK_FRAMES: usize = 32;
 
 #[derive(Clone, Copy)]
 struct CfHead {
@@ -1669,30 +1672,37 @@ simd_dispatch! {
     /// channel 0 of the head, pixel p0.
     fn attend_frames(q: &[f32], k: &[f32], v: &[f32], out: SharedMut, g: CfHead) {
         let CfHead { w, frames, d, frame_stride, chan_stride, scale } = g;
-        let row = |t: &'_ [f32], f: usize, c: usize| -> std::ops::Range<usize> {
+        // Pixels p0..p0+w of channel c of frame f.
+        let row = |f: usize, c: usize| {
             let at = f * frame_stride + c * chan_stride;
-            let _ = t;
             at..at + w
         };
-        let mut scores = [[0f32; CF_BLOCK]; CF_MAX_FRAMES];
+        let mut on_stack = [[0f32; CF_BLOCK]; CF_STACK_FRAMES];
+        let mut on_heap = Vec::new();
+        let scores: &mut [[f32; CF_BLOCK]] = if frames <= CF_STACK_FRAMES {
+            &mut on_stack[..frames]
+        } else {
+            on_heap.resize(frames, [0f32; CF_BLOCK]);
+            &mut on_heap
+        };
         for r in 0..frames {
-            for (j, s) in scores[..frames].iter_mut().enumerate() {
+            for (j, s) in scores.iter_mut().enumerate() {
                 let s = &mut s[..w];
                 s.fill(0.0);
                 for c in 0..d {
-                    for ((s, &a), &b) in s.iter_mut().zip(&q[row(q, r, c)]).zip(&k[row(k, j, c)]) {
+                    for ((s, &a), &b) in s.iter_mut().zip(&q[row(r, c)]).zip(&k[row(j, c)]) {
                         *s += a * b;
                     }
                 }
             }
             let mut max = [f32::NEG_INFINITY; CF_BLOCK];
-            for s in &scores[..frames] {
+            for s in scores.iter() {
                 for (m, &v) in max[..w].iter_mut().zip(&s[..w]) {
                     *m = if v > *m { v } else { *m };
                 }
             }
             let mut sum = [0f32; CF_BLOCK];
-            for s in scores[..frames].iter_mut() {
+            for s in scores.iter_mut() {
                 for ((v, &m), t) in s[..w].iter_mut().zip(&max[..w]).zip(sum[..w].iter_mut()) {
                     *v = exp((*v - m) * scale);
                     *t += *v;
@@ -1703,8 +1713,8 @@ simd_dispatch! {
             }
             for c in 0..d {
                 let mut acc = [0f32; CF_BLOCK];
-                for (j, s) in scores[..frames].iter().enumerate() {
-                    for ((a, &p), &x) in acc[..w].iter_mut().zip(&s[..w]).zip(&v[row(v, j, c)]) {
+                for (j, s) in scores.iter().enumerate() {
+                    for ((a, &p), &x) in acc[..w].iter_mut().zip(&s[..w]).zip(&v[row(j, c)]) {
                         *a += p * x;
                     }
                 }
@@ -1714,54 +1724,6 @@ simd_dispatch! {
                     unsafe { out.0.add(at + i).write(a * t) };
                 }
             }
-        }
-    }
-}
-
-// ---------------------------------------------------------------- GEGLU
-
-/// `a * gelu(g)` where the last axis of `x + bias` is `[a, g]` (diffusers'
-/// GEGLU). Taking the projection's bias here spares the projection a pass
-/// over its output (prefilling the bias), and the sum is the same either way.
-pub(crate) fn geglu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let last = *dims.last().unwrap_or(&0);
-    if last % 2 != 0 {
-        candle_core::bail!("geglu: odd last dimension {last}");
-    }
-    let half = last / 2;
-    let bias = match bias {
-        Some(b) if b.dims() != [last] => {
-            candle_core::bail!("geglu: bias {:?} for rows of {last}", b.dims())
-        }
-        Some(b) => b.to_vec1::<f32>()?,
-        None => vec![0f32; last],
-    };
-    let (ba, bg) = bias.split_at(half);
-    let out = with_slice(x, |xs| {
-        let len = xs.len() / 2;
-        // SAFETY: the rows of out pair up with the rows of xs, and
-        // geglu_row writes each whole.
-        unsafe {
-            written_output(len, |out| {
-                out.par_chunks_mut(half.max(1))
-                    .zip(xs.par_chunks(last.max(1)))
-                    .for_each(|(o, row)| {
-                        let (a, g) = row.split_at(half);
-                        geglu_row(o, a, g, ba, bg);
-                    });
-            })
-        }
-    })?;
-    let mut shape = dims;
-    *shape.last_mut().expect("rank >= 1") = half;
-    tensor(out, shape)
-}
-
-simd_dispatch! {
-    fn geglu_row(out: &mut [MaybeUninit<f32>], a: &[f32], g: &[f32], ba: &[f32], bg: &[f32]) {
-        for ((((o, &a), &g), &ba), &bg) in out.iter_mut().zip(a).zip(g).zip(ba).zip(bg) {
-            o.write((a + ba) * gelu_erf(g + bg));
         }
     }
 }
@@ -2031,23 +1993,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn geglu_matches_candle() {
-        let x = (randn(&[3, 5, 12], 10) * 2.0).unwrap();
-        let h = x.chunk(2, 2).unwrap();
-        let reference = (&h[0] * h[1].gelu_erf().unwrap()).unwrap();
-        assert!(max_diff(&geglu(&x, None).unwrap(), &reference) < 1e-5);
-        // With the projection's bias folded in.
-        let bias = randn(&[12], 11);
-        let h = x.broadcast_add(&bias).unwrap().chunk(2, 2).unwrap();
-        let reference = (&h[0] * h[1].gelu_erf().unwrap()).unwrap();
-        assert!(max_diff(&geglu(&x, Some(&bias)).unwrap(), &reference) < 1e-5);
-        assert!(
-            geglu(&x, Some(&randn(&[6], 1))).is_err(),
-            "bias of the wrong width"
-        );
-    }
-
     /// `[b * frames, c, h, w]` to the token-major `[b * h * w, frames, c]`
     /// the temporal transformer used before it went channels-first.
     fn frames_to_tokens(x: &Tensor, frames: usize) -> Tensor {
@@ -2058,6 +2003,39 @@ mod tests {
             .unwrap()
             .reshape((bf / frames * h * w, frames, c))
             .unwrap()
+    }
+
+    /// Attention across the frames of each pixel as the token-major kernel
+    /// computes it on permuted copies, permuted back.
+    fn temporal_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        frames: usize,
+        heads: usize,
+    ) -> Tensor {
+        let (bf, c, h, w) = q.dims4().unwrap();
+        let tokens = |t: &Tensor| frames_to_tokens(t, frames).contiguous().unwrap();
+        attention(&tokens(q), &tokens(k), &tokens(v), heads, 0.4)
+            .unwrap()
+            .reshape((bf / frames, h, w, frames, c))
+            .unwrap()
+            .permute((0, 3, 4, 1, 2))
+            .unwrap()
+            .reshape((bf, c, h, w))
+            .unwrap()
+    }
+
+    #[test]
+    fn temporal_attention_takes_clips_longer_than_its_stack_scores() {
+        let frames = CF_STACK_FRAMES + 3;
+        let (q, k, v) = (
+            randn(&[frames, 16, 2, 5], 41),
+            randn(&[frames, 16, 2, 5], 42),
+            randn(&[frames, 16, 2, 5], 43),
+        );
+        let ours = temporal_attention(&q, &k, &v, frames, 2, 0.4).unwrap();
+        assert!(max_diff(&ours, &temporal_reference(&q, &k, &v, frames, 2)) < 1e-5);
     }
 
     #[test]
@@ -2134,22 +2112,13 @@ mod tests {
         let reference = (&h2[0] * h2[1].gelu_erf().unwrap()).unwrap();
         assert!(max_diff(&geglu_channels(&x).unwrap(), &reference) < 1e-5);
 
-        // Attention across each pixel's frames: the token-major kernel on
-        // permuted copies, permuted back.
+        // Attention across each pixel's frames.
         let (q, k, v) = (
             x.clone(),
             randn(&[b * frames, c, h, w], 37),
             randn(&[b * frames, c, h, w], 38),
         );
-        let tokens = |t: &Tensor| frames_to_tokens(t, frames).contiguous().unwrap();
-        let reference = attention(&tokens(&q), &tokens(&k), &tokens(&v), 3, 0.4)
-            .unwrap()
-            .reshape((b, h, w, frames, c))
-            .unwrap()
-            .permute((0, 3, 4, 1, 2))
-            .unwrap()
-            .reshape((b * frames, c, h, w))
-            .unwrap();
+        let reference = temporal_reference(&q, &k, &v, frames, 3);
         let ours = temporal_attention(&q, &k, &v, frames, 3, 0.4).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-5);
         assert!(
@@ -2203,14 +2172,12 @@ mod tests {
                 let long = y.reshape((2, 144, 8)).unwrap();
                 // 8 keys, one head of 8: the direct path.
                 let short = y.reshape((2 * 18, 8, 8)).unwrap();
-                let gated = geglu(&y.reshape((2, 144, 8)).unwrap(), Some(&randn(&[8], 5))).unwrap();
                 let w = randn(&[8, 8], 3);
                 let lin = linear(&long, &w, Some(&randn(&[8], 4)), Some(&long)).unwrap();
                 [
                     y.clone(),
                     attention(&long, &long, &long, 2, 0.5).unwrap(),
                     attention(&short, &short, &short, 1, 0.5).unwrap(),
-                    gated,
                     lin,
                     // Few rows: the skinny product.
                     linear(&long.narrow(1, 0, 4).unwrap(), &w, None, None).unwrap(),

@@ -108,12 +108,6 @@ impl Linear {
         self.inner.weight()
     }
 
-    /// `xs W^T` on the CPU kernels, the bias left for the caller to fuse.
-    pub(crate) fn forward_without_bias(&self, xs: &Tensor) -> Result<Tensor> {
-        let _s = profile::stage("linear");
-        cpu_kernels::linear(xs, self.inner.weight(), None, None)
-    }
-
     /// `forward(xs) + residual`.
     pub(crate) fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("linear");

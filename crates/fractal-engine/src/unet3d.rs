@@ -103,27 +103,22 @@ impl GegluFeedForward {
         })
     }
 
-    /// `FeedForward(xs) + residual`.
+    /// `FeedForward(xs) + residual` on token-major `xs` (devices other than
+    /// the CPU; there the transformers run channels-first).
     fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let gated = if cpu_kernels::applies(xs) {
-            // The projection's bias is added by the GEGLU kernel.
-            let proj = self.proj.forward_without_bias(xs)?;
-            profile::time("ff.geglu", || cpu_kernels::geglu(&proj, self.proj.bias()))?
-        } else {
-            let proj = self.proj.forward(xs)?;
-            let h = proj.chunk(2, D::Minus1)?;
-            profile::time("ff.geglu", || &h[0] * h[1].gelu_erf()?)?
-        };
+        let h = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
+        let gated = profile::time("ff.geglu", || &h[0] * h[1].gelu_erf()?)?;
         self.out.forward_add(&gated, residual)
     }
 }
 
 /// diffusers `Attention` (no q/k/v bias, biased output projection).
 ///
-/// On the CPU the fused kernel computes softmax(q k^T) v one block of query
-/// rows at a time, so the score matrix (about 8.6 GB per layer at 256x256,
-/// 16 frames) never exists whole; on other devices it is plain softmax
-/// attention.
+/// On the CPU the transformers run it channels-first through the fused
+/// kernels (which compute softmax(q k^T) v one block of query rows at a time,
+/// so the score matrix, about 8.6 GB per layer at 256x256 and 16 frames,
+/// never exists whole); [`Attention::forward_add`] is the token-major form
+/// other devices run, plain softmax attention.
 #[derive(Debug)]
 pub(crate) struct Attention {
     to_q: Linear,
@@ -161,7 +156,7 @@ impl Attention {
         })
     }
 
-    /// `Attention(xs, context) + residual`.
+    /// `Attention(xs, context) + residual` on token-major `xs`.
     fn forward_add(
         &self,
         xs: &Tensor,
@@ -178,10 +173,7 @@ impl Attention {
             self.to_v.forward(ctx)?,
         );
         let scale = 1.0 / (d as f64).sqrt();
-        let _core = profile::stage(self.stage);
-        let out = if cpu_kernels::applies(&q) {
-            cpu_kernels::attention(&q, &k, &v, h, scale as f32)?
-        } else {
+        let out = profile::time(self.stage, || {
             let split = |t: &Tensor, len: usize| -> Result<Tensor> {
                 t.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()
             };
@@ -190,9 +182,8 @@ impl Attention {
             let att = (q * scale)?.matmul(&k.t()?)?;
             let att = nn::ops::softmax_last_dim(&att.to_dtype(candle_core::DType::F32)?)?
                 .to_dtype(v.dtype())?;
-            att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * d))?
-        };
-        drop(_core);
+            att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * d))
+        })?;
         self.to_out.forward_add(&out, residual)
     }
 }
@@ -323,7 +314,7 @@ impl ProjectedTransformer {
 
     /// Self-attention across the frames at each pixel.
     fn forward_temporal(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
-        if cpu_kernels::applies(xs) && frames <= cpu_kernels::CF_MAX_FRAMES {
+        if cpu_kernels::applies(xs) {
             return self.forward_temporal_channels_first(xs, frames);
         }
         let (bf, c, h, w) = xs.dims4()?;
