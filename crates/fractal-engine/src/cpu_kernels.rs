@@ -1469,8 +1469,14 @@ const POINTWISE_MIN_PIXELS: usize = 64;
 
 simd_dispatch! {
     /// `out = residual + bias[row]` for channel rows of `spatial` elements.
-    fn add_bias_rows_cf(out: &mut [MaybeUninit<f32>], residual: &[f32], bias: Option<&[f32]>, spatial: usize) {
-        for (ch, (o, r)) in out.chunks_mut(spatial.max(1)).zip(residual.chunks(spatial.max(1))).enumerate() {
+    fn add_bias_rows_cf(
+        out: &mut [MaybeUninit<f32>],
+        residual: &[f32],
+        bias: Option<&[f32]>,
+        spatial: usize,
+    ) {
+        let rows = out.chunks_mut(spatial.max(1)).zip(residual.chunks(spatial.max(1)));
+        for (ch, (o, r)) in rows.enumerate() {
             let b = bias.map_or(0.0, |b| b[ch]);
             for (o, &r) in o.iter_mut().zip(r) {
                 o.write(r + b);
@@ -1498,6 +1504,9 @@ pub(crate) fn layer_norm_channels(
         );
     }
     let (n, c, spatial) = (dims[0], dims[1], dims[2..].iter().product::<usize>());
+    if n * c * spatial == 0 {
+        return Ok(x.clone());
+    }
     let gamma = gamma.to_vec1::<f32>()?;
     let beta = match beta {
         Some(b) => b.to_vec1::<f32>()?,
@@ -1527,7 +1536,16 @@ simd_dispatch! {
     /// One block of `w` pixels: `x` and `out` at channel 0, channel stride
     /// `stride`.
     #[allow(clippy::too_many_arguments)]
-    fn layer_norm_block(x: &[f32], out: SharedMut, c: usize, stride: usize, w: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    fn layer_norm_block(
+        x: &[f32],
+        out: SharedMut,
+        c: usize,
+        stride: usize,
+        w: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
         let mut mean = [0f32; CF_BLOCK];
         let mean = &mut mean[..w];
         for ch in 0..c {
@@ -1620,6 +1638,9 @@ pub(crate) fn temporal_attention(
     let (clips, d) = (dims[0] / frames, inner / heads);
     let blocks = spatial.div_ceil(CF_BLOCK);
     let len = dims[0] * inner * spatial;
+    if len == 0 {
+        return Ok(q.clone());
+    }
     let out = with_slice(q, |qs| {
         with_slice(k, |ks| {
             with_slice(v, |vs| {
@@ -2125,6 +2146,30 @@ mod tests {
             temporal_attention(&q, &k, &v, 3, 3, 0.4).is_err(),
             "frames must divide the batch"
         );
+
+        // Empty shapes are empty results, not panics.
+        let empty = randn(&[4, 0, 3], 1);
+        assert_eq!(
+            temporal_attention(&empty, &empty, &empty, 2, 1, 0.4)
+                .unwrap()
+                .dims(),
+            [4, 0, 3]
+        );
+        let ln = layer_norm_channels(&empty, &randn(&[0], 1), None, 1e-5).unwrap();
+        assert_eq!(ln.dims(), [4, 0, 3]);
+        assert_eq!(
+            group_norm_frames(&empty, 2, 1, 1e-5, &randn(&[0], 1), &randn(&[0], 1))
+                .unwrap()
+                .dims(),
+            [4, 0, 3]
+        );
+        assert_eq!(
+            pointwise(&empty, &randn(&[2, 0], 1), None, None)
+                .unwrap()
+                .dims(),
+            [4, 2, 3]
+        );
+        assert_eq!(geglu_channels(&empty).unwrap().dims(), [4, 0, 3]);
     }
 
     #[test]
