@@ -98,6 +98,47 @@ unsafe fn written_output(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>]))
     out
 }
 
+/// A fresh output of `images` blocks of `block` elements, each written by
+/// `one(image, block, parallelism for its GEMM)`. With at least as many
+/// images as threads the images run in parallel, each GEMM on one thread;
+/// with fewer they run in turn, each GEMM on every thread.
+///
+/// # Safety
+/// `one` must initialise every element of the block it is given.
+unsafe fn per_image_output(
+    images: usize,
+    block: usize,
+    one: impl Fn(usize, &mut [MaybeUninit<f32>], Parallelism) + Sync,
+) -> Vec<f32> {
+    let inner = if images >= threads() {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads())
+    };
+    // SAFETY: forwarded: one writes each block whole, and the blocks tile
+    // the output.
+    unsafe {
+        written_output(images * block, |out| {
+            if matches!(inner, Parallelism::None) {
+                out.par_chunks_mut(block.max(1))
+                    .enumerate()
+                    .for_each(|(i, o)| one(i, o, inner));
+            } else {
+                out.chunks_mut(block.max(1))
+                    .enumerate()
+                    .for_each(|(i, o)| one(i, o, inner));
+            }
+        })
+    }
+}
+
+/// Fills each `row_len`-long row of `out` with its value from `values`.
+fn fill_rows(out: &mut [MaybeUninit<f32>], row_len: usize, values: &[f32]) {
+    for (row, &v) in out.chunks_mut(row_len.max(1)).zip(values) {
+        row.fill(MaybeUninit::new(v));
+    }
+}
+
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
@@ -441,22 +482,15 @@ pub(crate) fn conv2d(
         })??;
         return tensor(out, (n, co, oh, ow));
     }
+    let plane = oh * ow;
     let out = with_slice(weight, |wt| {
         with_slice(x, |xs| {
-            let plane = oh * ow;
-            let inner = if n >= threads() {
-                Parallelism::None
-            } else {
-                Parallelism::Rayon(threads())
-            };
             // Each image's block is written whole: by the bias, or else by
             // the product (k > 0: a convolution has at least one tap).
-            let one_image = |(img, o): (usize, &mut [MaybeUninit<f32>])| {
+            let one_image = |img: usize, o: &mut [MaybeUninit<f32>], inner| {
                 let src = &xs[img * ci * h * w..(img + 1) * ci * h * w];
                 if let Some(b) = &bias {
-                    for (row, &bv) in o.chunks_mut(plane).zip(b) {
-                        row.fill(MaybeUninit::new(bv));
-                    }
+                    fill_rows(o, plane, b);
                 } else if k == 0 {
                     o.fill(MaybeUninit::new(0.0));
                 }
@@ -494,17 +528,7 @@ pub(crate) fn conv2d(
                 }
             };
             // SAFETY: one_image writes every element of its block (above).
-            unsafe {
-                written_output(n * co * plane, |out| {
-                    if matches!(inner, Parallelism::None) {
-                        out.par_chunks_mut(co * plane)
-                            .enumerate()
-                            .for_each(one_image);
-                    } else {
-                        out.chunks_mut(co * plane).enumerate().for_each(one_image);
-                    }
-                })
-            }
+            unsafe { per_image_output(n, co * plane, one_image) }
         })
     })??;
     tensor(out, (n, co, oh, ow))
@@ -1402,23 +1426,16 @@ pub(crate) fn pointwise(
         return out.transpose(1, 2)?.contiguous()?.reshape(out_dims);
     }
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let inner = if n >= threads() {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads())
-    };
     let plane = m * spatial;
     let run = |wt: &[f32], xs: &[f32], rs: Option<&[f32]>| {
-        let one = |(img, o): (usize, &mut [MaybeUninit<f32>])| {
+        let one = |img: usize, o: &mut [MaybeUninit<f32>], inner| {
             let prefilled = match (&rs, &bias) {
                 (Some(r), b) => {
                     add_bias_rows_cf(o, &r[img * plane..(img + 1) * plane], b.as_deref(), spatial);
                     true
                 }
                 (None, Some(b)) => {
-                    for (row, &bv) in o.chunks_mut(spatial.max(1)).zip(b) {
-                        row.fill(MaybeUninit::new(bv));
-                    }
+                    fill_rows(o, spatial, b);
                     true
                 }
                 (None, None) => {
@@ -1445,15 +1462,7 @@ pub(crate) fn pointwise(
             }
         };
         // SAFETY: each image's block is prefilled or overwritten whole.
-        unsafe {
-            written_output(n * plane, |out| {
-                if matches!(inner, Parallelism::None) {
-                    out.par_chunks_mut(plane.max(1)).enumerate().for_each(one);
-                } else {
-                    out.chunks_mut(plane.max(1)).enumerate().for_each(one);
-                }
-            })
-        }
+        unsafe { per_image_output(n, plane, one) }
     };
     let out = with_slice(weight, |wt| {
         with_slice(x, |xs| match &residual {
@@ -2086,34 +2095,25 @@ mod tests {
         let wt = randn(&[6, c], 34);
         let bias = randn(&[6], 35);
         let residual = randn(&[b * frames, 6, h, w], 36);
-        let reference = x
-            .permute((0, 2, 3, 1))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .broadcast_matmul(&wt.t().unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap()
-            .permute((0, 3, 1, 2))
-            .unwrap()
-            .add(&residual)
-            .unwrap();
+        // The layer on each pixel's channels, through candle's ops.
+        let per_pixel = |x: &Tensor| {
+            x.permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .broadcast_matmul(&wt.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+        };
+        let reference = per_pixel(&x).add(&residual).unwrap();
         let ours = pointwise(&x, &wt, Some(&bias), Some(&residual)).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-4);
         // Enough pixels for the per-image products (the above has 21).
         let wide = randn(&[3, c, 9, 9], 39);
-        let reference = wide
-            .permute((0, 2, 3, 1))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .broadcast_matmul(&wt.t().unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap()
-            .permute((0, 3, 1, 2))
-            .unwrap();
+        let reference = per_pixel(&wide);
         let ours = pointwise(&wide, &wt, Some(&bias), None).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-4);
         assert!(pointwise(&x, &randn(&[6, c + 1], 1), None, None).is_err());
