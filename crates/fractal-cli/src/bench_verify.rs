@@ -1,6 +1,8 @@
 //! `fractal bench verify` (builds with `--features cheats`): what a spot-check
-//! costs next to the generation it checks, how often each cheat is caught,
-//! and how often an honest prover is wrongly flagged.
+//! costs next to the generation it checks, how often each cheat is caught
+//! per audit and per epoch at two schedule lengths, how often an honest
+//! prover on another thread count or kernel path is wrongly flagged, and
+//! the distribution of honest errors the tolerances are chosen from.
 
 use std::time::Instant;
 
@@ -8,42 +10,45 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::{cpu_kernels, tiny, Degradation, Model, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::Size;
-use fractal_protocol::wire::{
-    Base64Bytes, GenerateRequest, GenerateResponse, OutputFormat, PROTOCOL_VERSION,
-};
-use fractal_protocol::{JobId, Seed};
+use fractal_protocol::merkle::TraceLeaf;
+use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
 use fractal_prover::job::{self, StrategyState};
 use fractal_prover::Strategy;
-use fractal_verifier::audit::Auditor;
-use rand::Rng;
+use fractal_verifier::audit::{AuditReport, Auditor, Check};
+use fractal_verifier::challenges::ChallengeMix;
+use rand::{Rng, SeedableRng};
 
 #[derive(Args)]
 pub struct VerifyBench {
-    /// Honest jobs audited for false positives.
-    #[arg(long, default_value_t = 1000)]
+    /// Honest jobs audited for false positives (spread over the prover
+    /// configurations: 1 and 2 threads, fused kernels and candle's ops).
+    #[arg(long, default_value_t = 10_000)]
     honest: usize,
-    /// Audited jobs per cheating strategy.
+    /// Audited jobs per cheating strategy and schedule length.
     #[arg(long, default_value_t = 100)]
     per_cheat: usize,
-    /// Audits a verifier runs per prover per epoch (for the per-epoch rate).
-    #[arg(long, default_value_t = 5)]
-    audits_per_epoch: u32,
-    /// Shape of the detection/false-positive jobs.
+    /// Schedule lengths the detection table is measured at.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10u32, 50])]
+    steps: Vec<u32>,
+    /// Shape of the detection and false-positive jobs.
     #[arg(long, default_value_t = 4)]
     frames: u32,
     #[arg(long, default_value_t = 32)]
     size: u32,
-    #[arg(long, default_value_t = 4)]
-    steps: u32,
-    /// Shape of the cost measurement (ModelScope's defaults: 16 frames, 50 steps).
+    /// Shape of the cost measurement (ModelScope's: 16 frames, 50 steps).
     #[arg(long, default_value_t = 16)]
     cost_frames: u32,
+    #[arg(long, default_value_t = 64)]
+    cost_size: u32,
     #[arg(long, default_value_t = 50)]
     cost_steps: u32,
     #[arg(long, default_value_t = 3)]
     cost_jobs: usize,
+    /// Seed of the bench's own randomness (requests, audit plans).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 fn pinned(model: Model) -> anyhow::Result<PinnedModel> {
@@ -54,45 +59,80 @@ fn pinned(model: Model) -> anyhow::Result<PinnedModel> {
     )?)
 }
 
+/// A job as app traffic looks (prompt and negative prompt from the
+/// challenge generator), at the bench's shape.
 fn request(
     model: &PinnedModel,
+    mix: &ChallengeMix,
     rng: &mut impl Rng,
     frames: u32,
     size: u32,
     steps: u32,
 ) -> GenerateRequest {
-    GenerateRequest {
-        version: PROTOCOL_VERSION,
-        job_id: JobId::random(),
-        manifest_id: model.manifest_id,
-        prompt: fractal_verifier::synthetic_prompt(rng),
-        negative_prompt: String::new(),
-        seed: Seed(rng.gen()),
-        size: Size {
-            width: size,
-            height: size,
-        },
-        frames,
-        steps,
-        guidance_scale: model.manifest.defaults.guidance_scale,
-        output: OutputFormat::Mp4,
+    let mut req = mix.draw(rng);
+    req.size = Size {
+        width: size,
+        height: size,
+    };
+    req.frames = frames;
+    req.steps = steps;
+    req.manifest_id = model.manifest_id;
+    req
+}
+
+/// How a prover runs: its thread count and whether it uses the fused
+/// kernels (candle's plain ops otherwise: another summation order).
+#[derive(Clone, Copy)]
+struct ProverSetup {
+    threads: usize,
+    fused: bool,
+}
+
+impl ProverSetup {
+    fn name(&self) -> String {
+        format!(
+            "{} thread{}, {}",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            if self.fused {
+                "fused kernels"
+            } else {
+                "candle ops"
+            }
+        )
     }
 }
 
-/// Runs one job as `strategy` on `prover`, audits it; returns
-/// (caught, generate seconds, verify seconds).
+struct Audited {
+    failed: Option<(Check, String)>,
+    report: Option<AuditReport>,
+    gen_s: f64,
+    verify_s: f64,
+}
+
+/// Runs one job as `strategy` on `prover` (in `pool`, with `setup`'s
+/// kernels), then audits it on this thread.
+#[allow(clippy::too_many_arguments)]
 fn one(
     prover: &PinnedModel,
     strategy: &Strategy,
     state: &StrategyState,
     auditor: &Auditor,
     req: &GenerateRequest,
+    pool: &rayon::ThreadPool,
+    setup: ProverSetup,
     rng: &mut impl Rng,
-) -> anyhow::Result<(bool, f64, f64)> {
+) -> anyhow::Result<Audited> {
     let spec = prover.spec(req)?;
     let t = Instant::now();
-    let produced =
-        job::run(prover, req, &spec, strategy, state, &mut |_| true).context("generation")?;
+    let produced = pool
+        .install(|| {
+            cpu_kernels::set_enabled(Some(setup.fused));
+            let r = job::run(prover, req, &spec, strategy, state, &mut |_| true);
+            cpu_kernels::set_enabled(None);
+            r
+        })
+        .context("generation")?;
     let gen_s = t.elapsed().as_secs_f64();
     let resp = GenerateResponse {
         version: PROTOCOL_VERSION,
@@ -106,11 +146,143 @@ fn one(
     };
     let t = Instant::now();
     let plan = auditor.plan(req, rng);
-    let caught = match produced.audit_trace.open(&plan.challenge) {
-        Ok(answer) => auditor.check(req, &resp, &plan, &answer).is_err(),
-        Err(_) => true,
+    let (failed, report) = match produced.audit_trace.open(&plan.challenge) {
+        Ok(answer) => match auditor.check(req, &resp, &plan, &answer) {
+            Ok(r) => (None, Some(r)),
+            Err(f) => (Some((f.check, f.detail)), None),
+        },
+        Err(e) => (Some((Check::Commitment, e.to_string())), None),
     };
-    Ok((caught, gen_s, t.elapsed().as_secs_f64()))
+    Ok(Audited {
+        failed,
+        report,
+        gen_s,
+        verify_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// Quantile `q` of sorted values.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Probability that one audit's uniformly drawn pairs hit at least one of
+/// `faked` steps out of `n` (the plan's own arithmetic).
+fn hit_probability(n: u32, faked: u32, pairs: u32) -> f64 {
+    let mut miss = 1.0;
+    for i in 0..pairs.min(n) {
+        miss *= (n.saturating_sub(faked).saturating_sub(i)) as f64 / (n - i) as f64;
+    }
+    1.0 - miss
+}
+
+/// A cheat to measure: a name, the model its prover runs, its strategy,
+/// and how many of `n` steps it fakes (`None`: every step).
+struct Cheat {
+    name: String,
+    model: Degradation,
+    other_model: bool,
+    strategy: Strategy,
+    faked_steps: Option<u32>,
+}
+
+fn cheats(n: u32) -> Vec<Cheat> {
+    let tenth = (n / 10).max(1);
+    let half = n - n / 2 - 1;
+    let mut v = vec![
+        Cheat {
+            name: format!("repeat-tail:{tenth} (last 10% of steps)"),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::RepeatTail(tenth as usize),
+            faked_steps: Some(tenth),
+        },
+        Cheat {
+            name: format!("repeat-middle:{tenth} (10% mid-schedule)"),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::RepeatMiddle(tenth as usize),
+            faked_steps: Some(tenth),
+        },
+        Cheat {
+            name: "reuse-second-half".into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::ReuseSecondHalf,
+            faked_steps: Some(half),
+        },
+        Cheat {
+            name: "reuse-alternate".into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::ReuseAlternate,
+            faked_steps: Some(n / 2),
+        },
+        Cheat {
+            name: "jump-from-half".into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::JumpFromHalf,
+            faked_steps: Some(half),
+        },
+        Cheat {
+            name: "guidance-alternate".into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::GuidanceAlternate,
+            faked_steps: Some(n / 2),
+        },
+        Cheat {
+            name: "fewer-steps (half, stretched)".into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy: Strategy::FewerSteps,
+            faked_steps: None,
+        },
+    ];
+    for (name, strategy) in [
+        ("no-guidance", Strategy::NoGuidance),
+        ("half-frames", Strategy::HalfFrames),
+        ("output-bf16", Strategy::OutputBf16),
+        ("cached-prompt", Strategy::CachedPrompt),
+        ("random-latents", Strategy::RandomLatents),
+        ("replay-cached", Strategy::ReplayCached),
+        ("inconsistent-audit", Strategy::InconsistentAudit),
+        ("fabricated-audit", Strategy::FabricatedAudit),
+    ] {
+        v.push(Cheat {
+            name: name.into(),
+            model: Degradation::None,
+            other_model: false,
+            strategy,
+            faked_steps: None,
+        });
+    }
+    for (name, model) in [
+        ("weights-f16", Degradation::RoundedF16),
+        ("weights-bf16", Degradation::RoundedBf16),
+        ("weights-noise-0.1%", Degradation::Perturbed(0.001)),
+        ("weights-noise-1%", Degradation::Perturbed(0.01)),
+    ] {
+        v.push(Cheat {
+            name: name.into(),
+            model,
+            other_model: false,
+            strategy: Strategy::Honest,
+            faked_steps: None,
+        });
+    }
+    v.push(Cheat {
+        name: "other-model (tiny-wide)".into(),
+        model: Degradation::None,
+        other_model: true,
+        strategy: Strategy::Honest,
+        faked_steps: None,
+    });
+    v
 }
 
 pub fn run(b: VerifyBench) -> anyhow::Result<()> {
@@ -120,103 +292,202 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         TinyVariant::Base,
         &cpu,
     )?)?));
-    let mut rng = rand::rngs::OsRng;
+    let plan = honest.manifest.verification.clone();
+    let mix = ChallengeMix::new(&honest.manifest, honest.manifest_id);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(b.seed);
+    let pools: Vec<rayon::ThreadPool> = [1, 2]
+        .iter()
+        .map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build())
+        .collect::<Result<_, _>>()?;
+    let pool_for = |threads: usize| &pools[threads - 1];
+    let verifier_setup = ProverSetup {
+        threads: 2,
+        fused: true,
+    };
     let state = StrategyState::default();
+    println!(
+        "audit plan (tiny-v1 manifest): {} step pairs per audit, {} audits per prover per epoch; \
+         tolerances: model output {:.0e}, update {:.0e} (relative L2)",
+        plan.pairs_per_audit, plan.audits_per_epoch, plan.output_rel_l2, plan.update_rel_l2
+    );
 
     // Cost: full generation (all steps, all frames, encode) vs one audit.
     let (mut gen, mut ver) = (0.0, 0.0);
     for _ in 0..b.cost_jobs {
-        let req = request(&honest, &mut rng, b.cost_frames, 64, b.cost_steps);
-        let (caught, g, v) = one(&honest, &Strategy::Honest, &state, &auditor, &req, &mut rng)?;
-        anyhow::ensure!(!caught, "an honest job failed its audit");
-        gen += g;
-        ver += v;
+        let req = request(&honest, &mix, &mut rng, b.cost_frames, b.cost_size, b.cost_steps);
+        let a = one(
+            &honest,
+            &Strategy::Honest,
+            &state,
+            &auditor,
+            &req,
+            pool_for(2),
+            verifier_setup,
+            &mut rng,
+        )?;
+        anyhow::ensure!(a.failed.is_none(), "an honest job failed its audit: {:?}", a.failed);
+        gen += a.gen_s;
+        ver += a.verify_s;
     }
     println!(
-        "spot-check cost ({} frames 64x64, {} steps, tiny-v1): generate {:.3} s, verify {:.3} s, ratio {:.1}%",
+        "spot-check cost ({} frames {s}x{s}, {} steps, tiny-v1, 2 threads): generate {:.3} s, verify {:.3} s, ratio {:.1}%",
         b.cost_frames,
         b.cost_steps,
         gen / b.cost_jobs as f64,
         ver / b.cost_jobs as f64,
-        100.0 * ver / gen
+        100.0 * ver / gen,
+        s = b.cost_size,
+    );
+    // Trace and audit sizes at ModelScope's real shape: 16 frames of
+    // 256x256 are latents of 4 x 16 x 32 x 32 f32.
+    let leaf_bytes = 4 * 16 * 32 * 32 * 4;
+    let leaves = TraceLeaf::count(50) as usize;
+    let opened = 2 + 3 * plan.pairs_per_audit as usize;
+    println!(
+        "trace at ModelScope size (16 frames 256x256, 50 steps): {} leaves of {} KiB = {:.1} MiB kept per job for the audit window; \
+         an audit opens at most {} leaves = {:.2} MiB ({:.2} MiB as base64 JSON)",
+        leaves,
+        leaf_bytes / 1024,
+        (leaves * leaf_bytes) as f64 / (1 << 20) as f64,
+        opened,
+        (opened * leaf_bytes) as f64 / (1 << 20) as f64,
+        (opened * leaf_bytes) as f64 * 4.0 / 3.0 / (1 << 20) as f64,
     );
 
-    let mut flagged = 0;
+    // Honest jobs on every prover setup: false positives and the error
+    // distribution the tolerances are chosen from.
+    let setups = [
+        ProverSetup {
+            threads: 1,
+            fused: true,
+        },
+        ProverSetup {
+            threads: 2,
+            fused: true,
+        },
+        ProverSetup {
+            threads: 1,
+            fused: false,
+        },
+        ProverSetup {
+            threads: 2,
+            fused: false,
+        },
+    ];
     let t = Instant::now();
+    let mut flagged = 0;
+    let mut errors: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); setups.len()];
     for i in 0..b.honest {
-        let req = request(&honest, &mut rng, b.frames, b.size, b.steps);
-        if one(&honest, &Strategy::Honest, &state, &auditor, &req, &mut rng)?.0 {
-            flagged += 1;
-            eprintln!("honest job {i} flagged");
+        let which = i % setups.len();
+        let setup = setups[which];
+        let steps = b.steps[(i / setups.len()) % b.steps.len()];
+        let req = request(&honest, &mix, &mut rng, b.frames, b.size, steps);
+        let a = one(
+            &honest,
+            &Strategy::Honest,
+            &state,
+            &auditor,
+            &req,
+            pool_for(setup.threads),
+            setup,
+            &mut rng,
+        )?;
+        match (a.failed, a.report) {
+            (Some((check, detail)), _) => {
+                flagged += 1;
+                eprintln!("honest job {i} ({}) flagged: {} {detail}", setup.name(), check.as_str());
+            }
+            (None, Some(r)) => {
+                errors[which].0.push(r.output_rel_l2);
+                errors[which].1.push(r.update_rel_l2);
+            }
+            (None, None) => unreachable!("a passed audit has a report"),
+        }
+        if (i + 1) % 1000 == 0 {
+            eprintln!("  {} honest jobs audited ({:.0} s)", i + 1, t.elapsed().as_secs_f64());
         }
     }
     println!(
-        "honest: {flagged} of {} jobs flagged ({} frames {}x{}, {} steps; {:.0} s)",
+        "honest: {flagged} of {} jobs flagged ({} frames {s}x{s}, steps {:?}, verifier on 2 threads with fused kernels; {:.0} s)",
         b.honest,
         b.frames,
-        b.size,
-        b.size,
         b.steps,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        s = b.size,
     );
-
-    let cheats: Vec<(&str, PinnedModel, Strategy)> = vec![
-        (
-            "fewer-steps",
-            pinned(Model::tiny(TinyVariant::Base, &cpu)?)?,
-            Strategy::FewerSteps,
-        ),
-        (
-            "perturbed-weights-1%",
-            pinned(Model::tiny_perturbed(TinyVariant::Base, 0.01, &cpu)?)?,
-            Strategy::Honest,
-        ),
-        (
-            "other-model",
-            pinned(Model::tiny(TinyVariant::Wide, &cpu)?)?,
-            Strategy::Honest,
-        ),
-        (
-            "random-latents",
-            pinned(Model::tiny(TinyVariant::Base, &cpu)?)?,
-            Strategy::RandomLatents,
-        ),
-        (
-            "replay-cached",
-            pinned(Model::tiny(TinyVariant::Base, &cpu)?)?,
-            Strategy::ReplayCached,
-        ),
-        (
-            "inconsistent-audit",
-            pinned(Model::tiny(TinyVariant::Base, &cpu)?)?,
-            Strategy::InconsistentAudit,
-        ),
-        (
-            "fabricated-audit",
-            pinned(Model::tiny(TinyVariant::Base, &cpu)?)?,
-            Strategy::FabricatedAudit,
-        ),
-    ];
     println!(
-        "{:<22} {:>8} {:>10} {:>16}",
-        "strategy", "audits", "caught", "per epoch (est.)"
+        "{:<28} {:>6} {:>12} {:>12} {:>12} {:>12}",
+        "honest prover", "jobs", "output p50", "output max", "update p50", "update max"
     );
-    for (name, model, strategy) in cheats {
-        let state = StrategyState::default();
-        let mut caught = 0;
-        for _ in 0..b.per_cheat {
-            let req = request(&model, &mut rng, b.frames, b.size, b.steps);
-            caught += one(&model, &strategy, &state, &auditor, &req, &mut rng)?.0 as usize;
-        }
-        let p = caught as f64 / b.per_cheat as f64;
-        let epoch = 1.0 - (1.0 - p).powi(b.audits_per_epoch as i32);
+    for (setup, (out, upd)) in setups.iter().zip(&mut errors) {
+        out.sort_by(f64::total_cmp);
+        upd.sort_by(f64::total_cmp);
         println!(
-            "{name:<22} {:>8} {:>9.1}% {:>15.3}%",
-            b.per_cheat,
-            100.0 * p,
-            100.0 * epoch
+            "{:<28} {:>6} {:>12.2e} {:>12.2e} {:>12.2e} {:>12.2e}",
+            setup.name(),
+            out.len(),
+            quantile(out, 0.5),
+            quantile(out, 1.0),
+            quantile(upd, 0.5),
+            quantile(upd, 1.0),
         );
     }
+
+    println!(
+        "\n{:<38} {:>5} {:>7} {:>9} {:>9} {:>11} {:>11}",
+        "cheat", "steps", "audits", "caught", "expected", "per epoch", "checks"
+    );
+    for &n in &b.steps {
+        for cheat in cheats(n) {
+            let model = if cheat.other_model {
+                pinned(Model::tiny(TinyVariant::Wide, &cpu)?)?
+            } else {
+                pinned(Model::tiny_degraded(TinyVariant::Base, cheat.model, &cpu)?)?
+            };
+            let state = StrategyState::default();
+            let mut caught = 0;
+            let mut checks = std::collections::BTreeMap::<&str, usize>::new();
+            for _ in 0..b.per_cheat {
+                let req = request(&model, &mix, &mut rng, b.frames, b.size, n);
+                let a = one(
+                    &model,
+                    &cheat.strategy,
+                    &state,
+                    &auditor,
+                    &req,
+                    pool_for(2),
+                    verifier_setup,
+                    &mut rng,
+                )?;
+                if let Some((check, _)) = a.failed {
+                    caught += 1;
+                    *checks.entry(check.as_str()).or_default() += 1;
+                }
+            }
+            let p = caught as f64 / b.per_cheat as f64;
+            let epoch = 1.0 - (1.0 - p).powi(plan.audits_per_epoch as i32);
+            let expected = cheat
+                .faked_steps
+                .map(|m| hit_probability(n, m, plan.pairs_per_audit))
+                .unwrap_or(1.0);
+            let checks: Vec<String> = checks.iter().map(|(c, k)| format!("{c}:{k}")).collect();
+            println!(
+                "{:<38} {:>5} {:>7} {:>8.1}% {:>8.1}% {:>10.3}% {}",
+                cheat.name,
+                n,
+                b.per_cheat,
+                100.0 * p,
+                100.0 * expected,
+                100.0 * epoch,
+                checks.join(" ")
+            );
+        }
+    }
+    println!(
+        "per epoch: 1 - (1 - caught)^{} ({} audits per prover per epoch, the manifest's plan); \
+         expected: the plan's chance of drawing a faked step",
+        plan.audits_per_epoch, plan.audits_per_epoch
+    );
     println!("late answers: failed by the verifier's deadline (see the cheaters end-to-end test)");
     Ok(())
 }

@@ -9,7 +9,7 @@ use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::video::{self, Frames};
 use fractal_engine::{model, tiny, Model, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
-use fractal_protocol::merkle::{latent_digest, MerkleTree};
+use fractal_protocol::merkle::TraceDigests;
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -200,17 +200,18 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .expect("template")
         .progress_chars("=> "),
     );
-    let mut digests = Vec::with_capacity(spec.steps + 1);
+    let mut trace = TraceDigests::new();
+    let mut trace_err = None;
     let start = Instant::now();
     let generated = pipeline.generate(&spec, &mut |e| {
-        let v = e
-            .latents
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("latents are f32");
-        digests.push(latent_digest(&v));
+        if let Err(err) = e.commit_to(&mut trace) {
+            trace_err.get_or_insert(err);
+        }
         bar.set_position(e.index as u64);
     })?;
+    if let Some(err) = trace_err {
+        return Err(err.into());
+    }
     bar.finish_and_clear();
     let denoise = start.elapsed();
     let rgb = generated.rgb8()?;
@@ -233,7 +234,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.thumbnail {
         write(p, &video::thumbnail_png(frames)?)?;
     }
-    let root = MerkleTree::new(&digests)?.root();
+    let root = trace.tree()?.root();
     println!(
         "wrote {} ({} frames, {}x{}, {} steps, seed {}) in {:.2}s",
         a.output.display(),

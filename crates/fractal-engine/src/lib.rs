@@ -27,8 +27,8 @@ use std::path::PathBuf;
 
 pub use model::Model;
 pub use pinned::PinnedModel;
-pub use pipeline::{GenerateSpec, Generated, Pipeline, StepEvent};
-pub use tiny::TinyVariant;
+pub use pipeline::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
+pub use tiny::{Degradation, TinyVariant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

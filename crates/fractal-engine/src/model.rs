@@ -10,7 +10,7 @@ use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEnco
 use serde::{Deserialize, Serialize};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
-use crate::tiny::{self, TinyVariant, TinyWeights};
+use crate::tiny::{self, Degradation, TinyVariant, TinyWeights};
 use crate::unet3d::{Unet3d, Unet3dConfig};
 use crate::vae::VaeDecoder;
 use crate::EngineError;
@@ -157,14 +157,14 @@ impl Model {
         Ok(Self::tiny_with_weights(variant, device)?.0)
     }
 
-    /// The tiny model with every weight multiplied by `1 + relative·N(0,1)`:
-    /// a stand-in for "almost the pinned weights" in the cheating-prover tests.
-    pub fn tiny_perturbed(
+    /// The tiny model with cheaper or slightly wrong weights: a stand-in for
+    /// "almost the pinned weights" in the cheating-prover tests.
+    pub fn tiny_degraded(
         variant: TinyVariant,
-        relative: f32,
+        degradation: Degradation,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        Ok(Self::tiny_from(variant, TinyWeights::perturbed(relative), device)?.0)
+        Ok(Self::tiny_from(variant, TinyWeights::degraded(degradation), device)?.0)
     }
 
     fn tiny_with_weights(

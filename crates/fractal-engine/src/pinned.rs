@@ -96,7 +96,7 @@ impl PinnedModel {
     ) -> Result<Vec<u8>, EngineError> {
         if format == OutputFormat::Latents {
             let v = final_latents.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(fractal_protocol::merkle::latent_f16_bytes(&v));
+            return Ok(fractal_protocol::wire::latents_f16_bytes(&v));
         }
         let (count, _, height, width) = frames.dims4()?;
         let rgb = rgb8(frames)?;

@@ -4,6 +4,7 @@
 
 use candle_core::Tensor;
 use fractal_protocol::manifest::{SchedulerKind, SchedulerSpec};
+use fractal_protocol::merkle::TraceDigests;
 use fractal_protocol::noise::{fill_gaussian, Stream};
 use fractal_protocol::Seed;
 
@@ -28,8 +29,37 @@ pub struct GenerateSpec {
 pub struct StepEvent<'a> {
     pub index: usize,
     pub total: usize,
+    /// The model output the step to `index` was computed from (the guided
+    /// noise prediction, `[1, C, F, h, w]`); `None` for the initial noise.
+    pub output: Option<&'a Tensor>,
     /// `[1, C, F, h, w]`, f32.
     pub latents: &'a Tensor,
+}
+
+impl StepEvent<'_> {
+    /// Adds this event's trace leaves (the step's model output, then the
+    /// latent after it) to `trace`, as every role commits them.
+    pub fn commit_to(&self, trace: &mut TraceDigests) -> Result<(), EngineError> {
+        if let Some(output) = self.output {
+            trace.push(&values(output)?);
+        }
+        trace.push(&values(self.latents)?);
+        Ok(())
+    }
+}
+
+/// A tensor's f32 values in logical order.
+pub fn values(t: &Tensor) -> Result<Vec<f32>, EngineError> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// One denoising step: what the model predicted and where the scheduler
+/// went from it. Traces commit both (`fractal_protocol::merkle`).
+pub struct Step {
+    /// The model output fed to the scheduler (after CFG).
+    pub output: Tensor,
+    /// The latents after the step.
+    pub latents: Tensor,
 }
 
 /// A generated clip: RGB frames in `[0, 1]` and the final latents.
@@ -145,7 +175,7 @@ impl Pipeline {
     }
 
     /// One denoising step (`index` into the schedule): UNet with CFG, then the
-    /// scheduler. This is also what a verifier recomputes to audit a step.
+    /// scheduler.
     pub fn denoise_step(
         &self,
         scheduler: &mut Scheduler,
@@ -153,8 +183,29 @@ impl Pipeline {
         latents: &Tensor,
         context: &Tensor,
         guidance: f64,
+    ) -> Result<Step, EngineError> {
+        let output = self.model_output(scheduler, index, latents, context, guidance)?;
+        let latents = scheduler.step(&output, index, latents)?;
+        Ok(Step { output, latents })
+    }
+
+    /// The model output at step `index` (UNet, then CFG with `guidance`
+    /// over `context` = `[uncond; cond]`): the costly half of a step, and
+    /// what a verifier recomputes to audit one.
+    pub fn model_output(
+        &self,
+        scheduler: &Scheduler,
+        index: usize,
+        latents: &Tensor,
+        context: &Tensor,
+        guidance: f64,
     ) -> Result<Tensor, EngineError> {
-        let timestep = scheduler.timesteps()[index];
+        let timestep = *scheduler.timesteps().get(index).ok_or_else(|| {
+            EngineError::BadInput(format!(
+                "step {index} is outside a {}-step schedule",
+                scheduler.timesteps().len()
+            ))
+        })?;
         let cfg = guidance > 1.0;
         let input = if cfg {
             Tensor::cat(&[latents, latents], 0)?
@@ -162,13 +213,12 @@ impl Pipeline {
             latents.clone()
         };
         let eps = self.model.unet.forward(&input, timestep as f64, context)?;
-        let eps = if cfg {
+        Ok(if cfg {
             let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             (&u + ((c - &u)? * guidance)?)?
         } else {
             eps
-        };
-        Ok(scheduler.step(&eps, index, latents)?)
+        })
     }
 
     pub fn scheduler_for(&self, steps: usize) -> Result<Scheduler, EngineError> {
@@ -194,14 +244,17 @@ impl Pipeline {
         on_step(StepEvent {
             index: 0,
             total,
+            output: None,
             latents: &latents,
         });
         for i in 0..spec.steps {
-            latents =
+            let step =
                 self.denoise_step(&mut scheduler, i, &latents, &context, spec.guidance_scale)?;
+            latents = step.latents;
             on_step(StepEvent {
                 index: i + 1,
                 total,
+                output: Some(&step.output),
                 latents: &latents,
             });
         }

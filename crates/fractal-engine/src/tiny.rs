@@ -176,16 +176,30 @@ fn modelscope_shape() -> ModelConfigs {
 #[derive(Default, Clone)]
 pub struct TinyWeights {
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
-    /// Relative Gaussian noise on every weight (0 for the real tiny model);
-    /// what a cheating prover with "almost the right weights" runs.
-    perturbation: f32,
+    /// How these weights differ from the real tiny model's.
+    degradation: Degradation,
+}
+
+/// A cheaper or slightly wrong copy of the tiny model's weights: what a
+/// cheating prover runs in the verifier's tests and `fractal bench verify`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Degradation {
+    /// The real weights.
+    #[default]
+    None,
+    /// Every weight multiplied by `1 + relative·N(0,1)`.
+    Perturbed(f32),
+    /// Every weight rounded to IEEE half precision (and computed in f32).
+    RoundedF16,
+    /// Every weight rounded to bfloat16 (and computed in f32).
+    RoundedBf16,
 }
 
 impl TinyWeights {
-    pub fn perturbed(relative: f32) -> Self {
+    pub fn degraded(degradation: Degradation) -> Self {
         TinyWeights {
             made: Default::default(),
-            perturbation: relative,
+            degradation,
         }
     }
 
@@ -193,7 +207,7 @@ impl TinyWeights {
         let backend = TinyBackend {
             prefix: prefix.to_string(),
             made: self.made.clone(),
-            perturbation: self.perturbation,
+            degradation: self.degradation,
         };
         VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
     }
@@ -210,7 +224,7 @@ impl TinyWeights {
 struct TinyBackend {
     prefix: String,
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
-    perturbation: f32,
+    degradation: Degradation,
 }
 
 fn seed_for(name: &str) -> Seed {
@@ -250,15 +264,28 @@ impl SimpleBackend for TinyBackend {
         for v in &mut values {
             *v = offset + scale * *v;
         }
-        if self.perturbation != 0.0 {
-            let mut noise = vec![0f32; values.len()];
-            fill_gaussian(
-                seed_for(&format!("perturb/{full}")),
-                Stream::InitialLatents,
-                &mut noise,
-            );
-            for (v, n) in values.iter_mut().zip(noise) {
-                *v *= 1.0 + self.perturbation * n;
+        match self.degradation {
+            Degradation::None => {}
+            Degradation::Perturbed(relative) => {
+                let mut noise = vec![0f32; values.len()];
+                fill_gaussian(
+                    seed_for(&format!("perturb/{full}")),
+                    Stream::InitialLatents,
+                    &mut noise,
+                );
+                for (v, n) in values.iter_mut().zip(noise) {
+                    *v *= 1.0 + relative * n;
+                }
+            }
+            Degradation::RoundedF16 => {
+                for v in &mut values {
+                    *v = half::f16::from_f32(*v).to_f32();
+                }
+            }
+            Degradation::RoundedBf16 => {
+                for v in &mut values {
+                    *v = half::bf16::from_f32(*v).to_f32();
+                }
             }
         }
         let t = Tensor::from_vec(values, dims, &Device::Cpu)?;
@@ -318,9 +345,12 @@ pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
             max_steps: 50,
             max_prompt_bytes: 1000,
         },
-        verification: Tolerances {
-            step_rel_l2: 1e-3,
+        verification: Verification {
+            output_rel_l2: Verification::default_output_rel_l2(),
+            update_rel_l2: Verification::default_update_rel_l2(),
             frame_psnr_db: 30.0,
+            pairs_per_audit: Verification::default_pairs_per_audit(),
+            audits_per_epoch: Verification::default_audits_per_epoch(),
         },
     }
 }

@@ -15,9 +15,9 @@ use std::sync::OnceLock;
 use fractal_engine::video::Frames;
 use fractal_engine::{tiny, Model, TinyVariant};
 use fractal_protocol::btauth::{self, ReplayCache, VerifyPolicy};
-use fractal_protocol::merkle::{latent_digest, latent_f16_bytes, MerkleTree};
+use fractal_protocol::merkle::{f32_le_bytes, values_digest, MerkleTree};
 use fractal_protocol::wire::{
-    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, ProverInfo, StepOpening,
+    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, ProverInfo, LeafOpening,
     StreamItem, PROTOCOL_VERSION,
 };
 use fractal_protocol::{Digest32, JobId, Keypair, ModelManifest, Seed};
@@ -193,11 +193,17 @@ pub fn manifest(data: &[u8]) -> bool {
     }
 }
 
-/// A committed trace of five latents and a challenge for steps 1 and 3.
+/// A committed trace of five leaves and a challenge for leaves 1 and 3.
 struct Trace {
     latents: Vec<Vec<f32>>,
     tree: MerkleTree,
     challenge: AuditChallenge,
+}
+
+impl Trace {
+    fn tree_digest(&self, leaf: u32) -> Digest32 {
+        values_digest(&self.latents[leaf as usize])
+    }
 }
 
 fn trace() -> &'static Trace {
@@ -206,14 +212,14 @@ fn trace() -> &'static Trace {
         let latents: Vec<Vec<f32>> = (0..5)
             .map(|s| (0..16).map(|i| (s * 16 + i) as f32 / 7.0).collect())
             .collect();
-        let digests: Vec<Digest32> = latents.iter().map(|l| latent_digest(l)).collect();
+        let digests: Vec<Digest32> = latents.iter().map(|l| values_digest(l)).collect();
         Trace {
             tree: MerkleTree::new(&digests).expect("five leaves"),
             latents,
             challenge: AuditChallenge {
                 version: PROTOCOL_VERSION,
                 job_id: JobId([7; 16]),
-                steps: vec![1, 3],
+                leaves: vec![1, 3],
             },
         }
     })
@@ -229,9 +235,10 @@ pub fn audit_answer(data: &[u8]) -> bool {
     let ok = answer.validate(&t.challenge, &t.tree.root()).is_ok();
     if ok {
         for o in &answer.openings {
-            let latent = fractal_protocol::merkle::latent_from_f16_bytes(&o.latent_f16.0)
-                .expect("validated sizes decode");
-            assert_eq!(latent_digest(&latent), latent_digest(&latent));
+            let values = o.values().expect("validated sizes decode");
+            // What the root committed to is exactly what decodes.
+            assert_eq!(f32_le_bytes(&values), o.values_f32.0);
+            assert_eq!(values_digest(&values), t.tree_digest(o.leaf));
         }
     }
     ok
@@ -336,7 +343,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             let challenge = AuditChallenge {
                 version: PROTOCOL_VERSION,
                 job_id: JobId([1; 16]),
-                steps: vec![0, 4],
+                leaves: vec![0, 4],
             };
             vec![
                 prefixed(0, &serde_json::to_vec(&req).expect("json")),
@@ -366,12 +373,12 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 job_id: t.challenge.job_id,
                 openings: t
                     .challenge
-                    .steps
+                    .leaves
                     .iter()
-                    .map(|&s| StepOpening {
-                        step: s,
+                    .map(|&s| LeafOpening {
+                        leaf: s,
                         shape: vec![1, 4, 1, 2, 2],
-                        latent_f16: fractal_protocol::wire::Base64Bytes(latent_f16_bytes(
+                        values_f32: fractal_protocol::wire::Base64Bytes(f32_le_bytes(
                             &t.latents[s as usize],
                         )),
                         proof: t.tree.proof(s).expect("in range"),

@@ -25,7 +25,7 @@ pub struct ModelManifest {
     pub scheduler: SchedulerSpec,
     pub defaults: GenerationDefaults,
     pub limits: Limits,
-    pub verification: Tolerances,
+    pub verification: Verification,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,14 +134,71 @@ pub struct Limits {
     pub max_prompt_bytes: u32,
 }
 
-/// How closely an honest recomputation must match, per DESIGN.md section 4.
+/// How verifiers check this model's jobs (DESIGN.md section 4, trace
+/// format v2 in `merkle`): the tolerances an honest recomputation stays
+/// within, and the audit plan. Fields other than `frame_psnr_db` may be
+/// omitted and take the defaults below; trace v1's `step_rel_l2` is refused
+/// by name (its whole-latent check let late-step cheats through).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tolerances {
-    /// Maximum relative L2 distance of one recomputed scheduler step.
-    pub step_rel_l2: f64,
+pub struct Verification {
+    /// Maximum relative L2 distance of a recomputed model output (the guided
+    /// noise prediction of one step) from the committed one, relative to
+    /// the recomputation. Every step's output is O(1) whatever the step, so
+    /// one tolerance is equally sensitive at the first step and the last.
+    #[serde(default = "Verification::default_output_rel_l2")]
+    pub output_rel_l2: f64,
+    /// Maximum relative L2 distance of the scheduler's update
+    /// `x_{k+1} - x_k`, recomputed from the committed `x_k` and model
+    /// output, from the committed update (relative to the recomputed update,
+    /// so small late-step updates are checked as closely as large ones).
+    #[serde(default = "Verification::default_update_rel_l2")]
+    pub update_rel_l2: f64,
     /// Minimum PSNR (dB) of a re-decoded frame against the returned video.
     pub frame_psnr_db: f64,
+    /// Step pairs recomputed per audit, drawn uniformly without replacement
+    /// from the whole schedule by the verifier after the commitment.
+    #[serde(default = "Verification::default_pairs_per_audit")]
+    pub pairs_per_audit: u32,
+    /// Audits each prover gets per epoch (audited app jobs count; the
+    /// verifier tops up with challenges). With `pairs_per_audit` this sets
+    /// the per-epoch detection of a cheat that fakes a fraction `f` of the
+    /// steps: `1 - (1 - f)^(pairs_per_audit * audits_per_epoch)`.
+    #[serde(default = "Verification::default_audits_per_epoch")]
+    pub audits_per_epoch: u32,
+}
+
+impl Verification {
+    /// Measured honest worst case on CPU builds is far below this (see
+    /// `fractal bench verify`); cheaper weights or activations are above it.
+    pub const fn default_output_rel_l2() -> f64 {
+        1e-4
+    }
+    pub const fn default_update_rel_l2() -> f64 {
+        1e-4
+    }
+    pub const fn default_pairs_per_audit() -> u32 {
+        2
+    }
+    /// 35 audits of 2 pairs catch a cheat on 10% of the steps with
+    /// probability 1 - 0.9^70 > 99.9% per epoch.
+    pub const fn default_audits_per_epoch() -> u32 {
+        35
+    }
+
+    /// Probability that one epoch's audits miss a cheat on a fraction
+    /// `faked` of a job's `steps` steps (each audit draws its pairs without
+    /// replacement).
+    pub fn epoch_miss_probability(&self, faked: f64, steps: u32) -> f64 {
+        let n = steps.max(1) as f64;
+        let bad = (faked.clamp(0.0, 1.0) * n).round();
+        let pairs = (self.pairs_per_audit as f64).min(n);
+        let mut miss = 1.0;
+        for i in 0..pairs as u32 {
+            miss *= ((n - bad - i as f64) / (n - i as f64)).max(0.0);
+        }
+        miss.powi(self.audits_per_epoch as i32)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,14 +215,32 @@ fn invalid(msg: impl Into<String>) -> ManifestError {
     ManifestError::Invalid(msg.into())
 }
 
+/// Trace v1's tolerance: a whole-latent relative L2 of each recomputed step.
+const LEGACY_STEP_TOLERANCE: &str = "step_rel_l2";
+
 impl ModelManifest {
     /// Parses JSON (text starting with `{`) or TOML, then validates.
     pub fn parse(text: &str) -> Result<Self, ManifestError> {
-        let m: ModelManifest = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?
+        let json = text.trim_start().starts_with('{');
+        let parsed: Result<ModelManifest, String> = if json {
+            serde_json::from_str(text).map_err(|e| e.to_string())
         } else {
-            toml::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?
+            toml::from_str(text).map_err(|e| e.to_string())
         };
+        let m = parsed.map_err(|e| {
+            if has_legacy_step_tolerance(text, json) {
+                invalid(format!(
+                    "verification.{LEGACY_STEP_TOLERANCE} is the trace-v1 check (f16 latents compared whole), \
+                     which let provers skip late steps; this build checks every step's model output and update: \
+                     replace it with verification.output_rel_l2 and verification.update_rel_l2 \
+                     (or drop it for the defaults, {:e} and {:e})",
+                    Verification::default_output_rel_l2(),
+                    Verification::default_update_rel_l2()
+                ))
+            } else {
+                ManifestError::Parse(e)
+            }
+        })?;
         m.validate()?;
         Ok(m)
     }
@@ -259,13 +334,44 @@ impl ModelManifest {
             return Err(invalid("defaults.fps must be 1..=120"));
         }
         let t = &self.verification;
-        if !(t.step_rel_l2.is_finite() && t.step_rel_l2 > 0.0 && t.step_rel_l2 < 1.0) {
-            return Err(invalid("verification.step_rel_l2 must be in (0, 1)"));
+        for (name, v) in [
+            ("output_rel_l2", t.output_rel_l2),
+            ("update_rel_l2", t.update_rel_l2),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 1.0) {
+                return Err(invalid(format!("verification.{name} must be in (0, 1)")));
+            }
+        }
+        if !(1..=MAX_PAIRS_PER_AUDIT).contains(&t.pairs_per_audit) {
+            return Err(invalid(format!(
+                "verification.pairs_per_audit must be 1..={MAX_PAIRS_PER_AUDIT}"
+            )));
+        }
+        if !(1..=10_000).contains(&t.audits_per_epoch) {
+            return Err(invalid("verification.audits_per_epoch must be 1..=10000"));
         }
         if !(t.frame_psnr_db.is_finite() && t.frame_psnr_db > 0.0) {
             return Err(invalid("verification.frame_psnr_db must be positive"));
         }
         Ok(())
+    }
+}
+
+/// A multistep pair opens five leaves; six pairs and the two ends stay
+/// within the wire's `MAX_AUDIT_LEAVES`.
+pub const MAX_PAIRS_PER_AUDIT: u32 = 6;
+
+fn has_legacy_step_tolerance(text: &str, json: bool) -> bool {
+    if json {
+        serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("verification")?.get(LEGACY_STEP_TOLERANCE).cloned())
+            .is_some()
+    } else {
+        toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|v| v.get("verification")?.get(LEGACY_STEP_TOLERANCE).cloned())
+            .is_some()
     }
 }
 
@@ -354,5 +460,48 @@ pub(crate) mod tests {
             1,
         );
         assert!(ModelManifest::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn verification_fields_default_and_the_v1_tolerance_is_refused_by_name() {
+        let m = sample();
+        let bare = SAMPLE_TOML
+            .lines()
+            .filter(|l| !l.starts_with("output_rel_l2") && !l.starts_with("update_rel_l2"))
+            .filter(|l| !l.starts_with("pairs_per_audit") && !l.starts_with("audits_per_epoch"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let d = ModelManifest::parse(&bare).unwrap().verification;
+        assert_eq!(d.output_rel_l2, Verification::default_output_rel_l2());
+        assert_eq!(d.pairs_per_audit, Verification::default_pairs_per_audit());
+        assert_eq!(d.audits_per_epoch, Verification::default_audits_per_epoch());
+        let old = bare.replace("[verification]", "[verification]\nstep_rel_l2 = 0.001");
+        let err = ModelManifest::parse(&old).unwrap_err().to_string();
+        assert!(err.contains("verification.step_rel_l2"), "{err}");
+        let mut json: serde_json::Value = serde_json::to_value(&m).unwrap();
+        json["verification"]["step_rel_l2"] = 0.001.into();
+        let err = ModelManifest::parse(&json.to_string()).unwrap_err().to_string();
+        assert!(err.contains("verification.step_rel_l2"), "{err}");
+        // Another unknown field is still a plain parse error.
+        let other = bare.replace("[verification]", "[verification]\nsurprise = 1");
+        assert!(matches!(
+            ModelManifest::parse(&other),
+            Err(ManifestError::Parse(_))
+        ));
+        let zero = SAMPLE_TOML.replacen("pairs_per_audit = 2", "pairs_per_audit = 0", 1);
+        assert!(ModelManifest::parse(&zero)
+            .unwrap_err()
+            .to_string()
+            .contains("pairs_per_audit"));
+    }
+
+    #[test]
+    fn epoch_miss_probability_follows_the_plan() {
+        let v = sample().verification;
+        // 35 audits of 2 pairs: a cheat on 5 of 50 steps is missed < 0.1%.
+        let miss = v.epoch_miss_probability(0.1, 50);
+        assert!(miss < 1e-3 && miss > 1e-5, "{miss}");
+        assert_eq!(v.epoch_miss_probability(1.0, 50), 0.0);
+        assert_eq!(v.epoch_miss_probability(0.0, 50), 1.0);
     }
 }

@@ -1,8 +1,24 @@
-//! Commitments over a generation trace: a Merkle tree whose leaves are the
-//! SHA-256 digests of each denoising step's latent (f16 little-endian bytes).
+//! Commitments over a generation trace (trace format v2): a Merkle tree
+//! whose leaves are the SHA-256 digests of every value the denoising loop
+//! produced, as the exact f32 numbers the prover computed.
+//!
+//! Leaves (normative): for a job of `N` steps there are `2N + 1` leaves,
+//! * leaf `2i` is the latent `x_i` (`i = 0..=N`; `x_0` is the seeded noise,
+//!   `x_N` the final latent),
+//! * leaf `2i + 1` is the model output step `i` fed to the scheduler (the
+//!   guided noise prediction, after classifier-free guidance; `i < N`).
+//!
+//! Committing the model output as well as the latent lets a verifier check
+//! each half of a step on its own: the UNet's output against its own
+//! recomputation, and the scheduler's update from the committed output, at
+//! any step and for multistep schedulers without replaying earlier steps.
+//! Committing exact f32 values (v1 rounded latents to f16) makes an honest
+//! recomputation on the same build and platform bit-identical, so the
+//! tolerances only have to cover cross-platform arithmetic.
 //!
 //! Hashing (normative, domain-separated against second-preimage tricks):
-//! * leaf = SHA-256(0x00 || latent_digest)
+//! * leaf digest = SHA-256(f32 values, little-endian)
+//! * leaf = SHA-256(0x00 || leaf digest)
 //! * node = SHA-256(0x01 || left || right)
 //! * a level with an odd count promotes its last node unchanged (never duplicated,
 //!   so two different traces cannot share a root);
@@ -14,31 +30,96 @@ use sha2::{Digest, Sha256};
 
 use crate::Digest32;
 
-/// A latent as committed: its f32 values rounded to IEEE f16, little-endian.
-pub fn latent_f16_bytes(latent: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(latent.len() * 2);
-    for &x in latent {
-        out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+/// A tensor as committed: its f32 values, little-endian.
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for &x in values {
+        out.extend_from_slice(&x.to_le_bytes());
     }
     out
 }
 
-/// Decodes f16 little-endian bytes (as produced by [`latent_f16_bytes`]) to f32.
-pub fn latent_from_f16_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 2 != 0 {
+/// Decodes little-endian f32 bytes (as produced by [`f32_le_bytes`]).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() % 4 != 0 {
         return None;
     }
     Some(
         bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
     )
 }
 
-/// SHA-256 of a latent's committed (f16) encoding.
-pub fn latent_digest(latent: &[f32]) -> Digest32 {
-    Digest32::sha256(&latent_f16_bytes(latent))
+/// SHA-256 of a leaf's committed encoding.
+pub fn values_digest(values: &[f32]) -> Digest32 {
+    Digest32::sha256(&f32_le_bytes(values))
+}
+
+/// What one leaf of a trace holds (see the module docs for the layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TraceLeaf {
+    /// The latent after this many steps (0: the seeded noise).
+    Latent(u32),
+    /// The model output of this step (0-based), as the scheduler used it.
+    Output(u32),
+}
+
+impl TraceLeaf {
+    /// Leaves in a trace of `steps` steps.
+    pub const fn count(steps: u32) -> u32 {
+        2 * steps + 1
+    }
+
+    pub const fn index(self) -> u32 {
+        match self {
+            TraceLeaf::Latent(i) => 2 * i,
+            TraceLeaf::Output(i) => 2 * i + 1,
+        }
+    }
+
+    pub const fn at(index: u32) -> TraceLeaf {
+        if index % 2 == 0 {
+            TraceLeaf::Latent(index / 2)
+        } else {
+            TraceLeaf::Output(index / 2)
+        }
+    }
+}
+
+impl std::fmt::Display for TraceLeaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TraceLeaf::Latent(i) => write!(f, "latent {i}"),
+            TraceLeaf::Output(i) => write!(f, "model output {i}"),
+        }
+    }
+}
+
+/// Builds a trace's leaf digests in order as the denoising loop runs.
+#[derive(Clone, Debug, Default)]
+pub struct TraceDigests {
+    digests: Vec<Digest32>,
+}
+
+impl TraceDigests {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next leaf: `x_0`, then per step its model output and the latent after it.
+    pub fn push(&mut self, values: &[f32]) {
+        self.digests.push(values_digest(values));
+    }
+
+    pub fn digests(&self) -> &[Digest32] {
+        &self.digests
+    }
+
+    pub fn tree(&self) -> Result<MerkleTree, MerkleError> {
+        MerkleTree::new(&self.digests)
+    }
 }
 
 fn leaf_hash(d: &Digest32) -> Digest32 {
@@ -89,12 +170,12 @@ pub enum MerkleError {
 }
 
 impl MerkleTree {
-    /// Builds the tree over per-step latent digests (see [`latent_digest`]).
-    pub fn new(latent_digests: &[Digest32]) -> Result<Self, MerkleError> {
-        if latent_digests.is_empty() {
+    /// Builds the tree over leaf digests (see [`values_digest`]).
+    pub fn new(leaf_digests: &[Digest32]) -> Result<Self, MerkleError> {
+        if leaf_digests.is_empty() {
             return Err(MerkleError::Empty);
         }
-        let mut levels = vec![latent_digests.iter().map(leaf_hash).collect::<Vec<_>>()];
+        let mut levels = vec![leaf_digests.iter().map(leaf_hash).collect::<Vec<_>>()];
         while levels.last().expect("non-empty").len() > 1 {
             let prev = levels.last().expect("non-empty");
             let next = prev
@@ -146,12 +227,12 @@ impl MerkleTree {
 }
 
 impl MerkleProof {
-    /// True when `latent_digest` is leaf `self.index` of the tree with `root`.
-    pub fn verify(&self, root: &Digest32, latent_digest: &Digest32) -> bool {
+    /// True when `leaf_digest` is leaf `self.index` of the tree with `root`.
+    pub fn verify(&self, root: &Digest32, leaf_digest: &Digest32) -> bool {
         if self.index >= self.leaf_count {
             return false;
         }
-        let mut acc = leaf_hash(latent_digest);
+        let mut acc = leaf_hash(leaf_digest);
         let mut i = self.index as usize;
         let mut width = self.leaf_count as usize;
         let mut sibs = self.siblings.iter();
@@ -178,7 +259,7 @@ mod tests {
 
     fn digests(n: usize) -> Vec<Digest32> {
         (0..n)
-            .map(|i| latent_digest(&[i as f32, 0.5, -1.25]))
+            .map(|i| values_digest(&[i as f32, 0.5, -1.25]))
             .collect()
     }
 
@@ -252,17 +333,33 @@ mod tests {
     #[test]
     fn root_golden() {
         let t = MerkleTree::new(&digests(5)).unwrap();
-        // Checked against an independent Python computation of the same definition.
+        // Checked against an independent Python computation of the same definition
+        // (hashlib + struct.pack('<f'), leaves of f32 values).
         assert_eq!(
             t.root().to_string(),
-            "c0e36e4605f285904cae1b39091126d0985ac5d7ded0ad59710cb8f2663dcafc"
+            "a35b274d2d3b64920be1d60c0eec2c29a2c6e29077c2308af810c4e367572d28"
         );
     }
 
     #[test]
-    fn f16_encoding_round_trips_representable_values() {
-        let v = [0.0f32, 1.0, -2.5, 0.333_251_95, 65504.0];
-        assert_eq!(latent_from_f16_bytes(&latent_f16_bytes(&v)).unwrap(), v);
-        assert!(latent_from_f16_bytes(&[1, 2, 3]).is_none());
+    fn f32_encoding_round_trips_every_value() {
+        let v = [0.0f32, -0.0, 1.0, -2.5, 1e-40, f32::MAX, 0.1];
+        let back = f32_from_le_bytes(&f32_le_bytes(&v)).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(f32_from_le_bytes(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn trace_leaves_interleave_latents_and_outputs() {
+        assert_eq!(TraceLeaf::count(3), 7);
+        assert_eq!(TraceLeaf::Latent(0).index(), 0);
+        assert_eq!(TraceLeaf::Output(0).index(), 1);
+        assert_eq!(TraceLeaf::Latent(3).index(), 6);
+        for i in 0..20 {
+            assert_eq!(TraceLeaf::at(i).index(), i);
+        }
     }
 }

@@ -11,9 +11,11 @@ use crate::manifest::{ModelManifest, Size};
 use crate::merkle::MerkleProof;
 use crate::{Digest32, Hotkey, JobId, ManifestId, Seed};
 
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Most steps one audit may open; keeps answers small and audits cheap.
-pub const MAX_AUDIT_STEPS: usize = 8;
+/// 2: traces commit exact f32 latents and model outputs (trace format v2,
+/// see [`crate::merkle`]); audits open leaves, not steps.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Most leaves one audit may open; keeps answers bounded and audits cheap.
+pub const MAX_AUDIT_LEAVES: usize = 32;
 
 /// Binary data carried in JSON as standard base64.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -47,6 +49,28 @@ pub enum OutputFormat {
     Gif,
     /// Only the final latents (f16), for verifiers that decode themselves.
     Latents,
+}
+
+/// The `latents` output: f32 values rounded to IEEE f16, little-endian.
+pub fn latents_f16_bytes(latent: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(latent.len() * 2);
+    for &x in latent {
+        out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+    }
+    out
+}
+
+/// Decodes the `latents` output (see [`latents_f16_bytes`]) to f32.
+pub fn latents_from_f16_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() % 2 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    )
 }
 
 /// Ask a prover to run the pinned model once.
@@ -92,10 +116,10 @@ pub enum RequestError {
     Size { got: Size, supported: String },
     #[error("guidance_scale must be a number in 0..=50")]
     Guidance,
-    #[error("audit must name 1..={MAX_AUDIT_STEPS} distinct steps within 0..={max_step}")]
-    AuditSteps { max_step: u32 },
-    #[error("opening for step {step}: {why}")]
-    Opening { step: u32, why: &'static str },
+    #[error("audit must name 1..={MAX_AUDIT_LEAVES} distinct trace leaves within 0..={max_leaf}")]
+    AuditLeaves { max_leaf: u32 },
+    #[error("opening for leaf {leaf}: {why}")]
+    Opening { leaf: u32, why: &'static str },
 }
 
 impl GenerateRequest {
@@ -257,14 +281,15 @@ pub enum StreamItem {
     },
 }
 
-/// A verifier asks for some steps of a committed trace.
+/// A verifier asks for some leaves of a committed trace
+/// ([`crate::merkle::TraceLeaf`]: latents and model outputs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditChallenge {
     pub version: u32,
     pub job_id: JobId,
-    /// Trace indices to open (0 is the initial noise, `steps` the final latent).
-    pub steps: Vec<u32>,
+    /// Leaf indices to open, ascending.
+    pub leaves: Vec<u32>,
 }
 
 impl AuditChallenge {
@@ -273,31 +298,35 @@ impl AuditChallenge {
         if self.version != PROTOCOL_VERSION {
             return Err(RequestError::Version { got: self.version });
         }
-        let max_step = trace_len.saturating_sub(1);
-        let mut sorted = self.steps.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let ok = !self.steps.is_empty()
-            && self.steps.len() <= MAX_AUDIT_STEPS
-            && sorted.len() == self.steps.len()
-            && sorted.last().is_some_and(|&s| s < trace_len);
+        let max_leaf = trace_len.saturating_sub(1);
+        let ok = !self.leaves.is_empty()
+            && self.leaves.len() <= MAX_AUDIT_LEAVES
+            && self.leaves.windows(2).all(|w| w[0] < w[1])
+            && self.leaves.last().is_some_and(|&s| s < trace_len);
         if ok {
             Ok(())
         } else {
-            Err(RequestError::AuditSteps { max_step })
+            Err(RequestError::AuditLeaves { max_leaf })
         }
     }
 }
 
-/// One opened step: the latent as committed (f16 LE) and its Merkle path.
+/// One opened leaf: its values as committed (f32 LE) and its Merkle path.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StepOpening {
-    pub step: u32,
-    /// Latent shape, e.g. [batch, channels, frames, height, width].
+pub struct LeafOpening {
+    pub leaf: u32,
+    /// Tensor shape, e.g. [batch, channels, frames, height, width].
     pub shape: Vec<u32>,
-    pub latent_f16: Base64Bytes,
+    pub values_f32: Base64Bytes,
     pub proof: MerkleProof,
+}
+
+impl LeafOpening {
+    /// The opened values (the length was checked by [`AuditAnswer::validate`]).
+    pub fn values(&self) -> Option<Vec<f32>> {
+        crate::merkle::f32_from_le_bytes(&self.values_f32.0)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -305,10 +334,10 @@ pub struct StepOpening {
 pub struct AuditAnswer {
     pub version: u32,
     pub job_id: JobId,
-    pub openings: Vec<StepOpening>,
+    pub openings: Vec<LeafOpening>,
 }
 
-/// Largest latent one opening may carry (elements); bounds verifier memory.
+/// Largest tensor one opening may carry (elements); bounds verifier memory.
 pub const MAX_LATENT_ELEMENTS: u64 = 64 * 1024 * 1024;
 
 impl AuditAnswer {
@@ -322,12 +351,11 @@ impl AuditAnswer {
         if self.version != PROTOCOL_VERSION {
             return Err(RequestError::Version { got: self.version });
         }
-        let asked: Vec<u32> = challenge.steps.clone();
-        let answered: Vec<u32> = self.openings.iter().map(|o| o.step).collect();
-        if asked != answered {
+        let answered: Vec<u32> = self.openings.iter().map(|o| o.leaf).collect();
+        if challenge.leaves != answered {
             return Err(RequestError::Opening {
-                step: answered.first().copied().unwrap_or(0),
-                why: "steps differ from the challenge",
+                leaf: answered.first().copied().unwrap_or(0),
+                why: "leaves differ from the challenge",
             });
         }
         for o in &self.openings {
@@ -339,26 +367,26 @@ impl AuditAnswer {
                 Some(n)
                     if n > 0
                         && n <= MAX_LATENT_ELEMENTS
-                        && n * 2 == o.latent_f16.0.len() as u64 => {}
+                        && n * 4 == o.values_f32.0.len() as u64 => {}
                 _ => {
                     return Err(RequestError::Opening {
-                        step: o.step,
-                        why: "latent size does not match its shape",
+                        leaf: o.leaf,
+                        why: "values do not match their shape",
                     })
                 }
             }
-            if o.proof.index != o.step {
+            if o.proof.index != o.leaf {
                 return Err(RequestError::Opening {
-                    step: o.step,
-                    why: "proof is for another step",
+                    leaf: o.leaf,
+                    why: "proof is for another leaf",
                 });
             }
             if !o
                 .proof
-                .verify(trace_root, &Digest32::sha256(&o.latent_f16.0))
+                .verify(trace_root, &Digest32::sha256(&o.values_f32.0))
             {
                 return Err(RequestError::Opening {
-                    step: o.step,
+                    leaf: o.leaf,
                     why: "Merkle path does not match the committed root",
                 });
             }
@@ -371,7 +399,7 @@ impl AuditAnswer {
 mod tests {
     use super::*;
     use crate::manifest::tests::sample;
-    use crate::merkle::{latent_f16_bytes, MerkleTree};
+    use crate::merkle::{f32_le_bytes, MerkleTree};
     use proptest::prelude::*;
 
     fn request() -> GenerateRequest {
@@ -428,7 +456,7 @@ mod tests {
             check(&|r| r.guidance_scale = f64::NAN),
             RequestError::Guidance
         );
-        assert_eq!(check(&|r| r.version = 2), RequestError::Version { got: 2 });
+        assert_eq!(check(&|r| r.version = 1), RequestError::Version { got: 1 });
         assert!(matches!(
             check(&|r| r.manifest_id = ManifestId(Digest32([9; 32]))),
             RequestError::UnknownManifest { .. }
@@ -449,21 +477,21 @@ mod tests {
         let latents: Vec<Vec<f32>> = (0..n).map(|i| vec![i as f32; 12]).collect();
         let digests: Vec<Digest32> = latents
             .iter()
-            .map(|l| crate::merkle::latent_digest(l))
+            .map(|l| crate::merkle::values_digest(l))
             .collect();
         (latents, MerkleTree::new(&digests).unwrap())
     }
 
-    fn answer(latents: &[Vec<f32>], tree: &MerkleTree, steps: &[u32]) -> AuditAnswer {
+    fn answer(latents: &[Vec<f32>], tree: &MerkleTree, leaves: &[u32]) -> AuditAnswer {
         AuditAnswer {
             version: PROTOCOL_VERSION,
             job_id: JobId([1; 16]),
-            openings: steps
+            openings: leaves
                 .iter()
-                .map(|&s| StepOpening {
-                    step: s,
+                .map(|&s| LeafOpening {
+                    leaf: s,
                     shape: vec![1, 3, 1, 2, 2],
-                    latent_f16: Base64Bytes(latent_f16_bytes(&latents[s as usize])),
+                    values_f32: Base64Bytes(f32_le_bytes(&latents[s as usize])),
                     proof: tree.proof(s).unwrap(),
                 })
                 .collect(),
@@ -474,19 +502,19 @@ mod tests {
     fn audit_answers_are_checked_against_the_root() {
         let (latents, tree) = trace(11);
         let ch = AuditChallenge {
-            version: 1,
+            version: PROTOCOL_VERSION,
             job_id: JobId([1; 16]),
-            steps: vec![3, 4],
+            leaves: vec![3, 4],
         };
         ch.validate(11).unwrap();
         let good = answer(&latents, &tree, &[3, 4]);
         good.validate(&ch, &tree.root()).unwrap();
         // Fabricated latent: root mismatch.
         let mut bad = good.clone();
-        bad.openings[1].latent_f16.0[0] ^= 1;
+        bad.openings[1].values_f32.0[0] ^= 1;
         assert!(matches!(
             bad.validate(&ch, &tree.root()),
-            Err(RequestError::Opening { step: 4, .. })
+            Err(RequestError::Opening { leaf: 4, .. })
         ));
         // Answering other steps than asked.
         let other = answer(&latents, &tree, &[3, 5]);
@@ -495,12 +523,12 @@ mod tests {
         let mut bad = good.clone();
         bad.openings[0].shape = vec![1, 3, 1, 2, 3];
         assert!(bad.validate(&ch, &tree.root()).is_err());
-        // Challenges out of range, duplicated, empty or too many.
-        for steps in [vec![11], vec![3, 3], vec![], (0..9).collect()] {
+        // Challenges out of range, duplicated, unordered, empty or too many.
+        for leaves in [vec![11], vec![3, 3], vec![4, 3], vec![], (0..33).collect()] {
             let ch = AuditChallenge {
-                version: 1,
+                version: PROTOCOL_VERSION,
                 job_id: JobId([1; 16]),
-                steps,
+                leaves,
             };
             assert!(ch.validate(11).is_err());
         }
@@ -581,7 +609,7 @@ mod tests {
         fn audit_round_trips_and_validates(n in 1usize..20, pick in any::<prop::sample::Index>()) {
             let (latents, tree) = trace(n);
             let s = pick.index(n) as u32;
-            let ch = AuditChallenge { version: 1, job_id: JobId([1; 16]), steps: vec![s] };
+            let ch = AuditChallenge { version: PROTOCOL_VERSION, job_id: JobId([1; 16]), leaves: vec![s] };
             prop_assert!(ch.validate(n as u32).is_ok());
             let a = answer(&latents, &tree, &[s]);
             let back: AuditAnswer = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();

@@ -8,8 +8,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use fractal_engine::pipeline::values;
 use fractal_engine::{EngineError, GenerateSpec, PinnedModel};
-use fractal_protocol::merkle::{latent_f16_bytes, MerkleTree};
+use fractal_protocol::merkle::{f32_le_bytes, TraceDigests};
 use fractal_protocol::wire::{GenerateRequest, Timing};
 use fractal_protocol::Digest32;
 
@@ -22,6 +23,41 @@ pub enum Strategy {
     /// Runs half the manifest's steps and pads the trace to the right length.
     #[cfg(feature = "cheats")]
     FewerSteps,
+    /// Honest, but the last `n` steps repeat the latent before them.
+    #[cfg(feature = "cheats")]
+    RepeatTail(usize),
+    /// Honest, but `n` steps from the middle of the schedule repeat the
+    /// latent before them (the schedule then continues from it).
+    #[cfg(feature = "cheats")]
+    RepeatMiddle(usize),
+    /// Reuses the model output of the middle step for the whole second half
+    /// (half the UNet calls; the scheduler still runs every step).
+    #[cfg(feature = "cheats")]
+    ReuseSecondHalf,
+    /// Reuses the previous step's model output on every other step.
+    #[cfg(feature = "cheats")]
+    ReuseAlternate,
+    /// Honest first half, then one DDIM jump to the end; the latents in
+    /// between are interpolated.
+    #[cfg(feature = "cheats")]
+    JumpFromHalf,
+    /// Skips classifier-free guidance: the conditional branch only (half
+    /// the UNet batch).
+    #[cfg(feature = "cheats")]
+    NoGuidance,
+    /// Classifier-free guidance on even steps only.
+    #[cfg(feature = "cheats")]
+    GuidanceAlternate,
+    /// Runs the UNet on every other frame and duplicates its output.
+    #[cfg(feature = "cheats")]
+    HalfFrames,
+    /// Rounds each model output to bfloat16 (lower-precision activations).
+    #[cfg(feature = "cheats")]
+    OutputBf16,
+    /// Encodes the prompt of its first job only and reuses that
+    /// conditioning for every later job.
+    #[cfg(feature = "cheats")]
+    CachedPrompt,
     /// Commits to and decodes random latents: no model work at all.
     #[cfg(feature = "cheats")]
     RandomLatents,
@@ -31,7 +67,7 @@ pub enum Strategy {
     /// Commits to the honest trajectory, answers audits from another seed's.
     #[cfg(feature = "cheats")]
     InconsistentAudit,
-    /// Commits honestly, answers audits with made-up latents.
+    /// Commits honestly, answers audits with made-up values.
     #[cfg(feature = "cheats")]
     FabricatedAudit,
     /// Does the work honestly, then waits this long before answering.
@@ -40,25 +76,46 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every cheat that needs no argument, by its `--strategy` name.
+    #[cfg(feature = "cheats")]
+    pub const CHEATS: &'static [(&'static str, Strategy)] = &[
+        ("fewer-steps", Strategy::FewerSteps),
+        ("reuse-second-half", Strategy::ReuseSecondHalf),
+        ("reuse-alternate", Strategy::ReuseAlternate),
+        ("jump-from-half", Strategy::JumpFromHalf),
+        ("no-guidance", Strategy::NoGuidance),
+        ("guidance-alternate", Strategy::GuidanceAlternate),
+        ("half-frames", Strategy::HalfFrames),
+        ("output-bf16", Strategy::OutputBf16),
+        ("cached-prompt", Strategy::CachedPrompt),
+        ("random-latents", Strategy::RandomLatents),
+        ("replay-cached", Strategy::ReplayCached),
+        ("inconsistent-audit", Strategy::InconsistentAudit),
+        ("fabricated-audit", Strategy::FabricatedAudit),
+    ];
+
+    /// `honest`, a name from [`Strategy::CHEATS`], or `repeat-tail:N`,
+    /// `repeat-middle:N` (steps), `late:MS`.
     pub fn parse(s: &str) -> Option<Strategy> {
-        Some(match s {
-            "honest" => Strategy::Honest,
-            #[cfg(feature = "cheats")]
-            "fewer-steps" => Strategy::FewerSteps,
-            #[cfg(feature = "cheats")]
-            "random-latents" => Strategy::RandomLatents,
-            #[cfg(feature = "cheats")]
-            "replay-cached" => Strategy::ReplayCached,
-            #[cfg(feature = "cheats")]
-            "inconsistent-audit" => Strategy::InconsistentAudit,
-            #[cfg(feature = "cheats")]
-            "fabricated-audit" => Strategy::FabricatedAudit,
-            #[cfg(feature = "cheats")]
-            late if late.starts_with("late:") => {
-                Strategy::Late(Duration::from_millis(late[5..].parse().ok()?))
+        if s == "honest" {
+            return Some(Strategy::Honest);
+        }
+        #[cfg(feature = "cheats")]
+        {
+            if let Some((_, c)) = Self::CHEATS.iter().find(|(n, _)| *n == s) {
+                return Some(c.clone());
             }
-            _ => return None,
-        })
+            let (name, arg) = s.split_once(':')?;
+            let arg: u64 = arg.parse().ok()?;
+            return match name {
+                "repeat-tail" => Some(Strategy::RepeatTail(arg as usize)),
+                "repeat-middle" => Some(Strategy::RepeatMiddle(arg as usize)),
+                "late" => Some(Strategy::Late(Duration::from_millis(arg))),
+                _ => None,
+            };
+        }
+        #[allow(unreachable_code)]
+        None
     }
 }
 
@@ -86,11 +143,13 @@ impl From<candle_core::Error> for JobError {
     }
 }
 
-/// State a strategy keeps between jobs (only the replaying cheater uses it).
+/// State a strategy keeps between jobs (only some cheaters use it).
 #[derive(Default)]
 pub struct StrategyState {
     #[cfg_attr(not(feature = "cheats"), allow(dead_code))]
     cached: Mutex<Option<Replay>>,
+    #[cfg_attr(not(feature = "cheats"), allow(dead_code))]
+    context: Mutex<Option<Tensor>>,
 }
 
 /// The first job's output and trace, as the replaying cheater keeps them.
@@ -98,49 +157,179 @@ pub struct StrategyState {
 struct Replay {
     content: Vec<u8>,
     shape: Vec<u32>,
-    latents: Vec<Vec<u8>>,
-}
-
-fn f16_bytes(t: &Tensor) -> Result<Vec<u8>, JobError> {
-    Ok(latent_f16_bytes(&t.flatten_all()?.to_vec1::<f32>()?))
+    leaves: Vec<Vec<f32>>,
 }
 
 fn shape_of(t: &Tensor) -> Vec<u32> {
     t.dims().iter().map(|&d| d as u32).collect()
 }
 
-fn trace_of(shape: Vec<u32>, latents: Vec<Vec<u8>>) -> Result<Trace, JobError> {
-    let digests: Vec<Digest32> = latents.iter().map(|l| Digest32::sha256(l)).collect();
-    let tree = MerkleTree::new(&digests).map_err(|e| EngineError::BadInput(e.to_string()))?;
+/// A trace over leaf values in trace order (`x_0, out_0, x_1, ..., x_N`).
+fn trace_of(shape: Vec<u32>, leaves: &[Vec<f32>]) -> Result<Trace, JobError> {
+    let mut digests = TraceDigests::new();
+    for leaf in leaves {
+        digests.push(leaf);
+    }
+    let tree = digests
+        .tree()
+        .map_err(|e| EngineError::BadInput(e.to_string()))?;
     Ok(Trace {
         shape,
-        latents,
+        leaves: leaves.iter().map(|l| f32_le_bytes(l)).collect(),
         tree,
     })
 }
 
-/// The honest denoising loop over `steps` steps; `progress(done)` returns
+/// Where a step's model output and next latent come from.
+#[cfg_attr(not(feature = "cheats"), allow(dead_code))]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shortcut {
+    /// The real model output and scheduler step.
+    None,
+    /// The last computed model output again, then the scheduler.
+    ReuseOutput,
+    /// The last computed model output again, and no move at all.
+    Repeat,
+    /// The conditional branch only, then the scheduler.
+    Unguided,
+    /// The UNet on every other frame, duplicated, then the scheduler.
+    HalfFrames,
+    /// The real model output rounded to bfloat16, then the scheduler.
+    Bf16Output,
+}
+
+/// The shortcut `strategy` takes at step `i` of `n`.
+fn shortcut(strategy: &Strategy, i: usize, n: usize) -> Shortcut {
+    #[cfg(not(feature = "cheats"))]
+    let _ = (i, n);
+    match strategy {
+        Strategy::Honest => Shortcut::None,
+        #[cfg(feature = "cheats")]
+        Strategy::RepeatTail(k) if i + k >= n => Shortcut::Repeat,
+        #[cfg(feature = "cheats")]
+        Strategy::RepeatMiddle(k) if i >= n / 2 && i < n / 2 + k => Shortcut::Repeat,
+        #[cfg(feature = "cheats")]
+        Strategy::ReuseSecondHalf | Strategy::JumpFromHalf if i > n / 2 => Shortcut::ReuseOutput,
+        #[cfg(feature = "cheats")]
+        Strategy::ReuseAlternate if i % 2 == 1 => Shortcut::ReuseOutput,
+        #[cfg(feature = "cheats")]
+        Strategy::NoGuidance => Shortcut::Unguided,
+        #[cfg(feature = "cheats")]
+        Strategy::GuidanceAlternate if i % 2 == 1 => Shortcut::Unguided,
+        #[cfg(feature = "cheats")]
+        Strategy::HalfFrames => Shortcut::HalfFrames,
+        #[cfg(feature = "cheats")]
+        Strategy::OutputBf16 => Shortcut::Bf16Output,
+        #[cfg(feature = "cheats")]
+        _ => Shortcut::None,
+    }
+}
+
+/// The conditioning for `spec`: `[uncond; cond]` with CFG (the cheater that
+/// caches its first prompt's returns that one instead).
+fn context_for(
+    model: &PinnedModel,
+    spec: &GenerateSpec,
+    strategy: &Strategy,
+    state: &StrategyState,
+) -> Result<Tensor, JobError> {
+    #[cfg(feature = "cheats")]
+    if *strategy == Strategy::CachedPrompt {
+        let mut cached = state.context.lock().expect("context cache lock");
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = model.pipeline.context(spec)?;
+        *cached = Some(c.clone());
+        return Ok(c);
+    }
+    #[cfg(not(feature = "cheats"))]
+    let _ = (strategy, state);
+    Ok(model.pipeline.context(spec)?)
+}
+
+/// The denoising loop over `steps` steps, as `strategy` runs it; returns
+/// the final latent and every leaf of the trace. `progress(done)` returns
 /// false to cancel.
 fn denoise(
     model: &PinnedModel,
     spec: &GenerateSpec,
     steps: usize,
+    strategy: &Strategy,
+    state: &StrategyState,
     progress: &mut dyn FnMut(u32) -> bool,
-) -> Result<(Tensor, Vec<Vec<u8>>), JobError> {
+) -> Result<(Tensor, Vec<Vec<f32>>), JobError> {
     let p = &model.pipeline;
+    let g = spec.guidance_scale;
     let mut scheduler = p.scheduler_for(steps)?;
-    let context = p.context(spec)?;
+    let context = context_for(model, spec, strategy, state)?;
+    let cond_only = || -> Result<Tensor, JobError> {
+        let n = context.dim(0)?;
+        Ok(context.narrow(0, n - 1, 1)?)
+    };
     let mut x = p.initial_latents(spec)?;
-    let mut trace = Vec::with_capacity(steps + 1);
-    trace.push(f16_bytes(&x)?);
+    let mut leaves = Vec::with_capacity(2 * steps + 1);
+    leaves.push(values(&x)?);
+    let mut last: Option<Tensor> = None;
     for i in 0..steps {
-        x = p.denoise_step(&mut scheduler, i, &x, &context, spec.guidance_scale)?;
-        trace.push(f16_bytes(&x)?);
+        let compute = |s: &Shortcut| -> Result<Tensor, JobError> {
+            Ok(match s {
+                Shortcut::Unguided => p.model_output(&scheduler, i, &x, &cond_only()?, 1.0)?,
+                Shortcut::HalfFrames => {
+                    let f = x.dim(2)?;
+                    let dev = x.device();
+                    let even: Vec<u32> = (0..f as u32).step_by(2).collect();
+                    let dup: Vec<u32> = (0..f as u32).map(|j| j / 2).collect();
+                    let half = x.index_select(&Tensor::new(even, dev)?, 2)?;
+                    let out = p.model_output(&scheduler, i, &half, &context, g)?;
+                    out.index_select(&Tensor::new(dup, dev)?, 2)?
+                }
+                Shortcut::Bf16Output => p
+                    .model_output(&scheduler, i, &x, &context, g)?
+                    .to_dtype(candle_core::DType::BF16)?
+                    .to_dtype(candle_core::DType::F32)?,
+                _ => p.model_output(&scheduler, i, &x, &context, g)?,
+            })
+        };
+        let s = shortcut(strategy, i, steps);
+        let (output, next) = match (s, last.clone()) {
+            (Shortcut::Repeat, Some(o)) => (o, x.clone()),
+            (Shortcut::ReuseOutput, Some(o)) => {
+                let next = scheduler.step(&o, i, &x)?;
+                (o, next)
+            }
+            (s, _) => {
+                let o = compute(&s)?;
+                let next = scheduler.step(&o, i, &x)?;
+                (o, next)
+            }
+        };
+        leaves.push(values(&output)?);
+        leaves.push(values(&next)?);
+        if s == Shortcut::None || last.is_none() {
+            last = Some(output);
+        }
+        x = next;
         if !progress(i as u32 + 1) {
             return Err(JobError::Cancelled);
         }
     }
-    Ok((x, trace))
+    #[cfg(feature = "cheats")]
+    if *strategy == Strategy::JumpFromHalf && steps >= 2 {
+        // Only the end of the jump is real; the latents in between are a
+        // straight line to it.
+        let h = steps / 2;
+        let (from, to) = (leaves[2 * h].clone(), leaves[2 * steps].clone());
+        for j in h + 1..steps {
+            let t = (j - h) as f32 / (steps - h) as f32;
+            leaves[2 * j] = from
+                .iter()
+                .zip(&to)
+                .map(|(a, b)| a + t * (b - a))
+                .collect();
+        }
+    }
+    Ok((x, leaves))
 }
 
 /// Runs `req` (already validated into `spec`) the way `strategy` says.
@@ -153,26 +342,22 @@ pub fn run(
     progress: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Produced, JobError> {
     #[cfg(not(feature = "cheats"))]
-    let _ = state;
+    let _ = req;
     let start = Instant::now();
     let (final_latents, committed, audit) = match strategy {
-        Strategy::Honest => {
-            let (x, trace) = denoise(model, spec, spec.steps, progress)?;
-            (x, trace, None)
-        }
-        #[cfg(feature = "cheats")]
-        Strategy::Late(_) => {
-            let (x, trace) = denoise(model, spec, spec.steps, progress)?;
-            (x, trace, None)
-        }
         #[cfg(feature = "cheats")]
         Strategy::FewerSteps => {
             let half = (spec.steps / 2).max(1);
-            let (x, short) = denoise(model, spec, half, progress)?;
+            let (x, short) = denoise(model, spec, half, strategy, state, progress)?;
             // Stretch the short trajectory to the promised length.
-            let trace = (0..=spec.steps)
-                .map(|i| short[(i * half + spec.steps / 2) / spec.steps].clone())
-                .collect();
+            let at = |i: usize| (i * half + spec.steps / 2) / spec.steps;
+            let mut trace = Vec::with_capacity(2 * spec.steps + 1);
+            for i in 0..=spec.steps {
+                if i > 0 {
+                    trace.push(short[2 * at(i - 1).min(half - 1) + 1].clone());
+                }
+                trace.push(short[2 * at(i)].clone());
+            }
             (x, trace, None)
         }
         #[cfg(feature = "cheats")]
@@ -183,10 +368,13 @@ pub fn run(
                 )),
                 ..spec.clone()
             })?;
-            let mut trace = Vec::with_capacity(spec.steps + 1);
+            let mut trace = Vec::with_capacity(2 * spec.steps + 1);
             for i in 0..=spec.steps {
                 let scaled = (&x * (1.0 - i as f64 / (spec.steps as f64 + 1.0)))?;
-                trace.push(f16_bytes(&scaled)?);
+                if i > 0 {
+                    trace.push(values(&x)?);
+                }
+                trace.push(values(&scaled)?);
             }
             (x, trace, None)
         }
@@ -194,7 +382,7 @@ pub fn run(
         Strategy::ReplayCached => {
             let mut cached = state.cached.lock().expect("replay cache lock");
             if let Some(r) = cached.as_ref() {
-                let trace = trace_of(r.shape.clone(), r.latents.clone())?;
+                let trace = trace_of(r.shape.clone(), &r.leaves)?;
                 return Ok(Produced {
                     content: r.content.clone(),
                     root: trace.tree.root(),
@@ -203,34 +391,36 @@ pub fn run(
                     timing: Timing::default(),
                 });
             }
-            let (x, trace) = denoise(model, spec, spec.steps, progress)?;
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
             let frames = model.pipeline.decode(&x)?;
             let content = model.render(req.output, &frames, &x)?;
             *cached = Some(Replay {
                 content,
                 shape: shape_of(&x),
-                latents: trace.clone(),
+                leaves: trace.clone(),
             });
             drop(cached);
             (x, trace, None)
         }
         #[cfg(feature = "cheats")]
         Strategy::InconsistentAudit => {
-            let (x, trace) = denoise(model, spec, spec.steps, progress)?;
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
             let other = GenerateSpec {
                 seed: fractal_protocol::Seed(spec.seed.0.wrapping_add(1)),
                 ..spec.clone()
             };
-            let (_, other_trace) = denoise(model, &other, spec.steps, &mut |_| true)?;
+            let (_, other_trace) =
+                denoise(model, &other, spec.steps, strategy, state, &mut |_| true)?;
             (x, trace, Some(other_trace))
         }
         #[cfg(feature = "cheats")]
         Strategy::FabricatedAudit => {
-            let (x, trace) = denoise(model, spec, spec.steps, progress)?;
-            // Keep the honest tree (so paths look right) but swap the latents.
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            // Keep the honest tree (so paths look right) but swap the values.
             let shape = shape_of(&x);
-            let honest = trace_of(shape.clone(), trace.clone())?;
-            let fake: Vec<Vec<u8>> = trace
+            let honest = trace_of(shape.clone(), &trace)?;
+            let fake: Vec<Vec<u8>> = honest
+                .leaves
                 .iter()
                 .map(|l| l.iter().map(|b| b.wrapping_add(1)).collect())
                 .collect();
@@ -242,7 +432,7 @@ pub fn run(
                 trace_len: honest.tree.leaf_count(),
                 audit_trace: Trace {
                     shape,
-                    latents: fake,
+                    leaves: fake,
                     tree: honest.tree,
                 },
                 timing: Timing {
@@ -250,6 +440,10 @@ pub fn run(
                     ..Timing::default()
                 },
             });
+        }
+        _ => {
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            (x, trace, None)
         }
     };
     let denoise_ms = start.elapsed().as_millis() as u64;
@@ -260,11 +454,11 @@ pub fn run(
     let content = model.render(req.output, &frames, &final_latents)?;
     let encode_ms = t.elapsed().as_millis() as u64;
     let shape = shape_of(&final_latents);
-    let committed = trace_of(shape.clone(), committed)?;
+    let committed = trace_of(shape.clone(), &committed)?;
     let root = committed.tree.root();
     let trace_len = committed.tree.leaf_count();
     let audit_trace = match audit {
-        Some(other) => trace_of(shape, other)?,
+        Some(other) => trace_of(shape, &other)?,
         None => committed,
     };
     #[cfg(feature = "cheats")]
@@ -283,4 +477,22 @@ pub fn run(
             encode_ms,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fractal_protocol::merkle::MerkleTree;
+
+    #[test]
+    fn a_trace_commits_every_leaf_in_order() {
+        let leaves = vec![vec![1.0f32, 2.0], vec![0.5, 0.5], vec![3.0, 4.0]];
+        let t = trace_of(vec![2], &leaves).unwrap();
+        assert_eq!(t.tree.leaf_count(), 3);
+        let mut d = TraceDigests::new();
+        for l in &leaves {
+            d.push(l);
+        }
+        assert_eq!(t.tree.root(), MerkleTree::new(d.digests()).unwrap().root());
+    }
 }

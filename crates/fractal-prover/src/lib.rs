@@ -524,7 +524,7 @@ async fn audit(
         .open(&challenge)
         .map_err(|e| ApiError::bad_request("invalid_audit", e.to_string()))?;
     p.counters.audits.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(job = %challenge.job_id, caller = %caller.hotkey, steps = ?challenge.steps, "audit answered");
+    tracing::debug!(job = %challenge.job_id, caller = %caller.hotkey, leaves = ?challenge.leaves, "audit answered");
     Ok(Json(answer))
 }
 

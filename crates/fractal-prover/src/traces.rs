@@ -5,32 +5,34 @@ use std::time::{Duration, Instant};
 
 use fractal_protocol::merkle::MerkleTree;
 use fractal_protocol::wire::{
-    AuditAnswer, AuditChallenge, Base64Bytes, RequestError, StepOpening, PROTOCOL_VERSION,
+    AuditAnswer, AuditChallenge, Base64Bytes, LeafOpening, RequestError, PROTOCOL_VERSION,
 };
 use fractal_protocol::JobId;
 
-/// Every latent of one job as committed (f16 LE bytes), and its tree.
+/// Every leaf of one job's trace as committed (f32 LE bytes: latents and
+/// model outputs, see `fractal_protocol::merkle`), and its tree.
 pub struct Trace {
+    /// The shape every leaf has (the latent's).
     pub shape: Vec<u32>,
-    pub latents: Vec<Vec<u8>>,
+    pub leaves: Vec<Vec<u8>>,
     pub tree: MerkleTree,
 }
 
 impl Trace {
-    /// Opens the challenged steps with their Merkle paths.
+    /// Opens the challenged leaves with their Merkle paths.
     pub fn open(&self, challenge: &AuditChallenge) -> Result<AuditAnswer, RequestError> {
         challenge.validate(self.tree.leaf_count())?;
         let openings = challenge
-            .steps
+            .leaves
             .iter()
-            .map(|&step| StepOpening {
-                step,
+            .map(|&leaf| LeafOpening {
+                leaf,
                 shape: self.shape.clone(),
-                latent_f16: Base64Bytes(self.latents[step as usize].clone()),
+                values_f32: Base64Bytes(self.leaves[leaf as usize].clone()),
                 proof: self
                     .tree
-                    .proof(step)
-                    .expect("step validated against the leaf count"),
+                    .proof(leaf)
+                    .expect("leaf validated against the leaf count"),
             })
             .collect();
         Ok(AuditAnswer {
@@ -40,8 +42,9 @@ impl Trace {
         })
     }
 
-    fn bytes(&self) -> usize {
-        self.latents.iter().map(Vec::len).sum()
+    /// What keeping it costs in memory.
+    pub fn bytes(&self) -> usize {
+        self.leaves.iter().map(Vec::len).sum()
     }
 }
 
@@ -130,8 +133,8 @@ mod tests {
 
     fn trace(bytes: usize) -> Trace {
         Trace {
-            shape: vec![bytes as u32 / 2],
-            latents: vec![vec![0; bytes]],
+            shape: vec![bytes as u32 / 4],
+            leaves: vec![vec![0; bytes]],
             tree: MerkleTree::new(&[Digest32::sha256(b"x")]).unwrap(),
         }
     }

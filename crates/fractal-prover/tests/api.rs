@@ -96,13 +96,14 @@ async fn generate_streams_progress_then_a_committed_result_and_audits_open_it() 
     let StreamItem::Result(resp) = items.last().unwrap() else {
         panic!("no result: {items:?}")
     };
-    assert_eq!(resp.trace_len, 4);
+    // Trace v2: x_0..x_3 and the three steps' model outputs.
+    assert_eq!(resp.trace_len, 7);
     assert_eq!(&resp.content.0[4..8], b"ftyp");
 
     let challenge = AuditChallenge {
         version: PROTOCOL_VERSION,
         job_id: req.job_id,
-        steps: vec![0, 2, 3],
+        leaves: vec![0, 2, 3, 6],
     };
     let r = node
         .client
@@ -218,7 +219,7 @@ async fn bad_requests_get_4xx_and_the_prover_keeps_serving() {
     let unknown = AuditChallenge {
         version: PROTOCOL_VERSION,
         job_id: JobId([3; 16]),
-        steps: vec![0],
+        leaves: vec![0],
     };
     let r = node
         .client
@@ -231,7 +232,7 @@ async fn bad_requests_get_4xx_and_the_prover_keeps_serving() {
     let out_of_range = AuditChallenge {
         version: PROTOCOL_VERSION,
         job_id: req.job_id,
-        steps: vec![0, 99],
+        leaves: vec![0, 99],
     };
     let r = node
         .client
@@ -294,7 +295,7 @@ async fn a_full_queue_answers_503_with_retry_after_and_expired_traces_are_gone()
     let c = AuditChallenge {
         version: PROTOCOL_VERSION,
         job_id: req.job_id,
-        steps: vec![0],
+        leaves: vec![0],
     };
     let r = node
         .client

@@ -1,24 +1,41 @@
-//! Step spot-checks (DESIGN.md §4): open a few latents of a committed
-//! trace and check them against the pinned model.
+//! Step spot-checks (DESIGN.md section 4, trace format v2): open a few
+//! leaves of a committed trace and check them against the pinned model.
 //!
-//! A challenge always opens step 0 (must equal `noise(seed)` bit for bit),
-//! one random step pair `k, k+1` (recomputed with one denoising step, within
-//! the manifest's relative-L2 tolerance; DPM-Solver++ also opens `k-1`,
-//! whose model output the multistep update needs), and the final latent
-//! (one random frame decoded and compared with the returned video by PSNR).
-//! Cost: one or two UNet passes with CFG and one frame decode, instead of
-//! every step and every frame.
+//! The trace commits every latent `x_i` and every model output `out_i` as
+//! exact f32 values (`fractal_protocol::merkle`). An audit opens
+//! * `x_0`, which must equal `noise(seed)` bit for bit;
+//! * `pairs_per_audit` random steps `k` (uniform without replacement over
+//!   the whole schedule, drawn after the commitment): `x_k`, `out_k` and
+//!   `x_{k+1}` (a multistep scheduler also `x_{k-1}` and `out_{k-1}`, the
+//!   history its update needs). Two checks per step:
+//!   - *model output*: the UNet with CFG recomputed from the committed
+//!     `x_k` against `out_k`, relative L2 within `output_rel_l2`. A step's
+//!     output is O(1) at every step, so this is as sensitive at the last
+//!     step as at the first, unlike comparing latents (late steps move
+//!     them very little);
+//!   - *update*: the scheduler run from the committed `x_k` and `out_k`
+//!     against the committed `x_{k+1} - x_k`, relative L2 within
+//!     `update_rel_l2` of the recomputed update;
+//! * `x_N`, one random frame of which is decoded and compared with the
+//!   returned video by PSNR.
+//!
+//! On the prover's own build and platform an honest recomputation is bit
+//! identical; the tolerances cover other builds and platforms. Cost: one
+//! UNet pass with CFG per pair and one frame decode, instead of every step
+//! and every frame.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use fractal_engine::pipeline::values;
 use fractal_engine::video::{decode_mp4, psnr_luma};
 use fractal_engine::{pinned, PinnedModel};
 use fractal_protocol::manifest::SchedulerKind;
-use fractal_protocol::merkle::{latent_f16_bytes, latent_from_f16_bytes};
+use fractal_protocol::merkle::{TraceDigests, TraceLeaf};
 use fractal_protocol::wire::{
-    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, OutputFormat, PROTOCOL_VERSION,
+    latents_f16_bytes, latents_from_f16_bytes, AuditAnswer, AuditChallenge, GenerateRequest,
+    GenerateResponse, OutputFormat, PROTOCOL_VERSION,
 };
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -33,7 +50,10 @@ pub enum Check {
     Commitment,
     /// Step 0 is not the seeded noise.
     InitialNoise,
-    /// A recomputed step is off.
+    /// A recomputed model output differs from the committed one.
+    ModelOutput,
+    /// The committed latents do not follow the scheduler from the committed
+    /// model output.
     Step,
     /// The returned video does not match the final latent.
     Frame,
@@ -49,6 +69,7 @@ impl Check {
             Check::Response => "response",
             Check::Commitment => "commitment",
             Check::InitialNoise => "initial_noise",
+            Check::ModelOutput => "model_output",
             Check::Step => "step",
             Check::Frame => "frame",
             Check::Unavailable => "unavailable",
@@ -75,7 +96,10 @@ fn fail(check: Check, detail: impl Into<String>) -> Failure {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditReport {
     pub steps: Vec<u32>,
-    pub step_rel_l2: f64,
+    /// Worst relative L2 of a recomputed model output.
+    pub output_rel_l2: f64,
+    /// Worst relative L2 of a recomputed scheduler update.
+    pub update_rel_l2: f64,
     pub frame: u32,
     pub frame_psnr_db: f64,
     /// CPU time the checks took on this verifier.
@@ -120,20 +144,15 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// The planned openings: step 0, pairs `k, k+1` (and `k-1` for multistep),
-/// the last.
+/// The planned openings: `x_0`, per recomputed step `k` its `x_k`, `out_k`,
+/// `x_{k+1}` (and `x_{k-1}`, `out_{k-1}` for multistep), and `x_N`.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub challenge: AuditChallenge,
+    /// The steps whose output and update are recomputed, ascending.
     pub ks: Vec<u32>,
     pub frame: u32,
 }
-
-/// Step pairs recomputed per audit. One pair misses a cheat confined to
-/// late steps (where updates are as small as f16 rounding) about half the
-/// time; two distinct pairs miss it about a quarter of the time, so a few
-/// audits per epoch catch it with ≥ 99.9 %.
-pub const PAIRS_PER_AUDIT: usize = 2;
 
 impl Auditor {
     pub fn new(model: Arc<PinnedModel>) -> Self {
@@ -144,33 +163,45 @@ impl Auditor {
         &self.model
     }
 
-    /// Draws the steps to open and the frame to compare from `rng` (the
-    /// verifier's own randomness, unknown to the prover).
+    fn multistep(&self) -> bool {
+        self.model.manifest.scheduler.kind == SchedulerKind::DpmSolverMultistep
+    }
+
+    /// Draws the steps to recompute and the frame to compare from `rng`
+    /// (the verifier's own randomness, drawn after the commitment).
+    ///
+    /// Steps are uniform over the whole schedule: a cheat saves work in
+    /// proportion to the steps it fakes, wherever they are, so no part of
+    /// the schedule may be cheaper to fake than another.
     pub fn plan(&self, req: &GenerateRequest, rng: &mut impl Rng) -> Plan {
         let n = req.steps;
-        let mut ks: Vec<u32> = Vec::new();
-        while ks.len() < PAIRS_PER_AUDIT.min(n as usize) {
-            let k = rng.gen_range(0..n);
-            if !ks.contains(&k) {
-                ks.push(k);
-            }
-        }
+        let pairs = (self.model.manifest.verification.pairs_per_audit as usize).min(n as usize);
+        let mut ks: Vec<u32> = rand::seq::index::sample(rng, n as usize, pairs)
+            .into_iter()
+            .map(|k| k as u32)
+            .collect();
         ks.sort_unstable();
-        let multistep = self.model.manifest.scheduler.kind == SchedulerKind::DpmSolverMultistep;
-        let mut steps = vec![0, n];
+        let mut leaves = vec![TraceLeaf::Latent(0).index(), TraceLeaf::Latent(n).index()];
         for &k in &ks {
-            steps.extend([k, k + 1]);
-            if multistep && k > 0 {
-                steps.push(k - 1);
+            leaves.extend([
+                TraceLeaf::Latent(k).index(),
+                TraceLeaf::Output(k).index(),
+                TraceLeaf::Latent(k + 1).index(),
+            ]);
+            if self.multistep() && k > 0 {
+                leaves.extend([
+                    TraceLeaf::Latent(k - 1).index(),
+                    TraceLeaf::Output(k - 1).index(),
+                ]);
             }
         }
-        steps.sort_unstable();
-        steps.dedup();
+        leaves.sort_unstable();
+        leaves.dedup();
         Plan {
             challenge: AuditChallenge {
                 version: PROTOCOL_VERSION,
                 job_id: req.job_id,
-                steps,
+                leaves,
             },
             ks,
             frame: rng.gen_range(0..req.frames),
@@ -192,14 +223,14 @@ impl Auditor {
                 format!("answered with manifest {}", resp.manifest_id),
             ));
         }
-        if resp.trace_len != req.steps + 1 {
+        if resp.trace_len != TraceLeaf::count(req.steps) {
             return Err(fail(
                 Check::Response,
                 format!(
                     "trace has {} leaves, {} steps need {}",
                     resp.trace_len,
                     req.steps,
-                    req.steps + 1
+                    TraceLeaf::count(req.steps)
                 ),
             ));
         }
@@ -238,81 +269,100 @@ impl Auditor {
             .latent_shape(spec.frames, spec.height, spec.width)
             .map_err(engine)?;
         let shape = vec![b as u32, c as u32, f as u32, h as u32, w as u32];
-        let opened = |step: u32| -> Result<&[u8], Failure> {
+        let device = &self.model.pipeline.model.device;
+        let opened = |leaf: TraceLeaf| -> Result<Vec<f32>, Failure> {
             let o = answer
                 .openings
                 .iter()
-                .find(|o| o.step == step)
-                .ok_or_else(|| fail(Check::Commitment, format!("step {step} not opened")))?;
+                .find(|o| o.leaf == leaf.index())
+                .ok_or_else(|| fail(Check::Commitment, format!("{leaf} not opened")))?;
             if o.shape != shape {
                 return Err(fail(
                     Check::Commitment,
-                    format!("latent shape {:?}, expected {shape:?}", o.shape),
+                    format!("{leaf}: shape {:?}, expected {shape:?}", o.shape),
                 ));
             }
-            Ok(&o.latent_f16.0)
+            o.values()
+                .ok_or_else(|| fail(Check::Commitment, format!("{leaf}: not f32 values")))
         };
-        let tensor = |bytes: &[u8]| -> Result<Tensor, Failure> {
-            let v = latent_from_f16_bytes(bytes)
-                .ok_or_else(|| fail(Check::Commitment, "latent bytes are not f16"))?;
-            Tensor::from_vec(v, (b, c, f, h, w), &self.model.pipeline.model.device)
+        let tensor = |leaf: TraceLeaf| -> Result<Tensor, Failure> {
+            Tensor::from_vec(opened(leaf)?, (b, c, f, h, w), device)
                 .map_err(|e| fail(Check::Commitment, e.to_string()))
         };
-        let to_vec = |t: &Tensor| -> Result<Vec<f32>, Failure> {
-            t.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| fail(Check::Step, e.to_string()))
-        };
+        let to_vec = |t: &Tensor| values(t).map_err(|e| fail(Check::Step, e.to_string()));
 
-        // 1. The trace starts from the seed's noise, exactly.
-        let noise = p.initial_latents(&spec).map_err(engine)?;
-        if opened(0)? != latent_f16_bytes(&to_vec(&noise)?).as_slice() {
+        // 1. The trace starts from the seed's noise, bit for bit.
+        let noise = to_vec(&p.initial_latents(&spec).map_err(engine)?)?;
+        let x0 = opened(TraceLeaf::Latent(0))?;
+        if x0.len() != noise.len() || x0.iter().zip(&noise).any(|(a, b)| a.to_bits() != b.to_bits())
+        {
             return Err(fail(
                 Check::InitialNoise,
                 format!("step 0 is not noise(seed {})", req.seed),
             ));
         }
 
-        // 2. Recomputed steps (a multistep scheduler first replays k-1 to
-        //    rebuild the history its update at k needs).
-        let tol = self.model.manifest.verification.step_rel_l2;
+        // 2. Each drawn step: the scheduler's update from the committed
+        //    output (cheap, first), then the model output itself.
+        let tol = &self.model.manifest.verification;
         let context = p.context(&spec).map_err(engine)?;
-        let multistep = self.model.manifest.scheduler.kind == SchedulerKind::DpmSolverMultistep;
-        let mut worst = 0f64;
+        let (mut worst_output, mut worst_update) = (0f64, 0f64);
         for &k in &plan.ks {
             let mut scheduler = p.scheduler_for(spec.steps).map_err(engine)?;
-            let first = if multistep { k.saturating_sub(1) } else { k };
-            for i in first..=k {
-                let x = tensor(opened(i)?)?;
-                let next = p
-                    .denoise_step(
-                        &mut scheduler,
-                        i as usize,
-                        &x,
-                        &context,
-                        spec.guidance_scale,
-                    )
-                    .map_err(|e| fail(Check::Step, e.to_string()))?;
-                if i < k {
-                    continue;
-                }
-                let claimed = latent_from_f16_bytes(opened(i + 1)?).expect("checked above");
-                let err = rel_l2(&to_vec(&next)?, &claimed);
-                worst = worst.max(err);
-                if err.is_nan() || err > tol {
-                    return Err(fail(
-                        Check::Step,
-                        format!("step {i}→{}: relative L2 {err:.3e} > {tol:.1e}", i + 1),
-                    ));
-                }
+            let step_err = |e: fractal_engine::EngineError| fail(Check::Step, e.to_string());
+            if self.multistep() && k > 0 {
+                // The multistep history: the data prediction at k-1, from
+                // the committed x_{k-1} and out_{k-1} (its own update is
+                // not needed here).
+                let (x, out) = (tensor(TraceLeaf::Latent(k - 1))?, tensor(TraceLeaf::Output(k - 1))?);
+                scheduler
+                    .step(&out, k as usize - 1, &x)
+                    .map_err(|e| step_err(e.into()))?;
+            }
+            let x = tensor(TraceLeaf::Latent(k))?;
+            let out = tensor(TraceLeaf::Output(k))?;
+            let next = scheduler
+                .step(&out, k as usize, &x)
+                .map_err(|e| step_err(e.into()))?;
+            let ours = to_vec(&(next - &x).map_err(|e| step_err(e.into()))?)?;
+            let x_k = opened(TraceLeaf::Latent(k))?;
+            let theirs: Vec<f32> = opened(TraceLeaf::Latent(k + 1))?
+                .iter()
+                .zip(&x_k)
+                .map(|(a, b)| a - b)
+                .collect();
+            let err = rel_l2(&theirs, &ours);
+            worst_update = worst_update.max(err);
+            if err.is_nan() || err > tol.update_rel_l2 {
+                return Err(fail(
+                    Check::Step,
+                    format!(
+                        "step {k}: update from the committed output is off by relative L2 {err:.3e} > {:.1e}",
+                        tol.update_rel_l2
+                    ),
+                ));
+            }
+            let recomputed = p
+                .model_output(&scheduler, k as usize, &x, &context, spec.guidance_scale)
+                .map_err(|e| fail(Check::ModelOutput, e.to_string()))?;
+            let err = rel_l2(&opened(TraceLeaf::Output(k))?, &to_vec(&recomputed)?);
+            worst_output = worst_output.max(err);
+            if err.is_nan() || err > tol.output_rel_l2 {
+                return Err(fail(
+                    Check::ModelOutput,
+                    format!(
+                        "step {k}: model output off by relative L2 {err:.3e} > {:.1e}",
+                        tol.output_rel_l2
+                    ),
+                ));
             }
         }
 
         // 3. The returned video is the final latent, decoded.
-        let last = opened(req.steps)?;
+        let last = TraceLeaf::Latent(req.steps);
         let psnr = match resp.output {
             OutputFormat::Latents => {
-                if resp.content.0 != last {
+                if resp.content.0 != latents_f16_bytes(&opened(last)?) {
                     return Err(fail(
                         Check::Frame,
                         "returned latents differ from the committed final latent",
@@ -346,7 +396,8 @@ impl Auditor {
         };
         Ok(AuditReport {
             steps: plan.ks.clone(),
-            step_rel_l2: worst,
+            output_rel_l2: worst_output,
+            update_rel_l2: worst_update,
             frame: plan.frame,
             frame_psnr_db: psnr,
             verify_ms: start.elapsed().as_millis() as u64,
@@ -368,33 +419,32 @@ impl Auditor {
             fail(Check::Response, format!("cannot replay the request: {e}"))
         };
         let spec = self.model.spec(req).map_err(engine)?;
-        let mut digests = Vec::with_capacity(spec.steps + 1);
-        let mut latent_err: Option<Failure> = None;
+        let mut trace = TraceDigests::new();
+        let mut trace_err: Option<Failure> = None;
         let generated = self
             .model
             .pipeline
-            .generate(
-                &spec,
-                &mut |e| match e.latents.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
-                    Ok(v) => digests.push(fractal_protocol::merkle::latent_digest(&v)),
-                    Err(err) => latent_err = Some(fail(Check::Step, err.to_string())),
-                },
-            )
+            .generate(&spec, &mut |e| {
+                if let Err(err) = e.commit_to(&mut trace) {
+                    trace_err.get_or_insert(fail(Check::Step, err.to_string()));
+                }
+            })
             .map_err(|e| fail(Check::Step, e.to_string()))?;
-        if let Some(f) = latent_err {
+        if let Some(f) = trace_err {
             return Err(f);
         }
-        let root = fractal_protocol::merkle::MerkleTree::new(&digests)
+        let root = trace
+            .tree()
             .map_err(|e| fail(Check::Step, e.to_string()))?
             .root();
         let mut worst = f64::INFINITY;
         match resp.output {
             OutputFormat::Latents => {
-                let ours = latent_f16_bytes(&to_f32(&generated.final_latents)?);
-                let theirs = latent_from_f16_bytes(&resp.content.0)
+                let ours = latents_f16_bytes(&to_f32(&generated.final_latents)?);
+                let theirs = latents_from_f16_bytes(&resp.content.0)
                     .ok_or_else(|| fail(Check::Frame, "returned latents are not f16"))?;
-                let err = rel_l2(&theirs, &latent_from_f16_bytes(&ours).expect("f16"));
-                let tol = self.model.manifest.verification.step_rel_l2;
+                let err = rel_l2(&theirs, &latents_from_f16_bytes(&ours).expect("f16"));
+                let tol = LATENTS_OUTPUT_REL_L2;
                 if err.is_nan() || err > tol {
                     return Err(fail(
                         Check::Frame,
@@ -432,6 +482,11 @@ impl Auditor {
         })
     }
 }
+
+/// How far two honest `latents` outputs may differ: each is rounded to f16
+/// (2^-11 relative per element), so last-bit differences before rounding
+/// flip at most one f16 step per element.
+const LATENTS_OUTPUT_REL_L2: f64 = 1e-3;
 
 /// Frame `index` of the returned video as RGB8, checking its geometry.
 fn returned_frame(

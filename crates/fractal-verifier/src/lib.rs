@@ -3,6 +3,7 @@
 //! SQLite ([`store`]) and turns them into weights on the chain.
 
 pub mod audit;
+pub mod challenges;
 pub mod client;
 pub mod store;
 
@@ -15,15 +16,17 @@ use fractal_engine::PinnedModel;
 use fractal_http::SignedClient;
 use fractal_protocol::manifest::Size;
 use fractal_protocol::wire::{GenerateRequest, GenerateResponse, OutputFormat};
-use fractal_protocol::{Hotkey, JobId, Keypair, Seed};
+use fractal_protocol::{Hotkey, Keypair};
 use rand::Rng;
 use tokio::sync::Semaphore;
 
 use audit::{Auditor, Check, Failure};
+use challenges::{ChallengeMix, JobShape};
 use client::{CallError, Generated, ProverClient};
 use store::{Outcome, ProverScore, Store};
 
-/// Synthetic challenge shape and deadlines.
+/// Synthetic challenge shape (before any app traffic is seen; after, the
+/// challenges follow the traffic, see [`challenges`]) and deadlines.
 #[derive(Clone, Debug)]
 pub struct VerifierConfig {
     pub size: Size,
@@ -32,6 +35,9 @@ pub struct VerifierConfig {
     pub output: OutputFormat,
     /// A generate answer after this is a failed (late) job.
     pub deadline: Duration,
+    /// Per attempt of an audit call; calls that fail in transport (or time
+    /// out) are retried up to [`AUDIT_ATTEMPTS`] times before the prover
+    /// is failed.
     pub audit_deadline: Duration,
     /// Sent with `set_weights`; the chain refuses keys older than its own.
     pub version_key: u64,
@@ -65,6 +71,10 @@ impl VerifierConfig {
     }
 }
 
+/// Attempts of an audit call before a prover that does not answer it is
+/// failed: a lost reply or a dropped connection is not a cheat.
+pub const AUDIT_ATTEMPTS: u32 = 3;
+
 pub struct Verifier {
     key: Keypair,
     chain: Arc<dyn Chain>,
@@ -74,6 +84,8 @@ pub struct Verifier {
     config: VerifierConfig,
     /// Audits are CPU-bound: one at a time, off the async runtime.
     audit_slot: Semaphore,
+    /// Recent app traffic the synthetic challenges are drawn like.
+    challenges: Mutex<ChallengeMix>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,42 +105,6 @@ pub struct JobResult {
     pub service_ms: Option<u64>,
     pub verify_ms: Option<u64>,
     pub generate_ms: Option<u64>,
-}
-
-const WORDS: [&str; 24] = [
-    "a",
-    "red",
-    "fox",
-    "running",
-    "through",
-    "snow",
-    "an",
-    "old",
-    "lighthouse",
-    "at",
-    "dusk",
-    "waves",
-    "crashing",
-    "on",
-    "rocks",
-    "a",
-    "cat",
-    "playing",
-    "piano",
-    "in",
-    "space",
-    "neon",
-    "city",
-    "rain",
-];
-
-/// A prompt the prover cannot predict (from the verifier's own randomness).
-pub fn synthetic_prompt(rng: &mut impl Rng) -> String {
-    let n = rng.gen_range(4..10);
-    (0..n)
-        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A neuron's HTTP base URL (empty when it serves none: the call then fails
@@ -155,7 +131,20 @@ impl Verifier {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let challenges = ChallengeMix::with_fallback(
+            model.manifest_id,
+            JobShape {
+                size: config.size,
+                frames: config.frames,
+                steps: config.steps,
+                guidance_scale: model.manifest.defaults.guidance_scale,
+                output: config.output,
+                prompt_words: 0,
+                negative_words: 0,
+            },
+        );
         Ok(Arc::new(Verifier {
+            challenges: Mutex::new(challenges),
             client: ProverClient::new(SignedClient::new(http, Arc::new(key.clone()))),
             key,
             chain,
@@ -211,23 +200,13 @@ impl Verifier {
         Ok(self.store.lock().expect("store lock").scores()?)
     }
 
-    /// A fresh synthetic request: random seed and prompt.
+    /// A fresh synthetic request, drawn like recent app traffic (random
+    /// seed, new text).
     pub fn synthetic_request(&self) -> GenerateRequest {
-        let mut rng = rand::rngs::OsRng;
-        let m = &self.auditor.model().manifest;
-        GenerateRequest {
-            version: fractal_protocol::wire::PROTOCOL_VERSION,
-            job_id: JobId::random(),
-            manifest_id: self.auditor.model().manifest_id,
-            prompt: synthetic_prompt(&mut rng),
-            negative_prompt: String::new(),
-            seed: Seed(rng.gen()),
-            size: self.config.size,
-            frames: self.config.frames,
-            steps: self.config.steps,
-            guidance_scale: m.defaults.guidance_scale,
-            output: self.config.output,
-        }
+        self.challenges
+            .lock()
+            .expect("challenge mix lock")
+            .draw(&mut rand::rngs::OsRng)
     }
 
     /// Provers to challenge: every other neuron that serves an axon.
@@ -250,18 +229,45 @@ impl Verifier {
     ) -> Result<audit::AuditReport, Failure> {
         self.auditor.check_response(req, &generated.response)?;
         let plan = self.auditor.plan(req, &mut rand::rngs::OsRng);
-        let answer = self
-            .client
-            .audit(base, prover, &plan.challenge, self.config.audit_deadline)
-            .await
-            .map_err(|e| Failure {
-                check: Check::Commitment,
-                detail: format!("no valid audit answer: {e}"),
-            })?;
+        let answer = self.audit_call(base, prover, &plan.challenge).await?;
         self.on_audit_thread(req, generated, move |a, req, resp| {
             a.check(req, resp, &plan, &answer)
         })
         .await
+    }
+
+    /// Asks for the openings, retrying calls that failed in transport or
+    /// timed out (with a short backoff): only a prover that still gives no
+    /// valid answer, or refuses, fails its commitment.
+    async fn audit_call(
+        &self,
+        base: &str,
+        prover: &Hotkey,
+        challenge: &fractal_protocol::wire::AuditChallenge,
+    ) -> Result<fractal_protocol::wire::AuditAnswer, Failure> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .client
+                .audit(base, prover, challenge, self.config.audit_deadline)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(e @ (CallError::Transport(_) | CallError::Timeout(_) | CallError::Busy { .. }))
+                    if attempt < AUDIT_ATTEMPTS =>
+                {
+                    tracing::info!(prover = %prover, attempt, error = %e, "audit call failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(Failure {
+                        check: Check::Commitment,
+                        detail: format!("no valid audit answer after {attempt} attempt(s): {e}"),
+                    })
+                }
+            }
+        }
     }
 
     /// Runs CPU-heavy checks one at a time, off the async runtime.
@@ -303,6 +309,10 @@ impl Verifier {
         req: GenerateRequest,
         on_progress: &mut (dyn FnMut(&fractal_protocol::wire::ProgressEvent) + Send),
     ) -> Result<Generated, CallError> {
+        self.challenges
+            .lock()
+            .expect("challenge mix lock")
+            .observe(&req);
         let base = axon_url(neuron);
         let generated = self
             .client
@@ -503,12 +513,17 @@ impl Verifier {
         }
     }
 
-    /// Rounds back to back, weights after each, until `shutdown`.
+    /// Rounds until `shutdown`, weights after each. A round starts at most
+    /// `pause` after the last one, sooner when a prover is behind the
+    /// manifest's `audits_per_epoch`: the remaining audits are spread over
+    /// what is left of the epoch at random gaps, so their timing tells a
+    /// prover nothing.
     pub async fn run(
         self: Arc<Self>,
         pause: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
+        let mut pacer = Pacer::default();
         loop {
             match self.round().await {
                 Ok(results) => {
@@ -520,13 +535,91 @@ impl Verifier {
             if let Err(e) = self.set_weights().await {
                 tracing::warn!(error = %e, "setting weights failed");
             }
+            let wait = match self.next_gap(&mut pacer).await {
+                Ok(gap) => gap.min(pause),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pacing audits failed");
+                    pause
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {
                 return;
             }
         }
+    }
+
+    /// How long to wait before the next round for every prover to reach the
+    /// audit plan this epoch (`Duration::MAX` once all have).
+    async fn next_gap(&self, pacer: &mut Pacer) -> Result<Duration, VerifierError> {
+        let mg = self.chain.metagraph().await?;
+        let tempo = self.chain.hyperparams().await?.tempo.max(1);
+        let epoch = mg.block / tempo;
+        let plan = self.auditor.model().manifest.verification.audits_per_epoch as u64;
+        let provers = self.provers(&mg);
+        let min_audits = |epoch: u64| -> Result<u64, VerifierError> {
+            let counts = self.store.lock().expect("store lock").audits_in_epoch(epoch)?;
+            Ok(provers
+                .iter()
+                .map(|n| counts.get(&n.hotkey.to_ss58()).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(plan))
+        };
+        if let Some(previous) = pacer.new_epoch(epoch) {
+            let done = min_audits(previous)?;
+            if done < plan {
+                tracing::warn!(epoch = previous, audits = done, plan, "a prover got fewer audits than the manifest's plan: per-epoch detection is below its target (more verifier time, or a smaller --pause-s, closes the gap)");
+            } else {
+                tracing::info!(epoch = previous, audits = done, plan, "every prover got the planned audits");
+            }
+        }
+        let needed = plan.saturating_sub(min_audits(epoch)?);
+        if needed == 0 {
+            return Ok(Duration::MAX);
+        }
+        let Some(left) = pacer.time_left(mg.block, tempo) else {
+            return Ok(Duration::MAX);
+        };
+        let gap = left.as_secs_f64() / needed as f64;
+        Ok(Duration::from_secs_f64(
+            gap * rand::rngs::OsRng.gen_range(0.5..1.5),
+        ))
+    }
+}
+
+/// What pacing knows of the chain: the first block it saw and when (for
+/// the block time), and the epoch it last paced.
+#[derive(Default)]
+struct Pacer {
+    first: Option<(u64, std::time::Instant)>,
+    last: Option<(u64, std::time::Instant)>,
+    epoch: Option<u64>,
+}
+
+impl Pacer {
+    /// Returns the previous epoch when `epoch` is a new one.
+    fn new_epoch(&mut self, epoch: u64) -> Option<u64> {
+        let previous = self.epoch.replace(epoch);
+        previous.filter(|&p| p != epoch)
+    }
+
+    /// Time left in the epoch at `block`, from the block time observed so
+    /// far (`None` until two blocks have been seen).
+    fn time_left(&mut self, block: u64, tempo: u64) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let first = *self.first.get_or_insert((block, now));
+        if self.last.is_none_or(|(b, _)| b != block) {
+            self.last = Some((block, now));
+        }
+        let (last_block, last_at) = self.last?;
+        if last_block <= first.0 {
+            return None;
+        }
+        let per_block = last_at.duration_since(first.1) / (last_block - first.0) as u32;
+        let blocks_left = tempo - block % tempo;
+        Some(per_block * blocks_left as u32)
     }
 }

@@ -10,6 +10,7 @@
 //!   score to 0 and zeroes the node's weight for the epoch it happened in
 //!   and the next one, whatever its EMA says afterwards.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use fractal_protocol::Hotkey;
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS audits (
     verify_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS audits_by_hotkey ON audits (hotkey, id);
+CREATE INDEX IF NOT EXISTS audits_by_epoch ON audits (epoch);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
@@ -223,6 +225,20 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(s)
+    }
+
+    /// Audits each prover had in `epoch`: answered jobs that were checked,
+    /// passed or failed (a job the prover never answered is not an audit).
+    pub fn audits_in_epoch(&self, epoch: u64) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT hotkey, COUNT(*) FROM audits WHERE epoch = ?1
+             AND (check_name IS NULL OR check_name NOT IN ('unavailable', 'late'))
+             GROUP BY hotkey",
+        )?;
+        let rows = stmt.query_map(params![epoch as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The weight a prover earns in `epoch` (before normalisation).

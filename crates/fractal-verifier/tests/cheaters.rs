@@ -98,7 +98,7 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
         ("fewer-steps", base(), Strategy::FewerSteps),
         (
             "perturbed-1pct",
-            Model::tiny_perturbed(TinyVariant::Base, 0.01, &cpu).unwrap(),
+            Model::tiny_degraded(TinyVariant::Base, fractal_engine::Degradation::Perturbed(0.01), &cpu).unwrap(),
             Strategy::Honest,
         ),
         (
