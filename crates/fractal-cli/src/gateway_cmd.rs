@@ -60,6 +60,12 @@ struct ServeArgs {
     /// Share of routed jobs the gateway audits.
     #[arg(long, default_value_t = 0.1)]
     audit_sample: f64,
+    /// Also run the verifier's challenge loop and weight setting here, a
+    /// round at most every this many seconds (0: off), instead of a
+    /// separate `fractal verifier` with the same hotkey: challenges are
+    /// drawn like the traffic this process has routed.
+    #[arg(long, default_value_t = 0)]
+    challenge_pause_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +186,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             ..VerifierConfig::from_manifest(&model.manifest)
         };
         let verifier = Verifier::new(key, chain, model.clone(), store, vconfig)?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let challenger = (a.challenge_pause_s > 0).then(|| {
+            tokio::spawn(
+                verifier
+                    .clone()
+                    .run(Duration::from_secs(a.challenge_pause_s), stop_rx),
+            )
+        });
         let gw = Gateway::open(config, verifier, model)?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
@@ -190,6 +204,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             a.dir.dir.display()
         );
         fractal_gateway::serve(listener, gw, shutdown_signal()).await?;
+        let _ = stop_tx.send(true);
+        if let Some(task) = challenger {
+            let _ = task.await;
+        }
         eprintln!("gateway stopped");
         Ok(())
     })

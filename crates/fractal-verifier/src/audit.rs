@@ -83,13 +83,24 @@ impl Check {
 pub struct Failure {
     pub check: Check,
     pub detail: String,
+    /// The relative L2 error a numeric check measured (model output,
+    /// update), for reports; `None` for other checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<f64>,
+}
+
+impl Failure {
+    pub fn new(check: Check, detail: impl Into<String>) -> Self {
+        Failure {
+            check,
+            detail: detail.into(),
+            measured: None,
+        }
+    }
 }
 
 fn fail(check: Check, detail: impl Into<String>) -> Failure {
-    Failure {
-        check,
-        detail: detail.into(),
-    }
+    Failure::new(check, detail)
 }
 
 /// What a passed audit measured.
@@ -334,13 +345,16 @@ impl Auditor {
             let err = rel_l2(&theirs, &ours);
             worst_update = worst_update.max(err);
             if err.is_nan() || err > tol.update_rel_l2 {
-                return Err(fail(
-                    Check::Step,
-                    format!(
-                        "step {k}: update from the committed output is off by relative L2 {err:.3e} > {:.1e}",
-                        tol.update_rel_l2
-                    ),
-                ));
+                return Err(Failure {
+                    measured: Some(err),
+                    ..fail(
+                        Check::Step,
+                        format!(
+                            "step {k}: update from the committed output is off by relative L2 {err:.3e} > {:.1e}",
+                            tol.update_rel_l2
+                        ),
+                    )
+                });
             }
             let recomputed = p
                 .model_output(&scheduler, k as usize, &x, &context, spec.guidance_scale)
@@ -348,13 +362,16 @@ impl Auditor {
             let err = rel_l2(&opened(TraceLeaf::Output(k))?, &to_vec(&recomputed)?);
             worst_output = worst_output.max(err);
             if err.is_nan() || err > tol.output_rel_l2 {
-                return Err(fail(
-                    Check::ModelOutput,
-                    format!(
-                        "step {k}: model output off by relative L2 {err:.3e} > {:.1e}",
-                        tol.output_rel_l2
-                    ),
-                ));
+                return Err(Failure {
+                    measured: Some(err),
+                    ..fail(
+                        Check::ModelOutput,
+                        format!(
+                            "step {k}: model output off by relative L2 {err:.3e} > {:.1e}",
+                            tol.output_rel_l2
+                        ),
+                    )
+                });
             }
         }
 

@@ -261,10 +261,10 @@ impl Verifier {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(Failure {
-                        check: Check::Commitment,
-                        detail: format!("no valid audit answer after {attempt} attempt(s): {e}"),
-                    })
+                    return Err(Failure::new(
+                        Check::Commitment,
+                        format!("no valid audit answer after {attempt} attempt(s): {e}"),
+                    ))
                 }
             }
         }
@@ -284,10 +284,7 @@ impl Verifier {
         let (req, resp) = (req.clone(), generated.response.clone());
         tokio::task::spawn_blocking(move || check(&auditor, &req, &resp))
             .await
-            .map_err(|e| Failure {
-                check: Check::Unavailable,
-                detail: format!("audit task failed: {e}"),
-            })?
+            .map_err(|e| Failure::new(Check::Unavailable, format!("audit task failed: {e}")))?
     }
 
     /// Full regeneration of an answered job.
@@ -413,18 +410,12 @@ impl Verifier {
                 }
             }
             Err(CallError::Timeout(d)) => (
-                Some(Failure {
-                    check: Check::Late,
-                    detail: format!("no result within {d:?}"),
-                }),
+                Some(Failure::new(Check::Late, format!("no result within {d:?}"))),
                 None,
                 None,
             ),
             Err(e) => (
-                Some(Failure {
-                    check: Check::Unavailable,
-                    detail: e.to_string(),
-                }),
+                Some(Failure::new(Check::Unavailable, e.to_string())),
                 None,
                 None,
             ),

@@ -6,64 +6,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_chain::{Chain, Hyperparams, Rao};
+use fractal_engine::{tiny, Degradation, Model, TinyVariant};
 use fractal_protocol::manifest::Size;
 use fractal_protocol::Keypair;
-use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
+use fractal_prover::Strategy;
 use fractal_verifier::audit::Check;
 use fractal_verifier::store::Store;
 use fractal_verifier::{Verifier, VerifierConfig};
 
-fn key(tag: &str) -> Keypair {
-    let mut seed = [7u8; 32];
-    seed[..tag.len()].copy_from_slice(tag.as_bytes());
-    Keypair::from_seed(&seed)
-}
+mod common;
+use common::{key, local_grid, pinned, start_prover};
 
-fn pinned(model: Model) -> PinnedModel {
-    PinnedModel::from_parts(
-        tiny::manifest(TinyVariant::Base),
-        model,
-        ClipTokenizer::builtin().unwrap(),
-    )
-    .unwrap()
-}
+/// Steps of the schedule the cheaters are challenged at (real schedules
+/// are 25-50 steps; below 20 the late-step cheats are easy to catch).
+const STEPS: u32 = 20;
 
-async fn start_prover(
-    chain: &Arc<LocalChain>,
-    name: &str,
-    model: Model,
-    strategy: Strategy,
-    auth: Arc<ValidatorAuthorizer>,
-) -> Keypair {
-    let hot = key(name);
-    chain
-        .register(&key(&format!("c{name}")), &hot.hotkey())
-        .await
-        .unwrap();
-    let prover = Prover::new(
-        hot.clone(),
-        pinned(model),
-        ProverConfig {
-            strategy,
-            ..ProverConfig::default()
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(fractal_prover::serve(
-        listener,
-        prover,
-        auth,
-        std::future::pending(),
-    ));
-    fractal_prover::announce(chain.as_ref(), &hot, addr)
-        .await
-        .unwrap();
-    hot
-}
+/// Rounds after the first in which still-uncaught cheaters are challenged
+/// again. A cheat on 2 of 20 steps escapes one audit of 2 pairs with
+/// probability 153/190, so 80 audits miss it with probability < 3e-8.
+const EXTRA_ROUNDS: usize = 80;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_cheater_is_caught_and_honest_provers_earn() {
@@ -72,21 +34,12 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
         weights_rate_limit: 1,
         ..Hyperparams::default()
     };
-    let chain = Arc::new(LocalChain::in_memory(params, key("owner").hotkey()).unwrap());
-    let vkey = key("verifier");
-    let vcold = key("vcold");
-    chain.register(&vcold, &vkey.hotkey()).await.unwrap();
-    chain
-        .add_stake(&vcold, &vkey.hotkey(), Rao(100 * Rao::PER_TAO))
-        .await
-        .unwrap();
-    chain.produce_blocks(5).unwrap();
-    let auth = ValidatorAuthorizer::new([]);
-    auth.update(&chain.metagraph().await.unwrap());
+    let (chain, vkey, auth) = local_grid(params, 100).await;
 
     let cpu = Device::Cpu;
     let base = || Model::tiny(TinyVariant::Base, &cpu).unwrap();
-    let deadline = Duration::from_secs(20);
+    let degraded = |d| Model::tiny_degraded(TinyVariant::Base, d, &cpu).unwrap();
+    let deadline = Duration::from_secs(30);
     let mut provers: Vec<(&str, Keypair)> = Vec::new();
     for name in ["honest-a", "honest-b", "honest-c"] {
         provers.push((
@@ -94,29 +47,43 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
             start_prover(&chain, name, base(), Strategy::Honest, auth.clone()).await,
         ));
     }
-    let cheats: Vec<(&str, Model, Strategy)> = vec![
-        ("fewer-steps", base(), Strategy::FewerSteps),
-        (
-            "perturbed-1pct",
-            Model::tiny_degraded(TinyVariant::Base, fractal_engine::Degradation::Perturbed(0.01), &cpu).unwrap(),
-            Strategy::Honest,
-        ),
+    // Each cheat with the checks allowed to catch it.
+    let tenth = (STEPS / 10) as usize;
+    let cheats: Vec<(&str, Model, Strategy, &[Check])> = vec![
+        ("fewer-steps", base(), Strategy::FewerSteps, &[Check::Step, Check::ModelOutput]),
+        ("repeat-tail", base(), Strategy::RepeatTail(tenth), &[Check::Step]),
+        ("repeat-middle", base(), Strategy::RepeatMiddle(tenth), &[Check::Step]),
+        ("reuse-second-half", base(), Strategy::ReuseSecondHalf, &[Check::ModelOutput]),
+        ("reuse-alternate", base(), Strategy::ReuseAlternate, &[Check::ModelOutput]),
+        ("jump-from-half", base(), Strategy::JumpFromHalf, &[Check::Step, Check::ModelOutput]),
+        ("no-guidance", base(), Strategy::NoGuidance, &[Check::ModelOutput]),
+        ("guidance-alternate", base(), Strategy::GuidanceAlternate, &[Check::ModelOutput]),
+        ("half-frames", base(), Strategy::HalfFrames, &[Check::ModelOutput]),
+        ("output-bf16", base(), Strategy::OutputBf16, &[Check::ModelOutput]),
+        ("cached-prompt", base(), Strategy::CachedPrompt, &[Check::ModelOutput]),
+        ("weights-f16", degraded(Degradation::RoundedF16), Strategy::Honest, &[Check::ModelOutput]),
+        ("weights-bf16", degraded(Degradation::RoundedBf16), Strategy::Honest, &[Check::ModelOutput]),
+        ("weights-noise-0.1pct", degraded(Degradation::Perturbed(0.001)), Strategy::Honest, &[Check::ModelOutput]),
         (
             "other-model",
             Model::tiny(TinyVariant::Wide, &cpu).unwrap(),
             Strategy::Honest,
+            &[Check::ModelOutput],
         ),
-        ("random-latents", base(), Strategy::RandomLatents),
-        ("replay-cached", base(), Strategy::ReplayCached),
-        ("inconsistent-audit", base(), Strategy::InconsistentAudit),
-        ("fabricated-audit", base(), Strategy::FabricatedAudit),
+        ("random-latents", base(), Strategy::RandomLatents, &[Check::InitialNoise]),
+        ("replay-cached", base(), Strategy::ReplayCached, &[Check::InitialNoise]),
+        ("inconsistent-audit", base(), Strategy::InconsistentAudit, &[Check::Commitment]),
+        ("fabricated-audit", base(), Strategy::FabricatedAudit, &[Check::Commitment]),
         (
             "late",
             base(),
             Strategy::Late(deadline + Duration::from_secs(2)),
+            &[Check::Late],
         ),
     ];
-    for (name, model, strategy) in cheats {
+    let mut allowed: BTreeMap<&str, &[Check]> = BTreeMap::new();
+    for (name, model, strategy, checks) in cheats {
+        allowed.insert(name, checks);
         provers.push((
             name,
             start_prover(&chain, name, model, strategy, auth.clone()).await,
@@ -132,7 +99,7 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
             height: 32,
         },
         frames: 4,
-        steps: 4,
+        steps: STEPS,
         deadline,
         ..VerifierConfig::from_manifest(&manifest)
     };
@@ -146,16 +113,42 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     )
     .unwrap();
 
+    // Every prover twice (the honest ones need passed audits to earn),
+    // then only the cheaters that have not been caught yet; no blocks are
+    // produced meanwhile, so every failure falls in this epoch.
+    let name_of = |h: &fractal_protocol::Hotkey| provers.iter().find(|p| p.1.hotkey() == *h).unwrap().0;
     let mut caught: BTreeMap<String, Vec<Check>> = BTreeMap::new();
-    for _round in 0..2 {
-        for r in verifier.round().await.unwrap() {
-            let name = provers.iter().find(|p| p.1.hotkey() == r.hotkey).unwrap().0;
-            if let Some(f) = r.failed {
-                eprintln!("{name}: {f}");
-                caught.entry(name.to_string()).or_default().push(f.check);
-            }
+    let mut note = |r: fractal_verifier::JobResult, caught: &mut BTreeMap<String, Vec<Check>>| {
+        let name = name_of(&r.hotkey);
+        if let Some(f) = r.failed {
+            eprintln!("{name}: {f}");
+            caught.entry(name.to_string()).or_default().push(f.check);
         }
-        chain.produce_blocks(1).unwrap();
+    };
+    for _ in 0..2 {
+        for r in verifier.round().await.unwrap() {
+            note(r, &mut caught);
+        }
+    }
+    let mg = chain.metagraph().await.unwrap();
+    let epoch = mg.block / 5;
+    for round in 0..EXTRA_ROUNDS {
+        let left: Vec<_> = verifier
+            .provers(&mg)
+            .into_iter()
+            .filter(|n| {
+                let name = name_of(&n.hotkey);
+                !name.starts_with("honest") && !caught.contains_key(name)
+            })
+            .collect();
+        if left.is_empty() {
+            eprintln!("every cheater caught after {} extra rounds", round);
+            break;
+        }
+        let results = futures_util::future::join_all(left.iter().map(|n| verifier.challenge(n, epoch))).await;
+        for r in results {
+            note(r.unwrap(), &mut caught);
+        }
     }
     for (name, _) in &provers {
         if name.starts_with("honest") {
@@ -165,18 +158,15 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
                 caught.get(*name)
             );
         } else {
-            assert!(caught.contains_key(*name), "{name} was never caught");
+            let checks = caught.get(*name).unwrap_or_else(|| panic!("{name} was never caught"));
+            // Caught by a check meant for it.
+            assert!(
+                checks.iter().all(|c| allowed[name].contains(c)),
+                "{name} caught by {checks:?}, expected one of {:?}",
+                allowed[name]
+            );
         }
     }
-    // Each cheat is caught by the check meant for it.
-    assert!(caught["random-latents"].contains(&Check::InitialNoise));
-    assert!(caught["replay-cached"].contains(&Check::InitialNoise));
-    assert!(caught["fewer-steps"].contains(&Check::Step));
-    assert!(caught["perturbed-1pct"].contains(&Check::Step));
-    assert!(caught["other-model"].contains(&Check::Step));
-    assert!(caught["inconsistent-audit"].contains(&Check::Commitment));
-    assert!(caught["fabricated-audit"].contains(&Check::Commitment));
-    assert!(caught["late"].contains(&Check::Late));
 
     let set = verifier.set_weights().await.unwrap().expect("weights set");
     assert_eq!(set.len(), 3, "only honest provers get weight: {set:?}");
@@ -196,25 +186,11 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_regeneration_mode_and_audits_of_routed_jobs() {
-    let chain = Arc::new(
-        LocalChain::in_memory(
-            Hyperparams {
-                tempo: 5,
-                ..Hyperparams::default()
-            },
-            key("owner").hotkey(),
-        )
-        .unwrap(),
-    );
-    let vkey = key("verifier");
-    chain.register(&key("vcold"), &vkey.hotkey()).await.unwrap();
-    chain
-        .add_stake(&key("vcold"), &vkey.hotkey(), Rao(Rao::PER_TAO))
-        .await
-        .unwrap();
-    chain.produce_blocks(5).unwrap();
-    let auth = ValidatorAuthorizer::new([]);
-    auth.update(&chain.metagraph().await.unwrap());
+    let params = Hyperparams {
+        tempo: 5,
+        ..Hyperparams::default()
+    };
+    let (chain, vkey, auth) = local_grid(params, 1).await;
     let cpu = Device::Cpu;
     let base = || Model::tiny(TinyVariant::Base, &cpu).unwrap();
     let honest = start_prover(&chain, "honest", base(), Strategy::Honest, auth.clone()).await;
