@@ -392,7 +392,7 @@ pub(crate) mod tests {
         // Golden: any change to the canonical encoding or the types fails here.
         assert_eq!(
             m.id().to_string(),
-            "7eb9fa428c950d808cdeba655cddfee5f7245230125cdfef28f29eb63dec5b5c"
+            "f4cca4b0bf6381cd77cf10b31a0ed91427c6f8467dfb6546a9af0e27d6dad849"
         );
         let json = String::from_utf8(m.canonical_bytes()).unwrap();
         let pretty = serde_json::to_string_pretty(&m).unwrap();

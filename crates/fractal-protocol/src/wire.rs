@@ -220,9 +220,10 @@ pub struct GenerateResponse {
     pub version: u32,
     pub job_id: JobId,
     pub manifest_id: ManifestId,
-    /// Merkle root over the latents of steps 0..=steps (see [`crate::merkle`]).
+    /// Merkle root over the latents of steps 0..=steps and the model output
+    /// of every step (see [`crate::merkle`]).
     pub trace_root: Digest32,
-    /// Leaves in the trace: steps + 1.
+    /// Leaves in the trace: 2 * steps + 1.
     pub trace_len: u32,
     pub output: OutputFormat,
     pub content: Base64Bytes,

@@ -5,9 +5,10 @@
 //! from the app jobs this verifier's gateway routed recently: a challenge
 //! copies the shape of a random recent job (size, frames, steps, guidance,
 //! output, prompt and negative prompt lengths in words) and replaces its
-//! text with new text from a word-bigram chain over recent prompts (and
-//! over the negative prompts, for the negative prompt). The words, their
-//! neighbours and the lengths therefore follow the traffic's own
+//! text with new text of the same length from a position-indexed
+//! word-bigram chain over recent prompts of that length (and over the
+//! negative prompts, for the negative prompt). The words at each position,
+//! their neighbours and the lengths therefore follow the traffic's own
 //! distribution. Until enough traffic has been seen, the chain also reads a
 //! built-in seed corpus (`assets/`) and shapes fall back to the verifier's
 //! configured challenge shape.
@@ -68,42 +69,57 @@ fn corpus(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// A word-bigram chain over some texts: starts, and each word's successors
-/// (repeated as often as they follow it, so draws are frequency-weighted).
+/// A position-indexed word-bigram chain over texts, one per text length:
+/// for texts of `len` words, the first words, and each word's successors at
+/// each position (repeated as often as seen, so draws are
+/// frequency-weighted). A walk of `len` words then has exactly the sources'
+/// word frequencies at every position and their pairs of neighbours; only
+/// longer-range structure is new.
 struct Chain<'a> {
+    by_len: BTreeMap<usize, Positions<'a>>,
+}
+
+#[derive(Default)]
+struct Positions<'a> {
     starts: Vec<&'a str>,
-    next: BTreeMap<&'a str, Vec<&'a str>>,
+    next: BTreeMap<(usize, &'a str), Vec<&'a str>>,
 }
 
 impl<'a> Chain<'a> {
     fn new(texts: impl Iterator<Item = &'a Vec<String>>) -> Self {
-        let mut starts = Vec::new();
-        let mut next: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for t in texts {
-            if let Some(first) = t.first() {
-                starts.push(first.as_str());
-            }
-            for w in t.windows(2) {
-                next.entry(w[0].as_str()).or_default().push(w[1].as_str());
+        let mut by_len: BTreeMap<usize, Positions<'a>> = BTreeMap::new();
+        for t in texts.filter(|t| !t.is_empty()) {
+            let p = by_len.entry(t.len()).or_default();
+            p.starts.push(t[0].as_str());
+            for (i, w) in t.windows(2).enumerate() {
+                p.next
+                    .entry((i, w[0].as_str()))
+                    .or_default()
+                    .push(w[1].as_str());
             }
         }
-        Chain { starts, next }
+        Chain { by_len }
     }
 
-    /// `len` words: follows the chain, and starts a new clause from a
-    /// random first word where a text ended.
+    /// A text of `len` words (of the nearest length the sources have).
     fn text(&self, len: usize, rng: &mut impl Rng) -> String {
-        if self.starts.is_empty() {
+        if len == 0 {
             return String::new();
         }
-        let mut out: Vec<&str> = Vec::with_capacity(len);
-        let mut cur = self.starts[rng.gen_range(0..self.starts.len())];
-        while out.len() < len {
+        let Some(p) = self
+            .by_len
+            .range(len..)
+            .next()
+            .or_else(|| self.by_len.range(..len).next_back())
+            .map(|(_, p)| p)
+        else {
+            return String::new();
+        };
+        let mut cur = p.starts[rng.gen_range(0..p.starts.len())];
+        let mut out = vec![cur];
+        while let Some(n) = p.next.get(&(out.len() - 1, cur)) {
+            cur = n[rng.gen_range(0..n.len())];
             out.push(cur);
-            cur = match self.next.get(cur) {
-                Some(n) => n[rng.gen_range(0..n.len())],
-                None => self.starts[rng.gen_range(0..self.starts.len())],
-            };
         }
         out.join(" ")
     }
@@ -423,6 +439,7 @@ mod tests {
         let train = labelled(&mut rng, 1000, |r| mix.draw(r), &mut crng);
         let test = labelled(&mut rng, 1000, |r| mix.draw(r), &mut crng);
         let acc = classifier_accuracy(&train, &test);
+        eprintln!("challenges vs app jobs: accuracy {acc:.3}");
         // 2,000 test jobs: chance is 50% +- 1.1% (one standard deviation).
         assert!(acc < 0.56, "challenges are distinguishable: accuracy {acc:.3}");
 
@@ -431,6 +448,7 @@ mod tests {
         let train = labelled(&mut rng, 1000, |r| old_challenge(r), &mut crng);
         let test = labelled(&mut rng, 1000, |r| old_challenge(r), &mut crng);
         let acc = classifier_accuracy(&train, &test);
+        eprintln!("old challenges vs app jobs: accuracy {acc:.3}");
         assert!(acc > 0.95, "old challenges: accuracy {acc:.3}");
     }
 

@@ -16,7 +16,7 @@ use fractal_verifier::store::Store;
 use fractal_verifier::{Verifier, VerifierConfig};
 
 mod common;
-use common::{key, local_grid, pinned, start_prover};
+use common::{local_grid, pinned, start_prover};
 
 /// Steps of the schedule the cheaters are challenged at (real schedules
 /// are 25-50 steps; below 20 the late-step cheats are easy to catch).
@@ -118,7 +118,7 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     // produced meanwhile, so every failure falls in this epoch.
     let name_of = |h: &fractal_protocol::Hotkey| provers.iter().find(|p| p.1.hotkey() == *h).unwrap().0;
     let mut caught: BTreeMap<String, Vec<Check>> = BTreeMap::new();
-    let mut note = |r: fractal_verifier::JobResult, caught: &mut BTreeMap<String, Vec<Check>>| {
+    let note = |r: fractal_verifier::JobResult, caught: &mut BTreeMap<String, Vec<Check>>| {
         let name = name_of(&r.hotkey);
         if let Some(f) = r.failed {
             eprintln!("{name}: {f}");
