@@ -323,7 +323,14 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     let (mut gen, mut ver) = (0.0, 0.0);
     let mut ratios = Vec::new();
     for _ in 0..b.cost_jobs {
-        let req = request(&honest, &mix, &mut rng, b.cost_frames, b.cost_size, b.cost_steps);
+        let req = request(
+            &honest,
+            &mix,
+            &mut rng,
+            b.cost_frames,
+            b.cost_size,
+            b.cost_steps,
+        );
         let a = one(
             &honest,
             &Strategy::Honest,
@@ -334,7 +341,11 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
             verifier_setup,
             &mut rng,
         )?;
-        anyhow::ensure!(a.failed.is_none(), "an honest job failed its audit: {:?}", a.failed);
+        anyhow::ensure!(
+            a.failed.is_none(),
+            "an honest job failed its audit: {:?}",
+            a.failed
+        );
         gen += a.gen_s;
         ver += a.verify_s;
         ratios.push(a.verify_s / a.gen_s);
@@ -415,7 +426,11 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         match (a.failed, a.report) {
             (Some((check, detail, _)), _) => {
                 flagged += 1;
-                eprintln!("honest job {i} ({}) flagged: {} {detail}", setup.name(), check.as_str());
+                eprintln!(
+                    "honest job {i} ({}) flagged: {} {detail}",
+                    setup.name(),
+                    check.as_str()
+                );
             }
             (None, Some(r)) => {
                 errors[which].0.push(r.output_rel_l2);
@@ -424,7 +439,11 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
             (None, None) => unreachable!("a passed audit has a report"),
         }
         if (i + 1) % 1000 == 0 {
-            eprintln!("  {} honest jobs audited ({:.0} s)", i + 1, t.elapsed().as_secs_f64());
+            eprintln!(
+                "  {} honest jobs audited ({:.0} s)",
+                i + 1,
+                t.elapsed().as_secs_f64()
+            );
         }
     }
     println!(
@@ -441,7 +460,11 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
             "honest prover", "jobs", "output p50", "output max", "update p50", "update max"
         );
     }
-    for (setup, (out, upd)) in setups.iter().zip(&mut errors).filter(|(_, e)| !e.0.is_empty()) {
+    for (setup, (out, upd)) in setups
+        .iter()
+        .zip(&mut errors)
+        .filter(|(_, e)| !e.0.is_empty())
+    {
         out.sort_by(f64::total_cmp);
         upd.sort_by(f64::total_cmp);
         println!(

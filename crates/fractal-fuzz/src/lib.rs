@@ -17,7 +17,7 @@ use fractal_engine::{tiny, Model, TinyVariant};
 use fractal_protocol::btauth::{self, ReplayCache, VerifyPolicy};
 use fractal_protocol::merkle::{f32_le_bytes, values_digest, MerkleTree};
 use fractal_protocol::wire::{
-    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, ProverInfo, LeafOpening,
+    AuditAnswer, AuditChallenge, GenerateRequest, GenerateResponse, LeafOpening, ProverInfo,
     StreamItem, PROTOCOL_VERSION,
 };
 use fractal_protocol::{Digest32, JobId, Keypair, ModelManifest, Seed};

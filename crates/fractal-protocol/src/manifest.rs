@@ -180,10 +180,12 @@ impl Verification {
     pub const fn default_pairs_per_audit() -> u32 {
         2
     }
-    /// 35 audits of 2 pairs catch a cheat on 10% of the steps with
-    /// probability 1 - 0.9^70 > 99.9% per epoch.
+    /// With 2 pairs per audit, 45 audits catch a cheat on 4 of 50 steps
+    /// (or 1 of 10) with probability above 99.9% per epoch: 33 would be the
+    /// bare minimum for 5 of 50, the rest is margin for per-audit rates
+    /// measured below the plan's arithmetic.
     pub const fn default_audits_per_epoch() -> u32 {
-        35
+        45
     }
 
     /// Probability that one epoch's audits miss a cheat on a fraction
@@ -392,7 +394,7 @@ pub(crate) mod tests {
         // Golden: any change to the canonical encoding or the types fails here.
         assert_eq!(
             m.id().to_string(),
-            "f4cca4b0bf6381cd77cf10b31a0ed91427c6f8467dfb6546a9af0e27d6dad849"
+            "9767717f603daa8d1d5d412f6516b486779fc945d4e97b5fde28efe70f60ff95"
         );
         let json = String::from_utf8(m.canonical_bytes()).unwrap();
         let pretty = serde_json::to_string_pretty(&m).unwrap();
@@ -480,7 +482,9 @@ pub(crate) mod tests {
         assert!(err.contains("verification.step_rel_l2"), "{err}");
         let mut json: serde_json::Value = serde_json::to_value(&m).unwrap();
         json["verification"]["step_rel_l2"] = 0.001.into();
-        let err = ModelManifest::parse(&json.to_string()).unwrap_err().to_string();
+        let err = ModelManifest::parse(&json.to_string())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("verification.step_rel_l2"), "{err}");
         // Another unknown field is still a plain parse error.
         let other = bare.replace("[verification]", "[verification]\nsurprise = 1");
@@ -498,9 +502,11 @@ pub(crate) mod tests {
     #[test]
     fn epoch_miss_probability_follows_the_plan() {
         let v = sample().verification;
-        // 35 audits of 2 pairs: a cheat on 5 of 50 steps is missed < 0.1%.
-        let miss = v.epoch_miss_probability(0.1, 50);
+        // 45 audits of 2 pairs: a cheat on 4 of 50 steps is missed < 0.1%,
+        // one on 3 of 50 more often.
+        let miss = v.epoch_miss_probability(0.08, 50);
         assert!(miss < 1e-3 && miss > 1e-5, "{miss}");
+        assert!(v.epoch_miss_probability(0.06, 50) > 1e-3);
         assert_eq!(v.epoch_miss_probability(1.0, 50), 0.0);
         assert_eq!(v.epoch_miss_probability(0.0, 50), 1.0);
     }

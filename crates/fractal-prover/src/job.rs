@@ -322,11 +322,7 @@ fn denoise(
         let (from, to) = (leaves[2 * h].clone(), leaves[2 * steps].clone());
         for j in h + 1..steps {
             let t = (j - h) as f32 / (steps - h) as f32;
-            leaves[2 * j] = from
-                .iter()
-                .zip(&to)
-                .map(|(a, b)| a + t * (b - a))
-                .collect();
+            leaves[2 * j] = from.iter().zip(&to).map(|(a, b)| a + t * (b - a)).collect();
         }
     }
     Ok((x, leaves))

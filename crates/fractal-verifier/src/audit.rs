@@ -305,7 +305,11 @@ impl Auditor {
         // 1. The trace starts from the seed's noise, bit for bit.
         let noise = to_vec(&p.initial_latents(&spec).map_err(engine)?)?;
         let x0 = opened(TraceLeaf::Latent(0))?;
-        if x0.len() != noise.len() || x0.iter().zip(&noise).any(|(a, b)| a.to_bits() != b.to_bits())
+        if x0.len() != noise.len()
+            || x0
+                .iter()
+                .zip(&noise)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
         {
             return Err(fail(
                 Check::InitialNoise,
@@ -325,7 +329,10 @@ impl Auditor {
                 // The multistep history: the data prediction at k-1, from
                 // the committed x_{k-1} and out_{k-1} (its own update is
                 // not needed here).
-                let (x, out) = (tensor(TraceLeaf::Latent(k - 1))?, tensor(TraceLeaf::Output(k - 1))?);
+                let (x, out) = (
+                    tensor(TraceLeaf::Latent(k - 1))?,
+                    tensor(TraceLeaf::Output(k - 1))?,
+                );
                 scheduler
                     .step(&out, k as usize - 1, &x)
                     .map_err(|e| step_err(e.into()))?;

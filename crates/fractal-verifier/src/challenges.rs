@@ -331,8 +331,18 @@ mod tests {
     /// The old challenges: 4-9 words of a fixed list, one fixed shape.
     fn old_challenge(rng: &mut impl Rng) -> GenerateRequest {
         const WORDS: [&str; 12] = [
-            "a", "red", "fox", "running", "through", "snow", "old", "lighthouse", "at", "dusk",
-            "neon", "city",
+            "a",
+            "red",
+            "fox",
+            "running",
+            "through",
+            "snow",
+            "old",
+            "lighthouse",
+            "at",
+            "dusk",
+            "neon",
+            "city",
         ];
         let n = rng.gen_range(4..10);
         GenerateRequest {
@@ -356,8 +366,16 @@ mod tests {
     /// Every feature a prover sees, as tokens for a naive Bayes classifier:
     /// the words of both prompts, their lengths and every shape field.
     fn features(r: &GenerateRequest) -> Vec<String> {
-        let mut f: Vec<String> = r.prompt.split_whitespace().map(|w| format!("w:{w}")).collect();
-        f.extend(r.negative_prompt.split_whitespace().map(|w| format!("n:{w}")));
+        let mut f: Vec<String> = r
+            .prompt
+            .split_whitespace()
+            .map(|w| format!("w:{w}"))
+            .collect();
+        f.extend(
+            r.negative_prompt
+                .split_whitespace()
+                .map(|w| format!("n:{w}")),
+        );
         let p = r.prompt.split_whitespace().count();
         let n = r.negative_prompt.split_whitespace().count();
         f.extend([
@@ -429,10 +447,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mut crng = rand::rngs::StdRng::seed_from_u64(12);
         let manifest_id = ManifestId(fractal_protocol::Digest32([3; 32]));
-        let mut mix = ChallengeMix::with_fallback(
-            manifest_id,
-            JobShape::of(&old_challenge(&mut rng)),
-        );
+        let mut mix =
+            ChallengeMix::with_fallback(manifest_id, JobShape::of(&old_challenge(&mut rng)));
         for _ in 0..RECENT_JOBS {
             mix.observe(&app_job(&mut rng));
         }
@@ -441,7 +457,10 @@ mod tests {
         let acc = classifier_accuracy(&train, &test);
         eprintln!("challenges vs app jobs: accuracy {acc:.3}");
         // 2,000 test jobs: chance is 50% +- 1.1% (one standard deviation).
-        assert!(acc < 0.56, "challenges are distinguishable: accuracy {acc:.3}");
+        assert!(
+            acc < 0.56,
+            "challenges are distinguishable: accuracy {acc:.3}"
+        );
 
         // The same classifier does tell the old fixed-list challenges apart,
         // so the test can fail.
@@ -461,7 +480,10 @@ mod tests {
         let mut with_negative = 0;
         for _ in 0..200 {
             let r = mix.draw(&mut rng);
-            assert_eq!((r.size, r.frames, r.steps), (fallback.size, fallback.frames, fallback.steps));
+            assert_eq!(
+                (r.size, r.frames, r.steps),
+                (fallback.size, fallback.frames, fallback.steps)
+            );
             assert_eq!(r.manifest_id, manifest_id);
             assert!(!r.prompt.trim().is_empty());
             with_negative += !r.negative_prompt.is_empty() as usize;

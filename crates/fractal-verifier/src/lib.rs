@@ -253,9 +253,9 @@ impl Verifier {
                 .await
             {
                 Ok(answer) => return Ok(answer),
-                Err(e @ (CallError::Transport(_) | CallError::Timeout(_) | CallError::Busy { .. }))
-                    if attempt < AUDIT_ATTEMPTS =>
-                {
+                Err(
+                    e @ (CallError::Transport(_) | CallError::Timeout(_) | CallError::Busy { .. }),
+                ) if attempt < AUDIT_ATTEMPTS => {
                     tracing::info!(prover = %prover, attempt, error = %e, "audit call failed; retrying");
                     tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
                     attempt += 1;
@@ -552,7 +552,11 @@ impl Verifier {
         let plan = self.auditor.model().manifest.verification.audits_per_epoch as u64;
         let provers = self.provers(&mg);
         let min_audits = |epoch: u64| -> Result<u64, VerifierError> {
-            let counts = self.store.lock().expect("store lock").audits_in_epoch(epoch)?;
+            let counts = self
+                .store
+                .lock()
+                .expect("store lock")
+                .audits_in_epoch(epoch)?;
             Ok(provers
                 .iter()
                 .map(|n| counts.get(&n.hotkey.to_ss58()).copied().unwrap_or(0))
@@ -564,7 +568,12 @@ impl Verifier {
             if done < plan {
                 tracing::warn!(epoch = previous, audits = done, plan, "a prover got fewer audits than the manifest's plan: per-epoch detection is below its target (more verifier time, or a smaller --pause-s, closes the gap)");
             } else {
-                tracing::info!(epoch = previous, audits = done, plan, "every prover got the planned audits");
+                tracing::info!(
+                    epoch = previous,
+                    audits = done,
+                    plan,
+                    "every prover got the planned audits"
+                );
             }
         }
         let needed = plan.saturating_sub(min_audits(epoch)?);

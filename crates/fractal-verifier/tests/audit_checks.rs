@@ -32,7 +32,8 @@ fn dpm_manifest() -> ModelManifest {
 }
 
 fn request(model: &PinnedModel, seed: u64, steps: u32) -> GenerateRequest {
-    let mut r = GenerateRequest::with_defaults(&model.manifest, "a red fox in the snow", Seed(seed));
+    let mut r =
+        GenerateRequest::with_defaults(&model.manifest, "a red fox in the snow", Seed(seed));
     r.negative_prompt = "blurry".into();
     r.size = Size {
         width: 32,
@@ -50,8 +51,15 @@ fn produce(
     strategy: &Strategy,
 ) -> (fractal_prover::traces::Trace, GenerateResponse) {
     let spec = model.spec(req).unwrap();
-    let produced =
-        job::run(model, req, &spec, strategy, &StrategyState::default(), &mut |_| true).unwrap();
+    let produced = job::run(
+        model,
+        req,
+        &spec,
+        strategy,
+        &StrategyState::default(),
+        &mut |_| true,
+    )
+    .unwrap();
     let resp = GenerateResponse {
         version: PROTOCOL_VERSION,
         job_id: req.job_id,
@@ -125,7 +133,9 @@ fn a_wrong_model_output_at_the_last_step_is_caught() {
     let req = request(&model, 5, 6);
     let results = audit(&model, &req, Strategy::ReuseAlternate, |_| {}, 40);
     assert!(results.iter().any(|r| *r == Err(Check::ModelOutput)));
-    assert!(results.iter().all(|r| matches!(r, Ok(()) | Err(Check::ModelOutput))));
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Ok(()) | Err(Check::ModelOutput))));
 }
 
 #[test]
@@ -136,7 +146,9 @@ fn a_repeated_last_step_is_caught_by_the_update_check() {
     let req = request(&model, 6, 6);
     let results = audit(&model, &req, Strategy::RepeatTail(1), |_| {}, 40);
     assert!(results.iter().any(|r| *r == Err(Check::Step)));
-    assert!(results.iter().all(|r| matches!(r, Ok(()) | Err(Check::Step))));
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Ok(()) | Err(Check::Step))));
 }
 
 #[test]
@@ -165,7 +177,9 @@ fn a_repeated_step_is_caught_exactly_when_it_is_drawn() {
     for i in 0..30 {
         let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));
         let answer = trace.open(&plan.challenge).unwrap();
-        let verdict = auditor.check(&req, &resp, &plan, &answer).map_err(|f| f.check);
+        let verdict = auditor
+            .check(&req, &resp, &plan, &answer)
+            .map_err(|f| f.check);
         let repeated = (steps / 2) as u32;
         assert_eq!(
             verdict.is_err(),

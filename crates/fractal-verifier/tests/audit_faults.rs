@@ -68,7 +68,9 @@ async fn forward(
 /// A local chain, one honest prover behind a link dropping its first
 /// `drop_audits` audit calls, and a verifier; returns the outcome of one
 /// challenge and how many audit calls reached the link.
-async fn challenge_through(drop_audits: usize) -> (Option<fractal_verifier::audit::Failure>, usize) {
+async fn challenge_through(
+    drop_audits: usize,
+) -> (Option<fractal_verifier::audit::Failure>, usize) {
     let params = Hyperparams {
         tempo: 5,
         ..Hyperparams::default()
@@ -108,7 +110,9 @@ async fn challenge_through(drop_audits: usize) -> (Option<fractal_verifier::audi
     let verifier = Verifier::new(
         vkey,
         chain.clone(),
-        Arc::new(pinned(Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap())),
+        Arc::new(pinned(
+            Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
+        )),
         Store::in_memory().unwrap(),
         config,
     )
@@ -121,7 +125,10 @@ async fn challenge_through(drop_audits: usize) -> (Option<fractal_verifier::audi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_audit_call_is_retried_before_judging() {
     let (failed, calls) = challenge_through(1).await;
-    assert_eq!(failed, None, "an honest prover with one lost audit reply was failed");
+    assert_eq!(
+        failed, None,
+        "an honest prover with one lost audit reply was failed"
+    );
     assert_eq!(calls, 2);
 }
 
@@ -130,6 +137,10 @@ async fn a_prover_that_never_answers_the_audit_fails_after_the_retries() {
     let (failed, calls) = challenge_through(usize::MAX).await;
     let f = failed.expect("never answering must fail");
     assert_eq!(f.check, Check::Commitment, "{f}");
-    assert!(f.detail.contains(&format!("after {AUDIT_ATTEMPTS} attempt")), "{f}");
+    assert!(
+        f.detail
+            .contains(&format!("after {AUDIT_ATTEMPTS} attempt")),
+        "{f}"
+    );
     assert_eq!(calls, AUDIT_ATTEMPTS as usize);
 }

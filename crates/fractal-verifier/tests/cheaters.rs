@@ -50,30 +50,120 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     // Each cheat with the checks allowed to catch it.
     let tenth = (STEPS / 10) as usize;
     let cheats: Vec<(&str, Model, Strategy, &[Check])> = vec![
-        ("fewer-steps", base(), Strategy::FewerSteps, &[Check::Step, Check::ModelOutput]),
-        ("repeat-tail", base(), Strategy::RepeatTail(tenth), &[Check::Step]),
-        ("repeat-middle", base(), Strategy::RepeatMiddle(tenth), &[Check::Step]),
-        ("reuse-second-half", base(), Strategy::ReuseSecondHalf, &[Check::ModelOutput]),
-        ("reuse-alternate", base(), Strategy::ReuseAlternate, &[Check::ModelOutput]),
-        ("jump-from-half", base(), Strategy::JumpFromHalf, &[Check::Step, Check::ModelOutput]),
-        ("no-guidance", base(), Strategy::NoGuidance, &[Check::ModelOutput]),
-        ("guidance-alternate", base(), Strategy::GuidanceAlternate, &[Check::ModelOutput]),
-        ("half-frames", base(), Strategy::HalfFrames, &[Check::ModelOutput]),
-        ("output-bf16", base(), Strategy::OutputBf16, &[Check::ModelOutput]),
-        ("cached-prompt", base(), Strategy::CachedPrompt, &[Check::ModelOutput]),
-        ("weights-f16", degraded(Degradation::RoundedF16), Strategy::Honest, &[Check::ModelOutput]),
-        ("weights-bf16", degraded(Degradation::RoundedBf16), Strategy::Honest, &[Check::ModelOutput]),
-        ("weights-noise-0.1pct", degraded(Degradation::Perturbed(0.001)), Strategy::Honest, &[Check::ModelOutput]),
+        (
+            "fewer-steps",
+            base(),
+            Strategy::FewerSteps,
+            &[Check::Step, Check::ModelOutput],
+        ),
+        (
+            "repeat-tail",
+            base(),
+            Strategy::RepeatTail(tenth),
+            &[Check::Step],
+        ),
+        (
+            "repeat-middle",
+            base(),
+            Strategy::RepeatMiddle(tenth),
+            &[Check::Step],
+        ),
+        (
+            "reuse-second-half",
+            base(),
+            Strategy::ReuseSecondHalf,
+            &[Check::ModelOutput],
+        ),
+        (
+            "reuse-alternate",
+            base(),
+            Strategy::ReuseAlternate,
+            &[Check::ModelOutput],
+        ),
+        (
+            "jump-from-half",
+            base(),
+            Strategy::JumpFromHalf,
+            &[Check::Step, Check::ModelOutput],
+        ),
+        (
+            "no-guidance",
+            base(),
+            Strategy::NoGuidance,
+            &[Check::ModelOutput],
+        ),
+        (
+            "guidance-alternate",
+            base(),
+            Strategy::GuidanceAlternate,
+            &[Check::ModelOutput],
+        ),
+        (
+            "half-frames",
+            base(),
+            Strategy::HalfFrames,
+            &[Check::ModelOutput],
+        ),
+        (
+            "output-bf16",
+            base(),
+            Strategy::OutputBf16,
+            &[Check::ModelOutput],
+        ),
+        (
+            "cached-prompt",
+            base(),
+            Strategy::CachedPrompt,
+            &[Check::ModelOutput],
+        ),
+        (
+            "weights-f16",
+            degraded(Degradation::RoundedF16),
+            Strategy::Honest,
+            &[Check::ModelOutput],
+        ),
+        (
+            "weights-bf16",
+            degraded(Degradation::RoundedBf16),
+            Strategy::Honest,
+            &[Check::ModelOutput],
+        ),
+        (
+            "weights-noise-0.1pct",
+            degraded(Degradation::Perturbed(0.001)),
+            Strategy::Honest,
+            &[Check::ModelOutput],
+        ),
         (
             "other-model",
             Model::tiny(TinyVariant::Wide, &cpu).unwrap(),
             Strategy::Honest,
             &[Check::ModelOutput],
         ),
-        ("random-latents", base(), Strategy::RandomLatents, &[Check::InitialNoise]),
-        ("replay-cached", base(), Strategy::ReplayCached, &[Check::InitialNoise]),
-        ("inconsistent-audit", base(), Strategy::InconsistentAudit, &[Check::Commitment]),
-        ("fabricated-audit", base(), Strategy::FabricatedAudit, &[Check::Commitment]),
+        (
+            "random-latents",
+            base(),
+            Strategy::RandomLatents,
+            &[Check::InitialNoise],
+        ),
+        (
+            "replay-cached",
+            base(),
+            Strategy::ReplayCached,
+            &[Check::InitialNoise],
+        ),
+        (
+            "inconsistent-audit",
+            base(),
+            Strategy::InconsistentAudit,
+            &[Check::Commitment],
+        ),
+        (
+            "fabricated-audit",
+            base(),
+            Strategy::FabricatedAudit,
+            &[Check::Commitment],
+        ),
         (
             "late",
             base(),
@@ -116,7 +206,8 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     // Every prover twice (the honest ones need passed audits to earn),
     // then only the cheaters that have not been caught yet; no blocks are
     // produced meanwhile, so every failure falls in this epoch.
-    let name_of = |h: &fractal_protocol::Hotkey| provers.iter().find(|p| p.1.hotkey() == *h).unwrap().0;
+    let name_of =
+        |h: &fractal_protocol::Hotkey| provers.iter().find(|p| p.1.hotkey() == *h).unwrap().0;
     let mut caught: BTreeMap<String, Vec<Check>> = BTreeMap::new();
     let note = |r: fractal_verifier::JobResult, caught: &mut BTreeMap<String, Vec<Check>>| {
         let name = name_of(&r.hotkey);
@@ -145,7 +236,8 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
             eprintln!("every cheater caught after {} extra rounds", round);
             break;
         }
-        let results = futures_util::future::join_all(left.iter().map(|n| verifier.challenge(n, epoch))).await;
+        let results =
+            futures_util::future::join_all(left.iter().map(|n| verifier.challenge(n, epoch))).await;
         for r in results {
             note(r.unwrap(), &mut caught);
         }
@@ -158,7 +250,9 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
                 caught.get(*name)
             );
         } else {
-            let checks = caught.get(*name).unwrap_or_else(|| panic!("{name} was never caught"));
+            let checks = caught
+                .get(*name)
+                .unwrap_or_else(|| panic!("{name} was never caught"));
             // Caught by a check meant for it.
             assert!(
                 checks.iter().all(|c| allowed[name].contains(c)),
