@@ -9,7 +9,6 @@ use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::video::{self, Frames};
 use fractal_engine::{model, tiny, Model, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
-use fractal_protocol::merkle::TraceDigests;
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -200,18 +199,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .expect("template")
         .progress_chars("=> "),
     );
-    let mut trace = TraceDigests::new();
-    let mut trace_err = None;
     let start = Instant::now();
-    let generated = pipeline.generate(&spec, &mut |e| {
-        if let Err(err) = e.commit_to(&mut trace) {
-            trace_err.get_or_insert(err);
-        }
-        bar.set_position(e.index as u64);
-    })?;
-    if let Some(err) = trace_err {
-        return Err(err.into());
-    }
+    let (generated, trace) =
+        pipeline.generate_traced(&spec, &mut |e| bar.set_position(e.index as u64))?;
     bar.finish_and_clear();
     let denoise = start.elapsed();
     let rgb = generated.rgb8()?;

@@ -39,7 +39,7 @@ pub struct StepEvent<'a> {
 impl StepEvent<'_> {
     /// Adds this event's trace leaves (the step's model output, then the
     /// latent after it) to `trace`, as every role commits them.
-    pub fn commit_to(&self, trace: &mut TraceDigests) -> Result<(), EngineError> {
+    fn commit_to(&self, trace: &mut TraceDigests) -> Result<(), EngineError> {
         if let Some(output) = self.output {
             trace.push(&values(output)?);
         }
@@ -237,6 +237,34 @@ impl Pipeline {
         spec: &GenerateSpec,
         on_step: &mut dyn FnMut(StepEvent<'_>),
     ) -> Result<Generated, EngineError> {
+        self.run(spec, &mut |e| {
+            on_step(e);
+            Ok(())
+        })
+    }
+
+    /// Runs the whole pipeline and commits its trace as provers do (every
+    /// step's model output and latent, see `fractal_protocol::merkle`);
+    /// `on_step` sees every event too.
+    pub fn generate_traced(
+        &self,
+        spec: &GenerateSpec,
+        on_step: &mut dyn FnMut(&StepEvent<'_>),
+    ) -> Result<(Generated, TraceDigests), EngineError> {
+        let mut trace = TraceDigests::new();
+        let generated = self.run(spec, &mut |e| {
+            e.commit_to(&mut trace)?;
+            on_step(&e);
+            Ok(())
+        })?;
+        Ok((generated, trace))
+    }
+
+    fn run(
+        &self,
+        spec: &GenerateSpec,
+        on_step: &mut dyn FnMut(StepEvent<'_>) -> Result<(), EngineError>,
+    ) -> Result<Generated, EngineError> {
         let mut scheduler = self.scheduler_for(spec.steps)?;
         let mut latents = self.initial_latents(spec)?;
         let context = self.context(spec)?;
@@ -246,7 +274,7 @@ impl Pipeline {
             total,
             output: None,
             latents: &latents,
-        });
+        })?;
         for i in 0..spec.steps {
             let step =
                 self.denoise_step(&mut scheduler, i, &latents, &context, spec.guidance_scale)?;
@@ -256,7 +284,7 @@ impl Pipeline {
                 total,
                 output: Some(&step.output),
                 latents: &latents,
-            });
+            })?;
         }
         let frames = self.decode(&latents)?;
         Ok(Generated {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use fractal_engine::pipeline::values;
 use fractal_engine::{EngineError, GenerateSpec, PinnedModel};
-use fractal_protocol::merkle::{f32_le_bytes, TraceDigests};
+use fractal_protocol::merkle::{f32_le_bytes, MerkleTree};
 use fractal_protocol::wire::{GenerateRequest, Timing};
 use fractal_protocol::Digest32;
 
@@ -164,18 +164,15 @@ fn shape_of(t: &Tensor) -> Vec<u32> {
     t.dims().iter().map(|&d| d as u32).collect()
 }
 
-/// A trace over leaf values in trace order (`x_0, out_0, x_1, ..., x_N`).
+/// A trace over leaf values in trace order (`x_0, out_0, x_1, ..., x_N`):
+/// each leaf encoded once, kept as committed and hashed from those bytes.
 fn trace_of(shape: Vec<u32>, leaves: &[Vec<f32>]) -> Result<Trace, JobError> {
-    let mut digests = TraceDigests::new();
-    for leaf in leaves {
-        digests.push(leaf);
-    }
-    let tree = digests
-        .tree()
-        .map_err(|e| EngineError::BadInput(e.to_string()))?;
+    let leaves: Vec<Vec<u8>> = leaves.iter().map(|l| f32_le_bytes(l)).collect();
+    let digests: Vec<Digest32> = leaves.iter().map(|b| Digest32::sha256(b)).collect();
+    let tree = MerkleTree::new(&digests).map_err(|e| EngineError::BadInput(e.to_string()))?;
     Ok(Trace {
         shape,
-        leaves: leaves.iter().map(|l| f32_le_bytes(l)).collect(),
+        leaves,
         tree,
     })
 }
@@ -478,7 +475,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fractal_protocol::merkle::MerkleTree;
+    use fractal_protocol::merkle::TraceDigests;
 
     #[test]
     fn a_trace_commits_every_leaf_in_order() {

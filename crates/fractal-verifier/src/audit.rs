@@ -32,7 +32,7 @@ use fractal_engine::pipeline::values;
 use fractal_engine::video::{decode_mp4, psnr_luma};
 use fractal_engine::{pinned, PinnedModel};
 use fractal_protocol::manifest::SchedulerKind;
-use fractal_protocol::merkle::{TraceDigests, TraceLeaf};
+use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{
     latents_f16_bytes, latents_from_f16_bytes, AuditAnswer, AuditChallenge, GenerateRequest,
     GenerateResponse, OutputFormat, PROTOCOL_VERSION,
@@ -95,6 +95,14 @@ impl Failure {
             check,
             detail: detail.into(),
             measured: None,
+        }
+    }
+
+    /// The same failure, with the error its numeric check measured.
+    fn measured(self, err: f64) -> Self {
+        Failure {
+            measured: Some(err),
+            ..self
         }
     }
 }
@@ -296,8 +304,8 @@ impl Auditor {
             o.values()
                 .ok_or_else(|| fail(Check::Commitment, format!("{leaf}: not f32 values")))
         };
-        let tensor = |leaf: TraceLeaf| -> Result<Tensor, Failure> {
-            Tensor::from_vec(opened(leaf)?, (b, c, f, h, w), device)
+        let tensor = |values: Vec<f32>| -> Result<Tensor, Failure> {
+            Tensor::from_vec(values, (b, c, f, h, w), device)
                 .map_err(|e| fail(Check::Commitment, e.to_string()))
         };
         let to_vec = |t: &Tensor| values(t).map_err(|e| fail(Check::Step, e.to_string()));
@@ -329,21 +337,18 @@ impl Auditor {
                 // The multistep history: the data prediction at k-1, from
                 // the committed x_{k-1} and out_{k-1} (its own update is
                 // not needed here).
-                let (x, out) = (
-                    tensor(TraceLeaf::Latent(k - 1))?,
-                    tensor(TraceLeaf::Output(k - 1))?,
-                );
+                let x = tensor(opened(TraceLeaf::Latent(k - 1))?)?;
+                let out = tensor(opened(TraceLeaf::Output(k - 1))?)?;
                 scheduler
                     .step(&out, k as usize - 1, &x)
                     .map_err(|e| step_err(e.into()))?;
             }
-            let x = tensor(TraceLeaf::Latent(k))?;
-            let out = tensor(TraceLeaf::Output(k))?;
+            let (x_k, out_k) = (opened(TraceLeaf::Latent(k))?, opened(TraceLeaf::Output(k))?);
+            let x = tensor(x_k.clone())?;
             let next = scheduler
-                .step(&out, k as usize, &x)
+                .step(&tensor(out_k.clone())?, k as usize, &x)
                 .map_err(|e| step_err(e.into()))?;
             let ours = to_vec(&(next - &x).map_err(|e| step_err(e.into()))?)?;
-            let x_k = opened(TraceLeaf::Latent(k))?;
             let theirs: Vec<f32> = opened(TraceLeaf::Latent(k + 1))?
                 .iter()
                 .zip(&x_k)
@@ -352,33 +357,29 @@ impl Auditor {
             let err = rel_l2(&theirs, &ours);
             worst_update = worst_update.max(err);
             if err.is_nan() || err > tol.update_rel_l2 {
-                return Err(Failure {
-                    measured: Some(err),
-                    ..fail(
-                        Check::Step,
-                        format!(
-                            "step {k}: update from the committed output is off by relative L2 {err:.3e} > {:.1e}",
-                            tol.update_rel_l2
-                        ),
-                    )
-                });
+                return Err(fail(
+                    Check::Step,
+                    format!(
+                        "step {k}: update from the committed output is off by relative L2 {err:.3e} > {:.1e}",
+                        tol.update_rel_l2
+                    ),
+                )
+                .measured(err));
             }
             let recomputed = p
                 .model_output(&scheduler, k as usize, &x, &context, spec.guidance_scale)
                 .map_err(|e| fail(Check::ModelOutput, e.to_string()))?;
-            let err = rel_l2(&opened(TraceLeaf::Output(k))?, &to_vec(&recomputed)?);
+            let err = rel_l2(&out_k, &to_vec(&recomputed)?);
             worst_output = worst_output.max(err);
             if err.is_nan() || err > tol.output_rel_l2 {
-                return Err(Failure {
-                    measured: Some(err),
-                    ..fail(
-                        Check::ModelOutput,
-                        format!(
-                            "step {k}: model output off by relative L2 {err:.3e} > {:.1e}",
-                            tol.output_rel_l2
-                        ),
-                    )
-                });
+                return Err(fail(
+                    Check::ModelOutput,
+                    format!(
+                        "step {k}: model output off by relative L2 {err:.3e} > {:.1e}",
+                        tol.output_rel_l2
+                    ),
+                )
+                .measured(err));
             }
         }
 
@@ -395,7 +396,7 @@ impl Auditor {
                 f64::INFINITY
             }
             format => {
-                let x = tensor(last)?;
+                let x = tensor(opened(last)?)?;
                 let frame = p
                     .decode_frame(&x, plan.frame as usize)
                     .map_err(|e| fail(Check::Frame, e.to_string()))?;
@@ -443,20 +444,11 @@ impl Auditor {
             fail(Check::Response, format!("cannot replay the request: {e}"))
         };
         let spec = self.model.spec(req).map_err(engine)?;
-        let mut trace = TraceDigests::new();
-        let mut trace_err: Option<Failure> = None;
-        let generated = self
+        let (generated, trace) = self
             .model
             .pipeline
-            .generate(&spec, &mut |e| {
-                if let Err(err) = e.commit_to(&mut trace) {
-                    trace_err.get_or_insert(fail(Check::Step, err.to_string()));
-                }
-            })
+            .generate_traced(&spec, &mut |_| {})
             .map_err(|e| fail(Check::Step, e.to_string()))?;
-        if let Some(f) = trace_err {
-            return Err(f);
-        }
         let root = trace
             .tree()
             .map_err(|e| fail(Check::Step, e.to_string()))?
