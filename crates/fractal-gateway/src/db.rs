@@ -515,6 +515,16 @@ impl Db {
         Ok(())
     }
 
+    /// Jobs waiting for a prover (the gateway's queue).
+    pub fn queued_count(&self) -> Result<u64, DbError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// Counts per status, for /metrics and the chaos report.
     pub fn counts(&self) -> Result<Vec<(String, u64)>, DbError> {
         let conn = self.conn();

@@ -83,12 +83,18 @@ impl Drop for Sent {
 }
 
 impl Gateway {
-    /// The best eligible prover not tried yet; `None` when there is none.
-    fn pick(&self, work: &Work, tried: &mut Vec<Hotkey>) -> Option<Sent> {
+    /// The best eligible prover with room not tried yet (for a hedge, only
+    /// an idle one); `None` when there is none.
+    fn pick(&self, work: &Work, tried: &mut Vec<Hotkey>, hedge: bool) -> Option<Sent> {
         let neurons = self.provers.lock().expect("provers lock").clone();
         let mut map = self.map.lock().expect("map lock");
         loop {
-            let t = map.choose(work, crate::now_ms(), tried)?;
+            let now = crate::now_ms();
+            let t = if hedge {
+                map.choose_hedge(work, now, tried)?
+            } else {
+                map.choose(work, now, tried)?
+            };
             tried.push(t.node);
             match neurons.iter().find(|n| n.hotkey == t.node) {
                 Some(n) => {
@@ -149,7 +155,7 @@ impl Gateway {
         tried: &mut Vec<Hotkey>,
         started: &mut bool,
     ) -> Option<(Result<Generated, CallError>, Hotkey)> {
-        let mut first = self.pick(work, tried)?;
+        let mut first = self.pick(work, tried, false)?;
         if !*started {
             match self.db.start(&job.id) {
                 Ok(true) => {
@@ -179,7 +185,7 @@ impl Gateway {
             }
             _ = tokio::time::sleep(hedge_after) => {}
         }
-        let Some(mut second) = self.pick(work, tried) else {
+        let Some(mut second) = self.pick(work, tried, true) else {
             let r = a.await;
             first.settle(r.as_ref(), work);
             return Some((r, first.neuron.hotkey));
@@ -250,6 +256,11 @@ impl Gateway {
                     }
                     self.changed(&job.id);
                     return;
+                }
+                // Full: not a failure of the job, and the map now counts
+                // that prover full; try another (each is tried once).
+                Err(e @ CallError::Busy { .. }) => {
+                    tracing::debug!(job = %job.id, %prover, error = %e, "prover busy; trying another");
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, %prover, error = %e, "prover failed the job; failing over");

@@ -31,7 +31,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use fractal_chain::NeuronInfo;
 use fractal_engine::PinnedModel;
-use fractal_router::{GridMap, MapStore, RouterConfig, Work};
+use fractal_router::{Admission, GridMap, Load, MapStore, RouterConfig, Work};
 use fractal_verifier::client::CallError;
 use fractal_verifier::Verifier;
 use serde::Deserialize;
@@ -89,6 +89,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     pub failovers: AtomicU64,
     pub hedges: AtomicU64,
+    /// New jobs refused because the grid was saturated.
+    pub shed: AtomicU64,
 }
 
 pub struct Gateway {
@@ -244,10 +246,11 @@ impl Gateway {
                 Ok((info, rtt)) => map.observe_rtt(
                     &hk,
                     rtt.as_secs_f64() * 1000.0,
-                    Some((
-                        (info.running + info.queued) as u32,
-                        info.max_concurrent as u32,
-                    )),
+                    Some(Load {
+                        jobs: (info.running + info.queued) as u32,
+                        slots: info.max_concurrent as u32,
+                        capacity: (info.max_concurrent + info.max_queued) as u32,
+                    }),
                     now_ms(),
                 ),
                 // Down or unreachable: keep jobs away until it answers again.
@@ -626,6 +629,29 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
             3600,
         ));
     }
+    // Past saturation, refuse new work rather than queue it without bound.
+    let work = Work {
+        width: spec.width,
+        height: spec.height,
+        frames: spec.frames,
+        steps: spec.steps,
+    };
+    let held = gw.db.queued_count()? as usize;
+    let admission = gw
+        .map
+        .lock()
+        .expect("map lock")
+        .admit(&work, now_ms(), held);
+    if let Admission::Shed { retry_after_s } = admission {
+        gw.counters.shed.fetch_add(1, Ordering::Relaxed);
+        return Err(OaiError::rate_limited(
+            "grid_saturated",
+            format!(
+                "The grid is saturated: a new video would wait about {retry_after_s} s for a prover ({held} already queued here). Try again later."
+            ),
+            retry_after_s,
+        ));
+    }
     let id = format!("video_{}", fractal_protocol::JobId::random());
     // Durable before the answer: from here on the job survives restarts.
     let (job, new) = gw.db.insert_job(&id, &key.id, &spec, idem.as_deref())?;
@@ -875,6 +901,10 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         (
             "fractal_gateway_hedges_total",
             c.hedges.load(Ordering::Relaxed),
+        ),
+        (
+            "fractal_gateway_jobs_shed_total",
+            c.shed.load(Ordering::Relaxed),
         ),
         (
             "fractal_gateway_jobs_running",

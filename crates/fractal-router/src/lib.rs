@@ -14,7 +14,8 @@ pub mod store;
 pub mod vivaldi;
 
 pub use map::{
-    Breaker, Failure, GridMap, GridSnapshot, NodeHealth, Prediction, RouterConfig, Ticket, Work,
+    Admission, Breaker, Failure, GridMap, GridSnapshot, Load, NodeHealth, Prediction, RouterConfig,
+    Ticket, Work,
 };
 pub use store::{MapStore, MapStoreError};
 pub use vivaldi::{Coord, VivaldiConfig};

@@ -36,6 +36,11 @@ pub struct RouterConfig {
     pub ema_alpha: f64,
     /// RTT samples kept per node for percentiles.
     pub rtt_window: usize,
+    /// A new job whose predicted wait for a node (or, with every node
+    /// full, for the jobs held ahead of it) exceeds this is refused with
+    /// `Retry-After` rather than queued: past saturation, the gateway
+    /// sheds load instead of growing its queue without bound.
+    pub shed_wait_ms: f64,
     pub vivaldi: VivaldiConfig,
 }
 
@@ -50,6 +55,7 @@ impl Default for RouterConfig {
             prior_ms_per_frame_step: 20.0,
             ema_alpha: 0.3,
             rtt_window: 64,
+            shed_wait_ms: 300_000.0,
             vivaldi: VivaldiConfig::default(),
         }
     }
@@ -74,7 +80,14 @@ impl Work {
     fn resolution(&self) -> String {
         format!("{}x{}", self.width, self.height)
     }
+    /// Size in frame·steps at 64x64.
+    fn units(&self) -> f64 {
+        self.frame_steps() * self.pixels() / REF_PIXELS
+    }
 }
+
+/// Weight of the newest job in the moving average of the job mix.
+const MIX_ALPHA: f64 = 0.02;
 
 /// Reference resolution for comparing speeds measured at different sizes.
 const REF_PIXELS: f64 = 64.0 * 64.0;
@@ -123,8 +136,16 @@ pub struct NodeState {
     pub reported_queue: u32,
     /// …and when (gateway clock, ms); the report drains from then on.
     pub reported_at_ms: f64,
+    /// Predicted work of the reported jobs that are not ours (other
+    /// gateways' and the verifier's), ms, as of `reported_at_ms`.
+    #[serde(default)]
+    pub others_ms: f64,
     /// Jobs the node runs at once (from its info).
     pub concurrency: u32,
+    /// Jobs it accepts at once, running or waiting (from its info; 0 until
+    /// it has said): past it, it answers busy.
+    #[serde(default)]
+    pub capacity: u32,
     /// Moving average of waiting that the node's queue did not explain
     /// (other gateways' load), in ms.
     pub extra_wait_ms: f64,
@@ -158,7 +179,9 @@ impl NodeState {
             free_at_ms: 0.0,
             reported_queue: 0,
             reported_at_ms: 0.0,
+            others_ms: 0.0,
             concurrency: 1,
+            capacity: 0,
             extra_wait_ms: 0.0,
             completed: 0,
             errors: 0,
@@ -182,6 +205,35 @@ impl NodeState {
     fn normalised_speed(&self) -> Option<f64> {
         let (res, ms) = self.ms_per_frame_step.iter().next_back()?;
         Some(ms * REF_PIXELS / pixels_of(res)?)
+    }
+
+    /// What an average job of the mix (`mix_units` frame·steps at 64x64)
+    /// takes here, ms.
+    fn mean_job_ms(&self, fleet_prior: f64, mix_units: f64) -> f64 {
+        self.normalised_speed().unwrap_or(fleet_prior) * mix_units
+    }
+
+    /// Jobs there as far as this gateway can tell: all of ours until they
+    /// are answered (counting one as done before its answer comes makes
+    /// the node refuse the next), and the others' from the last report
+    /// less what the node has worked off since.
+    fn jobs_now(&self, now_ms: f64, fleet_prior: f64, mix_units: f64) -> f64 {
+        let slots = self.concurrency.max(1) as f64;
+        let ours = self.inflight as f64;
+        let others = self.others_remaining_ms(now_ms) * slots;
+        ours + (others / self.mean_job_ms(fleet_prior, mix_units).max(1e-9)).ceil()
+    }
+
+    /// Nothing of ours there and nothing left of the last report.
+    fn idle(&self, now_ms: f64, fleet_prior: f64, mix_units: f64) -> bool {
+        self.jobs_now(now_ms, fleet_prior, mix_units) < self.concurrency.max(1) as f64
+    }
+
+    /// Queue time that other gateways' reported jobs still put ahead of a
+    /// new one, ms.
+    fn others_remaining_ms(&self, now_ms: f64) -> f64 {
+        let slots = self.concurrency.max(1) as f64;
+        (self.others_ms / slots - (now_ms - self.reported_at_ms)).max(0.0)
     }
 
     fn service_ms(&self, work: &Work, fleet_prior: f64) -> f64 {
@@ -209,6 +261,27 @@ pub fn percentile(mut v: Vec<f64>, q: f64) -> Option<f64> {
     Some(v[rank - 1])
 }
 
+/// What a prover reported about its load at a probe (`/v1/info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Jobs running or waiting there (every gateway's).
+    pub jobs: u32,
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Jobs it accepts at once, running or waiting; past it, busy.
+    pub capacity: u32,
+}
+
+/// Whether a gateway should take a new job (see [`GridMap::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Admission {
+    Accept,
+    /// The grid is saturated: refuse with `Retry-After`.
+    Shed {
+        retry_after_s: u64,
+    },
+}
+
 /// A request the router sent: where, and what it predicted then.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Ticket {
@@ -232,6 +305,14 @@ pub struct GridMap {
     /// This gateway's own coordinate.
     pub me: Coord,
     pub nodes: BTreeMap<Hotkey, NodeState>,
+    /// Moving average of the jobs routed, in frame·steps at 64x64: prices
+    /// the jobs a node reports without saying what they are.
+    #[serde(default)]
+    pub mix_units: f64,
+    /// Median normalised speed over the measured fleet (ms per frame·step
+    /// at 64x64), kept current as jobs finish.
+    #[serde(skip)]
+    fleet_speed: Option<f64>,
     #[serde(skip, default = "default_config")]
     cfg: RouterConfig,
     #[serde(skip, default = "default_rng")]
@@ -252,6 +333,8 @@ impl GridMap {
         GridMap {
             me: Coord::origin(&cfg.vivaldi),
             nodes: BTreeMap::new(),
+            mix_units: 0.0,
+            fleet_speed: None,
             cfg,
             rng: StdRng::seed_from_u64(seed),
         }
@@ -270,6 +353,7 @@ impl GridMap {
                 n.breaker = Breaker::HalfOpen { probing: false };
             }
         }
+        self.update_fleet_speed();
         self
     }
 
@@ -316,13 +400,8 @@ impl GridMap {
 
     /// One round-trip measurement to `hk` (a probe, not a job): moves both
     /// Vivaldi coordinates. `queue` is what the node reported, if anything.
-    pub fn observe_rtt(
-        &mut self,
-        hk: &Hotkey,
-        rtt_ms: f64,
-        queue: Option<(u32, u32)>,
-        now_ms: f64,
-    ) {
+    pub fn observe_rtt(&mut self, hk: &Hotkey, rtt_ms: f64, load: Option<Load>, now_ms: f64) {
+        let (prior, mix_units) = (self.fleet_prior(), self.mix_units);
         let Some(n) = self.nodes.get_mut(hk) else {
             return;
         };
@@ -334,15 +413,23 @@ impl GridMap {
             n.rtt_samples.pop_front();
         }
         if n.probe_down {
+            // It was unreachable and answers again: what failed was the
+            // node being away, which the answer disproves, so it takes
+            // jobs at once (a trial job would hold it to one job for as
+            // long as that job runs). Failures while it answers probes
+            // still need a trial.
             n.probe_down = false;
-            if let Breaker::Open { .. } = n.breaker {
-                n.breaker = Breaker::HalfOpen { probing: false };
-            }
+            n.consecutive_failures = 0;
+            n.breaker = Breaker::Closed;
         }
-        if let Some((queue, concurrency)) = queue {
-            n.reported_queue = queue;
+        if let Some(load) = load {
+            n.reported_queue = load.jobs;
             n.reported_at_ms = now_ms;
-            n.concurrency = concurrency.max(1);
+            n.concurrency = load.slots.max(1);
+            n.capacity = load.capacity;
+            // Ours are booked precisely; price the rest at the mix.
+            let others = load.jobs.saturating_sub(n.inflight);
+            n.others_ms = others as f64 * n.mean_job_ms(prior, mix_units);
         }
         // Serf filters samples through a short median to shed outliers.
         let recent: Vec<f64> = n.rtt_samples.iter().rev().take(3).copied().collect();
@@ -386,12 +473,16 @@ impl GridMap {
     /// Median normalised speed over the measured fleet: the guess for
     /// nodes not measured yet.
     fn fleet_prior(&self) -> f64 {
+        self.fleet_speed.unwrap_or(self.cfg.prior_ms_per_frame_step)
+    }
+
+    fn update_fleet_speed(&mut self) {
         let speeds: Vec<f64> = self
             .nodes
             .values()
             .filter_map(NodeState::normalised_speed)
             .collect();
-        percentile(speeds, 0.5).unwrap_or(self.cfg.prior_ms_per_frame_step)
+        self.fleet_speed = percentile(speeds, 0.5);
     }
 
     fn predict_with(&self, n: &NodeState, work: &Work, prior: f64, now_ms: f64) -> Prediction {
@@ -402,17 +493,14 @@ impl GridMap {
             self.me.distance(&n.coord)
         };
         let service_ms = n.service_ms(work, prior);
-        // Our own requests there, or what the node last said it holds
-        // (which includes other gateways' jobs), whichever is more.
+        // Our own requests there (booked at their predicted service), then
+        // what the node last said it holds of others'.
         let ours = if n.inflight == 0 {
             0.0
         } else {
             (n.free_at_ms - (now_ms + rtt_ms / 2.0)).max(0.0)
         };
-        let reported = (n.reported_queue as f64 * service_ms / n.concurrency.max(1) as f64
-            - (now_ms - n.reported_at_ms))
-            .max(0.0);
-        let wait_ms = ours.max(reported) + n.extra_wait_ms;
+        let wait_ms = ours + n.others_remaining_ms(now_ms) + n.extra_wait_ms;
         Prediction {
             rtt_ms,
             wait_ms,
@@ -448,15 +536,42 @@ impl GridMap {
         }
     }
 
+    /// Whether `n` would take one more job, as far as this gateway can
+    /// tell (a full node answers busy).
+    fn has_room(&self, n: &NodeState, prior: f64, now_ms: f64) -> bool {
+        n.capacity == 0 || n.jobs_now(now_ms, prior, self.mix_units) + 1.0 <= n.capacity as f64
+    }
+
     /// Picks the node with the lowest predicted completion time (power of
     /// two choices among the near-best), skipping `exclude`, and counts the
     /// request as in flight there. `None` when no node is eligible.
     pub fn choose(&mut self, work: &Work, now_ms: f64, exclude: &[Hotkey]) -> Option<Ticket> {
+        self.choose_among(work, now_ms, exclude, false)
+    }
+
+    /// Like [`GridMap::choose`], for a hedged second request: only nodes
+    /// with nothing queued, so a hedge uses spare capacity and never adds
+    /// to a busy grid's queues. `None` when no such node is eligible.
+    pub fn choose_hedge(&mut self, work: &Work, now_ms: f64, exclude: &[Hotkey]) -> Option<Ticket> {
+        self.choose_among(work, now_ms, exclude, true)
+    }
+
+    fn choose_among(
+        &mut self,
+        work: &Work,
+        now_ms: f64,
+        exclude: &[Hotkey],
+        idle_only: bool,
+    ) -> Option<Ticket> {
         let prior = self.fleet_prior();
         let mut cands: Vec<(Hotkey, Prediction)> = self
             .nodes
             .values()
             .filter(|n| !exclude.contains(&n.hotkey) && self.eligible(n, now_ms))
+            .filter(|n| {
+                self.has_room(n, prior, now_ms)
+                    && (!idle_only || n.idle(now_ms, prior, self.mix_units))
+            })
             .map(|n| (n.hotkey, self.predict_with(n, work, prior, now_ms)))
             .collect();
         let best = cands
@@ -481,6 +596,11 @@ impl GridMap {
                 cands[j]
             }
         };
+        self.mix_units = if self.mix_units > 0.0 {
+            self.mix_units + MIX_ALPHA * (work.units() - self.mix_units)
+        } else {
+            work.units()
+        };
         let n = self.nodes.get_mut(&node).expect("candidate exists");
         let arrives = now_ms + predicted.rtt_ms / 2.0;
         n.free_at_ms = if n.inflight == 0 {
@@ -494,6 +614,51 @@ impl GridMap {
             n.breaker = Breaker::HalfOpen { probing: true };
         }
         Some(Ticket { node, predicted })
+    }
+
+    /// Whether to take a new job, with `held` jobs already waiting at
+    /// this gateway for a node with room: it sheds when the job would
+    /// wait longer than `shed_wait_ms` (predicted from the best node with
+    /// room, or, with every node full, from how fast the grid works off
+    /// the jobs held ahead).
+    pub fn admit(&self, work: &Work, now_ms: f64, held: usize) -> Admission {
+        let prior = self.fleet_prior();
+        let open = || self.nodes.values().filter(|n| self.eligible(n, now_ms));
+        let wait_ms = if held == 0 {
+            open()
+                .filter(|n| self.has_room(n, prior, now_ms))
+                .map(|n| self.predict_with(n, work, prior, now_ms).wait_ms)
+                .fold(None, |a: Option<f64>, w| Some(a.map_or(w, |a| a.min(w))))
+        } else {
+            None
+        };
+        let wait_ms = wait_ms.unwrap_or_else(|| {
+            // Every node is full: the job waits for the grid to work off
+            // what the nodes hold and the jobs held here ahead of it, at
+            // the rate it finishes jobs of the mix.
+            let mix = self.mix_units.max(1.0);
+            let (rate, queued) = open().fold((0.0, 0.0), |(rate, queued), n| {
+                let per_job = n.mean_job_ms(prior, mix).max(1e-9);
+                (
+                    rate + n.concurrency.max(1) as f64 / per_job,
+                    queued + n.jobs_now(now_ms, prior, mix),
+                )
+            });
+            if rate > 0.0 {
+                (held as f64 + queued + 1.0) / rate
+            } else {
+                // No node to route to (none known yet, or all down): no
+                // way to tell how long; the queue's timeout decides.
+                0.0
+            }
+        });
+        if wait_ms <= self.cfg.shed_wait_ms {
+            Admission::Accept
+        } else {
+            Admission::Shed {
+                retry_after_s: (wait_ms / 1000.0).clamp(1.0, 600.0).ceil() as u64,
+            }
+        }
     }
 
     /// When to send a hedged second request for `t`, in ms after sending it.
@@ -537,7 +702,8 @@ impl GridMap {
         n.consecutive_failures = 0;
         n.breaker = Breaker::Closed;
         n.error_rate *= 1.0 - alpha;
-        if work.frame_steps() > 0.0 && service_ms.is_finite() && service_ms >= 0.0 {
+        let measured = work.frame_steps() > 0.0 && service_ms.is_finite() && service_ms >= 0.0;
+        if measured {
             let per = service_ms / work.frame_steps();
             let e = n.ms_per_frame_step.entry(work.resolution()).or_insert(per);
             *e += alpha * (per - *e);
@@ -547,21 +713,28 @@ impl GridMap {
         if unexplained.is_finite() {
             n.extra_wait_ms += alpha * (unexplained - n.extra_wait_ms);
         }
+        if measured {
+            self.update_fleet_speed();
+        }
     }
 
     /// The request of `t` failed; enough in a row opens the node's breaker.
     pub fn failed(&mut self, t: &Ticket, why: Failure, now_ms: f64) {
         let alpha = self.cfg.ema_alpha;
+        let (prior, mix_units) = (self.fleet_prior(), self.mix_units);
         let (threshold, open_ms) = (self.cfg.breaker_failures, self.cfg.breaker_open_ms);
         let Some(n) = self.settle(t) else {
             return;
         };
         match why {
             Failure::Busy => {
-                // Saturated, not broken: leave the breaker alone, but expect
-                // a queue there until a probe says otherwise.
-                n.reported_queue = n.reported_queue.max(n.concurrency * 4);
+                // Saturated, not broken: leave the breaker alone, but count
+                // it full of others' jobs until a probe says otherwise.
+                let full = n.capacity.max(n.concurrency * 4);
+                n.reported_queue = full;
                 n.reported_at_ms = now_ms;
+                n.others_ms =
+                    full.saturating_sub(n.inflight) as f64 * n.mean_job_ms(prior, mix_units);
                 if let Breaker::HalfOpen { .. } = n.breaker {
                     n.breaker = Breaker::HalfOpen { probing: false };
                 }
@@ -770,15 +943,23 @@ mod tests {
     }
 
     #[test]
-    fn a_node_back_from_a_failed_probe_gets_a_trial_at_once() {
+    fn a_node_back_from_a_failed_probe_takes_jobs_at_once() {
         let mut m = map(1);
         m.unreachable(&hk(0), 0.0);
         assert_eq!(m.choose(&WORK, 1.0, &[]), None);
         m.observe_rtt(&hk(0), 5.0, None, 2.0);
-        let trial = m.choose(&WORK, 2.0, &[]).expect("one trial");
-        assert_eq!(m.choose(&WORK, 2.0, &[]), None, "only one until it answers");
-        m.completed(&trial, &WORK, 100.0, 110.0, 3.0);
+        let a = m.choose(&WORK, 2.0, &[]).expect("back");
+        assert!(m.choose(&WORK, 2.0, &[]).is_some(), "not held to one trial");
         assert_eq!(m.node(&hk(0)).unwrap().breaker, Breaker::Closed);
+        // Failures while it answers probes still open the breaker, and
+        // then it takes one trial at a time.
+        for at in 3..6 {
+            m.failed(&a, Failure::Error, at as f64);
+        }
+        let later = 10.0 + m.config().breaker_open_ms;
+        m.observe_rtt(&hk(0), 5.0, None, later);
+        assert!(m.choose(&WORK, later, &[]).is_some());
+        assert_eq!(m.choose(&WORK, later, &[]), None, "one trial at a time");
     }
 
     #[test]
@@ -810,7 +991,16 @@ mod tests {
     #[test]
     fn snapshot_round_trips_through_json() {
         let mut m = map(2);
-        m.observe_rtt(&hk(0), 12.0, Some((2, 1)), 0.0);
+        m.observe_rtt(
+            &hk(0),
+            12.0,
+            Some(Load {
+                jobs: 2,
+                slots: 1,
+                capacity: 9,
+            }),
+            0.0,
+        );
         let json = serde_json::to_string(&m).unwrap();
         let back: GridMap = serde_json::from_str(&json).unwrap();
         assert_eq!(back.nodes.len(), 2);

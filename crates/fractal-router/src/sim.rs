@@ -1,25 +1,34 @@
 //! A deterministic discrete-event simulator of a large grid, to compare
 //! routing policies on identical traces (`fractal bench routing`).
 //!
-//! The world: provers in a few regions (RTT from the gateway 5-300 ms),
-//! speeds spread 10x, one job at a time each, FIFO queues; nodes fail and
-//! recover; jobs arrive in bursts with a mix of shapes. Every random draw
-//! is made up front from one seed, so every policy sees the same arrivals,
-//! the same failures and the same service time for a given (job, node).
+//! The world is what a subnet has: provers in a few regions, speeds spread
+//! 10x, each running one job at a time with a bounded queue (past it they
+//! answer busy, as `fractal prove` does); nodes fail and recover. Several
+//! gateways (one per validator) share those provers without coordinating:
+//! each sits in a region of its own, probes every prover on its own clock
+//! (the answer is as old as half the RTT when it lands), keeps its own map,
+//! and gets its own bursty stream of app jobs. Every random draw of the
+//! world is made up front from one seed, so every policy sees the same
+//! arrivals, the same failures and the same service time for a given
+//! (job, node).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use fractal_protocol::Hotkey;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::map::{percentile, Failure, GridMap, RouterConfig, Ticket, Work};
+use crate::map::{percentile, Admission, Failure, GridMap, Load, RouterConfig, Ticket, Work};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SimConfig {
     pub provers: usize,
+    /// Independent gateways sharing the provers, each with its own map,
+    /// probes and app traffic (an equal share of the load each).
+    pub gateways: usize,
     /// Simulated seconds of arrivals.
     pub duration_s: f64,
     /// Jobs arriving in the first seconds are not counted (every policy
@@ -28,17 +37,24 @@ pub struct SimConfig {
     /// Mean offered load as a fraction of the fleet's capacity (bursts
     /// reach twice this).
     pub load: f64,
-    /// Base RTT of each region, ms.
+    /// RTT between two regions `d` apart (regions on a line), ms; a
+    /// gateway in region 0 sees the provers of region `d` this far away.
     pub region_rtt_ms: Vec<f64>,
     /// Slowest / fastest prover.
     pub speed_spread: f64,
     /// ms per frame·step at 64x64 on the fastest prover.
     pub fastest_ms_per_frame_step: f64,
+    /// Jobs a prover holds at once, running or waiting (`fractal prove`'s
+    /// `max_concurrent + max_queued`: 1 + 8); past it the answer is busy.
+    pub prover_capacity: u32,
     /// Mean time a prover stays up, seconds (exponential).
     pub mean_up_s: f64,
     /// Down periods last uniformly between these, seconds.
     pub down_s: (f64, f64),
-    /// Attempts per job before it is reported failed.
+    /// Every gateway probes every prover this often (as `fractal gateway`).
+    pub probe_every_s: f64,
+    /// Failed attempts per job before it is reported failed (busy answers
+    /// do not count: the job was not run).
     pub max_attempts: u32,
     pub seed: u64,
 }
@@ -47,14 +63,17 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             provers: 256,
+            gateways: 1,
             duration_s: 1200.0,
             warmup_s: 60.0,
             load: 0.5,
             region_rtt_ms: vec![5.0, 30.0, 80.0, 150.0, 300.0],
             speed_spread: 10.0,
             fastest_ms_per_frame_step: 20.0,
+            prover_capacity: 9,
             mean_up_s: 1800.0,
             down_s: (30.0, 120.0),
+            probe_every_s: 2.0,
             max_attempts: 4,
             seed: 42,
         }
@@ -66,11 +85,15 @@ impl Default for SimConfig {
 pub enum Policy {
     Random,
     RoundRobin,
-    /// Fewest outstanding requests (ties at random); blind to speed and RTT.
+    /// Fewest outstanding requests of this gateway (ties at random); blind
+    /// to speed, RTT and other gateways.
     LeastLoaded,
-    /// Knows every node's true backlog, speed, RTT and up/down state.
+    /// Knows every node's true backlog (every gateway's jobs), speed, RTT
+    /// and up/down state, and holds a job at the gateway rather than send
+    /// it to a full node.
     Oracle,
-    /// [`GridMap`]: learned RTT, speed and queues, hedging, breakers.
+    /// [`GridMap`]: learned RTT, speed and queues, admission, hedging,
+    /// breakers, shedding.
     Fractal,
 }
 
@@ -96,22 +119,32 @@ impl Policy {
 #[derive(Clone, Serialize)]
 pub struct SimResult {
     pub policy: Policy,
+    pub gateways: usize,
+    pub load: f64,
+    /// Jobs counted (arrived after the warm-up).
     pub jobs: usize,
     pub completed: usize,
+    /// Counted jobs that were accepted and never completed.
     pub failed: usize,
+    /// Counted jobs refused at admission (429 with `Retry-After`).
+    pub shed: usize,
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub mean_ms: f64,
     pub retries: u64,
     pub hedges: u64,
-    /// Sorted latencies of counted jobs (for plots).
+    /// Busy answers from full provers.
+    pub busy: u64,
+    /// Sorted latencies of counted, completed jobs (for plots).
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
 }
 
 struct Node {
-    rtt_ms: f64,
+    region: usize,
+    /// This node's own distance factor on top of its region's.
+    rtt_scale: f64,
     ms_per_frame_step: f64,
     /// (down_at, up_at) periods in ms, sorted.
     outages: Vec<(f64, f64)>,
@@ -121,23 +154,19 @@ impl Node {
     fn down_at(&self, t: f64) -> bool {
         self.outages.iter().any(|&(a, b)| t >= a && t < b)
     }
-    /// The end of the outage covering `t`.
-    fn up_again(&self, t: f64) -> f64 {
-        self.outages
-            .iter()
-            .find(|&&(a, b)| t >= a && t < b)
-            .map_or(t, |o| o.1)
-    }
 }
 
 struct JobSpec {
     arrival: f64,
     work: Work,
+    gateway: usize,
 }
 
 /// The world every policy is run against.
 pub struct Trace {
     nodes: Vec<Node>,
+    /// Region of each gateway.
+    gateways: Vec<usize>,
     jobs: Vec<JobSpec>,
     cfg: SimConfig,
 }
@@ -172,19 +201,28 @@ const SHAPES: [(Work, f64); 3] = [
     ),
 ];
 
+/// Arrivals come in windows this long, `BUSY_SHARE` of them at twice the
+/// mean rate.
+const BURST_WINDOW_S: f64 = 30.0;
+const BUSY_SHARE: f64 = 0.3;
+
 fn units(w: &Work) -> f64 {
     (w.width as f64 * w.height as f64) / 4096.0 * w.frames as f64 * w.steps as f64
 }
 
-/// Multiplicative service-time noise for (job, node), identical for every
-/// policy: log-normal-ish with ~10% spread, from a hash, not an RNG stream.
-fn noise(seed: u64, job: usize, node: usize) -> f64 {
-    let mut x = seed ^ (job as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node as u64) << 32;
+/// A 64-bit mix of `x` (splitmix64's finaliser).
+fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^= x >> 33;
+    x ^ (x >> 33)
+}
+
+/// Multiplicative service-time noise for (job, node), identical for every
+/// policy: ~10% spread, from a hash, not an RNG stream.
+fn noise(seed: u64, job: usize, node: usize) -> f64 {
+    let x = mix(seed ^ (job as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node as u64) << 32);
     let u = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
     (0.2 * (u - 0.5)).exp()
 }
@@ -193,10 +231,11 @@ impl Trace {
     pub fn generate(cfg: &SimConfig) -> Trace {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let horizon = cfg.duration_s * 3.0;
+        let regions = cfg.region_rtt_ms.len().max(1);
         let nodes: Vec<Node> = (0..cfg.provers)
             .map(|_| {
-                let region = rng.gen_range(0..cfg.region_rtt_ms.len());
-                let rtt_ms = cfg.region_rtt_ms[region] * rng.gen_range(0.8..1.2);
+                let region = rng.gen_range(0..regions);
+                let rtt_scale = rng.gen_range(0.8..1.2);
                 // Log-uniform speeds across the spread.
                 let ms =
                     cfg.fastest_ms_per_frame_step * cfg.speed_spread.powf(rng.gen_range(0.0..1.0));
@@ -213,7 +252,8 @@ impl Trace {
                     t += down;
                 }
                 Node {
-                    rtt_ms,
+                    region,
+                    rtt_scale,
                     ms_per_frame_step: ms,
                     outages,
                 }
@@ -225,39 +265,60 @@ impl Trace {
             .iter()
             .map(|n| 1000.0 / (mean_units * n.ms_per_frame_step))
             .sum();
-        let mean_rate = cfg.load * capacity;
-        // Bursts: each 30 s window is busy (2x) with probability 0.3, else
-        // quiet, keeping the mean at `load`.
-        let (busy, quiet) = (2.0, (1.0 - 0.3 * 2.0) / 0.7);
+        let gateways = cfg.gateways.max(1);
+        let rate_each = cfg.load * capacity / gateways as f64;
         let mut jobs = Vec::new();
-        let mut window_end = 0.0;
-        let mut rate = mean_rate;
-        let mut t = 0.0;
-        loop {
-            if t >= window_end {
-                window_end += 30.0;
-                rate = mean_rate * if rng.gen_bool(0.3) { busy } else { quiet };
-            }
-            t += -(1.0 - rng.gen::<f64>()).ln() / rate;
-            if t > cfg.duration_s {
-                break;
-            }
-            let mut pick = rng.gen::<f64>();
-            let mut work = SHAPES[0].0;
-            for (w, p) in SHAPES {
-                work = w;
-                if pick < p {
+        for g in 0..gateways {
+            // Each gateway's apps have their own bursts: 30% of the 30 s
+            // windows, in an order of its own, are busy (2x), the rest
+            // quiet, so the mean is `load` exactly.
+            let mut rng = StdRng::seed_from_u64(mix(cfg.seed ^ 0xa11c_e5 ^ (g as u64) << 40));
+            let windows = (cfg.duration_s / BURST_WINDOW_S).ceil() as usize;
+            let mut busy_windows: Vec<bool> = (0..windows)
+                .map(|w| (w as f64 + 0.5) / windows as f64 <= BUSY_SHARE)
+                .collect();
+            busy_windows.shuffle(&mut rng);
+            let quiet = (1.0 - BUSY_SHARE * 2.0) / (1.0 - BUSY_SHARE);
+            let mut t = 0.0;
+            loop {
+                let w = ((t / BURST_WINDOW_S) as usize).min(windows.saturating_sub(1));
+                let rate = rate_each * if busy_windows[w] { 2.0 } else { quiet };
+                let next = t + -(1.0 - rng.gen::<f64>()).ln() / rate;
+                // A draw past the window's end restarts at the next window's
+                // rate (memoryless, so this is exact).
+                let window_end = (w + 1) as f64 * BURST_WINDOW_S;
+                if next > window_end && w + 1 < windows {
+                    t = window_end;
+                    continue;
+                }
+                t = next;
+                if t > cfg.duration_s {
                     break;
                 }
-                pick -= p;
+                let mut pick = rng.gen::<f64>();
+                let mut work = SHAPES[0].0;
+                for (w, p) in SHAPES {
+                    work = w;
+                    if pick < p {
+                        break;
+                    }
+                    pick -= p;
+                }
+                jobs.push(JobSpec {
+                    arrival: t * 1000.0,
+                    work,
+                    gateway: g,
+                });
             }
-            jobs.push(JobSpec {
-                arrival: t * 1000.0,
-                work,
-            });
         }
+        jobs.sort_by(|a, b| {
+            a.arrival
+                .total_cmp(&b.arrival)
+                .then(a.gateway.cmp(&b.gateway))
+        });
         Trace {
             nodes,
+            gateways: (0..gateways).map(|g| g % regions).collect(),
             jobs,
             cfg: cfg.clone(),
         }
@@ -267,11 +328,33 @@ impl Trace {
         self.jobs.len()
     }
 
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
     fn service_ms(&self, job: usize, node: usize) -> f64 {
         units(&self.jobs[job].work)
             * self.nodes[node].ms_per_frame_step
             * noise(self.cfg.seed, job, node)
     }
+
+    /// Round trip between gateway `g` and `node`, ms.
+    fn rtt_ms(&self, g: usize, node: usize) -> f64 {
+        let n = &self.nodes[node];
+        let d = self.gateways[g].abs_diff(n.region);
+        self.cfg.region_rtt_ms[d.min(self.cfg.region_rtt_ms.len() - 1)] * n.rtt_scale
+    }
+}
+
+/// What a gateway hears back for one request.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// Finished after this long on the node.
+    Done(f64),
+    /// Refused, lost, or the node went down.
+    Error,
+    /// The node's queue was full.
+    Busy,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -281,14 +364,23 @@ enum Ev {
     Deliver(usize, usize, u32),
     /// Node finishes what it is running.
     Finish(usize),
-    /// The gateway learns the outcome of (job, node, attempt).
-    Answer(usize, usize, u32, Option<f64>),
+    /// The job's gateway learns the outcome of (job, node, attempt).
+    Answer(usize, usize, u32, Outcome),
     /// Time to consider hedging job's attempt.
     Hedge(usize, u32),
     /// Cancellation reaches node.
     Cancel(usize, usize),
     NodeDown(usize),
-    Probe,
+    /// Gateway probes every prover.
+    Probe(usize),
+    /// (gateway, node, sent at): a probe reaches the node, which reports
+    /// its queue.
+    ProbeAt(usize, usize, f64),
+    /// (gateway, node, RTT, report): the probe's answer, or `None` for one
+    /// that timed out.
+    ProbeBack(usize, usize, f64, Option<Load>),
+    /// Gateway tries the jobs it holds again.
+    Retry(usize),
 }
 
 struct Timed(f64, u64, Ev);
@@ -312,20 +404,51 @@ impl Ord for Timed {
 
 #[derive(Default)]
 struct ProverSim {
+    /// Requests on their way here (only the oracle looks).
+    inbound: Vec<usize>,
     queue: VecDeque<(usize, u32)>,
     /// (job, attempt, started, ends)
     running: Option<(usize, u32, f64, f64)>,
+}
+
+impl ProverSim {
+    fn jobs(&self) -> u32 {
+        self.queue.len() as u32 + self.running.is_some() as u32
+    }
 }
 
 #[derive(Default)]
 struct JobSim {
     done: bool,
     failed: bool,
+    shed: bool,
+    /// Requests sent (numbers each copy).
     attempts: u32,
+    errors: u32,
     /// Nodes holding a live copy.
     live: Vec<(usize, u32)>,
+    /// Nodes not to send it to again: those that failed it, and those that
+    /// were busy since the job was last held.
     tried: Vec<usize>,
+    busy_at: Vec<usize>,
+    held: bool,
 }
+
+/// One gateway's private state.
+struct GatewaySim {
+    map: GridMap,
+    /// Outstanding requests per node, as this gateway counts them.
+    outstanding: Vec<u32>,
+    rng: StdRng,
+    rr: usize,
+    /// Jobs accepted but not sent: no node had room (FIFO).
+    held: VecDeque<usize>,
+    retry_armed: bool,
+}
+
+/// How often a gateway holding jobs looks for room again (besides every
+/// answer it gets), ms.
+const RETRY_MS: f64 = 100.0;
 
 struct World<'t> {
     trace: &'t Trace,
@@ -334,18 +457,14 @@ struct World<'t> {
     seq: u64,
     provers: Vec<ProverSim>,
     jobs: Vec<JobSim>,
-    /// Outstanding requests per node, as the gateway counts them.
-    outstanding: Vec<u32>,
-    rng: StdRng,
-    rr: usize,
-    map: GridMap,
+    gateways: Vec<GatewaySim>,
     keys: Vec<Hotkey>,
     /// (job, node, attempt) → the router's ticket (ours only) and send time.
     sent: BTreeMap<(usize, usize, u32), (Option<Ticket>, f64)>,
     latencies: Vec<f64>,
     retries: u64,
     hedges: u64,
-    probe_next: usize,
+    busy: u64,
 }
 
 fn key(i: usize) -> Hotkey {
@@ -354,100 +473,209 @@ fn key(i: usize) -> Hotkey {
     Hotkey(b)
 }
 
+fn index_of(hk: &Hotkey) -> usize {
+    u64::from_le_bytes(hk.0[..8].try_into().expect("8 bytes")) as usize
+}
+
+/// Where a job went when the gateway tried to send it.
+enum Sent {
+    Sent,
+    /// No node has room now; the gateway keeps it.
+    Held,
+    /// Nowhere left to try.
+    Nowhere,
+}
+
 impl<'t> World<'t> {
     fn at(&mut self, t: f64, ev: Ev) {
         self.seq += 1;
         self.heap.push(Timed(t, self.seq, ev));
     }
 
-    fn choose(&mut self, job: usize, now: f64) -> Option<(usize, Option<Ticket>)> {
-        let n = self.trace.nodes.len();
-        let tried = self.jobs[job].tried.clone();
-        let open: Vec<usize> = (0..n).filter(|i| !tried.contains(i)).collect();
-        if open.is_empty() {
-            return None;
+    fn counted(&self, job: usize) -> bool {
+        self.trace.jobs[job].arrival >= self.trace.cfg.warmup_s * 1000.0
+    }
+
+    /// The oracle's pick: the earliest true completion among nodes with
+    /// room, `Err(true)` when only full nodes are left.
+    fn oracle(&self, job: usize, g: usize, now: f64, open: &[usize]) -> Result<usize, bool> {
+        let mut best = (f64::INFINITY, usize::MAX);
+        for &i in open {
+            let rtt = self.trace.rtt_ms(g, i);
+            let arrive = now + rtt / 2.0;
+            if self.trace.nodes[i].down_at(arrive) {
+                continue;
+            }
+            let p = &self.provers[i];
+            if p.jobs() + p.inbound.len() as u32 >= self.trace.cfg.prover_capacity {
+                continue;
+            }
+            let mut free = arrive;
+            if let Some((_, _, _, ends)) = p.running {
+                free = free.max(ends);
+            }
+            let backlog: f64 = (p.queue.iter().map(|&(j, _)| j))
+                .chain(p.inbound.iter().copied())
+                .map(|j| self.trace.service_ms(j, i))
+                .sum();
+            let done = free + backlog + self.trace.service_ms(job, i) + rtt / 2.0;
+            if done < best.0 {
+                best = (done, i);
+            }
         }
-        let mut ticket = None;
+        if best.1 == usize::MAX {
+            // Everything open is down or full: wait for room.
+            Err(true)
+        } else {
+            Ok(best.1)
+        }
+    }
+
+    fn choose(
+        &mut self,
+        job: usize,
+        now: f64,
+        hedge: bool,
+    ) -> Result<(usize, Option<Ticket>), bool> {
+        let n = self.trace.nodes.len();
+        let g = self.trace.jobs[job].gateway;
+        let j = &self.jobs[job];
+        let skip = |i: &usize| {
+            j.tried.contains(i) || j.busy_at.contains(i) || j.live.iter().any(|l| l.0 == *i)
+        };
+        let open: Vec<usize> = (0..n).filter(|i| !skip(i)).collect();
+        if open.is_empty() {
+            // Only busy nodes are left: wait, then try them again.
+            return Err(!j.busy_at.is_empty());
+        }
+        let gw = &mut self.gateways[g];
         let pick = match self.policy {
-            Policy::Random => open[self.rng.gen_range(0..open.len())],
+            Policy::Random => open[gw.rng.gen_range(0..open.len())],
             Policy::RoundRobin => {
-                let mut i = self.rr;
-                while tried.contains(&(i % n)) {
+                let mut i = gw.rr;
+                while !open.contains(&(i % n)) {
                     i += 1;
                 }
-                self.rr = i + 1;
+                gw.rr = i + 1;
                 i % n
             }
             Policy::LeastLoaded => {
-                let min = open.iter().map(|&i| self.outstanding[i]).min()?;
+                let min = open.iter().map(|&i| gw.outstanding[i]).min().expect("open");
                 let least: Vec<usize> = open
                     .into_iter()
-                    .filter(|&i| self.outstanding[i] == min)
+                    .filter(|&i| gw.outstanding[i] == min)
                     .collect();
-                least[self.rng.gen_range(0..least.len())]
+                least[gw.rng.gen_range(0..least.len())]
             }
-            Policy::Oracle => {
-                let mut best = (f64::INFINITY, usize::MAX);
-                for &i in &open {
-                    let node = &self.trace.nodes[i];
-                    let arrive = now + node.rtt_ms / 2.0;
-                    if node.down_at(arrive) {
-                        continue;
-                    }
-                    let p = &self.provers[i];
-                    let mut free = arrive;
-                    if let Some((_, _, _, ends)) = p.running {
-                        free = free.max(ends);
-                    }
-                    let backlog: f64 = p
-                        .queue
-                        .iter()
-                        .map(|&(j, _)| self.trace.service_ms(j, i))
-                        .sum();
-                    let done = free + backlog + self.trace.service_ms(job, i) + node.rtt_ms / 2.0;
-                    if done < best.0 {
-                        best = (done, i);
-                    }
-                }
-                if best.1 == usize::MAX {
-                    // Everything is down: wait for the first node back.
-                    open.into_iter().min_by(|&a, &b| {
-                        self.trace.nodes[a]
-                            .up_again(now)
-                            .total_cmp(&self.trace.nodes[b].up_again(now))
-                    })?
-                } else {
-                    best.1
-                }
-            }
+            Policy::Oracle => return self.oracle(job, g, now, &open).map(|i| (i, None)),
             Policy::Fractal => {
-                let exclude: Vec<Hotkey> = tried.iter().map(|&i| self.keys[i]).collect();
-                let t = self.map.choose(&self.trace.jobs[job].work, now, &exclude)?;
-                ticket = Some(t);
-                usize::from_le_bytes(t.node.0[..8].try_into().expect("8 bytes"))
+                let j = &self.jobs[job];
+                let exclude: Vec<Hotkey> = (j.tried.iter().chain(&j.busy_at))
+                    .copied()
+                    .chain(j.live.iter().map(|l| l.0))
+                    .map(|i| self.keys[i])
+                    .collect();
+                let work = self.trace.jobs[job].work;
+                let t = if hedge {
+                    gw.map.choose_hedge(&work, now, &exclude)
+                } else {
+                    gw.map.choose(&work, now, &exclude)
+                };
+                // Nothing eligible: the gateway holds the job until a node
+                // has room or a breaker lets a trial through.
+                let t = t.ok_or(true)?;
+                return Ok((index_of(&t.node), Some(t)));
             }
         };
-        Some((pick, ticket))
+        Ok((pick, None))
     }
 
-    fn send(&mut self, job: usize, now: f64) -> bool {
-        let Some((node, ticket)) = self.choose(job, now) else {
-            return false;
+    fn send(&mut self, job: usize, now: f64, hedge: bool) -> Sent {
+        let (node, ticket) = match self.choose(job, now, hedge) {
+            Ok(c) => c,
+            Err(true) => return Sent::Held,
+            Err(false) => return Sent::Nowhere,
         };
+        let g = self.trace.jobs[job].gateway;
         let j = &mut self.jobs[job];
         j.attempts += 1;
         let attempt = j.attempts;
-        j.tried.push(node);
         j.live.push((node, attempt));
-        self.outstanding[node] += 1;
-        let rtt = self.trace.nodes[node].rtt_ms;
+        self.gateways[g].outstanding[node] += 1;
+        self.provers[node].inbound.push(job);
+        let rtt = self.trace.rtt_ms(g, node);
         self.at(now + rtt / 2.0, Ev::Deliver(job, node, attempt));
         if let Some(t) = &ticket {
-            let after = self.map.hedge_after_ms(t);
-            self.at(now + after, Ev::Hedge(job, attempt));
+            if !hedge {
+                let after = self.gateways[g].map.hedge_after_ms(t);
+                self.at(now + after, Ev::Hedge(job, attempt));
+            }
         }
         self.sent.insert((job, node, attempt), (ticket, now));
-        true
+        Sent::Sent
+    }
+
+    /// Sends `job` or, when no node has room, holds it at its gateway.
+    fn dispatch(&mut self, job: usize, now: f64) {
+        match self.send(job, now, false) {
+            Sent::Sent => {}
+            Sent::Held => self.hold(job, now),
+            Sent::Nowhere => self.jobs[job].failed = true,
+        }
+    }
+
+    fn hold(&mut self, job: usize, now: f64) {
+        let g = self.trace.jobs[job].gateway;
+        let j = &mut self.jobs[job];
+        j.held = true;
+        j.busy_at.clear();
+        self.gateways[g].held.push_back(job);
+        self.arm_retry(g, now);
+    }
+
+    fn arm_retry(&mut self, g: usize, now: f64) {
+        if !self.gateways[g].retry_armed {
+            self.gateways[g].retry_armed = true;
+            self.at(now + RETRY_MS, Ev::Retry(g));
+        }
+    }
+
+    /// Sends held jobs, oldest first, while nodes have room.
+    fn release(&mut self, g: usize, now: f64) {
+        while let Some(&job) = self.gateways[g].held.front() {
+            match self.send(job, now, false) {
+                Sent::Sent => {
+                    self.gateways[g].held.pop_front();
+                    self.jobs[job].held = false;
+                }
+                Sent::Held => break,
+                Sent::Nowhere => {
+                    self.gateways[g].held.pop_front();
+                    self.jobs[job].failed = true;
+                }
+            }
+        }
+        if !self.gateways[g].held.is_empty() {
+            self.arm_retry(g, now);
+        }
+    }
+
+    fn arrive(&mut self, job: usize, now: f64) {
+        let g = self.trace.jobs[job].gateway;
+        if self.policy == Policy::Fractal {
+            let work = self.trace.jobs[job].work;
+            let ahead = self.gateways[g].held.len();
+            if let Admission::Shed { .. } = self.gateways[g].map.admit(&work, now, ahead) {
+                self.jobs[job].shed = true;
+                return;
+            }
+        }
+        if self.gateways[g].held.is_empty() {
+            self.dispatch(job, now);
+        } else {
+            // First come, first served behind the jobs already waiting.
+            self.hold(job, now);
+        }
     }
 
     fn start_next(&mut self, node: usize, now: f64) {
@@ -463,6 +691,7 @@ impl<'t> World<'t> {
     }
 
     fn finish_job(&mut self, job: usize, now: f64, winner: usize) {
+        let g = self.trace.jobs[job].gateway;
         let j = &mut self.jobs[job];
         j.done = true;
         let arrival = self.trace.jobs[job].arrival;
@@ -472,12 +701,74 @@ impl<'t> World<'t> {
         // Cancel the losing copies (hedges).
         let losers: Vec<(usize, u32)> = j.live.drain(..).filter(|&(n, _)| n != winner).collect();
         for (n, attempt) in losers {
-            self.outstanding[n] = self.outstanding[n].saturating_sub(1);
+            let gw = &mut self.gateways[g];
+            gw.outstanding[n] = gw.outstanding[n].saturating_sub(1);
             if let Some((Some(t), _)) = self.sent.remove(&(job, n, attempt)) {
-                self.map.cancelled(&t);
+                gw.map.cancelled(&t);
             }
-            let rtt = self.trace.nodes[n].rtt_ms;
+            let rtt = self.trace.rtt_ms(g, n);
             self.at(now + rtt / 2.0, Ev::Cancel(job, n));
+        }
+    }
+
+    fn answer(&mut self, job: usize, node: usize, attempt: u32, outcome: Outcome, now: f64) {
+        if !self.jobs[job].live.contains(&(node, attempt)) {
+            return; // already cancelled
+        }
+        let g = self.trace.jobs[job].gateway;
+        self.jobs[job].live.retain(|&l| l != (node, attempt));
+        let gw = &mut self.gateways[g];
+        gw.outstanding[node] = gw.outstanding[node].saturating_sub(1);
+        let work = self.trace.jobs[job].work;
+        let (ticket, sent_at) = self
+            .sent
+            .remove(&(job, node, attempt))
+            .expect("every live copy was sent");
+        match outcome {
+            Outcome::Done(service) => {
+                if let Some(t) = &ticket {
+                    gw.map.completed(t, &work, service, now - sent_at, now);
+                }
+                if !self.jobs[job].done {
+                    self.finish_job(job, now, node);
+                }
+            }
+            Outcome::Error | Outcome::Busy => {
+                let busy = matches!(outcome, Outcome::Busy);
+                if let Some(t) = &ticket {
+                    let why = if busy { Failure::Busy } else { Failure::Error };
+                    gw.map.failed(t, why, now);
+                }
+                let j = &mut self.jobs[job];
+                if busy {
+                    self.busy += 1;
+                    j.busy_at.push(node);
+                } else {
+                    j.errors += 1;
+                    j.tried.push(node);
+                }
+                if j.done || !j.live.is_empty() {
+                    return; // a hedge copy is still running
+                }
+                if j.errors >= self.trace.cfg.max_attempts {
+                    j.failed = true;
+                    return;
+                }
+                if !busy {
+                    self.retries += 1;
+                }
+                self.dispatch(job, now);
+            }
+        }
+        // An answer frees room this gateway knows of.
+        self.release(g, now);
+    }
+
+    fn probe_back(&mut self, g: usize, node: usize, rtt: f64, load: Option<Load>, now: f64) {
+        let map = &mut self.gateways[g].map;
+        match load {
+            Some(load) => map.observe_rtt(&self.keys[node], rtt, Some(load), now),
+            None => map.unreachable(&self.keys[node], now),
         }
     }
 
@@ -492,8 +783,13 @@ impl<'t> World<'t> {
                 self.heap.push(Timed(down, self.seq, Ev::NodeDown(i)));
             }
         }
+        let probe_every = self.trace.cfg.probe_every_s * 1000.0;
+        let gateways = self.gateways.len();
         if self.policy == Policy::Fractal {
-            self.at(0.0, Ev::Probe);
+            for g in 0..gateways {
+                // Gateways' probe clocks are not aligned.
+                self.at(probe_every * g as f64 / gateways as f64, Ev::Probe(g));
+            }
         }
         let end = self.trace.cfg.duration_s * 1000.0 * 3.0;
         while let Some(Timed(now, _, ev)) = self.heap.pop() {
@@ -501,19 +797,23 @@ impl<'t> World<'t> {
                 break;
             }
             match ev {
-                Ev::Arrive(job) => {
-                    if !self.send(job, now) {
-                        self.jobs[job].failed = true;
-                    }
-                }
+                Ev::Arrive(job) => self.arrive(job, now),
                 Ev::Deliver(job, node, attempt) => {
+                    let inbound = &mut self.provers[node].inbound;
+                    if let Some(k) = inbound.iter().position(|&j| j == job) {
+                        inbound.swap_remove(k);
+                    }
                     if self.jobs[job].done || !self.jobs[job].live.contains(&(node, attempt)) {
                         continue;
                     }
-                    let n = &self.trace.nodes[node];
-                    if n.down_at(now) {
+                    let back = now + self.trace.rtt_ms(self.trace.jobs[job].gateway, node) / 2.0;
+                    if self.trace.nodes[node].down_at(now) {
                         // Connection refused: the gateway hears it an RTT/2 later.
-                        self.at(now + n.rtt_ms / 2.0, Ev::Answer(job, node, attempt, None));
+                        self.at(back, Ev::Answer(job, node, attempt, Outcome::Error));
+                        continue;
+                    }
+                    if self.provers[node].jobs() >= self.trace.cfg.prover_capacity {
+                        self.at(back, Ev::Answer(job, node, attempt, Outcome::Busy));
                         continue;
                     }
                     self.provers[node].queue.push_back((job, attempt));
@@ -527,22 +827,29 @@ impl<'t> World<'t> {
                         continue; // a stale event of an aborted run
                     }
                     self.provers[node].running = None;
-                    let rtt = self.trace.nodes[node].rtt_ms;
+                    let back = now + self.trace.rtt_ms(self.trace.jobs[job].gateway, node) / 2.0;
                     self.at(
-                        now + rtt / 2.0,
-                        Ev::Answer(job, node, attempt, Some(now - started)),
+                        back,
+                        Ev::Answer(job, node, attempt, Outcome::Done(now - started)),
                     );
                     self.start_next(node, now);
+                    if self.policy == Policy::Oracle {
+                        // The oracle sees room the moment it appears.
+                        for g in 0..gateways {
+                            self.release(g, now);
+                        }
+                    }
                 }
                 Ev::NodeDown(node) => {
-                    let rtt = self.trace.nodes[node].rtt_ms;
                     let p = &mut self.provers[node];
                     let mut lost: Vec<(usize, u32)> = p.queue.drain(..).collect();
                     if let Some((job, attempt, _, _)) = p.running.take() {
                         lost.push((job, attempt));
                     }
                     for (job, attempt) in lost {
-                        self.at(now + rtt / 2.0, Ev::Answer(job, node, attempt, None));
+                        let back =
+                            now + self.trace.rtt_ms(self.trace.jobs[job].gateway, node) / 2.0;
+                        self.at(back, Ev::Answer(job, node, attempt, Outcome::Error));
                     }
                 }
                 Ev::Cancel(job, node) => {
@@ -553,91 +860,81 @@ impl<'t> World<'t> {
                         self.start_next(node, now);
                     }
                 }
-                Ev::Answer(job, node, attempt, service) => {
-                    if !self.jobs[job].live.contains(&(node, attempt)) {
-                        continue; // already cancelled
-                    }
-                    self.jobs[job].live.retain(|&l| l != (node, attempt));
-                    self.outstanding[node] = self.outstanding[node].saturating_sub(1);
-                    let work = self.trace.jobs[job].work;
-                    let (ticket, sent_at) = self
-                        .sent
-                        .remove(&(job, node, attempt))
-                        .expect("every live copy was sent");
-                    match service {
-                        Some(service) => {
-                            if let Some(t) = &ticket {
-                                self.map.completed(t, &work, service, now - sent_at, now);
-                            }
-                            if !self.jobs[job].done {
-                                self.finish_job(job, now, node);
-                            }
-                        }
-                        None => {
-                            if let Some(t) = &ticket {
-                                self.map.failed(t, Failure::Error, now);
-                            }
-                            let j = &self.jobs[job];
-                            if j.done || !j.live.is_empty() {
-                                continue; // a hedge copy is still running
-                            }
-                            if j.attempts >= self.trace.cfg.max_attempts || !self.send(job, now) {
-                                self.jobs[job].failed = true;
-                            } else {
-                                self.retries += 1;
-                            }
-                        }
-                    }
+                Ev::Answer(job, node, attempt, outcome) => {
+                    self.answer(job, node, attempt, outcome, now)
                 }
                 Ev::Hedge(job, attempt) => {
                     let j = &self.jobs[job];
                     if j.done || j.attempts != attempt || j.live.len() != 1 {
                         continue;
                     }
-                    if j.attempts < self.trace.cfg.max_attempts && self.send(job, now) {
+                    if let Sent::Sent = self.send(job, now, true) {
                         self.hedges += 1;
                     }
                 }
-                Ev::Probe => {
-                    // The gateway probes a few nodes every second (RTT with
-                    // 5% jitter, plus the queue depth the node reports).
-                    for _ in 0..8 {
-                        let i = self.probe_next % self.keys.len();
-                        self.probe_next += 1;
-                        let node = &self.trace.nodes[i];
-                        if node.down_at(now) {
-                            self.map.unreachable(&self.keys[i], now);
-                            continue;
+                Ev::Probe(g) => {
+                    for node in 0..self.trace.nodes.len() {
+                        let rtt = self.trace.rtt_ms(g, node);
+                        if self.trace.nodes[node].down_at(now + rtt / 2.0) {
+                            // The gateway gives up on it after its timeout.
+                            self.at(now + probe_every, Ev::ProbeBack(g, node, 0.0, None));
+                        } else {
+                            self.at(now + rtt / 2.0, Ev::ProbeAt(g, node, now));
                         }
-                        let rtt = node.rtt_ms * self.rng.gen_range(0.95..1.05);
-                        let p = &self.provers[i];
-                        let q = p.queue.len() as u32 + p.running.is_some() as u32;
-                        self.map.observe_rtt(&self.keys[i], rtt, Some((q, 1)), now);
                     }
-                    if now < self.trace.cfg.duration_s * 1000.0 {
-                        self.at(now + 1000.0, Ev::Probe);
+                    if now < self.trace.cfg.duration_s * 1000.0 * 2.0 {
+                        self.at(now + probe_every, Ev::Probe(g));
                     }
+                }
+                Ev::ProbeAt(g, node, sent) => {
+                    let load = Load {
+                        jobs: self.provers[node].jobs(),
+                        slots: 1,
+                        capacity: self.trace.cfg.prover_capacity,
+                    };
+                    // RTT as measured, with 5% jitter.
+                    let jitter = self.gateways[g].rng.gen_range(0.95..1.05);
+                    let rtt = 2.0 * (now - sent) * jitter;
+                    self.at(now + (now - sent), Ev::ProbeBack(g, node, rtt, Some(load)));
+                }
+                Ev::ProbeBack(g, node, rtt, load) => {
+                    self.probe_back(g, node, rtt, load, now);
+                    if !self.gateways[g].held.is_empty() {
+                        self.release(g, now);
+                    }
+                }
+                Ev::Retry(g) => {
+                    self.gateways[g].retry_armed = false;
+                    self.release(g, now);
                 }
             }
         }
         let counted: Vec<usize> = (0..self.trace.jobs.len())
-            .filter(|&i| self.trace.jobs[i].arrival >= self.trace.cfg.warmup_s * 1000.0)
+            .filter(|&i| self.counted(i))
             .collect();
-        let failed = counted.iter().filter(|&&i| !self.jobs[i].done).count();
+        let shed = counted.iter().filter(|&&i| self.jobs[i].shed).count();
+        let failed = counted
+            .iter()
+            .filter(|&&i| !self.jobs[i].done && !self.jobs[i].shed)
+            .count();
         let mut lat = self.latencies;
         lat.sort_by(f64::total_cmp);
         let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
         SimResult {
             policy: self.policy,
+            gateways,
+            load: self.trace.cfg.load,
             jobs: counted.len(),
             completed: lat.len(),
             failed,
+            shed,
             p50_ms: percentile(lat.clone(), 0.5).unwrap_or(f64::NAN),
             p95_ms: percentile(lat.clone(), 0.95).unwrap_or(f64::NAN),
             p99_ms: percentile(lat.clone(), 0.99).unwrap_or(f64::NAN),
             mean_ms: mean,
             retries: self.retries,
             hedges: self.hedges,
+            busy: self.busy,
             latencies_ms: lat,
         }
     }
@@ -647,7 +944,7 @@ impl SimResult {
     /// One table row: policy, p50/p95/p99, failures, retries, hedges.
     pub fn summary(&self) -> String {
         format!(
-            "{:<13} p50 {:>8} p95 {:>8} p99 {:>8} mean {:>8}  jobs {} failed {} retries {} hedges {}",
+            "{:<13} p50 {:>8} p95 {:>8} p99 {:>8} mean {:>8}  jobs {} failed {} shed {} retries {} hedges {} busy {}",
             self.policy.name(),
             human_ms(self.p50_ms),
             human_ms(self.p95_ms),
@@ -655,18 +952,34 @@ impl SimResult {
             human_ms(self.mean_ms),
             self.jobs,
             self.failed,
+            self.shed,
             self.retries,
-            self.hedges
+            self.hedges,
+            self.busy
         )
     }
 }
 
-/// Runs one policy on `trace`.
+/// Runs one policy on `trace`, every gateway with its own map under
+/// `router`.
 pub fn simulate(trace: &Trace, policy: Policy, router: RouterConfig) -> SimResult {
     let n = trace.nodes.len();
     let keys: Vec<Hotkey> = (0..n).map(key).collect();
-    let mut map = GridMap::new(router, trace.cfg.seed);
-    map.sync(keys.iter().map(|k| (*k, None)));
+    let gateways = (0..trace.gateways.len())
+        .map(|g| {
+            let seed = mix(trace.cfg.seed ^ (g as u64 + 1) << 48);
+            let mut map = GridMap::new(router.clone(), seed);
+            map.sync(keys.iter().map(|k| (*k, None)));
+            GatewaySim {
+                map,
+                outstanding: vec![0; n],
+                rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+                rr: g * n / trace.gateways.len(),
+                held: VecDeque::new(),
+                retry_armed: false,
+            }
+        })
+        .collect();
     World {
         trace,
         policy,
@@ -674,22 +987,19 @@ pub fn simulate(trace: &Trace, policy: Policy, router: RouterConfig) -> SimResul
         seq: 0,
         provers: (0..n).map(|_| ProverSim::default()).collect(),
         jobs: (0..trace.jobs.len()).map(|_| JobSim::default()).collect(),
-        outstanding: vec![0; n],
-        rng: StdRng::seed_from_u64(trace.cfg.seed ^ 0x5eed),
-        rr: 0,
-        map,
+        gateways,
         keys,
         sent: BTreeMap::new(),
         latencies: Vec::new(),
         retries: 0,
         hedges: 0,
-        probe_next: 0,
+        busy: 0,
     }
     .run()
 }
 
 /// An SVG plot: latency CDFs (log-scaled x) of every policy.
-pub fn cdf_svg(results: &[SimResult]) -> String {
+pub fn cdf_svg(results: &[SimResult], title: &str) -> String {
     let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 30.0, 160.0);
     let all = results.iter().flat_map(|r| r.latencies_ms.iter().copied());
     let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
@@ -700,7 +1010,7 @@ pub fn cdf_svg(results: &[SimResult]) -> String {
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">Job latency CDF by routing policy (simulated grid)</text>
+<text x="{}" y="18" text-anchor="middle" font-size="14">{title}</text>
 "#,
         (w - right + left) / 2.0
     );
@@ -752,6 +1062,107 @@ pub fn cdf_svg(results: &[SimResult]) -> String {
     s + "</svg>\n"
 }
 
+/// An SVG plot: each policy's p95 over the oracle's (log-scaled y)
+/// against load, a line per policy and number of gateways, with the 1.10x
+/// target. `rows`: (load, gateways, every policy's results).
+pub fn ratio_svg(rows: &[(f64, usize, &[SimResult])]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 460.0, 70.0, 50.0, 30.0, 190.0);
+    let ratio = |rs: &[SimResult], p: Policy| {
+        let get = |p| rs.iter().find(|r| r.policy == p).map(|r| r.p95_ms);
+        Some(get(p)? / get(Policy::Oracle)?)
+    };
+    let policies = [Policy::Fractal, Policy::LeastLoaded, Policy::Random];
+    let all: Vec<f64> = rows
+        .iter()
+        .flat_map(|(_, _, rs)| policies.iter().filter_map(|&p| ratio(rs, p)))
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = (
+        0.9f64.log10(),
+        all.iter().fold(2.0f64, |a, &b| a.max(b)).log10() + 0.05,
+    );
+    let (xlo, xhi) = rows.iter().fold((f64::INFINITY, 0.0f64), |(a, b), r| {
+        (a.min(r.0), b.max(r.0))
+    });
+    let (xlo, xhi) = (xlo - 0.05, xhi + 0.05);
+    let x = |load: f64| left + (load - xlo) / (xhi - xlo) * (w - left - right);
+    let y = |v: f64| top + (1.0 - (v.max(0.9).log10() - lo) / (hi - lo)) * (h - top - bottom);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="18" text-anchor="middle" font-size="14">p95 latency over the oracle's, by load and number of gateways (simulated grid)</text>
+"#,
+        (w - right + left) / 2.0
+    );
+    for v in [1.0f64, 1.1, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0] {
+        if v.log10() > hi {
+            break;
+        }
+        let dash = if v == 1.1 {
+            " stroke-dasharray=\"6 3\""
+        } else {
+            ""
+        };
+        let label = if v == 1.1 { "1.1x target" } else { "" };
+        s += &format!(
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#bbb\"{dash}/><text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"end\">{v}x</text><text x=\"{4:.1}\" y=\"{3:.1}\" fill=\"#888\">{label}</text>\n",
+            y(v),
+            w - right,
+            left - 6.0,
+            y(v) + 4.0,
+            w - right - 70.0
+        );
+    }
+    let mut loads: Vec<f64> = rows.iter().map(|r| r.0).collect();
+    loads.sort_by(f64::total_cmp);
+    loads.dedup();
+    for &l in &loads {
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{l}</text>\n",
+            x(l),
+            h - bottom + 16.0
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">mean offered load (bursts twice this)</text>\n",
+        (w - right + left) / 2.0,
+        h - 12.0
+    );
+    let mut gateways: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    gateways.sort();
+    gateways.dedup();
+    let colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"];
+    let mut legend = 0;
+    for (k, &g) in gateways.iter().enumerate() {
+        let c = colors[k % colors.len()];
+        for (p, dash) in [
+            (Policy::Fractal, ""),
+            (Policy::LeastLoaded, " stroke-dasharray=\"6 4\""),
+            (Policy::Random, " stroke-dasharray=\"2 3\""),
+        ] {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.1 == g)
+                .filter_map(|r| Some((r.0, ratio(r.2, p)?)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let line: Vec<String> = pts
+                .iter()
+                .map(|&(l, v)| format!("{:.1},{:.1}", x(l), y(v)))
+                .collect();
+            s += &format!(
+                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{} · {g} gw</text>\n",
+                line.join(" "),
+                w - right + 10.0,
+                top + 20.0 + 18.0 * legend as f64,
+                p.name()
+            );
+            legend += 1;
+        }
+    }
+    s + "</svg>\n"
+}
+
 pub fn human_ms(ms: f64) -> String {
     if ms >= 1000.0 {
         format!("{:.1} s", ms / 1000.0)
@@ -774,18 +1185,33 @@ pub fn true_speeds(trace: &Trace) -> BTreeMap<usize, f64> {
 mod tests {
     use super::*;
 
-    fn small() -> SimConfig {
+    fn small(load: f64, gateways: usize) -> SimConfig {
         SimConfig {
             provers: 48,
+            gateways,
             duration_s: 300.0,
             warmup_s: 30.0,
+            load,
             ..SimConfig::default()
         }
     }
 
+    fn all(t: &Trace) -> (Vec<SimResult>, String) {
+        let rs: Vec<SimResult> = Policy::ALL
+            .iter()
+            .map(|&p| simulate(t, p, RouterConfig::default()))
+            .collect();
+        let table = rs.iter().map(|r| r.summary() + "\n").collect();
+        (rs, table)
+    }
+
+    fn get(rs: &[SimResult], p: Policy) -> &SimResult {
+        rs.iter().find(|r| r.policy == p).expect("ran")
+    }
+
     #[test]
     fn runs_are_deterministic() {
-        let t = Trace::generate(&small());
+        let t = Trace::generate(&small(0.5, 3));
         let a = simulate(&t, Policy::Fractal, RouterConfig::default());
         let b = simulate(&t, Policy::Fractal, RouterConfig::default());
         assert_eq!(a.latencies_ms, b.latencies_ms);
@@ -793,42 +1219,111 @@ mod tests {
     }
 
     #[test]
+    fn bursts_keep_the_mean_load_exact() {
+        let cfg = small(0.5, 4);
+        let t = Trace::generate(&cfg);
+        let units: f64 = t.jobs.iter().map(|j| units(&j.work)).sum();
+        let capacity: f64 = t.nodes.iter().map(|n| 1000.0 / n.ms_per_frame_step).sum();
+        let offered = units / cfg.duration_s / capacity;
+        assert!((offered - 0.5).abs() < 0.05, "offered load {offered}");
+        // Every gateway gets its share.
+        for g in 0..4 {
+            let n = t.jobs.iter().filter(|j| j.gateway == g).count();
+            assert!(
+                n * 4 > t.jobs.len() * 3 / 4,
+                "gateway {g}: {n} of {}",
+                t.jobs.len()
+            );
+        }
+    }
+
+    /// Pins one small configuration of each kind (one gateway, several),
+    /// so a router change that loses ground shows here; `fractal bench
+    /// routing` measures the full-size grid.
+    #[test]
     fn learned_routing_beats_blind_policies_and_nears_the_oracle() {
-        let t = Trace::generate(&small());
-        let r = |p| simulate(&t, p, RouterConfig::default());
-        let all: Vec<SimResult> = Policy::ALL.iter().map(|&p| r(p)).collect();
-        let table: String = all.iter().map(|r| r.summary() + "\n").collect();
-        eprintln!("{table}");
-        let get = |p| all.iter().find(|r| r.policy == p).unwrap();
-        let (random, oracle, ours) = (
-            get(Policy::Random),
-            get(Policy::Oracle),
-            get(Policy::Fractal),
+        for (load, gateways, bound) in [(0.5, 1, 1.35), (0.7, 4, 1.6)] {
+            let t = Trace::generate(&small(load, gateways));
+            let (rs, table) = all(&t);
+            eprintln!("load {load}, {gateways} gateways:\n{table}");
+            let (random, oracle, ours) = (
+                get(&rs, Policy::Random),
+                get(&rs, Policy::Oracle),
+                get(&rs, Policy::Fractal),
+            );
+            assert!(ours.p95_ms * 3.0 <= random.p95_ms, "{table}");
+            assert!(ours.p95_ms <= oracle.p95_ms * bound, "{table}");
+            assert!(
+                ours.p95_ms < get(&rs, Policy::LeastLoaded).p95_ms,
+                "{table}"
+            );
+            assert_eq!(
+                ours.failed, 0,
+                "failover and breakers keep every job: {table}"
+            );
+            assert_eq!(ours.shed, 0, "below saturation nothing is shed: {table}");
+            // Knowing every node's capacity, ours does not knock on full ones.
+            assert!(ours.busy * 100 <= ours.jobs as u64, "{table}");
+        }
+    }
+
+    #[test]
+    fn past_saturation_the_router_sheds_instead_of_queueing_without_bound() {
+        let t = Trace::generate(&SimConfig {
+            duration_s: 600.0,
+            ..small(1.5, 2)
+        });
+        let bound = RouterConfig {
+            shed_wait_ms: 60_000.0,
+            ..RouterConfig::default()
+        };
+        let shedding = simulate(&t, Policy::Fractal, bound.clone());
+        let queueing = simulate(
+            &t,
+            Policy::Fractal,
+            RouterConfig {
+                shed_wait_ms: f64::INFINITY,
+                ..RouterConfig::default()
+            },
         );
-        assert!(ours.p95_ms * 3.0 <= random.p95_ms, "{table}");
-        // A short run on a small grid pays for learning; `fractal bench
-        // routing` measures the target on the full-size grid.
-        assert!(ours.p95_ms <= oracle.p95_ms * 1.5, "{table}");
-        assert_eq!(
-            ours.failed, 0,
-            "failover and breakers keep every job: {table}"
+        eprintln!("{}\n{}", shedding.summary(), queueing.summary());
+        assert!(shedding.shed > 0, "{}", shedding.summary());
+        assert_eq!(queueing.shed, 0);
+        // What is accepted is served, and the queue stays bounded: the
+        // bound is on predicted waiting, so latency (which adds service
+        // and prediction error) is a small multiple of it, while queueing
+        // everything grows with the overload.
+        assert_eq!(shedding.failed, 0, "{}", shedding.summary());
+        assert!(
+            shedding.p99_ms <= bound.shed_wait_ms * 5.0,
+            "{}",
+            shedding.summary()
+        );
+        assert!(
+            queueing.p95_ms > shedding.p95_ms * 2.0,
+            "{}",
+            queueing.summary()
         );
     }
 
     #[test]
-    fn svg_has_a_curve_per_policy() {
+    fn plots_have_a_curve_per_policy() {
         let t = Trace::generate(&SimConfig {
             provers: 8,
             duration_s: 60.0,
             warmup_s: 0.0,
             ..SimConfig::default()
         });
-        let rs: Vec<SimResult> = [Policy::Random, Policy::Fractal]
+        let rs: Vec<SimResult> = Policy::ALL
             .iter()
             .map(|&p| simulate(&t, p, RouterConfig::default()))
             .collect();
-        let svg = cdf_svg(&rs);
+        let svg = cdf_svg(&rs[3..], "t");
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("fractal p95"));
+        let svg = ratio_svg(&[(0.3, 1, &rs), (0.5, 1, &rs), (0.3, 4, &rs)]);
+        // Fractal, least-loaded and random, for each of 2 gateway counts.
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        assert!(svg.contains("fractal · 4 gw"));
     }
 }

@@ -104,7 +104,16 @@ mod tests {
         let mut m = GridMap::new(RouterConfig::default(), 1);
         m.sync([(Hotkey([1; 32]), Some("http://127.0.0.1:1".into()))]);
         for _ in 0..20 {
-            m.observe_rtt(&Hotkey([1; 32]), 42.0, Some((1, 2)), 0.0);
+            m.observe_rtt(
+                &Hotkey([1; 32]),
+                42.0,
+                Some(crate::Load {
+                    jobs: 1,
+                    slots: 2,
+                    capacity: 4,
+                }),
+                0.0,
+            );
         }
         let work = Work {
             width: 64,
