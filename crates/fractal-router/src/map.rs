@@ -974,6 +974,113 @@ mod tests {
         assert_eq!(m.choose(&WORK, 0.0, &[hk(0)]), None);
     }
 
+    fn load(jobs: u32) -> Option<Load> {
+        Some(Load {
+            jobs,
+            slots: 1,
+            capacity: 9,
+        })
+    }
+
+    /// Two measured nodes, equally near, one 10x faster.
+    fn measured_pair() -> GridMap {
+        let mut m = map(2);
+        for (i, per) in [(0u8, 5.0), (1, 50.0)] {
+            m.observe_rtt(&hk(i), 10.0, load(0), 0.0);
+            let other = hk(1 - i);
+            let t = m.choose(&WORK, 0.0, &[other]).unwrap();
+            m.completed(&t, &WORK, per * 80.0, per * 80.0 + 10.0, 0.0);
+        }
+        m
+    }
+
+    #[test]
+    fn other_gateways_jobs_are_priced_at_the_mix() {
+        let mut m = measured_pair();
+        // Node 0 reports 4 jobs, none of them ours: at the mix (these
+        // 80 frame·steps jobs) and 5 ms per frame·step that is 1.6 s.
+        m.observe_rtt(&hk(0), 10.0, load(4), 1_000.0);
+        let p = m.predict(&hk(0), &WORK, 1_000.0).unwrap();
+        assert!((p.wait_ms - 1_600.0).abs() < 1.0, "{p:?}");
+        // Worked off as time passes.
+        let p = m.predict(&hk(0), &WORK, 1_500.0).unwrap();
+        assert!((p.wait_ms - 1_100.0).abs() < 1.0, "{p:?}");
+        // A small job does not make the queue look small.
+        let tiny = Work {
+            frames: 1,
+            steps: 1,
+            ..WORK
+        };
+        let p = m.predict(&hk(0), &tiny, 1_000.0).unwrap();
+        assert!((p.wait_ms - 1_600.0).abs() < 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_full_node_gets_nothing_until_a_probe_shows_room() {
+        let mut m = measured_pair();
+        m.observe_rtt(&hk(0), 10.0, load(9), 1_000.0);
+        let t = m.choose(&WORK, 1_000.0, &[]).unwrap();
+        assert_eq!(t.node, hk(1), "node 0 is full");
+        m.cancelled(&t);
+        m.observe_rtt(&hk(0), 10.0, load(0), 1_100.0);
+        let t = m.choose(&WORK, 1_100.0, &[]).unwrap();
+        assert_eq!(t.node, hk(0));
+        // A busy answer marks it full again, without opening its breaker.
+        m.failed(&t, Failure::Busy, 1_200.0);
+        assert_eq!(m.node(&hk(0)).unwrap().breaker, Breaker::Closed);
+        let t = m.choose(&WORK, 1_200.0, &[]).unwrap();
+        assert_eq!(t.node, hk(1));
+        m.cancelled(&t);
+        // Our own jobs fill it too: nine in flight, the tenth goes elsewhere.
+        m.observe_rtt(&hk(0), 10.0, load(0), 1_300.0);
+        for _ in 0..9 {
+            assert_eq!(m.choose(&WORK, 1_300.0, &[hk(1)]).unwrap().node, hk(0));
+        }
+        assert_eq!(
+            m.choose(&WORK, 1_300.0, &[hk(1)]),
+            None,
+            "full: hold the job"
+        );
+    }
+
+    #[test]
+    fn hedges_only_use_idle_nodes() {
+        let mut m = measured_pair();
+        m.observe_rtt(&hk(1), 10.0, load(1), 1_000.0);
+        assert_eq!(
+            m.choose_hedge(&WORK, 1_000.0, &[hk(0)]),
+            None,
+            "node 1 has a job"
+        );
+        m.observe_rtt(&hk(1), 10.0, load(0), 1_000.0);
+        assert_eq!(
+            m.choose_hedge(&WORK, 1_000.0, &[hk(0)]).unwrap().node,
+            hk(1)
+        );
+    }
+
+    #[test]
+    fn admission_sheds_only_past_the_bound() {
+        let mut m = map(2);
+        // Nothing known yet: accept (the queue's timeout decides).
+        assert_eq!(m.admit(&WORK, 0.0, 100), Admission::Accept);
+        let mut m2 = measured_pair();
+        std::mem::swap(&mut m, &mut m2);
+        assert_eq!(m.admit(&WORK, 0.0, 0), Admission::Accept);
+        // Both full; the grid finishes these 80 frame·steps jobs at
+        // 1/400 + 1/4000 per ms, so the 18 queued there and 700 held here
+        // wait 261 s (under the 300 s bound), 1,000 held 371 s (over).
+        m.observe_rtt(&hk(0), 10.0, load(9), 1_000.0);
+        m.observe_rtt(&hk(1), 10.0, load(9), 1_000.0);
+        assert_eq!(m.admit(&WORK, 1_000.0, 700), Admission::Accept);
+        match m.admit(&WORK, 1_000.0, 1_000) {
+            Admission::Shed { retry_after_s } => {
+                assert!((360..=380).contains(&retry_after_s), "{retry_after_s}")
+            }
+            a => panic!("{a:?}"),
+        }
+    }
+
     #[test]
     fn speed_transfers_across_resolutions() {
         let mut m = map(1);
