@@ -89,6 +89,14 @@ impl Work {
 /// Weight of the newest job in the moving average of the job mix.
 const MIX_ALPHA: f64 = 0.02;
 
+/// Weight of the newest report in a node's foreign arrival rate, and the
+/// longest gap between two reports it is measured across.
+const FOREIGN_ALPHA: f64 = 0.3;
+const FOREIGN_WINDOW_MS: f64 = 60_000.0;
+
+/// Weight of one probe report in this gateway's share of the grid.
+const SHARE_ALPHA: f64 = 0.01;
+
 /// Reference resolution for comparing speeds measured at different sizes.
 const REF_PIXELS: f64 = 64.0 * 64.0;
 
@@ -140,6 +148,10 @@ pub struct NodeState {
     /// gateways' and the verifier's), ms, as of `reported_at_ms`.
     #[serde(default)]
     pub others_ms: f64,
+    /// Moving average of the work other gateways send it, in ms of work
+    /// per ms: between reports their queue grows at this rate.
+    #[serde(default)]
+    pub foreign_rate: f64,
     /// Jobs the node runs at once (from its info).
     pub concurrency: u32,
     /// Jobs it accepts at once, running or waiting (from its info; 0 until
@@ -180,6 +192,7 @@ impl NodeState {
             reported_queue: 0,
             reported_at_ms: 0.0,
             others_ms: 0.0,
+            foreign_rate: 0.0,
             concurrency: 1,
             capacity: 0,
             extra_wait_ms: 0.0,
@@ -231,9 +244,11 @@ impl NodeState {
 
     /// Queue time that other gateways' reported jobs still put ahead of a
     /// new one, ms.
+    /// The others keep sending between reports, at `foreign_rate`.
     fn others_remaining_ms(&self, now_ms: f64) -> f64 {
         let slots = self.concurrency.max(1) as f64;
-        (self.others_ms / slots - (now_ms - self.reported_at_ms)).max(0.0)
+        let elapsed = (now_ms - self.reported_at_ms).max(0.0);
+        ((self.others_ms + (self.foreign_rate - slots) * elapsed) / slots).max(0.0)
     }
 
     fn service_ms(&self, work: &Work, fleet_prior: f64) -> f64 {
@@ -313,10 +328,19 @@ pub struct GridMap {
     /// at 64x64), kept current as jobs finish.
     #[serde(skip)]
     fleet_speed: Option<f64>,
+    /// Moving average, over probe reports, of the share of a prover's
+    /// jobs that are this gateway's: its share of the grid when every
+    /// gateway has work waiting.
+    #[serde(default = "alone")]
+    pub own_share: f64,
     #[serde(skip, default = "default_config")]
     cfg: RouterConfig,
     #[serde(skip, default = "default_rng")]
     rng: StdRng,
+}
+
+fn alone() -> f64 {
+    1.0
 }
 
 fn default_config() -> RouterConfig {
@@ -335,6 +359,7 @@ impl GridMap {
             nodes: BTreeMap::new(),
             mix_units: 0.0,
             fleet_speed: None,
+            own_share: 1.0,
             cfg,
             rng: StdRng::seed_from_u64(seed),
         }
@@ -408,6 +433,13 @@ impl GridMap {
         if !(rtt_ms.is_finite() && rtt_ms >= 0.0) {
             return;
         }
+        if let Some(load) = load.filter(|l| l.jobs > 0) {
+            let ours = n.inflight.min(load.jobs) as f64 / load.jobs as f64;
+            self.own_share += SHARE_ALPHA * (ours - self.own_share);
+        }
+        let Some(n) = self.nodes.get_mut(hk) else {
+            return;
+        };
         n.rtt_samples.push_back(rtt_ms);
         while n.rtt_samples.len() > self.cfg.rtt_window {
             n.rtt_samples.pop_front();
@@ -424,12 +456,22 @@ impl GridMap {
         }
         if let Some(load) = load {
             n.reported_queue = load.jobs;
-            n.reported_at_ms = now_ms;
             n.concurrency = load.slots.max(1);
             n.capacity = load.capacity;
+            let slots = n.concurrency as f64;
             // Ours are booked precisely; price the rest at the mix.
             let others = load.jobs.saturating_sub(n.inflight);
-            n.others_ms = others as f64 * n.mean_job_ms(prior, mix_units);
+            let others_ms = others as f64 * n.mean_job_ms(prior, mix_units);
+            // Others' work that arrived since the last report: what is
+            // there beyond what was left of the last one.
+            let dt = now_ms - n.reported_at_ms;
+            if n.reported_at_ms > 0.0 && dt > 0.0 && dt <= FOREIGN_WINDOW_MS {
+                let left = (n.others_ms - slots * dt).max(0.0);
+                let rate = ((others_ms - left).max(0.0) / dt).min(slots);
+                n.foreign_rate += FOREIGN_ALPHA * (rate - n.foreign_rate);
+            }
+            n.others_ms = others_ms;
+            n.reported_at_ms = now_ms;
         }
         // Serf filters samples through a short median to shed outliers.
         let recent: Vec<f64> = n.rtt_samples.iter().rev().take(3).copied().collect();
@@ -634,8 +676,10 @@ impl GridMap {
         };
         let wait_ms = wait_ms.unwrap_or_else(|| {
             // Every node is full: the job waits for the grid to work off
-            // what the nodes hold and the jobs held here ahead of it, at
-            // the rate it finishes jobs of the mix.
+            // what the nodes hold, and then for the jobs held here ahead
+            // of it, which get this gateway's share of the grid (other
+            // gateways hold jobs of their own), at the rate it finishes
+            // jobs of the mix.
             let mix = self.mix_units.max(1.0);
             let (rate, queued) = open().fold((0.0, 0.0), |(rate, queued), n| {
                 let per_job = n.mean_job_ms(prior, mix).max(1e-9);
@@ -645,7 +689,7 @@ impl GridMap {
                 )
             });
             if rate > 0.0 {
-                (held as f64 + queued + 1.0) / rate
+                (queued + 1.0) / rate + held as f64 / (rate * self.own_share.clamp(0.01, 1.0))
             } else {
                 // No node to route to (none known yet, or all down): no
                 // way to tell how long; the queue's timeout decides.
@@ -1013,6 +1057,25 @@ mod tests {
         };
         let p = m.predict(&hk(0), &tiny, 1_000.0).unwrap();
         assert!((p.wait_ms - 1_600.0).abs() < 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn others_sending_between_reports_is_expected_to_continue() {
+        let mut m = measured_pair();
+        // Node 0's others' queue goes from 0 to 5 jobs (2 s of work) in
+        // 2 s: they send about 1 ms of work per ms...
+        m.observe_rtt(&hk(0), 10.0, load(0), 1_000.0);
+        m.observe_rtt(&hk(0), 10.0, load(5), 3_000.0);
+        let rate = m.node(&hk(0)).unwrap().foreign_rate;
+        assert!(rate > 0.2 && rate <= 1.0, "{rate}");
+        // ...so a second later the queue has not drained by a second.
+        let p = m.predict(&hk(0), &WORK, 4_000.0).unwrap();
+        assert!(p.wait_ms > 1_000.0 + 1.0, "{p:?}");
+        // A report showing them gone brings the rate down.
+        for t in 2..8 {
+            m.observe_rtt(&hk(0), 10.0, load(0), t as f64 * 2_000.0);
+        }
+        assert!(m.node(&hk(0)).unwrap().foreign_rate < rate / 4.0);
     }
 
     #[test]

@@ -92,17 +92,23 @@ pub enum Policy {
     /// and up/down state, and holds a job at the gateway rather than send
     /// it to a full node.
     Oracle,
+    /// Like the oracle, except that it does not know how long a job will
+    /// take on a node beyond that node's speed: the world's per-run noise
+    /// (±10%) is dice it cannot see, as no router can. The gap between the
+    /// two is what clairvoyance alone is worth.
+    Informed,
     /// [`GridMap`]: learned RTT, speed and queues, admission, hedging,
     /// breakers, shedding.
     Fractal,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 6] = [
         Policy::Random,
         Policy::RoundRobin,
         Policy::LeastLoaded,
         Policy::Oracle,
+        Policy::Informed,
         Policy::Fractal,
     ];
     pub fn name(self) -> &'static str {
@@ -111,6 +117,7 @@ impl Policy {
             Policy::RoundRobin => "round-robin",
             Policy::LeastLoaded => "least-loaded",
             Policy::Oracle => "oracle",
+            Policy::Informed => "informed",
             Policy::Fractal => "fractal",
         }
     }
@@ -498,7 +505,16 @@ impl<'t> World<'t> {
 
     /// The oracle's pick: the earliest true completion among nodes with
     /// room, `Err(true)` when only full nodes are left.
-    fn oracle(&self, job: usize, g: usize, now: f64, open: &[usize]) -> Result<usize, bool> {
+    /// `dice`: whether it knows this job's own service time on each node
+    /// (the oracle) or only the node's speed (the informed policy).
+    fn oracle(
+        &self,
+        job: usize,
+        g: usize,
+        now: f64,
+        open: &[usize],
+        dice: bool,
+    ) -> Result<usize, bool> {
         let mut best = (f64::INFINITY, usize::MAX);
         for &i in open {
             let rtt = self.trace.rtt_ms(g, i);
@@ -518,7 +534,12 @@ impl<'t> World<'t> {
                 .chain(p.inbound.iter().copied())
                 .map(|j| self.trace.service_ms(j, i))
                 .sum();
-            let done = free + backlog + self.trace.service_ms(job, i) + rtt / 2.0;
+            let service = if dice {
+                self.trace.service_ms(job, i)
+            } else {
+                units(&self.trace.jobs[job].work) * self.trace.nodes[i].ms_per_frame_step
+            };
+            let done = free + backlog + service + rtt / 2.0;
             if done < best.0 {
                 best = (done, i);
             }
@@ -567,7 +588,10 @@ impl<'t> World<'t> {
                     .collect();
                 least[gw.rng.gen_range(0..least.len())]
             }
-            Policy::Oracle => return self.oracle(job, g, now, &open).map(|i| (i, None)),
+            Policy::Oracle | Policy::Informed => {
+                let dice = self.policy == Policy::Oracle;
+                return self.oracle(job, g, now, &open, dice).map(|i| (i, None));
+            }
             Policy::Fractal => {
                 let j = &self.jobs[job];
                 let exclude: Vec<Hotkey> = (j.tried.iter().chain(&j.busy_at))
@@ -833,7 +857,7 @@ impl<'t> World<'t> {
                         Ev::Answer(job, node, attempt, Outcome::Done(now - started)),
                     );
                     self.start_next(node, now);
-                    if self.policy == Policy::Oracle {
+                    if let Policy::Oracle | Policy::Informed = self.policy {
                         // The oracle sees room the moment it appears.
                         for g in 0..gateways {
                             self.release(g, now);
@@ -1006,7 +1030,9 @@ pub fn cdf_svg(results: &[SimResult], title: &str) -> String {
     let (lo, hi) = (lo.max(1.0).log10().floor(), hi.max(10.0).log10().ceil());
     let x = |ms: f64| left + (ms.max(1.0).log10() - lo) / (hi - lo) * (w - left - right);
     let y = |q: f64| top + (1.0 - q) * (h - top - bottom);
-    let colors = ["#999999", "#e69f00", "#56b4e9", "#009e73", "#d62728"];
+    let colors = [
+        "#999999", "#e69f00", "#56b4e9", "#009e73", "#8c564b", "#d62728",
+    ];
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
@@ -1062,19 +1088,29 @@ pub fn cdf_svg(results: &[SimResult], title: &str) -> String {
     s + "</svg>\n"
 }
 
-/// An SVG plot: each policy's p95 over the oracle's (log-scaled y)
-/// against load, a line per policy and number of gateways, with the 1.10x
-/// target. `rows`: (load, gateways, every policy's results).
+/// An SVG plot of p95 ratios (log-scaled y) against load, a line per
+/// ratio and number of gateways: ours over the oracle's and over the
+/// informed policy's, random's over the oracle's, with the 1.10x target. `rows`: (load, gateways, every policy's results).
 pub fn ratio_svg(rows: &[(f64, usize, &[SimResult])]) -> String {
-    let (w, h, left, bottom, top, right) = (760.0, 460.0, 70.0, 50.0, 30.0, 190.0);
-    let ratio = |rs: &[SimResult], p: Policy| {
+    let (w, h, left, bottom, top, right) = (800.0, 460.0, 70.0, 50.0, 30.0, 230.0);
+    let ratio = |rs: &[SimResult], (p, over): (Policy, Policy)| {
         let get = |p| rs.iter().find(|r| r.policy == p).map(|r| r.p95_ms);
-        Some(get(p)? / get(Policy::Oracle)?)
+        Some(get(p)? / get(over)?)
     };
-    let policies = [Policy::Fractal, Policy::LeastLoaded, Policy::Random];
+    let lines = [
+        ((Policy::Fractal, Policy::Oracle), ""),
+        (
+            (Policy::Fractal, Policy::Informed),
+            " stroke-dasharray=\"6 4\"",
+        ),
+        (
+            (Policy::Random, Policy::Oracle),
+            " stroke-dasharray=\"2 3\"",
+        ),
+    ];
     let all: Vec<f64> = rows
         .iter()
-        .flat_map(|(_, _, rs)| policies.iter().filter_map(|&p| ratio(rs, p)))
+        .flat_map(|(_, _, rs)| lines.iter().filter_map(|&(l, _)| ratio(rs, l)))
         .filter(|v| v.is_finite())
         .collect();
     let (lo, hi) = (
@@ -1090,7 +1126,7 @@ pub fn ratio_svg(rows: &[(f64, usize, &[SimResult])]) -> String {
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">p95 latency over the oracle's, by load and number of gateways (simulated grid)</text>
+<text x="{}" y="18" text-anchor="middle" font-size="14">p95 latency ratios by load and number of gateways (simulated grid)</text>
 "#,
         (w - right + left) / 2.0
     );
@@ -1135,15 +1171,12 @@ pub fn ratio_svg(rows: &[(f64, usize, &[SimResult])]) -> String {
     let mut legend = 0;
     for (k, &g) in gateways.iter().enumerate() {
         let c = colors[k % colors.len()];
-        for (p, dash) in [
-            (Policy::Fractal, ""),
-            (Policy::LeastLoaded, " stroke-dasharray=\"6 4\""),
-            (Policy::Random, " stroke-dasharray=\"2 3\""),
-        ] {
+        for (pair, dash) in lines {
+            let (lx, ly) = (w - right + 10.0, top + 16.0 + 18.0 * legend as f64);
             let mut pts: Vec<(f64, f64)> = rows
                 .iter()
                 .filter(|r| r.1 == g)
-                .filter_map(|r| Some((r.0, ratio(r.2, p)?)))
+                .filter_map(|r| Some((r.0, ratio(r.2, pair)?)))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             let line: Vec<String> = pts
@@ -1151,11 +1184,13 @@ pub fn ratio_svg(rows: &[(f64, usize, &[SimResult])]) -> String {
                 .map(|&(l, v)| format!("{:.1},{:.1}", x(l), y(v)))
                 .collect();
             s += &format!(
-                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{} · {g} gw</text>\n",
+                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n<line x1=\"{lx:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"2\"{dash}/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{} ÷ {} · {g} gw</text>\n",
                 line.join(" "),
-                w - right + 10.0,
-                top + 20.0 + 18.0 * legend as f64,
-                p.name()
+                lx + 24.0,
+                lx + 30.0,
+                ly + 4.0,
+                pair.0.name(),
+                pair.1.name()
             );
             legend += 1;
         }
@@ -1319,11 +1354,11 @@ mod tests {
             .map(|&p| simulate(&t, p, RouterConfig::default()))
             .collect();
         let svg = cdf_svg(&rs[3..], "t");
-        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<polyline").count(), 3);
         assert!(svg.contains("fractal p95"));
         let svg = ratio_svg(&[(0.3, 1, &rs), (0.5, 1, &rs), (0.3, 4, &rs)]);
         // Fractal, least-loaded and random, for each of 2 gateway counts.
         assert_eq!(svg.matches("<polyline").count(), 6);
-        assert!(svg.contains("fractal · 4 gw"));
+        assert!(svg.contains("fractal ÷ informed · 4 gw"));
     }
 }
