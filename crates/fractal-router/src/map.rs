@@ -237,14 +237,15 @@ impl NodeState {
         ours + (others / self.mean_job_ms(fleet_prior, mix_units).max(1e-9)).ceil()
     }
 
-    /// Nothing of ours there and nothing left of the last report.
+    /// A slot free: fewer jobs there, ours and the others', than it runs
+    /// at once.
     fn idle(&self, now_ms: f64, fleet_prior: f64, mix_units: f64) -> bool {
         self.jobs_now(now_ms, fleet_prior, mix_units) < self.concurrency.max(1) as f64
     }
 
-    /// Queue time that other gateways' reported jobs still put ahead of a
-    /// new one, ms.
-    /// The others keep sending between reports, at `foreign_rate`.
+    /// Queue time that other gateways' jobs put ahead of a new one, ms:
+    /// the last report, worked off since, plus what they kept sending (at
+    /// `foreign_rate`).
     fn others_remaining_ms(&self, now_ms: f64) -> f64 {
         let slots = self.concurrency.max(1) as f64;
         let elapsed = (now_ms - self.reported_at_ms).max(0.0);
@@ -424,22 +425,20 @@ impl GridMap {
     }
 
     /// One round-trip measurement to `hk` (a probe, not a job): moves both
-    /// Vivaldi coordinates. `queue` is what the node reported, if anything.
+    /// Vivaldi coordinates. `load` is what the node reported, if anything.
     pub fn observe_rtt(&mut self, hk: &Hotkey, rtt_ms: f64, load: Option<Load>, now_ms: f64) {
         let (prior, mix_units) = (self.fleet_prior(), self.mix_units);
-        let Some(n) = self.nodes.get_mut(hk) else {
+        let Some(inflight) = self.nodes.get(hk).map(|n| n.inflight) else {
             return;
         };
         if !(rtt_ms.is_finite() && rtt_ms >= 0.0) {
             return;
         }
         if let Some(load) = load.filter(|l| l.jobs > 0) {
-            let ours = n.inflight.min(load.jobs) as f64 / load.jobs as f64;
+            let ours = inflight.min(load.jobs) as f64 / load.jobs as f64;
             self.own_share += SHARE_ALPHA * (ours - self.own_share);
         }
-        let Some(n) = self.nodes.get_mut(hk) else {
-            return;
-        };
+        let n = self.nodes.get_mut(hk).expect("looked up above");
         n.rtt_samples.push_back(rtt_ms);
         while n.rtt_samples.len() > self.cfg.rtt_window {
             n.rtt_samples.pop_front();

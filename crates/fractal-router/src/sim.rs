@@ -424,10 +424,11 @@ impl ProverSim {
     }
 }
 
+/// A job that is neither done nor shed when the run ends failed: given up
+/// after `max_attempts` errors, nowhere left to try, or still waiting.
 #[derive(Default)]
 struct JobSim {
     done: bool,
-    failed: bool,
     shed: bool,
     /// Requests sent (numbers each copy).
     attempts: u32,
@@ -438,7 +439,6 @@ struct JobSim {
     /// were busy since the job was last held.
     tried: Vec<usize>,
     busy_at: Vec<usize>,
-    held: bool,
 }
 
 /// One gateway's private state.
@@ -644,15 +644,13 @@ impl<'t> World<'t> {
         match self.send(job, now, false) {
             Sent::Sent => {}
             Sent::Held => self.hold(job, now),
-            Sent::Nowhere => self.jobs[job].failed = true,
+            Sent::Nowhere => {} // given up
         }
     }
 
     fn hold(&mut self, job: usize, now: f64) {
         let g = self.trace.jobs[job].gateway;
-        let j = &mut self.jobs[job];
-        j.held = true;
-        j.busy_at.clear();
+        self.jobs[job].busy_at.clear();
         self.gateways[g].held.push_back(job);
         self.arm_retry(g, now);
     }
@@ -668,15 +666,10 @@ impl<'t> World<'t> {
     fn release(&mut self, g: usize, now: f64) {
         while let Some(&job) = self.gateways[g].held.front() {
             match self.send(job, now, false) {
-                Sent::Sent => {
+                Sent::Sent | Sent::Nowhere => {
                     self.gateways[g].held.pop_front();
-                    self.jobs[job].held = false;
                 }
                 Sent::Held => break,
-                Sent::Nowhere => {
-                    self.gateways[g].held.pop_front();
-                    self.jobs[job].failed = true;
-                }
             }
         }
         if !self.gateways[g].held.is_empty() {
@@ -775,8 +768,7 @@ impl<'t> World<'t> {
                     return; // a hedge copy is still running
                 }
                 if j.errors >= self.trace.cfg.max_attempts {
-                    j.failed = true;
-                    return;
+                    return; // given up
                 }
                 if !busy {
                     self.retries += 1;
