@@ -86,6 +86,21 @@ pub struct Verifier {
     audit_slot: Semaphore,
     /// Recent app traffic the synthetic challenges are drawn like.
     challenges: Mutex<ChallengeMix>,
+    /// The block at which this verifier was first seen holding a validator
+    /// permit (since it last lacked one); `None` without one.
+    permit_since: Mutex<Option<u64>>,
+}
+
+/// Whether this verifier may challenge: provers refuse verifiers without a
+/// validator permit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permit {
+    Held,
+    /// Waiting for the chain to grant one; epochs (when permits are
+    /// decided) end every `tempo` blocks, the next at `next_epoch_block`.
+    Missing {
+        next_epoch_block: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,11 +167,40 @@ impl Verifier {
             store: Mutex::new(store),
             config,
             audit_slot: Semaphore::new(1),
+            permit_since: Mutex::new(None),
         }))
     }
 
     pub fn open_store(path: &Path) -> Result<Store, store::StoreError> {
         Store::open(path)
+    }
+
+    /// Whether `mg` gives this verifier a validator permit, remembering
+    /// since when.
+    fn permit(&self, mg: &Metagraph, tempo: u64) -> Permit {
+        let held = mg
+            .neuron(&self.hotkey())
+            .is_some_and(|n| n.validator_permit);
+        let mut since = self.permit_since.lock().expect("permit lock");
+        if held {
+            since.get_or_insert(mg.block);
+            Permit::Held
+        } else {
+            *since = None;
+            Permit::Missing {
+                next_epoch_block: (mg.block / tempo + 1) * tempo,
+            }
+        }
+    }
+
+    /// Provers learn of a new permit from their own metagraph reads, so
+    /// for an epoch after it is granted a refusal is theirs to catch up
+    /// on, not held against them.
+    fn newly_permitted(&self, block: u64, tempo: u64) -> bool {
+        self.permit_since
+            .lock()
+            .expect("permit lock")
+            .is_none_or(|since| block < since + tempo)
     }
 
     pub fn hotkey(&self) -> Hotkey {
@@ -394,6 +438,11 @@ impl Verifier {
             )
             .await;
         let generate_ms = started.elapsed().as_millis() as u64;
+        let excused = matches!(answer, Err(CallError::Refused { status: 403, .. }))
+            && self.newly_permitted(
+                self.chain.block().await?,
+                self.chain.hyperparams().await?.tempo.max(1),
+            );
         let (failed, service_ms, verify_ms) = match answer {
             Ok(generated) => {
                 let service = generated.service.as_millis() as u64;
@@ -414,6 +463,17 @@ impl Verifier {
                 None,
                 None,
             ),
+            Err(e @ CallError::Refused { status: 403, .. }) if excused => {
+                tracing::debug!(prover = %neuron.hotkey, error = %e, "prover does not know of our permit yet; not held against it");
+                return Ok(JobResult {
+                    hotkey: neuron.hotkey,
+                    uid: neuron.uid,
+                    failed: None,
+                    service_ms: None,
+                    verify_ms: None,
+                    generate_ms: None,
+                });
+            }
             Err(e) => (
                 Some(Failure::new(Check::Unavailable, e.to_string())),
                 None,
@@ -441,10 +501,15 @@ impl Verifier {
         })
     }
 
-    /// Challenges every prover once, concurrently.
+    /// Challenges every prover once, concurrently; none without a
+    /// validator permit (provers would refuse, and that is not theirs to
+    /// answer for).
     pub async fn round(&self) -> Result<Vec<JobResult>, VerifierError> {
         let mg = self.chain.metagraph().await?;
         let tempo = self.chain.hyperparams().await?.tempo.max(1);
+        if let Permit::Missing { .. } = self.permit(&mg, tempo) {
+            return Ok(Vec::new());
+        }
         let epoch = mg.block / tempo;
         let provers = self.provers(&mg);
         let results =
@@ -515,8 +580,40 @@ impl Verifier {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut pacer = Pacer::default();
+        let mut waiting = false;
         loop {
-            match self.round().await {
+            match self.permit_now().await {
+                Ok(Permit::Missing { next_epoch_block }) => {
+                    if !waiting {
+                        tracing::info!(hotkey = %self.hotkey(), next_epoch_block, "waiting for a validator permit (provers refuse verifiers without one; the chain decides permits at each epoch): no challenges or weights until then");
+                        waiting = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Permit::Held) => {
+                    if waiting {
+                        tracing::info!(hotkey = %self.hotkey(), "validator permit granted; challenging provers");
+                        waiting = false;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading our permit failed"),
+            }
+            // Stopping abandons a round in flight: provers stop with us,
+            // and the audits they could no longer answer are not theirs to
+            // answer for (a challenge records its outcome only at its end).
+            let round = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                r = self.round() => r,
+            };
+            match round {
                 Ok(results) => {
                     let failed = results.iter().filter(|r| r.failed.is_some()).count();
                     tracing::info!(provers = results.len(), failed, "round done");
@@ -543,6 +640,13 @@ impl Verifier {
         }
     }
 
+    /// Whether the chain gives this verifier a validator permit now.
+    pub async fn permit_now(&self) -> Result<Permit, VerifierError> {
+        let mg = self.chain.metagraph().await?;
+        let tempo = self.chain.hyperparams().await?.tempo.max(1);
+        Ok(self.permit(&mg, tempo))
+    }
+
     /// How long to wait before the next round for every prover to reach the
     /// audit plan this epoch (`Duration::MAX` once all have).
     async fn next_gap(&self, pacer: &mut Pacer) -> Result<Duration, VerifierError> {
@@ -563,7 +667,15 @@ impl Verifier {
                 .min()
                 .unwrap_or(plan))
         };
-        if let Some(previous) = pacer.new_epoch(epoch) {
+        // An epoch that began before this verifier held its permit had
+        // less time for the plan: not a shortfall to report.
+        let permitted_through = |epoch: u64| {
+            self.permit_since
+                .lock()
+                .expect("permit lock")
+                .is_some_and(|since| since <= epoch * tempo)
+        };
+        if let Some(previous) = pacer.new_epoch(epoch).filter(|&e| permitted_through(e)) {
             let done = min_audits(previous)?;
             if done >= plan {
                 if pacer.short_epochs > 0 {
