@@ -196,7 +196,8 @@ pub fn run(b: RoutingBench) -> anyhow::Result<()> {
 
     let mut saturation = Vec::new();
     if b.saturated_load > 0.0 {
-        let sat_gateways = [1usize, *b.gateways.iter().max().expect("not empty")];
+        let mut sat_gateways = vec![1usize, *b.gateways.iter().max().expect("not empty")];
+        sat_gateways.dedup();
         saturation = sat_gateways
             .par_iter()
             .map(|&gateways| {

@@ -503,19 +503,11 @@ impl<'t> World<'t> {
         self.trace.jobs[job].arrival >= self.trace.cfg.warmup_s * 1000.0
     }
 
-    /// The oracle's pick: the earliest true completion among nodes with
-    /// room, `Err(true)` when only full nodes are left.
-    /// `dice`: whether it knows this job's own service time on each node
+    /// The oracle's pick: the earliest true completion among open nodes
+    /// that are up and have room; `None` when there is none. `dice`: whether it knows this job's own service time on each node
     /// (the oracle) or only the node's speed (the informed policy).
-    fn oracle(
-        &self,
-        job: usize,
-        g: usize,
-        now: f64,
-        open: &[usize],
-        dice: bool,
-    ) -> Result<usize, bool> {
-        let mut best = (f64::INFINITY, usize::MAX);
+    fn oracle(&self, job: usize, g: usize, now: f64, open: &[usize], dice: bool) -> Option<usize> {
+        let mut best: Option<(f64, usize)> = None;
         for &i in open {
             let rtt = self.trace.rtt_ms(g, i);
             let arrive = now + rtt / 2.0;
@@ -540,16 +532,11 @@ impl<'t> World<'t> {
                 units(&self.trace.jobs[job].work) * self.trace.nodes[i].ms_per_frame_step
             };
             let done = free + backlog + service + rtt / 2.0;
-            if done < best.0 {
-                best = (done, i);
+            if best.is_none_or(|(b, _)| done < b) {
+                best = Some((done, i));
             }
         }
-        if best.1 == usize::MAX {
-            // Everything open is down or full: wait for room.
-            Err(true)
-        } else {
-            Ok(best.1)
-        }
+        best.map(|(_, i)| i)
     }
 
     fn choose(
@@ -590,7 +577,11 @@ impl<'t> World<'t> {
             }
             Policy::Oracle | Policy::Informed => {
                 let dice = self.policy == Policy::Oracle;
-                return self.oracle(job, g, now, &open, dice).map(|i| (i, None));
+                // Everything open down or full: hold the job for room.
+                return self
+                    .oracle(job, g, now, &open, dice)
+                    .map(|i| (i, None))
+                    .ok_or(true);
             }
             Policy::Fractal => {
                 let j = &self.jobs[job];
@@ -709,12 +700,11 @@ impl<'t> World<'t> {
 
     fn finish_job(&mut self, job: usize, now: f64, winner: usize) {
         let g = self.trace.jobs[job].gateway;
+        if self.counted(job) {
+            self.latencies.push(now - self.trace.jobs[job].arrival);
+        }
         let j = &mut self.jobs[job];
         j.done = true;
-        let arrival = self.trace.jobs[job].arrival;
-        if arrival >= self.trace.cfg.warmup_s * 1000.0 {
-            self.latencies.push(now - arrival);
-        }
         // Cancel the losing copies (hedges).
         let losers: Vec<(usize, u32)> = j.live.drain(..).filter(|&(n, _)| n != winner).collect();
         for (n, attempt) in losers {

@@ -103,6 +103,24 @@ pub enum Permit {
     },
 }
 
+/// What one turn of the run loop did.
+enum Round {
+    Done(Vec<JobResult>),
+    /// No permit: nothing challenged.
+    Waiting {
+        next_epoch_block: u64,
+    },
+}
+
+/// Sleeps `wait` unless `shutdown` says stop first; whether it did.
+async fn stopped_during(wait: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown.changed() => return true,
+    }
+    *shutdown.borrow()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VerifierError {
     #[error(transparent)]
@@ -505,16 +523,24 @@ impl Verifier {
     /// validator permit (provers would refuse, and that is not theirs to
     /// answer for).
     pub async fn round(&self) -> Result<Vec<JobResult>, VerifierError> {
+        Ok(match self.round_or_wait().await? {
+            Round::Done(results) => results,
+            Round::Waiting { .. } => Vec::new(),
+        })
+    }
+
+    /// A round, or what it waits for, from one metagraph read.
+    async fn round_or_wait(&self) -> Result<Round, VerifierError> {
         let mg = self.chain.metagraph().await?;
         let tempo = self.chain.hyperparams().await?.tempo.max(1);
-        if let Permit::Missing { .. } = self.permit(&mg, tempo) {
-            return Ok(Vec::new());
+        if let Permit::Missing { next_epoch_block } = self.permit(&mg, tempo) {
+            return Ok(Round::Waiting { next_epoch_block });
         }
         let epoch = mg.block / tempo;
         let provers = self.provers(&mg);
         let results =
             futures_util::future::join_all(provers.iter().map(|n| self.challenge(n, epoch))).await;
-        results.into_iter().collect()
+        Ok(Round::Done(results.into_iter().collect::<Result<_, _>>()?))
     }
 
     /// The weights this verifier would set now: scores of registered
@@ -582,39 +608,30 @@ impl Verifier {
         let mut pacer = Pacer::default();
         let mut waiting = false;
         loop {
-            match self.permit_now().await {
-                Ok(Permit::Missing { next_epoch_block }) => {
-                    if !waiting {
-                        tracing::info!(hotkey = %self.hotkey(), next_epoch_block, "waiting for a validator permit (provers refuse verifiers without one; the chain decides permits at each epoch): no challenges or weights until then");
-                        waiting = true;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    continue;
-                }
-                Ok(Permit::Held) => {
-                    if waiting {
-                        tracing::info!(hotkey = %self.hotkey(), "validator permit granted; challenging provers");
-                        waiting = false;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "reading our permit failed"),
-            }
             // Stopping abandons a round in flight: provers stop with us,
             // and the audits they could no longer answer are not theirs to
             // answer for (a challenge records its outcome only at its end).
             let round = tokio::select! {
                 biased;
                 _ = shutdown.changed() => return,
-                r = self.round() => r,
+                r = self.round_or_wait() => r,
             };
             match round {
-                Ok(results) => {
+                Ok(Round::Waiting { next_epoch_block }) => {
+                    if !waiting {
+                        tracing::info!(hotkey = %self.hotkey(), next_epoch_block, "waiting for a validator permit (provers refuse verifiers without one; the chain decides permits at each epoch): no challenges or weights until then");
+                        waiting = true;
+                    }
+                    if stopped_during(pause, &mut shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Round::Done(results)) => {
+                    if waiting {
+                        tracing::info!(hotkey = %self.hotkey(), "validator permit granted; challenging provers");
+                        waiting = false;
+                    }
                     let failed = results.iter().filter(|r| r.failed.is_some()).count();
                     tracing::info!(provers = results.len(), failed, "round done");
                 }
@@ -630,11 +647,7 @@ impl Verifier {
                     pause
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() {
+            if stopped_during(wait, &mut shutdown).await {
                 return;
             }
         }

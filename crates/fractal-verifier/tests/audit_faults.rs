@@ -11,15 +11,13 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use candle_core::Device;
 use fractal_chain::Hyperparams;
-use fractal_engine::{tiny, Model, TinyVariant};
-use fractal_protocol::manifest::Size;
+use fractal_engine::{Model, TinyVariant};
 use fractal_prover::Strategy;
 use fractal_verifier::audit::Check;
-use fractal_verifier::store::Store;
-use fractal_verifier::{Verifier, VerifierConfig, AUDIT_ATTEMPTS};
+use fractal_verifier::AUDIT_ATTEMPTS;
 
 mod common;
-use common::{local_grid, pinned, serve_prover};
+use common::{local_grid, serve_prover, tiny_verifier};
 
 /// A link in front of a prover that forwards everything, except that the
 /// first `drop_audits` audit calls hang until the caller gives up.
@@ -96,27 +94,7 @@ async fn challenge_through(
         .unwrap();
     chain.produce_blocks(1).unwrap();
 
-    let manifest = tiny::manifest(TinyVariant::Base);
-    let config = VerifierConfig {
-        size: Size {
-            width: 32,
-            height: 32,
-        },
-        frames: 2,
-        steps: 3,
-        audit_deadline: Duration::from_secs(2),
-        ..VerifierConfig::from_manifest(&manifest)
-    };
-    let verifier = Verifier::new(
-        vkey,
-        chain.clone(),
-        Arc::new(pinned(
-            Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-        )),
-        Store::in_memory().unwrap(),
-        config,
-    )
-    .unwrap();
+    let verifier = tiny_verifier(vkey, chain.clone(), Duration::from_secs(2));
     let mut results = verifier.round().await.unwrap();
     assert_eq!(results.len(), 1);
     (results.remove(0).failed, audits.load(Ordering::SeqCst))

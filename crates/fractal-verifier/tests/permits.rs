@@ -7,14 +7,12 @@ use std::time::Duration;
 
 use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
-use fractal_engine::{tiny, Model, TinyVariant};
-use fractal_protocol::manifest::Size;
+use fractal_engine::{Model, TinyVariant};
 use fractal_prover::{Strategy, ValidatorAuthorizer};
-use fractal_verifier::store::Store;
-use fractal_verifier::{Permit, Verifier, VerifierConfig};
+use fractal_verifier::Permit;
 
 mod common;
-use common::{key, pinned, start_prover};
+use common::{key, start_prover, tiny_verifier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_permit_the_verifier_waits_and_holds_nothing_against_provers() {
@@ -37,27 +35,7 @@ async fn without_a_permit_the_verifier_waits_and_holds_nothing_against_provers()
     let base = Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap();
     start_prover(&chain, "prover", base, Strategy::Honest, auth.clone()).await;
 
-    let manifest = tiny::manifest(TinyVariant::Base);
-    let config = VerifierConfig {
-        size: Size {
-            width: 32,
-            height: 32,
-        },
-        frames: 2,
-        steps: 3,
-        audit_deadline: Duration::from_secs(5),
-        ..VerifierConfig::from_manifest(&manifest)
-    };
-    let verifier = Verifier::new(
-        vkey,
-        chain.clone(),
-        Arc::new(pinned(
-            Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-        )),
-        Store::in_memory().unwrap(),
-        config,
-    )
-    .unwrap();
+    let verifier = tiny_verifier(vkey, chain.clone(), Duration::from_secs(5));
 
     let block = chain.block().await.unwrap();
     assert_eq!(

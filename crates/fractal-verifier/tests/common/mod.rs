@@ -3,12 +3,17 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
 use fractal_engine::tokenizer::ClipTokenizer;
 use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_protocol::manifest::Size;
 use fractal_protocol::Keypair;
 use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
+use fractal_verifier::store::Store;
+use fractal_verifier::{Verifier, VerifierConfig};
 
 pub fn key(tag: &str) -> Keypair {
     let mut seed = [7u8; 32];
@@ -94,4 +99,34 @@ pub async fn serve_prover(
         std::future::pending(),
     ));
     (hot, addr)
+}
+
+/// A verifier on the tiny model that challenges with small jobs (32x32, 2
+/// frames, 3 steps), keeping its store in memory.
+pub fn tiny_verifier(
+    vkey: Keypair,
+    chain: Arc<LocalChain>,
+    audit_deadline: Duration,
+) -> Arc<Verifier> {
+    let manifest = tiny::manifest(TinyVariant::Base);
+    let config = VerifierConfig {
+        size: Size {
+            width: 32,
+            height: 32,
+        },
+        frames: 2,
+        steps: 3,
+        audit_deadline,
+        ..VerifierConfig::from_manifest(&manifest)
+    };
+    Verifier::new(
+        vkey,
+        chain,
+        Arc::new(pinned(
+            Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
+        )),
+        Store::in_memory().unwrap(),
+        config,
+    )
+    .unwrap()
 }
