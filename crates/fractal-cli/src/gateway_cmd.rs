@@ -66,6 +66,15 @@ struct ServeArgs {
     /// drawn like the traffic this process has routed.
     #[arg(long, default_value_t = 0)]
     challenge_pause_s: u64,
+    /// Sign content credentials with this certificate chain (PEM, leaf
+    /// first; Ed25519 or ECDSA P-256/P-384, with a C2PA signing EKU such as
+    /// documentSigning). Without it a development chain is made in --dir:
+    /// valid credentials that no C2PA trust list knows.
+    #[arg(long, requires = "c2pa_key")]
+    c2pa_cert: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8 PEM).
+    #[arg(long, requires = "c2pa_cert")]
+    c2pa_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +185,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut config = GatewayConfig::new(a.dir.dir.clone());
     config.retention = Duration::from_secs(a.retention_h * 3600);
     config.max_running = a.max_running.max(1);
+    if let (Some(chain), Some(key)) = (a.c2pa_cert, a.c2pa_key) {
+        config.certificate =
+            fractal_gateway::credentials::CertificateSource::Operator { chain, key };
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store = Verifier::open_store(&config.data_dir.join("verifier.sqlite"))?;

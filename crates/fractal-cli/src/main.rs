@@ -7,6 +7,7 @@ mod bench_routing;
 #[cfg(feature = "cheats")]
 mod bench_verify;
 mod chain_cmd;
+mod credentials_cmd;
 mod gateway_cmd;
 mod generate_cmd;
 mod grid_cmd;
@@ -25,7 +26,12 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `fractal_http=debug`.
-    #[arg(long, global = true, env = "FRACTAL_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "FRACTAL_LOG",
+        default_value = "info,c2pa=warn"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -62,6 +68,9 @@ enum Command {
     Prover(node_cmd::ProverArgs),
     /// Challenge and audit every prover, score them, set weights (a Bittensor validator).
     Verifier(node_cmd::VerifierArgs),
+    /// Check a video's content credentials: its C2PA manifest, the validator
+    /// hotkey's binding to the signing certificate, and (--chain) the permit.
+    VerifyCredentials(credentials_cmd::VerifyCredentialsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Gateway(args) => gateway_cmd::run(args),
         Command::Prover(args) => node_cmd::prover(args),
         Command::Verifier(args) => node_cmd::verifier(args),
+        Command::VerifyCredentials(args) => credentials_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

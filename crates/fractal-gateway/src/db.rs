@@ -118,6 +118,18 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
+/// What the winning prover's answer says about a completed video.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Provenance {
+    /// The job id of the request that produced it (each attempt has its
+    /// own): what the verifier's audit records are keyed by.
+    pub request_id: String,
+    pub manifest_id: String,
+    /// Hex.
+    pub trace_root: String,
+    pub guidance_scale: f64,
+}
+
 pub fn now_s() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -207,6 +219,14 @@ impl Db {
              -- A client that did not hear the answer to a create (its
              -- connection or the gateway died) retries with the same
              -- Idempotency-Key and gets the first job back, not a second.
+             -- How a completed video was made, for its content credentials.
+             CREATE TABLE IF NOT EXISTS provenance (
+                 job_id TEXT PRIMARY KEY,
+                 request_id TEXT NOT NULL,
+                 manifest_id TEXT NOT NULL,
+                 trace_root TEXT NOT NULL,
+                 guidance_scale REAL NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS idempotency (
                  key_id TEXT NOT NULL,
                  idem TEXT NOT NULL,
@@ -473,12 +493,57 @@ impl Db {
         Ok(())
     }
 
-    pub fn complete(&self, id: &str, prover: &str, expires_at: i64) -> Result<bool, DbError> {
-        Ok(self.conn().execute(
+    /// Marks the job completed by `prover`, with how it was made, in one
+    /// transaction; false if it was not in progress (deleted meanwhile).
+    pub fn complete(
+        &self,
+        id: &str,
+        prover: &str,
+        expires_at: i64,
+        provenance: &Provenance,
+    ) -> Result<bool, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let done = tx.execute(
             "UPDATE jobs SET status = 'completed', progress = 100, prover = ?2, completed_at = ?3, expires_at = ?4
              WHERE id = ?1 AND status = 'in_progress'",
             params![id, prover, now_s(), expires_at],
-        )? == 1)
+        )? == 1;
+        if done {
+            tx.execute(
+                "INSERT OR REPLACE INTO provenance (job_id, request_id, manifest_id, trace_root, guidance_scale)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    id,
+                    provenance.request_id,
+                    provenance.manifest_id,
+                    provenance.trace_root,
+                    provenance.guidance_scale
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// How a completed video was made; `None` for videos completed before
+    /// the gateway recorded it.
+    pub fn provenance(&self, id: &str) -> Result<Option<Provenance>, DbError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT request_id, manifest_id, trace_root, guidance_scale FROM provenance WHERE job_id = ?1",
+                params![id],
+                |r| {
+                    Ok(Provenance {
+                        request_id: r.get(0)?,
+                        manifest_id: r.get(1)?,
+                        trace_root: r.get(2)?,
+                        guidance_scale: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     pub fn fail(&self, id: &str, code: &str, message: &str) -> Result<(), DbError> {
@@ -495,6 +560,7 @@ impl Db {
         let tx = conn.transaction()?;
         let deleted = tx.execute("DELETE FROM jobs WHERE id = ?1", params![id])? == 1;
         tx.execute("DELETE FROM idempotency WHERE job_id = ?1", params![id])?;
+        tx.execute("DELETE FROM provenance WHERE job_id = ?1", params![id])?;
         tx.commit()?;
         Ok(deleted)
     }
@@ -612,7 +678,19 @@ mod tests {
         assert_eq!(db.requeue_unfinished().unwrap(), 1);
         assert_eq!(db.job("video_0").unwrap().unwrap().status, Status::Queued);
         assert!(db.start("video_0").unwrap());
-        assert!(db.complete("video_0", "prover", 10).unwrap());
+        let made = Provenance {
+            request_id: "job-1".into(),
+            manifest_id: "ab".repeat(32),
+            trace_root: "cd".repeat(32),
+            guidance_scale: 7.5,
+        };
+        assert!(db.complete("video_0", "prover", 10, &made).unwrap());
+        assert_eq!(db.provenance("video_0").unwrap(), Some(made.clone()));
+        assert!(
+            !db.complete("video_1", "prover", 10, &made).unwrap(),
+            "not in progress"
+        );
+        assert_eq!(db.provenance("video_1").unwrap(), None);
         let j = db.job("video_0").unwrap().unwrap();
         assert_eq!(
             (j.status, j.progress, j.attempts),

@@ -15,7 +15,7 @@ use fractal_protocol::{Hotkey, JobId, Seed};
 use fractal_router::{Failure, GridMap, Ticket, Work};
 use fractal_verifier::client::{CallError, Generated};
 
-use crate::db::{now_s, Job};
+use crate::db::{now_s, Job, Provenance};
 use crate::Gateway;
 
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +241,15 @@ impl Gateway {
                         }
                         Ok(()) => {
                             let expires = now_s() + self.config.retention.as_secs() as i64;
-                            if let Err(e) = self.db.complete(&job.id, &prover.to_string(), expires)
+                            let made = Provenance {
+                                request_id: g.response.job_id.to_string(),
+                                manifest_id: g.response.manifest_id.to_string(),
+                                trace_root: g.response.trace_root.to_string(),
+                                guidance_scale: self.model.manifest.defaults.guidance_scale,
+                            };
+                            if let Err(e) =
+                                self.db
+                                    .complete(&job.id, &prover.to_string(), expires, &made)
                             {
                                 tracing::error!(job = %job.id, error = %e, "recording completion failed");
                             }

@@ -10,7 +10,10 @@
 //! * Routing onto the grid through the map ([`fractal_router`]): RTT probes
 //!   of every prover, learned speeds, hedging and failover ([`dispatch`]).
 //! * Live progress over SSE, the map as JSON (`GET /v1/grid`) and a web page.
+//! * Content credentials: every file served carries a C2PA manifest of how
+//!   it was made ([`credentials`]).
 
+pub mod credentials;
 pub mod db;
 pub mod dispatch;
 pub mod limits;
@@ -56,6 +59,8 @@ pub struct GatewayConfig {
     pub queue_timeout: Duration,
     pub max_body_bytes: usize,
     pub router: RouterConfig,
+    /// The certificate content credentials are signed with.
+    pub certificate: credentials::CertificateSource,
 }
 
 impl GatewayConfig {
@@ -69,6 +74,7 @@ impl GatewayConfig {
             queue_timeout: Duration::from_secs(600),
             max_body_bytes: 1 << 20,
             router: RouterConfig::default(),
+            certificate: credentials::CertificateSource::default(),
         }
     }
     pub fn db_path(&self) -> PathBuf {
@@ -98,6 +104,7 @@ pub struct Gateway {
     pub db: Db,
     verifier: Arc<Verifier>,
     model: Arc<PinnedModel>,
+    issuer: Arc<fractal_credentials::Issuer>,
     map: Arc<Mutex<GridMap>>,
     map_store: Mutex<MapStore>,
     /// Provers from the last metagraph read.
@@ -121,6 +128,8 @@ pub enum GatewayError {
     Map(#[from] fractal_router::MapStoreError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    #[error("content credentials: {0}")]
+    Credentials(#[from] fractal_credentials::CredentialError),
 }
 
 /// Wall-clock ms: the map's clock (persisted, so it must survive restarts).
@@ -147,6 +156,7 @@ impl Gateway {
         if resumed > 0 {
             tracing::info!(resumed, "jobs from the previous run are queued again");
         }
+        let issuer = credentials::open_issuer(&config.certificate, &config.data_dir, &verifier)?;
         let map_store = MapStore::open(&config.map_path())?;
         let map = map_store.load(config.router.clone(), rand::random())?;
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
@@ -154,6 +164,7 @@ impl Gateway {
             db,
             verifier,
             model,
+            issuer: Arc::new(issuer),
             map: Arc::new(Mutex::new(map)),
             map_store: Mutex::new(map_store),
             provers: Mutex::new(Vec::new()),
@@ -324,8 +335,8 @@ impl Gateway {
             return;
         };
         for id in ids {
-            for ext in ["mp4", "gif", "png"] {
-                let _ = std::fs::remove_file(self.config.videos_dir().join(format!("{id}.{ext}")));
+            for file in credentials::files_of(&self.config.videos_dir(), &id) {
+                let _ = std::fs::remove_file(file);
             }
             if let Err(e) = self.db.mark_expired(&id) {
                 tracing::warn!(error = %e, "marking a video expired failed");
@@ -750,8 +761,8 @@ async fn delete_video(
         h.abort();
     }
     gw.db.delete(&job.id)?;
-    for ext in ["mp4", "gif", "png"] {
-        let _ = std::fs::remove_file(gw.config.videos_dir().join(format!("{}.{ext}", job.id)));
+    for file in credentials::files_of(&gw.config.videos_dir(), &job.id) {
+        let _ = std::fs::remove_file(file);
     }
     gw.changed(&job.id);
     Ok(
@@ -774,10 +785,11 @@ async fn video_content(
 ) -> Result<Response, OaiError> {
     let key = gw.authenticate(&headers)?;
     let Query(q) = query.map_err(|e| OaiError::invalid(None, "invalid_query", e.body_text()))?;
-    let (ext, mime) = match q.variant.as_deref().unwrap_or("video") {
-        "video" => ("mp4", "video/mp4"),
-        "gif" => ("gif", "image/gif"),
-        "thumbnail" => ("png", "image/png"),
+    use fractal_credentials::MediaFormat;
+    let (ext, format) = match q.variant.as_deref().unwrap_or("video") {
+        "video" => ("mp4", MediaFormat::Mp4),
+        "gif" => ("gif", MediaFormat::Gif),
+        "thumbnail" => ("png", MediaFormat::Png),
         other => {
             return Err(OaiError::invalid(
                 Some("variant"),
@@ -806,16 +818,10 @@ async fn video_content(
             "This video's content has expired and was deleted",
         ));
     }
-    let path = gw.config.videos_dir().join(format!("{}.{ext}", job.id));
-    let bytes = tokio::task::spawn_blocking(move || {
-        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
-    })
-    .await
-    .map_err(OaiError::internal)?
-    .map_err(OaiError::internal)?;
+    let bytes = gw.credentialed(&job, ext, format).await?;
     Ok((
         [
-            (header::CONTENT_TYPE, mime.to_string()),
+            (header::CONTENT_TYPE, format.mime().to_string()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("inline; filename=\"{}.{ext}\"", job.id),

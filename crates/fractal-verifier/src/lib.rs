@@ -7,6 +7,7 @@ pub mod challenges;
 pub mod client;
 pub mod store;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -89,6 +90,23 @@ pub struct Verifier {
     /// The block at which this verifier was first seen holding a validator
     /// permit (since it last lacked one); `None` without one.
     permit_since: Mutex<Option<u64>>,
+    /// Routed jobs (by request job id) picked for an audit whose outcome
+    /// is not recorded yet.
+    pending_audits: Mutex<BTreeSet<String>>,
+}
+
+/// Where the audit of one routed job stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditState {
+    /// Not in the audited sample (or its audit was abandoned when the
+    /// process stopped).
+    NotSampled,
+    Pending,
+    Passed,
+    /// The check that failed, as [`audit::Check::as_str`] names it.
+    Failed {
+        check: String,
+    },
 }
 
 /// Whether this verifier may challenge: provers refuse verifiers without a
@@ -186,6 +204,7 @@ impl Verifier {
             config,
             audit_slot: Semaphore::new(1),
             permit_since: Mutex::new(None),
+            pending_audits: Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -223,6 +242,36 @@ impl Verifier {
 
     pub fn hotkey(&self) -> Hotkey {
         self.key.hotkey()
+    }
+
+    /// Signs `message` with the verifier's hotkey: what the gateway uses to
+    /// vouch for the certificate its content credentials are signed with.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message)
+    }
+
+    /// The audit of the routed job sent with request id `job_id`.
+    pub fn audit_state(&self, job_id: &str) -> Result<AuditState, VerifierError> {
+        if self
+            .pending_audits
+            .lock()
+            .expect("pending audits lock")
+            .contains(job_id)
+        {
+            return Ok(AuditState::Pending);
+        }
+        Ok(
+            match self
+                .store
+                .lock()
+                .expect("store lock")
+                .audit_of_job(job_id)?
+            {
+                None => AuditState::NotSampled,
+                Some(None) => AuditState::Passed,
+                Some(Some(check)) => AuditState::Failed { check },
+            },
+        )
     }
 
     pub fn auditor(&self) -> &Auditor {
@@ -387,6 +436,11 @@ impl Verifier {
             let me = Arc::clone(self);
             let hotkey = neuron.hotkey;
             let generated = generated.clone();
+            let job_id = req.job_id.to_string();
+            me.pending_audits
+                .lock()
+                .expect("pending audits lock")
+                .insert(job_id.clone());
             tokio::spawn(async move {
                 let verdict = me.audit_job(&base, &hotkey, &req, &generated).await;
                 let epoch = me.current_epoch().await.unwrap_or(0);
@@ -405,6 +459,10 @@ impl Verifier {
                 ) {
                     tracing::error!(error = %e, "recording an audit failed");
                 }
+                me.pending_audits
+                    .lock()
+                    .expect("pending audits lock")
+                    .remove(&job_id);
             });
         }
         Ok(generated)

@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS audits (
 );
 CREATE INDEX IF NOT EXISTS audits_by_hotkey ON audits (hotkey, id);
 CREATE INDEX IF NOT EXISTS audits_by_epoch ON audits (epoch);
+CREATE INDEX IF NOT EXISTS audits_by_job ON audits (job_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
@@ -225,6 +226,19 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(s)
+    }
+
+    /// The audit recorded for `job_id`: `None` if there is none, else the
+    /// failed check's name (`None`: passed).
+    pub fn audit_of_job(&self, job_id: &str) -> Result<Option<Option<String>>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT check_name FROM audits WHERE job_id = ?1 ORDER BY id DESC LIMIT 1",
+                params![job_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?)
     }
 
     /// Audits each prover had in `epoch`: answered jobs that were checked,
