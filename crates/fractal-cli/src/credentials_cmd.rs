@@ -97,7 +97,7 @@ fn print_report(c: &Credential, on_chain: Option<&OnChain>) {
     for (code, why) in &c.failures {
         println!("  {code}: {why}");
     }
-    if c.valid_apart_from_trust() && c.state == "valid" {
+    if c.valid_apart_from_trust() && c.state == fractal_credentials::State::Valid {
         println!("  (signature and hashes verify; the signer is not on a trust list given)");
     }
     println!(

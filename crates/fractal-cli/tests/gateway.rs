@@ -74,6 +74,15 @@ impl Api {
     }
 }
 
+/// The Fractal assertion of a video the gateway served, which must carry
+/// valid content credentials.
+fn credentials(mp4: &[u8]) -> fractal_credentials::FractalAssertion {
+    let c = fractal_credentials::read(mp4, fractal_credentials::MediaFormat::Mp4, None).unwrap();
+    assert!(c.valid_apart_from_trust(), "{} {:?}", c.state, c.failures);
+    assert!(c.binding.is_ok(), "{:?}", c.binding);
+    c.fractal.expect("a Fractal assertion")
+}
+
 fn assert_valid_mp4(bytes: &[u8], frames: usize, size: usize) {
     let v = fractal_engine::video::decode_mp4(bytes, 64).expect("the MP4 decodes");
     assert_eq!((v.frames.len(), v.width, v.height), (frames, size, size));
@@ -147,10 +156,23 @@ fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
     let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir, "val");
     let api = Api { base, ..api };
     api.wait(&id2, "the resumed job", 180, |v| v["status"] == "completed");
+    // Same prompt and seed on the same build: the same video. Each download
+    // is wrapped in its own signed C2PA manifest (another video id), so
+    // compare what the credentials commit to: the prover's trace root (over
+    // every latent) and the decoded frames.
+    let again = api.content(&id2, "video");
     assert_eq!(
-        api.content(&id2, "video"),
-        video,
-        "same prompt and seed on the same build: the same video"
+        credentials(&again).generation.trace_root,
+        credentials(&video).generation.trace_root,
+        "same prompt and seed on the same build: the same generation"
+    );
+    assert_eq!(
+        fractal_engine::video::decode_mp4(&again, 64)
+            .unwrap()
+            .frames,
+        fractal_engine::video::decode_mp4(&video, 64)
+            .unwrap()
+            .frames
     );
     let list: Value = api
         .http
@@ -308,6 +330,93 @@ fn openai_sdk_and_browser_on_fractal_grid() {
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["size"], "32x32");
     assert_valid_mp4(&std::fs::read(&mp4).unwrap(), 4, 32);
+
+    // Its content credentials, as `fractal verify-credentials` reports them,
+    // checked against the job and the chain.
+    let chain = text
+        .split("grid ready: chain ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let out = fractal()
+        .arg("verify-credentials")
+        .arg(&mp4)
+        .args(["--json", "--chain", chain])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "verify-credentials failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state"], "valid", "{report}");
+    let g = &report["fractal"];
+    assert_eq!(g["video_id"], seen["id"]);
+    assert_eq!(g["seed"], 1234);
+    assert_eq!(g["steps"], 4);
+    assert_eq!((&g["width"], &g["frames"]), (&json!(32), &json!(4)));
+    assert_eq!(
+        g["prompt_sha256"],
+        fractal_credentials::Generation::sha256_hex(
+            "a lighthouse at dusk, waves crashing on rocks"
+        )
+    );
+    assert_eq!(report["binding"]["verified"], true, "{report}");
+    assert_eq!(report["binding"]["hotkey"], g["validator"], "{report}");
+    assert_eq!(report["on_chain"]["validator_permit"], true, "{report}");
+    // An edited manifest (one hex digit of the binding's signature) fails.
+    let mut forged = std::fs::read(&mp4).unwrap();
+    let sig = g["certificate_binding"]["signature"].as_str().unwrap();
+    let at = forged
+        .windows(sig.len())
+        .position(|w| w == sig.as_bytes())
+        .expect("the binding's signature is in the file");
+    forged[at] = if forged[at] == b'0' { b'1' } else { b'0' };
+    let forged_path = dir.path().join("forged.mp4");
+    std::fs::write(&forged_path, &forged).unwrap();
+    let out = fractal()
+        .arg("verify-credentials")
+        .arg(&forged_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an edited manifest verified");
+
+    // An independent reader: c2patool (crates.io) reads the manifest and
+    // finds nothing wrong but that no trust list knows the signer.
+    if let Some(c2patool) = tool("FRACTAL_C2PATOOL") {
+        let out = Command::new(c2patool).arg(&mp4).output().unwrap();
+        assert!(
+            out.status.success(),
+            "c2patool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let store: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(store["validation_state"], "Valid", "{store}");
+        let failures = &store["validation_results"]["activeManifest"]["failure"];
+        let codes: Vec<&str> = failures
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["code"].as_str().unwrap())
+            .collect();
+        assert_eq!(codes, ["signingCredential.untrusted"], "{store}");
+        let active = &store["manifests"][store["active_manifest"].as_str().unwrap()];
+        let labels: Vec<&str> = active["assertions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["label"].as_str().unwrap())
+            .collect();
+        assert!(labels.contains(&"io.fractal.generation"), "{labels:?}");
+        assert!(
+            labels.iter().any(|l| l.starts_with("c2pa.actions")),
+            "{labels:?}"
+        );
+    }
 
     // A real browser on the web page.
     let (Some(driver), Some(chromium)) = (tool("FRACTAL_CHROMEDRIVER"), tool("FRACTAL_CHROMIUM"))

@@ -128,8 +128,9 @@ impl SigningIdentity {
         let (chain, key) = make_development_chain(hotkey)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| CredentialError::Io(dir.display().to_string(), e))?;
-        write_atomically(&key_path, key.as_bytes(), true)?;
-        write_atomically(&chain_path, chain.as_bytes(), false)?;
+        // Key first: a chain file on disk means its key is there too.
+        fractal_wallet::write_private(&key_path, key.as_bytes())?;
+        fractal_wallet::write_private(&chain_path, chain.as_bytes())?;
         Self::from_pem(chain, key, Origin::Development { created: true })
     }
 
@@ -215,25 +216,4 @@ fn make_development_chain(hotkey: &Hotkey) -> Result<(String, Zeroizing<String>)
         format!("{}{}", leaf_cert.pem(), ca_cert.pem()),
         Zeroizing::new(leaf_key.serialize_pem()),
     ))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CredentialError> {
-    let io = |e| CredentialError::Io(path.display().to_string(), e);
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        #[cfg(not(unix))]
-        let _ = secret;
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)
 }

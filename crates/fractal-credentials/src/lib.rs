@@ -29,6 +29,8 @@ pub enum CredentialError {
     Certificate(String),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] fractal_wallet::WalletError),
     #[error("c2pa: {0}")]
     C2pa(#[from] c2pa::Error),
     #[error("the file carries no C2PA manifest")]
@@ -189,12 +191,34 @@ fn extension(format: MediaFormat) -> &'static str {
     }
 }
 
+/// C2PA's validation state of a manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// A signature or a hash does not check out (or the manifest is
+    /// malformed).
+    Invalid,
+    /// Signature and hashes check out; the signer is not on the trust list
+    /// given.
+    Valid,
+    /// Valid, and the signer chains to a trust anchor given.
+    Trusted,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Invalid => "invalid",
+            State::Valid => "valid",
+            State::Trusted => "trusted",
+        })
+    }
+}
+
 /// The verdict on one file's content credentials.
 #[derive(Debug, Serialize)]
 pub struct Credential {
-    /// `invalid`, `valid` (signature and hashes check; the signer is not
-    /// on the trust list given) or `trusted`.
-    pub state: &'static str,
+    pub state: State,
     /// Failure codes with their explanations.
     pub failures: Vec<(String, String)>,
     pub signer: Signer,
@@ -203,10 +227,20 @@ pub struct Credential {
     pub claim_generator: Vec<String>,
     pub fractal: Option<FractalAssertion>,
     /// Whether the Fractal assertion's hotkey signed the certificate that
-    /// signed this manifest: `Ok(hotkey)` or why not.
+    /// signed this manifest: `Ok(hotkey)` or why not. JSON:
+    /// `{"verified": true, "hotkey": …}` or `{"verified": false, "error": …}`.
+    #[serde(serialize_with = "binding_json")]
     pub binding: Result<String, String>,
     /// The whole manifest store as the `c2pa` crate reports it.
     pub manifest_store: serde_json::Value,
+}
+
+fn binding_json<S: serde::Serializer>(b: &Result<String, String>, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        Ok(hotkey) => serde_json::json!({"verified": true, "hotkey": hotkey}),
+        Err(why) => serde_json::json!({"verified": false, "error": why}),
+    }
+    .serialize(s)
 }
 
 #[derive(Debug, Serialize)]
@@ -220,7 +254,7 @@ pub struct Signer {
 impl Credential {
     /// The signature and every hash check out, trusted signer or not.
     pub fn signature_valid(&self) -> bool {
-        self.state != "invalid"
+        self.state != State::Invalid
     }
     pub fn failure_codes(&self) -> Vec<String> {
         self.failures.iter().map(|(c, _)| c.clone()).collect()
@@ -251,9 +285,9 @@ pub fn read(
         Err(e) => return Err(e.into()),
     };
     let state = match reader.validation_state() {
-        c2pa::ValidationState::Invalid => "invalid",
-        c2pa::ValidationState::Valid => "valid",
-        c2pa::ValidationState::Trusted => "trusted",
+        c2pa::ValidationState::Invalid => State::Invalid,
+        c2pa::ValidationState::Valid => State::Valid,
+        c2pa::ValidationState::Trusted => State::Trusted,
     };
     let failures = reader
         .validation_results()

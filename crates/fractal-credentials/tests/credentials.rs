@@ -4,7 +4,7 @@
 use fractal_credentials::assertion::binding_message;
 use fractal_credentials::{
     read, Audit, CertificateBinding, CredentialError, Generation, Issuer, MediaFormat, Origin,
-    SigningIdentity,
+    SigningIdentity, State,
 };
 use fractal_engine::video::{encode_gif, encode_mp4, thumbnail_png, Frames};
 use fractal_protocol::keys::Keypair;
@@ -73,7 +73,8 @@ fn every_served_format_carries_a_valid_manifest_with_the_job_and_a_verified_bind
             c.failures
         );
         assert_eq!(
-            c.state, "valid",
+            c.state,
+            State::Valid,
             "{format:?}: no trust anchors, so not trusted"
         );
         let f = c.fractal.as_ref().expect("the Fractal assertion");
@@ -116,7 +117,7 @@ fn the_development_root_as_trust_anchor_makes_the_manifest_trusted() {
     let chain = issuer.identity().chain_pem();
     let root = &chain[chain.rfind("-----BEGIN CERTIFICATE-----").unwrap()..];
     let c = read(&signed, MediaFormat::Png, Some(root)).unwrap();
-    assert_eq!(c.state, "trusted", "{:?}", c.failures);
+    assert_eq!(c.state, State::Trusted, "{:?}", c.failures);
 }
 
 #[test]

@@ -270,6 +270,9 @@ const TOP_LEVEL: &BoxLevel = &BoxLevel {
         (b"ftyp", 0, LEAF),
         (b"mdat", 0, LEAF),
         (b"free", 0, LEAF),
+        // C2PA content credentials: the gateway's signed copies carry their
+        // manifest in a top-level uuid box, which demuxers skip.
+        (b"uuid", 0, LEAF),
         (b"moov", 0, Some(&MOOV)),
     ],
 };

@@ -493,14 +493,32 @@ async fn expired_videos_lose_their_files_and_answer_410() {
     let id = v["id"].as_str().unwrap().to_string();
     // Finish it by hand, already past its retention.
     let videos = g.gw.config.videos_dir();
-    for ext in ["mp4", "gif", "png"] {
-        std::fs::write(videos.join(format!("{id}.{ext}")), b"x").unwrap();
+    let rgb = vec![128u8; 32 * 32 * 3 * 2];
+    let f = fractal_engine::video::Frames {
+        rgb: &rgb,
+        width: 32,
+        height: 32,
+        count: 2,
+        fps: 8,
+    };
+    for (ext, bytes) in [
+        ("mp4", fractal_engine::video::encode_mp4(f).unwrap()),
+        ("gif", fractal_engine::video::encode_gif(f).unwrap()),
+        ("png", fractal_engine::video::thumbnail_png(f).unwrap()),
+    ] {
+        std::fs::write(videos.join(format!("{id}.{ext}")), bytes).unwrap();
     }
     assert!(g.gw.db.start(&id).unwrap());
+    let made = fractal_gateway::db::Provenance {
+        request_id: "job".into(),
+        manifest_id: g.gw.model().manifest_id.to_string(),
+        trace_root: "00".repeat(32),
+        guidance_scale: 9.0,
+    };
     assert!(g
         .gw
         .db
-        .complete(&id, "prover", fractal_gateway::db::now_s() - 1)
+        .complete(&id, "prover", fractal_gateway::db::now_s() - 1, &made)
         .unwrap());
     let content = format!("{}/v1/videos/{id}/content", g.base);
     assert_eq!(
@@ -512,10 +530,13 @@ async fn expired_videos_lose_their_files_and_answer_410() {
             .status(),
         200
     );
+    assert!(
+        videos.join(format!("{id}.not_sampled.c2pa.mp4")).exists(),
+        "the signed copy is cached"
+    );
     g.gw.sweep_expired();
-    for ext in ["mp4", "gif", "png"] {
-        assert!(!videos.join(format!("{id}.{ext}")).exists());
-    }
+    let left: Vec<_> = std::fs::read_dir(&videos).unwrap().collect();
+    assert!(left.is_empty(), "files left after expiry: {left:?}");
     expect_error(
         http.get(&content).bearer_auth(&g.key).send().await.unwrap(),
         410,

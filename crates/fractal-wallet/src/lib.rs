@@ -274,8 +274,9 @@ fn refuse_existing(paths: &[&Path]) -> Result<(), WalletError> {
     }
 }
 
-/// Atomic write with owner-only permissions: a crash leaves the old file or the new one.
-fn write_private(path: &Path, data: &[u8]) -> Result<(), WalletError> {
+/// Atomic write with owner-only permissions: a crash leaves the old file or
+/// the new one. For any secret a Fractal node keeps on disk.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), WalletError> {
     let dir = path.parent().expect("keyfile paths have a parent");
     create_private_dir(dir)?;
     let tmp = dir.join(format!(
