@@ -75,7 +75,7 @@ impl ClipTextModel {
             other => candle_core::bail!("text encoder: unsupported hidden_act {other:?}"),
         };
         let c = &config;
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             candle_core::bail!("text encoder: hidden_size must divide by num_attention_heads");
         }
         let vb = vb.pp("text_model");

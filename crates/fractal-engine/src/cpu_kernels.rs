@@ -324,7 +324,7 @@ pub(crate) fn group_norm(
     silu_after: bool,
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || dims[1] % groups != 0 {
+    if dims.len() < 2 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group_norm: shape {dims:?} with {groups} groups");
     }
     let c = dims[1];
@@ -1024,7 +1024,7 @@ const COL_KEEP_MAX: usize = 16 << 20;
 /// widths in whole lanes of 8. (Narrow heads over a few hundred pixels ran
 /// slower this way than through GEMM: 5.5 against 4.7 ms at 256 keys.)
 fn direct_applies(m: usize, d: usize) -> bool {
-    m <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_DIM && d % 8 == 0
+    m <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_DIM && d.is_multiple_of(8)
 }
 
 /// Most keys the direct path takes (the scores of one row live on the stack).
@@ -1335,7 +1335,11 @@ pub(crate) fn group_norm_frames(
     beta: &Tensor,
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || frames == 0 || dims[0] % frames != 0 || dims[1] % groups != 0 {
+    if dims.len() < 2
+        || frames == 0
+        || !dims[0].is_multiple_of(frames)
+        || !dims[1].is_multiple_of(groups)
+    {
         candle_core::bail!("group_norm_frames: shape {dims:?}, {frames} frames, {groups} groups");
     }
     let (c, spatial) = (dims[1], dims[2..].iter().product::<usize>());
@@ -1588,7 +1592,7 @@ simd_dispatch! {
 /// `[a, g]` (GEGLU, channels-first), output `[n, c, spatial..]`.
 pub(crate) fn geglu_channels(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || dims[1] % 2 != 0 {
+    if dims.len() < 2 || !dims[1].is_multiple_of(2) {
         candle_core::bail!("geglu_channels: shape {dims:?}");
     }
     let half = dims[1] / 2 * dims[2..].iter().product::<usize>();
@@ -1634,8 +1638,8 @@ pub(crate) fn temporal_attention(
         || k.dims() != dims.as_slice()
         || v.dims() != dims.as_slice()
         || frames == 0
-        || dims[0] % frames != 0
-        || dims[1] % heads != 0
+        || !dims[0].is_multiple_of(frames)
+        || !dims[1].is_multiple_of(heads)
     {
         candle_core::bail!(
             "temporal_attention: q {dims:?} k {:?} v {:?}, {frames} frames, {heads} heads",

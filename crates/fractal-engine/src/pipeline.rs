@@ -130,7 +130,12 @@ impl Pipeline {
         width: usize,
     ) -> Result<(usize, usize, usize, usize, usize), EngineError> {
         let s = self.model.configs.vae.scale_factor();
-        if frames == 0 || height == 0 || width == 0 || height % s != 0 || width % s != 0 {
+        if frames == 0
+            || height == 0
+            || width == 0
+            || !height.is_multiple_of(s)
+            || !width.is_multiple_of(s)
+        {
             return Err(EngineError::BadInput(format!("{frames} frames of {width}x{height}: need at least one frame and sides that are multiples of {s}")));
         }
         Ok((

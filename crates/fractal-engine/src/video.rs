@@ -101,7 +101,7 @@ fn nal_units(annex_b: &[u8]) -> Vec<&[u8]> {
 /// fixed quality, fixed timestamps).
 pub fn encode_mp4(f: Frames<'_>) -> Result<Vec<u8>, VideoError> {
     f.check()?;
-    if f.width % 2 != 0 || f.height % 2 != 0 {
+    if !f.width.is_multiple_of(2) || !f.height.is_multiple_of(2) {
         return Err(VideoError::OddSize(f.width, f.height));
     }
     let config = EncoderConfig::new()
@@ -251,7 +251,7 @@ pub fn psnr_luma(a: &[u8], b: &[u8]) -> f64 {
             })
             .collect()
     };
-    if a.len() != b.len() || a.len() % 3 != 0 {
+    if a.len() != b.len() || !a.len().is_multiple_of(3) {
         return 0.0;
     }
     psnr_rgb8(&luma(a), &luma(b))

@@ -426,7 +426,7 @@ pub async fn serve(
             let mut tick: u64 = 0;
             loop {
                 gw.probe().await;
-                if tick % 5 == 0 {
+                if tick.is_multiple_of(5) {
                     gw.save_map();
                     gw.sweep_expired();
                 }

@@ -306,7 +306,7 @@ impl ModelManifest {
             return Err(invalid("limits.sizes is empty"));
         }
         for size in &l.sizes {
-            let dim_ok = |d: u32| (8..=4096).contains(&d) && d % 8 == 0;
+            let dim_ok = |d: u32| (8..=4096).contains(&d) && d.is_multiple_of(8);
             if !dim_ok(size.width) || !dim_ok(size.height) {
                 return Err(invalid(format!(
                     "size {size}: dimensions must be multiples of 8 in 8..=4096"

@@ -41,7 +41,7 @@ pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
 
 /// Decodes little-endian f32 bytes (as produced by [`f32_le_bytes`]).
 pub fn f32_from_le_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(
@@ -80,7 +80,7 @@ impl TraceLeaf {
     }
 
     pub const fn at(index: u32) -> TraceLeaf {
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             TraceLeaf::Latent(index / 2)
         } else {
             TraceLeaf::Output(index / 2)
@@ -240,7 +240,7 @@ impl MerkleProof {
             let sib = i ^ 1;
             if sib < width {
                 let Some(s) = sibs.next() else { return false };
-                acc = if i % 2 == 0 {
+                acc = if i.is_multiple_of(2) {
                     node_hash(&acc, s)
                 } else {
                     node_hash(s, &acc)

@@ -62,7 +62,7 @@ pub fn latents_f16_bytes(latent: &[f32]) -> Vec<u8> {
 
 /// Decodes the `latents` output (see [`latents_f16_bytes`]) to f32.
 pub fn latents_from_f16_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     Some(

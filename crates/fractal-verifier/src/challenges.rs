@@ -464,8 +464,8 @@ mod tests {
 
         // The same classifier does tell the old fixed-list challenges apart,
         // so the test can fail.
-        let train = labelled(&mut rng, 1000, |r| old_challenge(r), &mut crng);
-        let test = labelled(&mut rng, 1000, |r| old_challenge(r), &mut crng);
+        let train = labelled(&mut rng, 1000, old_challenge, &mut crng);
+        let test = labelled(&mut rng, 1000, old_challenge, &mut crng);
         let acc = classifier_accuracy(&train, &test);
         eprintln!("old challenges vs app jobs: accuracy {acc:.3}");
         assert!(acc > 0.95, "old challenges: accuracy {acc:.3}");

@@ -132,7 +132,7 @@ fn a_wrong_model_output_at_the_last_step_is_caught() {
     let model = pinned(&dpm_manifest());
     let req = request(&model, 5, 6);
     let results = audit(&model, &req, Strategy::ReuseAlternate, |_| {}, 40);
-    assert!(results.iter().any(|r| *r == Err(Check::ModelOutput)));
+    assert!(results.contains(&Err(Check::ModelOutput)));
     assert!(results
         .iter()
         .all(|r| matches!(r, Ok(()) | Err(Check::ModelOutput))));
@@ -145,7 +145,7 @@ fn a_repeated_last_step_is_caught_by_the_update_check() {
     let model = pinned(&tiny::manifest(TinyVariant::Base));
     let req = request(&model, 6, 6);
     let results = audit(&model, &req, Strategy::RepeatTail(1), |_| {}, 40);
-    assert!(results.iter().any(|r| *r == Err(Check::Step)));
+    assert!(results.contains(&Err(Check::Step)));
     assert!(results
         .iter()
         .all(|r| matches!(r, Ok(()) | Err(Check::Step))));
@@ -180,7 +180,7 @@ fn a_repeated_step_is_caught_exactly_when_it_is_drawn() {
         let verdict = auditor
             .check(&req, &resp, &plan, &answer)
             .map_err(|f| f.check);
-        let repeated = (steps / 2) as u32;
+        let repeated = steps / 2;
         assert_eq!(
             verdict.is_err(),
             plan.ks.contains(&repeated),
