@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fractal_chain::{Chain, Hyperparams, LocalChain};
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
 use fractal_gateway::db::KeyLimits;
 use fractal_gateway::{Gateway, GatewayConfig};
 use fractal_protocol::Keypair;
@@ -15,20 +13,8 @@ use fractal_verifier::store::Store;
 use fractal_verifier::{Verifier, VerifierConfig};
 use serde_json::{json, Value};
 
-struct Running {
-    base: String,
-    key: String,
-    gw: Arc<Gateway>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
+mod common;
+use common::{serve, tiny_model, Running};
 
 /// A gateway on a chain with no provers: jobs are accepted and wait.
 async fn start(dir: &std::path::Path, limits: KeyLimits) -> Running {
@@ -39,14 +25,7 @@ async fn start(dir: &std::path::Path, limits: KeyLimits) -> Running {
         .register(&Keypair::from_seed(&[4; 32]), &key.hotkey())
         .await
         .unwrap();
-    let model = Arc::new(
-        PinnedModel::from_parts(
-            tiny::manifest(TinyVariant::Base),
-            Model::tiny(TinyVariant::Base, &candle_core::Device::Cpu).unwrap(),
-            ClipTokenizer::builtin().unwrap(),
-        )
-        .unwrap(),
-    );
+    let model = Arc::new(tiny_model());
     let verifier = Verifier::new(
         key,
         chain,
@@ -57,21 +36,7 @@ async fn start(dir: &std::path::Path, limits: KeyLimits) -> Running {
     .unwrap();
     let mut config = GatewayConfig::new(dir.to_path_buf());
     config.max_body_bytes = 64 * 1024;
-    let gw = Gateway::open(config, verifier, model).unwrap();
-    let secret = gw.db.create_key("test", limits).unwrap().1;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(fractal_gateway::serve(listener, gw.clone(), async {
-        let _ = rx.await;
-    }));
-    Running {
-        base,
-        key: secret,
-        gw,
-        stop: Some(tx),
-        task,
-    }
+    serve(Gateway::open(config, verifier, model).unwrap(), limits).await
 }
 
 async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> Value {

@@ -5,11 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
 use fractal_credentials::{read, Audit, Generation, MediaFormat, SigningIdentity};
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::PinnedModel;
 use fractal_gateway::credentials::CertificateSource;
 use fractal_gateway::db::KeyLimits;
 use fractal_gateway::{Gateway, GatewayConfig, GatewayError};
@@ -19,21 +17,15 @@ use fractal_verifier::store::Store;
 use fractal_verifier::{Verifier, VerifierConfig};
 use serde_json::{json, Value};
 
+mod common;
+use common::{serve, tiny_model};
+
 fn key(n: u8) -> Keypair {
     Keypair::from_seed(&[n; 32])
 }
 
 fn pinned() -> Arc<PinnedModel> {
     Arc::new(tiny_model())
-}
-
-fn tiny_model() -> PinnedModel {
-    PinnedModel::from_parts(
-        tiny::manifest(TinyVariant::Base),
-        Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-        ClipTokenizer::builtin().unwrap(),
-    )
-    .unwrap()
 }
 
 /// A chain where `vkey` holds a permit and one honest prover serves.
@@ -89,15 +81,13 @@ async fn downloads_carry_credentials_that_match_the_job_and_its_audit() {
         model.clone(),
     )
     .unwrap();
-    let secret = gw.db.create_key("t", KeyLimits::default()).unwrap().1;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(fractal_gateway::serve(
-        listener,
-        gw.clone(),
-        std::future::pending(),
-    ));
-
+    // Held to the end: dropping it stops the gateway.
+    let running = serve(gw, KeyLimits::default()).await;
+    let (base, secret, gw) = (
+        running.base.clone(),
+        running.key.clone(),
+        running.gw.clone(),
+    );
     let http = reqwest::Client::new();
     let prompt = "a blue square moving up";
     let v: Value = http
