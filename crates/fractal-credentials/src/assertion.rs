@@ -1,8 +1,7 @@
 //! The Fractal assertion: what the grid knows about how a clip was made.
 
-use fractal_protocol::Hotkey;
+use fractal_protocol::{Digest32, Hotkey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The assertion's label in the C2PA manifest.
 pub const LABEL: &str = "io.fractal.generation";
@@ -34,7 +33,7 @@ pub struct Generation {
 
 impl Generation {
     pub fn sha256_hex(text: &str) -> String {
-        hex::encode(Sha256::digest(text.as_bytes()))
+        Digest32::sha256(text.as_bytes()).to_string()
     }
 }
 
@@ -77,7 +76,7 @@ impl CertificateBinding {
     pub fn new(hotkey: &Hotkey, leaf_spki: &[u8], signature: [u8; 64]) -> Self {
         CertificateBinding {
             hotkey: hotkey.to_string(),
-            public_key_sha256: hex::encode(Sha256::digest(leaf_spki)),
+            public_key_sha256: Digest32::sha256(leaf_spki).to_string(),
             signature: hex::encode(signature),
         }
     }
@@ -86,7 +85,7 @@ impl CertificateBinding {
     pub fn verify(&self, leaf_spki: &[u8]) -> Result<Hotkey, String> {
         let hotkey = Hotkey::from_ss58(&self.hotkey)
             .map_err(|e| format!("the binding's hotkey {:?}: {e}", self.hotkey))?;
-        if hex::encode(Sha256::digest(leaf_spki)) != self.public_key_sha256 {
+        if Digest32::sha256(leaf_spki).to_string() != self.public_key_sha256 {
             return Err("the binding names another certificate's public key than the one that signed the manifest".into());
         }
         let sig: [u8; 64] = hex::decode(&self.signature)

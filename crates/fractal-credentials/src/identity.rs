@@ -119,7 +119,7 @@ impl SigningIdentity {
     /// Ed25519 both. C2PA forbids signing with a self-signed certificate,
     /// hence two.
     pub fn development(dir: &Path, hotkey: &Hotkey) -> Result<Self, CredentialError> {
-        let (chain_path, key_path) = (dir.join(DEV_CHAIN), dir.join(DEV_KEY));
+        let (chain_path, key_path) = Self::development_files(dir);
         if chain_path.exists() && key_path.exists() {
             let mut id = Self::from_files(&chain_path, &key_path)?;
             id.origin = Origin::Development { created: false };

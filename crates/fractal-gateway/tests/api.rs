@@ -445,17 +445,7 @@ async fn expired_videos_lose_their_files_and_answer_410() {
     let dir = tempfile::tempdir().unwrap();
     let g = start(dir.path(), KeyLimits::default()).await;
     let http = reqwest::Client::new();
-    let v: Value = http
-        .post(format!("{}/v1/videos", g.base))
-        .bearer_auth(&g.key)
-        .json(&json!({"prompt": "a fox", "size": "32x32"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = v["id"].as_str().unwrap().to_string();
+    let id = g.create(json!({"prompt": "a fox", "size": "32x32"})).await;
     // Finish it by hand, already past its retention.
     let videos = g.gw.config.videos_dir();
     let rgb = vec![128u8; 32 * 32 * 3 * 2];
@@ -526,17 +516,9 @@ async fn expired_videos_lose_their_files_and_answer_410() {
 async fn accepted_jobs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let g = start(dir.path(), KeyLimits::default()).await;
-    let v: Value = reqwest::Client::new()
-        .post(format!("{}/v1/videos", g.base))
-        .bearer_auth(&g.key)
-        .json(&json!({"prompt": "a fox", "size": "32x32", "seed": 9}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = v["id"].as_str().unwrap().to_string();
+    let id = g
+        .create(json!({"prompt": "a fox", "size": "32x32", "seed": 9}))
+        .await;
     // Simulate a crash mid-job: the row says in_progress.
     assert!(g.gw.db.start(&id).unwrap());
     g.stop().await;

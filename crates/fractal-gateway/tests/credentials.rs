@@ -90,19 +90,11 @@ async fn downloads_carry_credentials_that_match_the_job_and_its_audit() {
     );
     let http = reqwest::Client::new();
     let prompt = "a blue square moving up";
-    let v: Value = http
-        .post(format!("{base}/v1/videos"))
-        .bearer_auth(&secret)
-        .json(
-            &json!({"prompt": prompt, "size": "32x32", "seconds": "0.25", "steps": 3, "seed": 77}),
+    let id = running
+        .create(
+            json!({"prompt": prompt, "size": "32x32", "seconds": "0.25", "steps": 3, "seed": 77}),
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = v["id"].as_str().unwrap().to_string();
+        .await;
     let started = Instant::now();
     let job = loop {
         let j: Value = get(&http, &format!("{base}/v1/videos/{id}"), &secret)

@@ -27,6 +27,24 @@ pub struct Running {
 }
 
 impl Running {
+    /// Creates a video with `body` and returns its id.
+    pub async fn create(&self, body: serde_json::Value) -> String {
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/v1/videos", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"))
+            .to_string()
+    }
+
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap().unwrap();
