@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::routing::get;
+use fractal_chain::subtensor::timelock::{self, WeightsPayload};
 use fractal_chain::subtensor::{calls, commit_hash, SubtensorChain};
 use fractal_chain::{Chain, ChainError, Rao};
 use fractal_protocol::{Hotkey, Keypair};
 use serde_json::{json, Value as Json};
-use subxt::ext::codec::Encode;
+use subxt::ext::codec::{Decode, Encode};
 
 mod subtensor_fixtures;
-use subtensor_fixtures::{golden, metadata_bytes, offline_client, runtime_call};
+use subtensor_fixtures::{crv4, golden, metadata_bytes, offline_client, runtime_call, unhex};
 
 struct Node {
     golden: Json,
@@ -33,6 +34,8 @@ struct Node {
     /// Serve the recorded neuron with this hotkey instead of its own, and
     /// only once something was submitted (the registration).
     neuron_hotkey: Option<[u8; 32]>,
+    /// Storage values served beyond the recorded ones, by key.
+    storage: Vec<(Json, String)>,
 }
 
 fn hexs(bytes: &[u8]) -> String {
@@ -163,6 +166,9 @@ impl Node {
                 }
                 "state_getStorage" => {
                     let key = params[0].as_str().unwrap_or("");
+                    if let Some((_, v)) = self.storage.iter().find(|(k, _)| *k == params[0]) {
+                        return Ok((json!(v), vec![]));
+                    }
                     g["storage_values"]
                         .as_array()
                         .unwrap()
@@ -210,13 +216,27 @@ async fn serve_socket(node: Arc<Node>, mut socket: WebSocket) {
     }
 }
 
-async fn start_node(neuron_hotkey: Option<[u8; 32]>) -> (String, Arc<Node>) {
+/// Storage to serve: `(item, SCALE value)` under the SDK's key for it
+/// (fixtures/subtensor/crv4.json).
+fn served(values: &[(&str, Vec<u8>)]) -> Vec<(Json, String)> {
+    let v = crv4();
+    values
+        .iter()
+        .map(|(item, value)| (v["storage"][item]["key_hex"].clone(), hexs(value)))
+        .collect()
+}
+
+async fn start_node(
+    neuron_hotkey: Option<[u8; 32]>,
+    storage: Vec<(Json, String)>,
+) -> (String, Arc<Node>) {
     let node = Arc::new(Node {
         golden: golden(),
         metadata_v15: hexs(&Some(metadata_bytes()).encode()),
         unknown: Mutex::new(BTreeSet::new()),
         submitted: Mutex::new(Vec::new()),
         neuron_hotkey,
+        storage,
     });
     let app = axum::Router::new()
         .route(
@@ -236,7 +256,7 @@ async fn start_node(neuron_hotkey: Option<[u8; 32]>) -> (String, Arc<Node>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_come_out_as_the_sdk_decoded_them() {
-    let (url, node) = start_node(None).await;
+    let (url, node) = start_node(None, vec![]).await;
     let g = node.golden.clone();
     let state = tempfile::tempdir().unwrap();
     let chain = match SubtensorChain::connect(&url, 1, state.path()).await {
@@ -306,11 +326,12 @@ async fn reads_come_out_as_the_sdk_decoded_them() {
     assert!(err.to_string().contains("subnet 9"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_then_commit_weights_through_the_node() {
+/// Registers a fresh hotkey through the node (checking the extrinsic), and
+/// returns the chain, the node and the hotkey.
+async fn registered(storage: Vec<(Json, String)>) -> (SubtensorChain, Arc<Node>, Keypair, String, tempfile::TempDir) {
     let coldkey = Keypair::from_suri("//Alice").unwrap();
     let hotkey = Keypair::from_suri("//Fractal//replay").unwrap();
-    let (url, node) = start_node(Some(hotkey.hotkey().0)).await;
+    let (url, node) = start_node(Some(hotkey.hotkey().0), storage).await;
     let state = tempfile::tempdir().unwrap();
     let chain = SubtensorChain::connect(&url, 1, state.path())
         .await
@@ -343,9 +364,96 @@ async fn register_then_commit_weights_through_the_node() {
         Err(ChainError::AlreadyRegistered(_, 0))
     ));
     assert_eq!(node.submitted.lock().unwrap().len(), 1);
+    (chain, node, hotkey, url, state)
+}
 
-    // The recorded subnet has commit-reveal on: weights go out as a hash
-    // commit, kept (with its salt) for the reveal.
+/// The commit bytes of the `commit_timelocked` call (starting with `prefix`)
+/// that ends `tx`.
+fn timelocked_commit<'t>(tx: &'t [u8], prefix: &[u8]) -> &'t [u8] {
+    (0..tx.len())
+        .rev()
+        .find_map(|i| {
+            let mut rest = tx[i..].strip_prefix(prefix)?;
+            let n = subxt::ext::codec::Compact::<u32>::decode(&mut rest).ok()?.0 as usize;
+            (rest.len() == n + 10).then(|| &rest[..n])
+        })
+        .expect("a commit_timelocked call ends the extrinsic")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_reveal_version_4_sends_a_timelocked_commit_the_chain_can_open() {
+    // The subnet's epoch state of the SDK's recorded commit (head 67, tempo
+    // 10, last epoch at 60, 0.25 s blocks as this node's Aura declares),
+    // with the clock at the SDK's: its commit went to drand round 1000,
+    // whose pulse is public, so the commit we send can be opened here.
+    let v = crv4();
+    let c = &v["sdk_commit"];
+    assert_eq!(c["state"]["current_block"], 67, "the recorded head");
+    let st = |k: &str| c["state"][k].as_u64().unwrap();
+    let storage = served(&[
+        ("Tempo", (st("tempo") as u16).encode()),
+        ("LastEpochBlock", st("last_epoch_block").encode()),
+        ("PendingEpochAt", st("pending_epoch_at").encode()),
+        ("SubnetEpochIndex", st("subnet_epoch_index").encode()),
+        ("BlocksSinceLastStep", st("blocks_since_last_step").encode()),
+        ("RevealPeriodEpochs", c["reveal_period"].as_u64().unwrap().encode()),
+    ]);
+    let (mut chain, node, hotkey, _url, _state) = registered(storage).await;
+    let now = c["now"].as_f64().unwrap();
+    chain.set_clock(Arc::new(move || now));
+    let unknown = || format!("{:?}", node.unknown.lock().unwrap());
+
+    chain
+        .set_weights(&hotkey, &[(0, 300)], 0)
+        .await
+        .unwrap_or_else(|e| panic!("set_weights: {e}; {}", unknown()));
+    assert!(chain.pending_commits().is_empty(), "nothing to reveal ourselves");
+    let tx = node.submitted.lock().unwrap()[1].clone();
+    // The call's tail: commit (compact length + bytes), reveal round, version.
+    let (round, version) = (&tx[tx.len() - 10..tx.len() - 2], &tx[tx.len() - 2..]);
+    assert_eq!(u64::from_le_bytes(round.try_into().unwrap()), 1000);
+    assert_eq!(version, &4u16.to_le_bytes());
+    let at = offline_client().at_block(1u64).unwrap();
+    let head = at
+        .tx()
+        .call_data(&calls::commit_timelocked(1, &[], 1000, 4))
+        .unwrap();
+    // Pallet and call index, netuid, mecid: then the commit's compact length.
+    let commit = timelocked_commit(&tx, &head[..5]);
+    let sig = unhex(v["quicknet_round_1000_signature"].as_str().unwrap());
+    let opened = timelock::decrypt(commit, &sig).expect("opens with round 1000");
+    assert_eq!(
+        WeightsPayload::decode(&opened),
+        Some(WeightsPayload {
+            hotkey: hotkey.hotkey().0.to_vec(),
+            uids: vec![0],
+            values: vec![65535],
+            version_key: 0,
+        })
+    );
+    let expected = at
+        .tx()
+        .call_data(&calls::commit_timelocked(1, commit, 1000, 4))
+        .unwrap();
+    assert!(
+        tx.ends_with(&expected),
+        "the extrinsic carries commit_timelocked_mechanism_weights(1, 0, commit, 1000, 4)"
+    );
+    assert!(
+        tx.windows(32).any(|w| w == hotkey.hotkey().0),
+        "signed by the hotkey"
+    );
+    assert!(node.unknown.lock().unwrap().is_empty(), "{}", unknown());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_commit_reveal_version_falls_back_to_a_hash_commit() {
+    let storage = served(&[("CommitRevealWeightsVersion", 3u16.encode())]);
+    let (chain, node, hotkey, url, state) = registered(storage).await;
+    let unknown = || format!("{:?}", node.unknown.lock().unwrap());
+    let at = offline_client().at_block(1u64).unwrap();
+
+    // Weights go out as a hash commit, kept (with its salt) for the reveal.
     chain
         .set_weights(&hotkey, &[(0, 300)], 0)
         .await
@@ -364,10 +472,6 @@ async fn register_then_commit_weights_through_the_node() {
     assert!(
         tx.ends_with(&call),
         "the extrinsic carries commit_weights(1, hash)"
-    );
-    assert!(
-        tx.windows(32).any(|w| w == hotkey.hotkey().0),
-        "signed by the hotkey"
     );
     assert!(node.unknown.lock().unwrap().is_empty(), "{}", unknown());
 

@@ -11,6 +11,11 @@ pub fn golden() -> Json {
     serde_json::from_str(&std::fs::read_to_string(format!("{DIR}golden.json")).unwrap()).unwrap()
 }
 
+/// Timelocked commit-reveal vectors (tools/interop/drand_vectors.sh).
+pub fn crv4() -> Json {
+    serde_json::from_str(&std::fs::read_to_string(format!("{DIR}crv4.json")).unwrap()).unwrap()
+}
+
 pub fn metadata_bytes() -> Vec<u8> {
     std::fs::read(format!("{DIR}metadata-spec461.scale")).unwrap()
 }

@@ -19,19 +19,27 @@
 //! | `balance` | `System::Account` free balance |
 //!
 //! **Commit-reveal.** A subnet with `commit_reveal_weights_enabled` refuses
-//! `set_weights` (`CommitRevealEnabled`). Subtensor offers two ways to commit:
-//! the hash commit ("v2": `commit_weights(netuid, H)` now, `reveal_weights`
-//! with the same uids, values, salt and version key in epoch
-//! `commit_epoch + reveal_period`), and the timelocked commit ("v3":
-//! `commit_timelocked_weights`, weights encrypted to a future drand round and
-//! revealed by the chain itself). We implement v2: [`commit_hash`] is
-//! subtensor's `get_commit_hash`, pending commits (with their salts) are
-//! kept in a JSON file before the commit is sent, so a restart loses none,
-//! and a background task reveals each one in its reveal epoch (read from the
-//! chain's `WeightCommits`, `SubnetEpochIndex` and `RevealPeriodEpochs`, so
-//! no reveal is paid for before it can succeed). v3 is not
-//! implemented: it needs drand's timelock encryption (BLS12-381 IBE over the
-//! quicknet chain) in Rust, which no crate here provides.
+//! `set_weights` (`CommitRevealEnabled`). Subtensor offers two ways to commit,
+//! and we use the one the chain's `CommitRevealWeightsVersion` asks for:
+//!
+//! - **Timelocked (version 4, "CRv4"; subtensor's default and what the SDK
+//!   sends).** The weights are encrypted to the drand quicknet round that the
+//!   chain will hold when the commit's reveal epoch begins ([`timelock`];
+//!   the reveal block is replayed from the subnet's epoch bookkeeping in
+//!   [`epoch`]) and sent with `commit_timelocked_mechanism_weights` (main
+//!   mechanism). The chain decrypts and applies them itself: nothing is kept
+//!   here, and a validator that is down at reveal time loses nothing.
+//! - **Hash commit (any other version).** `commit_weights(netuid, H)` now,
+//!   `reveal_weights` with the same uids, values, salt and version key in
+//!   epoch `commit_epoch + reveal_period`. [`commit_hash`] is subtensor's
+//!   `get_commit_hash`; pending commits (with their salts) are kept in a JSON
+//!   file before the commit is sent, so a restart loses none, and a
+//!   background task reveals each one in its reveal epoch (read from the
+//!   chain's `WeightCommits`, `SubnetEpochIndex` and `RevealPeriodEpochs`, so
+//!   no reveal is paid for before it can succeed).
+
+pub mod epoch;
+pub mod timelock;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -51,6 +59,8 @@ use subxt::metadata::Metadata;
 use subxt::utils::{AccountId32, MultiSignature};
 use subxt::{OfflineClient, OnlineClient};
 
+use self::epoch::EpochState;
+use self::timelock::WeightsPayload;
 use crate::{
     normalize_weights, AxonInfo, BlockNumber, Chain, ChainError, Hyperparams, Metagraph,
     NeuronInfo, Rao, Uid,
@@ -128,6 +138,26 @@ pub mod calls {
         call(
             "commit_weights",
             vec![Value::u128(netuid as u128), Value::from_bytes(hash)],
+        )
+    }
+
+    /// A timelocked commit for the subnet's main mechanism (`mecid` 0), as
+    /// the reference SDK sends it.
+    pub fn commit_timelocked(
+        netuid: u16,
+        commit: &[u8],
+        reveal_round: u64,
+        commit_reveal_version: u16,
+    ) -> DynamicPayload<Vec<Value>> {
+        call(
+            "commit_timelocked_mechanism_weights",
+            vec![
+                Value::u128(netuid as u128),
+                Value::u128(0),
+                Value::from_bytes(commit),
+                Value::u128(reveal_round as u128),
+                Value::u128(commit_reveal_version as u128),
+            ],
         )
     }
 
@@ -420,6 +450,11 @@ fn dispatch_error(message: String, signer: &Hotkey, target: Option<&Hotkey>) -> 
         ChainError::NoValidatorPermit(*signer)
     } else if has("CommitRevealEnabled") {
         ChainError::Invalid("the subnet uses commit-reveal weights (set_weights refused)".into())
+    } else if has("IncorrectCommitRevealVersion") {
+        ChainError::Invalid(format!(
+            "the chain expects another commit-reveal version than {} (CommitRevealWeightsVersion)",
+            timelock::COMMIT_REVEAL_VERSION
+        ))
     } else {
         ChainError::Invalid(message)
     }
@@ -437,7 +472,22 @@ pub struct SubtensorChain {
     /// Keys that have commits to reveal, for the reveal task.
     reveal_keys: Arc<Mutex<BTreeMap<Hotkey, Keypair>>>,
     reveal_task: tokio::task::JoinHandle<()>,
+    /// Unix seconds now: what a timelocked commit's drand round is timed from.
+    clock: Clock,
 }
+
+/// A source of the current Unix time in seconds.
+pub type Clock = Arc<dyn Fn() -> f64 + Send + Sync>;
+
+fn system_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The largest commit the chain stores (`MAX_CRV3_COMMIT_SIZE_BYTES`).
+pub const MAX_TIMELOCKED_COMMIT_BYTES: usize = 5000;
 
 impl Drop for SubtensorChain {
     fn drop(&mut self) {
@@ -479,6 +529,7 @@ impl SubtensorChain {
             commits,
             reveal_keys,
             reveal_task: task,
+            clock: Arc::new(system_clock),
         };
         if chain.raw_hyperparams(&chain.at().await?).await?.is_none() {
             return Err(ChainError::Invalid(format!(
@@ -490,6 +541,12 @@ impl SubtensorChain {
 
     pub fn netuid(&self) -> u16 {
         self.netuid
+    }
+
+    /// Replaces the wall clock timelocked commits are timed from (tests use
+    /// a fixed time whose drand round is public).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     /// The node's runtime spec version.
@@ -581,26 +638,77 @@ impl SubtensorChain {
     }
 }
 
+impl SubtensorChain {
+    /// Encrypts the weights to the drand round the chain will hold when the
+    /// commit's reveal epoch begins, and sends the commit; the chain reveals
+    /// it. Everything is read at one block, as the reference SDK does.
+    async fn commit_timelocked(
+        &self,
+        at: &AtBlock,
+        hotkey: &Keypair,
+        payload: WeightsPayload,
+    ) -> Result<(), ChainError> {
+        let net = || vec![Value::u128(self.netuid as u128)];
+        let state = EpochState {
+            block: at.block_number(),
+            tempo: storage_u64(at, "Tempo", net()).await? as u16,
+            last_epoch_block: storage_u64(at, "LastEpochBlock", net()).await?,
+            pending_epoch_at: storage_u64(at, "PendingEpochAt", net()).await?,
+            epoch_index: storage_u64(at, "SubnetEpochIndex", net()).await?,
+            blocks_since_last_step: storage_u64(at, "BlocksSinceLastStep", net()).await?,
+        };
+        let period = storage_u64(at, "RevealPeriodEpochs", net()).await?;
+        let reveal_block = state
+            .first_reveal_block(period)
+            .map_err(|e| ChainError::Invalid(e.to_string()))?;
+        // Aura's slot is the block time (12 s on finney, 0.25 s on a
+        // fast-blocks localnet); the round is timed in wall-clock seconds.
+        let slot_ms = at
+            .constants()
+            .entry(subxt::dynamic::constant::<u64>("Aura", "SlotDuration"))
+            .map_err(|e| decode_err("Aura::SlotDuration", e))?;
+        let round = timelock::reveal_round(
+            reveal_block,
+            state.block,
+            slot_ms as f64 / 1000.0,
+            (self.clock)(),
+        );
+        let commit = timelock::encrypt(&payload.encode(), round);
+        if commit.len() > MAX_TIMELOCKED_COMMIT_BYTES {
+            return Err(ChainError::InvalidWeights(format!(
+                "{} weights make a {}-byte timelocked commit; the chain takes at most {MAX_TIMELOCKED_COMMIT_BYTES}",
+                payload.uids.len(),
+                commit.len()
+            )));
+        }
+        let call = calls::commit_timelocked(
+            self.netuid,
+            &commit,
+            round,
+            timelock::COMMIT_REVEAL_VERSION,
+        );
+        self.submit(hotkey, call, None).await?;
+        tracing::info!(
+            reveal_block,
+            drand_round = round,
+            "weights committed, timelocked; the chain reveals them at block {reveal_block}"
+        );
+        Ok(())
+    }
+}
+
 type AtBlock = subxt::client::OnlineClientAtBlock<SubstrateConfig>;
 
-/// A `SubtensorModule` storage value read as u64 (`None` when unset).
-async fn storage_u64(
-    at: &AtBlock,
-    entry: &str,
-    keys: Vec<Value>,
-) -> Result<Option<u64>, ChainError> {
+/// A `SubtensorModule` storage value read as u64; unset entries read as the
+/// default the runtime's metadata declares for them.
+async fn storage_u64(at: &AtBlock, entry: &str, keys: Vec<Value>) -> Result<u64, ChainError> {
     let addr = subxt::dynamic::storage::<Vec<Value>, Value>(PALLET, entry);
-    match at
-        .storage()
-        .try_fetch(addr, keys)
+    at.storage()
+        .fetch(addr, keys)
         .await
         .map_err(transport)?
-    {
-        None => Ok(None),
-        Some(v) => Ok(Some(
-            v.decode_as::<u64>().map_err(|e| decode_err(entry, e))?,
-        )),
-    }
+        .decode_as::<u64>()
+        .map_err(|e| decode_err(entry, e))
 }
 
 /// A runtime API that takes the netuid, answered as raw SCALE bytes.
@@ -679,12 +787,8 @@ async fn reveal_due(
     let block = at.block_number();
     for c in mine {
         let net = Value::u128(c.netuid as u128);
-        let epoch = storage_u64(&at, "SubnetEpochIndex", vec![net.clone()])
-            .await?
-            .unwrap_or(0);
-        let period = storage_u64(&at, "RevealPeriodEpochs", vec![net.clone()])
-            .await?
-            .unwrap_or(1);
+        let epoch = storage_u64(&at, "SubnetEpochIndex", vec![net.clone()]).await?;
+        let period = storage_u64(&at, "RevealPeriodEpochs", vec![net.clone()]).await?;
         let addr = subxt::dynamic::storage::<Vec<Value>, Vec<(subxt::utils::H256, u64, u64, u64)>>(
             PALLET,
             "WeightCommits",
@@ -763,7 +867,7 @@ impl Chain for SubtensorChain {
         let owner_cut = storage_u64(&at, "SubnetOwnerCut", vec![]).await?;
         Ok(Hyperparams {
             netuid: self.netuid,
-            max_uids: max_uids.unwrap_or(256) as u16,
+            max_uids: max_uids as u16,
             max_validators: raw.max_validators,
             tempo: raw.tempo as u64,
             immunity_period: raw.immunity_period as u64,
@@ -773,10 +877,10 @@ impl Chain for SubtensorChain {
             min_allowed_weights: raw.min_allowed_weights,
             kappa: fraction(raw.kappa),
             bonds_moving_average: raw.bonds_moving_avg,
-            burn: Rao(burn.unwrap_or(0)),
+            burn: Rao(burn),
             // Emission on subtensor is set by the network (dynamic TAO), not per subnet.
             block_emission: Rao(0),
-            owner_cut: owner_cut.map(|c| fraction(c as u16)).unwrap_or(0.0),
+            owner_cut: fraction(owner_cut as u16),
             dev_faucet: Rao(0),
         })
     }
@@ -851,7 +955,20 @@ impl Chain for SubtensorChain {
             if let Err(e) = reveal_due(&self.api, &self.commits, hotkey).await {
                 tracing::warn!("revealing weights: {e}");
             }
-            self.commit_weights(hotkey, uids, values, version_key).await
+            let at = self.at().await?;
+            let version = storage_u64(&at, "CommitRevealWeightsVersion", vec![]).await?;
+            if version == u64::from(timelock::COMMIT_REVEAL_VERSION) {
+                let payload = WeightsPayload {
+                    hotkey: hotkey.hotkey().0.to_vec(),
+                    uids,
+                    values,
+                    version_key,
+                };
+                self.commit_timelocked(&at, hotkey, payload).await
+            } else {
+                tracing::debug!(version, "the chain's commit-reveal version is not ours: hash commit");
+                self.commit_weights(hotkey, uids, values, version_key).await
+            }
         } else {
             self.submit(
                 hotkey,
