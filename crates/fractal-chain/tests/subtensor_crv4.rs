@@ -77,11 +77,18 @@ fn the_sdks_commit_opens_to_our_payload_encoding() {
         values: serde_json::from_value(c["values"].clone()).unwrap(),
         version_key: c["version_key"].as_u64().unwrap(),
     };
-    assert_eq!(hex::encode(payload.encode()), c["payload"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(payload.encode()),
+        c["payload"].as_str().unwrap()
+    );
     for key in ["ciphertext", "drand_ciphertext"] {
         let ct = unhex(c[key].as_str().unwrap());
         let opened = timelock::decrypt(&ct, &round_1000_signature()).unwrap();
-        assert_eq!(WeightsPayload::decode(&opened).as_ref(), Some(&payload), "{key}");
+        assert_eq!(
+            WeightsPayload::decode(&opened).as_ref(),
+            Some(&payload),
+            "{key}"
+        );
     }
 }
 
@@ -93,7 +100,12 @@ fn their_ciphertexts_open_with_ours_and_ours_opened_with_theirs() {
     assert!(!theirs.is_empty());
     for t in theirs {
         let opened = timelock::decrypt(&unhex(t["ciphertext"].as_str().unwrap()), &sig).unwrap();
-        assert_eq!(hex::encode(opened), t["plaintext"].as_str().unwrap(), "{}", t["by"]);
+        assert_eq!(
+            hex::encode(opened),
+            t["plaintext"].as_str().unwrap(),
+            "{}",
+            t["by"]
+        );
     }
     // What our encoder wrote when the fixtures were made, opened there by
     // both references; it still opens here, and a fresh encryption of the
@@ -126,7 +138,10 @@ fn commit_call_data_equals_the_sdks() {
             c["commit_reveal_version"].as_u64().unwrap() as u16,
         ))
         .unwrap();
-    assert_eq!(format!("0x{}", hex::encode(ours)), c["data_hex"].as_str().unwrap());
+    assert_eq!(
+        format!("0x{}", hex::encode(ours)),
+        c["data_hex"].as_str().unwrap()
+    );
 }
 
 #[test]
@@ -134,6 +149,9 @@ fn the_runtime_defaults_to_version_4() {
     let v = crv4();
     assert_eq!(
         v["storage"]["CommitRevealWeightsVersion"]["default_hex"],
-        format!("0x{}", hex::encode(timelock::COMMIT_REVEAL_VERSION.to_le_bytes()))
+        format!(
+            "0x{}",
+            hex::encode(timelock::COMMIT_REVEAL_VERSION.to_le_bytes())
+        )
     );
 }

@@ -328,7 +328,15 @@ async fn reads_come_out_as_the_sdk_decoded_them() {
 
 /// Registers a fresh hotkey through the node (checking the extrinsic), and
 /// returns the chain, the node and the hotkey.
-async fn registered(storage: Vec<(Json, String)>) -> (SubtensorChain, Arc<Node>, Keypair, String, tempfile::TempDir) {
+async fn registered(
+    storage: Vec<(Json, String)>,
+) -> (
+    SubtensorChain,
+    Arc<Node>,
+    Keypair,
+    String,
+    tempfile::TempDir,
+) {
     let coldkey = Keypair::from_suri("//Alice").unwrap();
     let hotkey = Keypair::from_suri("//Fractal//replay").unwrap();
     let (url, node) = start_node(Some(hotkey.hotkey().0), storage).await;
@@ -396,7 +404,10 @@ async fn commit_reveal_version_4_sends_a_timelocked_commit_the_chain_can_open() 
         ("PendingEpochAt", st("pending_epoch_at").encode()),
         ("SubnetEpochIndex", st("subnet_epoch_index").encode()),
         ("BlocksSinceLastStep", st("blocks_since_last_step").encode()),
-        ("RevealPeriodEpochs", c["reveal_period"].as_u64().unwrap().encode()),
+        (
+            "RevealPeriodEpochs",
+            c["reveal_period"].as_u64().unwrap().encode(),
+        ),
     ]);
     let (mut chain, node, hotkey, _url, _state) = registered(storage).await;
     let now = c["now"].as_f64().unwrap();
@@ -407,7 +418,10 @@ async fn commit_reveal_version_4_sends_a_timelocked_commit_the_chain_can_open() 
         .set_weights(&hotkey, &[(0, 300)], 0)
         .await
         .unwrap_or_else(|e| panic!("set_weights: {e}; {}", unknown()));
-    assert!(chain.pending_commits().is_empty(), "nothing to reveal ourselves");
+    assert!(
+        chain.pending_commits().is_empty(),
+        "nothing to reveal ourselves"
+    );
     let tx = node.submitted.lock().unwrap()[1].clone();
     // The call's tail: commit (compact length + bytes), reveal round, version.
     let (round, version) = (&tx[tx.len() - 10..tx.len() - 2], &tx[tx.len() - 2..]);

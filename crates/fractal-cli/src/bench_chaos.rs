@@ -691,7 +691,7 @@ pub fn run(b: ChaosBench) -> anyhow::Result<()> {
                 .error_for_status()?
                 .bytes()
                 .await?;
-            match fractal_engine::video::decode_mp4(&bytes, 1024) {
+            match fractal_engine::io::video::decode_mp4(&bytes, 1024) {
                 Ok(d) if d.frames.len() == frames => {}
                 Ok(d) => bad_videos.push(format!("{id}: {} frames, want {frames}", d.frames.len())),
                 Err(e) => bad_videos.push(format!("{id}: {e}")),

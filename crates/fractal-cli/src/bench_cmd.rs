@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
+use fractal_engine::{GenerateSpec, Pipeline, TinyVariant};
 use fractal_protocol::Seed;
 use serde::{Deserialize, Serialize};
 
@@ -124,16 +124,15 @@ fn worker(w: Workload) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", w.threads.to_string());
     let t = Instant::now();
     let model = Model::load(&w.model, &fractal_engine::device_from_name(&w.device)?)?;
-    let scheduler = fractal_engine::model::scheduler_spec_from_folder(&w.model)?;
-    let tok = ClipTokenizer::from_folder(&w.model.join("tokenizer"))?;
-    let pipeline = Pipeline::new(model, scheduler)?;
+    let scheduler = fractal_engine::schedulers::spec_from_folder(&w.model)?;
+    let pipeline = Pipeline::from(TextToVideoSd::new(model, scheduler));
     let load_s = t.elapsed().as_secs_f64();
     let mut runs_s = Vec::new();
     for i in 0..w.repeats {
         let t = Instant::now();
         let spec = GenerateSpec {
-            prompt_ids: tok.encode(&w.prompt)?,
-            negative_ids: tok.encode("")?,
+            prompt: w.prompt.clone(),
+            negative_prompt: String::new(),
             seed: Seed(i as u64),
             frames: w.frames,
             height: w.height,

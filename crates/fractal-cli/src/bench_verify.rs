@@ -9,8 +9,10 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{cpu_kernels, tiny, Degradation, Model, PinnedModel, TinyVariant};
+use fractal_engine::{
+    builtin::tiny, kernels::cpu, pipelines::text_to_video_sd::Model, Degradation, PinnedModel,
+    TinyVariant,
+};
 use fractal_protocol::manifest::Size;
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
@@ -62,7 +64,6 @@ fn pinned(model: Model) -> anyhow::Result<PinnedModel> {
     Ok(PinnedModel::from_parts(
         tiny::manifest(TinyVariant::Base),
         model,
-        ClipTokenizer::builtin()?,
     )?)
 }
 
@@ -134,9 +135,9 @@ fn one(
     let t = Instant::now();
     let produced = pool
         .install(|| {
-            cpu_kernels::set_enabled(Some(setup.fused));
+            cpu::set_enabled(Some(setup.fused));
             let r = job::run(prover, req, &spec, strategy, state, &mut |_| true);
-            cpu_kernels::set_enabled(None);
+            cpu::set_enabled(None);
             r
         })
         .context("generation")?;

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::video::{self, Frames};
-use fractal_engine::{model, tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::io::video::{self, Frames};
+use fractal_engine::pipelines::text_to_video_sd::Model;
+use fractal_engine::{builtin::tiny, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
@@ -80,7 +80,7 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<Size> {
 fn folder_manifest(dir: &Path, model: &Model) -> anyhow::Result<ModelManifest> {
     let mut m = tiny::manifest(TinyVariant::Base);
     m.name = dir.display().to_string();
-    m.scheduler = model::scheduler_spec_from_folder(dir)?;
+    m.scheduler = fractal_engine::schedulers::spec_from_folder(dir)?;
     let s = model.configs.vae.scale_factor() as u32 * 8;
     m.limits.sizes = (1..=16)
         .flat_map(|i| {
@@ -135,26 +135,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let device = fractal_engine::device_from_name(&a.device)?;
     let load_start = Instant::now();
-    let (model, manifest, tokenizer) = match &a.model {
+    let (model, manifest) = match &a.model {
         Some(dir) => {
             if let Some(mpath) = &a.manifest {
                 let text = std::fs::read_to_string(mpath)
                     .with_context(|| format!("reading {}", mpath.display()))?;
                 let m = ModelManifest::parse(&text)?;
-                model::verify_weights(dir, &m)
+                fractal_engine::io::weights::verify_weights(dir, &m)
                     .context("model folder does not match the manifest")?;
-                let model = Model::load(dir, &device)?;
-                (
-                    model,
-                    m,
-                    ClipTokenizer::from_folder(&dir.join("tokenizer"))?,
-                )
+                (Model::load(dir, &device)?, m)
             } else {
                 let model = Model::load(dir, &device)?;
                 let m = folder_manifest(dir, &model)?;
-                let tok = ClipTokenizer::from_folder(&dir.join("tokenizer"))
-                    .or_else(|_| ClipTokenizer::builtin())?;
-                (model, m, tok)
+                (model, m)
             }
         }
         None => {
@@ -162,18 +155,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             let Some(v) = TinyVariant::parse(name) else {
                 bail!("unknown tiny model {name:?} (tiny-v1, tiny-wide-v1)")
             };
-            (
-                Model::tiny(v, &device)?,
-                tiny::manifest(v),
-                ClipTokenizer::builtin()?,
-            )
+            (Model::tiny(v, &device)?, tiny::manifest(v))
         }
     };
     let mut manifest = manifest;
     if let Some(kind) = scheduler_override {
         manifest.scheduler.kind = kind;
     }
-    let pinned = PinnedModel::from_parts(manifest, model, tokenizer)?;
+    let pinned = PinnedModel::from_parts(manifest, model)?;
     let manifest_id = pinned.manifest_id;
     let mut req = GenerateRequest::with_defaults(&pinned.manifest, a.prompt.clone(), Seed(a.seed));
     req.job_id = JobId([0; 16]);

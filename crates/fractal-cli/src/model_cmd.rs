@@ -2,7 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Subcommand;
-use fractal_engine::{model::PINNED_FILES, tiny, Model, TinyVariant};
+use fractal_engine::{
+    builtin::tiny, pipelines::text_to_video_sd::model::PINNED_FILES,
+    pipelines::text_to_video_sd::Model, TinyVariant,
+};
 use fractal_protocol::manifest::SchedulerKind;
 
 #[derive(Subcommand)]
@@ -45,7 +48,7 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
             for f in PINNED_FILES.iter().filter(|f| dir.join(f).is_file()) {
                 println!(
                     "\"{f}\" = \"{}\"",
-                    fractal_engine::model::sha256_file(&dir.join(f))?
+                    fractal_engine::io::weights::sha256_file(&dir.join(f))?
                 );
             }
         }

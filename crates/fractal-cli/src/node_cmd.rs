@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use fractal_chain::{Chain, Metagraph};
-use fractal_engine::{tiny, PinnedModel, TinyVariant};
+use fractal_engine::{builtin::tiny, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::ModelManifest;
 use fractal_protocol::{Hotkey, Keypair};
 use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};

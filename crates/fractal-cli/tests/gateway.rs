@@ -84,7 +84,7 @@ fn credentials(mp4: &[u8]) -> fractal_credentials::FractalAssertion {
 }
 
 fn assert_valid_mp4(bytes: &[u8], frames: usize, size: usize) {
-    let v = fractal_engine::video::decode_mp4(bytes, 64).expect("the MP4 decodes");
+    let v = fractal_engine::io::video::decode_mp4(bytes, 64).expect("the MP4 decodes");
     assert_eq!((v.frames.len(), v.width, v.height), (frames, size, size));
 }
 
@@ -167,10 +167,10 @@ fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
         "same prompt and seed on the same build: the same generation"
     );
     assert_eq!(
-        fractal_engine::video::decode_mp4(&again, 64)
+        fractal_engine::io::video::decode_mp4(&again, 64)
             .unwrap()
             .frames,
-        fractal_engine::video::decode_mp4(&video, 64)
+        fractal_engine::io::video::decode_mp4(&video, 64)
             .unwrap()
             .frames
     );

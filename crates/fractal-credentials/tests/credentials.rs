@@ -6,7 +6,7 @@ use fractal_credentials::{
     read, Audit, CertificateBinding, CredentialError, Generation, Issuer, MediaFormat, Origin,
     SigningIdentity, State,
 };
-use fractal_engine::video::{encode_gif, encode_mp4, thumbnail_png, Frames};
+use fractal_engine::io::video::{encode_gif, encode_mp4, thumbnail_png, Frames};
 use fractal_protocol::keys::Keypair;
 
 fn clip() -> (Vec<u8>, Vec<u8>, Vec<u8>) {

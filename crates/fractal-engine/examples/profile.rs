@@ -2,8 +2,8 @@
 //! `FRACTAL_PROFILE=1 cargo run --release -p fractal-engine --example profile -- DIR [frames] [size] [steps]`.
 use std::time::Instant;
 
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{GenerateSpec, Model, Pipeline};
+use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
+use fractal_engine::{GenerateSpec, Pipeline};
 use fractal_protocol::Seed;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,13 +21,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (frames, size, steps, repeats) = (num(2, 8)?, num(3, 64)?, num(4, 10)?, num(5, 2)?);
     let model = Model::load(&dir, &candle_core::Device::Cpu)?;
-    let scheduler = fractal_engine::model::scheduler_spec_from_folder(&dir)?;
-    let tok = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
-    let pipeline = Pipeline::new(model, scheduler)?;
+    let scheduler = fractal_engine::schedulers::spec_from_folder(&dir)?;
+    let pipeline = Pipeline::from(TextToVideoSd::new(model, scheduler));
     for i in 0..repeats {
         let spec = GenerateSpec {
-            prompt_ids: tok.encode("a red fox running in the snow")?,
-            negative_ids: tok.encode("")?,
+            prompt: "a red fox running in the snow".into(),
+            negative_prompt: String::new(),
             seed: Seed(i as u64),
             frames,
             height: size,

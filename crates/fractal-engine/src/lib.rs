@@ -1,34 +1,40 @@
-//! Fractal's text-to-video engine: the diffusers `TextToVideoSDPipeline`
-//! (ModelScope / Zeroscope UNet3D) on candle, deterministic from the seed.
+//! Fractal's text-to-video engine: diffusers pipelines on candle,
+//! deterministic from the seed. Laid out as diffusers and
+//! candle-transformers are, so each part is found by name and a new
+//! architecture is a new folder:
 //!
-//! * [`model`]: load a diffusers folder or build the tiny model;
-//! * [`unet3d`], [`clip`]: the networks candle does not ship in this form;
-//! * [`scheduler`]: DDIM as diffusers defines it;
-//! * [`pipeline`]: CFG denoising loop with a per-step hook, VAE decode;
-//! * [`cpu_kernels`]: fused f32 CPU kernels for the UNet's hot stages;
+//! * [`pinned`]: the model a node serves (manifest + pipeline) and the
+//!   request → spec → output conversions every role shares;
+//! * [`pipelines`]: the interface the roles use without knowing the
+//!   architecture ([`Pipeline`]), and one folder per architecture
+//!   ([`pipelines::text_to_video_sd`]: diffusers' `TextToVideoSDPipeline`,
+//!   ModelScope / Zeroscope);
+//! * [`models`]: the networks (UNet3D, CLIP text encoder and tokenizer, the
+//!   KL autoencoder's decoder) and their shared layers;
+//! * [`schedulers`]: DDIM and DPM-Solver++ as diffusers defines them;
+//! * [`kernels`]: fused f32 CPU kernels for the hot stages, by op family;
+//! * [`builtin`]: models built into the binary (weights derived from names);
+//! * [`io`]: video files (MP4/GIF/PNG) and safetensors weights;
 //! * [`profile`]: where the time goes (`FRACTAL_PROFILE=1`).
+//!
+//! Dependencies point one way: `pinned` → `pipelines` → `models` /
+//! `schedulers` → `kernels`; `builtin` builds on the pipelines' loaders,
+//! never the reverse; `io` depends on nothing above it.
 
-pub mod clip;
-pub mod cpu_kernels;
-mod layers;
-pub mod model;
+pub mod builtin;
+pub mod io;
+pub mod kernels;
+pub mod models;
 pub mod pinned;
-pub mod pipeline;
+pub mod pipelines;
 pub mod profile;
-pub mod scheduler;
-pub mod tiny;
-pub mod tokenizer;
-pub mod unet3d;
-pub mod vae;
-pub mod video;
-pub mod weights;
+pub mod schedulers;
 
 use std::path::PathBuf;
 
-pub use model::Model;
+pub use builtin::tiny::{Degradation, TinyVariant};
 pub use pinned::PinnedModel;
-pub use pipeline::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
-pub use tiny::{Degradation, TinyVariant};
+pub use pipelines::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

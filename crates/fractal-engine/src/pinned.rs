@@ -5,19 +5,18 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use fractal_protocol::manifest::{ModelManifest, Weights};
+use fractal_protocol::manifest::{Architecture, ModelManifest, Weights};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::ManifestId;
 
-use crate::tokenizer::ClipTokenizer;
-use crate::video::{self, Frames};
-use crate::{model, EngineError, GenerateSpec, Model, Pipeline, TinyVariant};
+use crate::io::video::{self, rgb8, Frames};
+use crate::pipelines::{text_to_video_sd, Components};
+use crate::{io, EngineError, GenerateSpec, Pipeline, TinyVariant};
 
 pub struct PinnedModel {
     pub manifest: ModelManifest,
     pub manifest_id: ManifestId,
     pub pipeline: Pipeline,
-    pub tokenizer: ClipTokenizer,
 }
 
 impl PinnedModel {
@@ -31,19 +30,17 @@ impl PinnedModel {
         manifest
             .validate()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
-        let (model, tokenizer) = match (&manifest.weights, folder) {
+        let Architecture::TextToVideoSd = manifest.architecture;
+        let model = match (&manifest.weights, folder) {
             (Weights::Builtin(name), _) => {
                 let variant = TinyVariant::parse(name).ok_or_else(|| {
                     EngineError::BadInput(format!("no built-in model named {name:?}"))
                 })?;
-                (Model::tiny(variant, device)?, ClipTokenizer::builtin()?)
+                text_to_video_sd::Model::tiny(variant, device)?
             }
             (Weights::Files(_), Some(dir)) => {
-                model::verify_weights(dir, &manifest)?;
-                (
-                    Model::load(dir, device)?,
-                    ClipTokenizer::from_folder(&dir.join("tokenizer"))?,
-                )
+                io::weights::verify_weights(dir, &manifest)?;
+                text_to_video_sd::Model::load(dir, device)?
             }
             (Weights::Files(_), None) => {
                 return Err(EngineError::BadInput(
@@ -51,32 +48,39 @@ impl PinnedModel {
                 ))
             }
         };
-        Self::from_parts(manifest, model, tokenizer)
+        Self::from_parts(manifest, model)
     }
 
-    /// A manifest with a model the caller built (tests, benchmarks, and the
-    /// cheating provers that claim a manifest they do not run).
+    /// A manifest with models the caller built (tests, benchmarks, and the
+    /// cheating provers that claim a manifest they do not run); they must be
+    /// of the manifest's architecture.
     pub fn from_parts(
         manifest: ModelManifest,
-        model: Model,
-        tokenizer: ClipTokenizer,
+        models: impl Components,
     ) -> Result<Self, EngineError> {
-        let pipeline = Pipeline::new(model, manifest.scheduler.clone())?;
+        if models.architecture() != manifest.architecture {
+            return Err(EngineError::BadInput(format!(
+                "manifest {} is for {:?}, the models are {:?}",
+                manifest.name,
+                manifest.architecture,
+                models.architecture()
+            )));
+        }
+        let pipeline = models.into_pipeline(manifest.scheduler.clone());
         Ok(PinnedModel {
             manifest_id: manifest.id(),
             manifest,
             pipeline,
-            tokenizer,
         })
     }
 
-    /// Validates `req` against the manifest and tokenizes it.
+    /// Validates `req` against the manifest.
     pub fn spec(&self, req: &GenerateRequest) -> Result<GenerateSpec, EngineError> {
         req.validate(&self.manifest, &self.manifest_id)
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
         Ok(GenerateSpec {
-            prompt_ids: self.tokenizer.encode(&req.prompt)?,
-            negative_ids: self.tokenizer.encode(&req.negative_prompt)?,
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
             seed: req.seed,
             frames: req.frames as usize,
             height: req.size.height as usize,
@@ -115,13 +119,4 @@ impl PinnedModel {
         .map_err(|e| EngineError::BadInput(e.to_string()))?;
         Ok(bytes)
     }
-}
-
-/// `[F, 3, H, W]` in `[0, 1]` to RGB8 `F × H × W × 3`, rounded to nearest.
-pub fn rgb8(frames: &Tensor) -> Result<Vec<u8>, EngineError> {
-    let t = (frames.permute((0, 2, 3, 1))? * 255.0)?
-        .round()?
-        .clamp(0f32, 255f32)?
-        .to_dtype(candle_core::DType::U8)?;
-    Ok(t.flatten_all()?.to_vec1::<u8>()?)
 }

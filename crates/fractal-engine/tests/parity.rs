@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
+use fractal_engine::{GenerateSpec, Pipeline, TinyVariant};
 use fractal_protocol::Seed;
 
 /// Max absolute error allowed per stage, in f32.
@@ -19,7 +20,7 @@ fn device() -> Device {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
+    fractal_engine::pipelines::max_abs_diff(a, b).unwrap()
 }
 
 fn check(name: &str) {
@@ -31,11 +32,11 @@ fn check(name: &str) {
     let fx: HashMap<String, Tensor> =
         candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
     let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
-    let mut scheduler = fractal_engine::tiny::manifest(variant).scheduler;
+    let mut scheduler = fractal_engine::builtin::tiny::manifest(variant).scheduler;
     if meta["scheduler"].as_str() == Some("dpm-solver") {
         scheduler.kind = fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep;
     }
-    let p = Pipeline::new(Model::tiny(variant, &device).unwrap(), scheduler).unwrap();
+    let sd = TextToVideoSd::new(Model::tiny(variant, &device).unwrap(), scheduler);
     let ids = |k: &str| {
         fx[k]
             .to_vec1::<i64>()
@@ -45,9 +46,11 @@ fn check(name: &str) {
             .collect::<Vec<_>>()
     };
     let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+    // The fixtures hold token ids: the prompts are encoded from them.
+    let (prompt_ids, negative_ids) = (ids("prompt_ids"), ids("negative_ids"));
     let spec = GenerateSpec {
-        prompt_ids: ids("prompt_ids"),
-        negative_ids: ids("negative_ids"),
+        prompt: String::new(),
+        negative_prompt: String::new(),
         seed: Seed(meta["seed"].as_u64().unwrap()),
         frames: u("frames"),
         height: u("height"),
@@ -65,27 +68,24 @@ fn check(name: &str) {
         );
     };
 
-    let cond = p
-        .encode_prompt(&spec.prompt_ids)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let cond = sd.encode_prompt(&prompt_ids).unwrap().squeeze(0).unwrap();
     stage("text_cond".into(), max_abs(&cond, &fx["text_cond"]));
-    let uncond = p
-        .encode_prompt(&spec.negative_ids)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let uncond = sd.encode_prompt(&negative_ids).unwrap().squeeze(0).unwrap();
     stage("text_uncond".into(), max_abs(&uncond, &fx["text_uncond"]));
 
-    let context = p.context(&spec).unwrap();
-    let out = p
+    let context = if spec.guidance_scale > 1.0 {
+        sd.encode_prompts(&negative_ids, &prompt_ids).unwrap()
+    } else {
+        sd.encode_prompt(&prompt_ids).unwrap()
+    };
+    let out = sd
         .model
         .unet
         .forward(&fx["unet_in"], meta["t"].as_f64().unwrap(), &context)
         .unwrap();
     stage("unet_forward".into(), max_abs(&out, &fx["unet_out"]));
 
+    let p = Pipeline::from(sd);
     let ddim = p.scheduler_for(spec.steps).unwrap();
     let expected_t: Vec<usize> = meta["timesteps"]
         .as_array()
@@ -97,7 +97,7 @@ fn check(name: &str) {
 
     let mut latents = Vec::new();
     let generated = p
-        .generate(&spec, &mut |e| latents.push(e.latents.clone()))
+        .generate_from(&spec, &context, &mut |e| latents.push(e.latents.clone()))
         .unwrap();
     assert_eq!(latents.len(), spec.steps + 1);
     for (i, l) in latents.iter().enumerate() {
@@ -134,7 +134,7 @@ fn wide_three_levels() {
 /// on the real CLIP vocabulary, built in and loaded from a folder.
 #[test]
 fn tokenizer_matches_transformers() {
-    use fractal_engine::tokenizer::ClipTokenizer;
+    use fractal_engine::models::clip_tokenizer::ClipTokenizer;
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/parity/tokenizer.json"

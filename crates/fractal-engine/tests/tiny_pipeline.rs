@@ -1,17 +1,14 @@
 //! The built-in tiny model end to end: shapes, determinism, the loader.
 
 use candle_core::{Device, Tensor};
-use fractal_engine::{GenerateSpec, Model, Pipeline, TinyVariant};
+use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
+use fractal_engine::{GenerateSpec, Pipeline, TinyVariant};
 use fractal_protocol::Seed;
 
 fn spec(seed: u64) -> GenerateSpec {
-    let mut ids = vec![49406u32, 320, 1929, 49407];
-    ids.resize(77, 49407);
-    let mut neg = vec![49406u32, 49407];
-    neg.resize(77, 49407);
     GenerateSpec {
-        prompt_ids: ids,
-        negative_ids: neg,
+        prompt: "a red fox".into(),
+        negative_prompt: String::new(),
         seed: Seed(seed),
         frames: 4,
         height: 32,
@@ -22,12 +19,12 @@ fn spec(seed: u64) -> GenerateSpec {
 }
 
 fn pipeline() -> Pipeline {
-    let m = fractal_engine::tiny::manifest(TinyVariant::Base);
-    Pipeline::new(
+    let m = fractal_engine::builtin::tiny::manifest(TinyVariant::Base);
+    TextToVideoSd::new(
         Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
         m.scheduler,
     )
-    .unwrap()
+    .into()
 }
 
 fn run(p: &Pipeline, s: &GenerateSpec) -> (Vec<Vec<f32>>, Vec<u8>) {
@@ -70,11 +67,11 @@ fn fused_cpu_kernels_match_candle_ops() {
         width: 24,
         ..spec(5)
     };
-    fractal_engine::cpu_kernels::set_enabled(Some(true));
+    fractal_engine::kernels::cpu::set_enabled(Some(true));
     let (fused, v1) = run(&p, &s);
-    fractal_engine::cpu_kernels::set_enabled(Some(false));
+    fractal_engine::kernels::cpu::set_enabled(Some(false));
     let (plain, v2) = run(&p, &s);
-    fractal_engine::cpu_kernels::set_enabled(None);
+    fractal_engine::kernels::cpu::set_enabled(None);
     assert_ne!(fused, plain, "the switch must change which ops run");
     for (step, (a, b)) in fused.iter().zip(&plain).enumerate() {
         let err = a
@@ -96,11 +93,11 @@ fn fused_cpu_kernels_match_candle_ops() {
 #[test]
 fn exported_folder_loads_and_matches_the_builtin_model() {
     let dir = tempfile::tempdir().unwrap();
-    let m = fractal_engine::tiny::manifest(TinyVariant::Base);
+    let m = fractal_engine::builtin::tiny::manifest(TinyVariant::Base);
     let files = Model::write_tiny_folder(TinyVariant::Base, dir.path(), &m.scheduler).unwrap();
     assert_eq!(files.len(), 3);
     // The engine only decodes, but diffusers loads the whole autoencoder.
-    let vae = fractal_engine::weights::SafetensorsFile::open(
+    let vae = fractal_engine::io::weights::SafetensorsFile::open(
         &dir.path().join("vae/diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
@@ -116,11 +113,11 @@ fn exported_folder_loads_and_matches_the_builtin_model() {
             "{want} missing from the exported VAE"
         );
     }
-    let loaded = Pipeline::new(
+    let loaded: Pipeline = TextToVideoSd::new(
         Model::load(dir.path(), &Device::Cpu).unwrap(),
         m.scheduler.clone(),
     )
-    .unwrap();
+    .into();
     let builtin = pipeline();
     let s = spec(9);
     let a = builtin.initial_latents(&s).unwrap();
@@ -138,7 +135,7 @@ fn exported_folder_loads_and_matches_the_builtin_model() {
     // Export is byte-for-byte reproducible (manifests pin file hashes).
     let dir2 = tempfile::tempdir().unwrap();
     Model::write_tiny_folder(TinyVariant::Base, dir2.path(), &m.scheduler).unwrap();
-    for f in fractal_engine::model::WEIGHT_FILES {
+    for f in fractal_engine::pipelines::text_to_video_sd::model::WEIGHT_FILES {
         assert_eq!(
             std::fs::read(dir.path().join(f)).unwrap(),
             std::fs::read(dir2.path().join(f)).unwrap(),
@@ -168,7 +165,7 @@ fn bad_inputs_are_errors_not_panics() {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    fractal_engine::pipeline::max_abs_diff(a, b).unwrap()
+    fractal_engine::pipelines::max_abs_diff(a, b).unwrap()
 }
 
 /// A verifier decodes single frames; they must equal the full decode's frames.

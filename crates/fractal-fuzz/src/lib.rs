@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use fractal_engine::video::Frames;
-use fractal_engine::{tiny, Model, TinyVariant};
+use fractal_engine::io::video::Frames;
+use fractal_engine::{builtin::tiny, pipelines::text_to_video_sd::Model, TinyVariant};
 use fractal_protocol::btauth::{self, ReplayCache, VerifyPolicy};
 use fractal_protocol::merkle::{f32_le_bytes, values_digest, MerkleTree};
 use fractal_protocol::wire::{
@@ -281,7 +281,7 @@ pub fn model_config(data: &[u8]) -> bool {
     let original = std::fs::read(&path).expect("tiny folder file");
     std::fs::write(&path, content).expect("write config");
     let loaded = Model::load(dir, &candle_core::Device::Cpu).is_ok()
-        && fractal_engine::model::scheduler_spec_from_folder(dir).is_ok();
+        && fractal_engine::schedulers::spec_from_folder(dir).is_ok();
     std::fs::write(&path, original).expect("restore config");
     loaded
 }
@@ -294,7 +294,7 @@ pub fn safetensors(data: &[u8]) -> bool {
         std::env::temp_dir().join(format!("fractal-fuzz-{}.safetensors", std::process::id()))
     });
     std::fs::write(path, data).expect("write weights");
-    let Ok(file) = fractal_engine::weights::SafetensorsFile::open(path) else {
+    let Ok(file) = fractal_engine::io::weights::SafetensorsFile::open(path) else {
         return false;
     };
     let names = file.names();
@@ -306,7 +306,7 @@ pub fn safetensors(data: &[u8]) -> bool {
 
 /// Input: an MP4 as a prover returns it; decoded as the gateway checks it.
 pub fn mp4(data: &[u8]) -> bool {
-    match fractal_engine::video::decode_mp4(data, 64) {
+    match fractal_engine::io::video::decode_mp4(data, 64) {
         Ok(v) => {
             assert!(v.frames.len() <= 64, "max_frames is a bound");
             assert!(v.frames.iter().all(|f| f.len() == v.width * v.height * 3));
@@ -405,7 +405,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "mp4" => {
             let (w, h, n) = (16, 16, 3);
             let rgb: Vec<u8> = (0..w * h * 3 * n).map(|i| (i * 7 % 251) as u8).collect();
-            let video = fractal_engine::video::encode_mp4(Frames {
+            let video = fractal_engine::io::video::encode_mp4(Frames {
                 rgb: &rgb,
                 width: w,
                 height: h,

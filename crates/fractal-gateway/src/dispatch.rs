@@ -315,7 +315,7 @@ impl Gateway {
         let frames = job.spec.frames as usize;
         let (width, height) = (job.spec.width as usize, job.spec.height as usize);
         tokio::task::spawn_blocking(move || {
-            let decoded = fractal_engine::video::decode_mp4(&mp4, frames)
+            let decoded = fractal_engine::io::video::decode_mp4(&mp4, frames)
                 .map_err(|e| OutputError::BadVideo(format!("its MP4 does not decode: {e}")))?;
             if decoded.frames.len() != frames || (decoded.width, decoded.height) != (width, height)
             {
@@ -327,16 +327,16 @@ impl Gateway {
                 )));
             }
             let rgb: Vec<u8> = decoded.frames.concat();
-            let f = fractal_engine::video::Frames {
+            let f = fractal_engine::io::video::Frames {
                 rgb: &rgb,
                 width: decoded.width,
                 height: decoded.height,
                 count: decoded.frames.len(),
                 fps,
             };
-            let gif = fractal_engine::video::encode_gif(f)
+            let gif = fractal_engine::io::video::encode_gif(f)
                 .map_err(|e| OutputError::BadVideo(e.to_string()))?;
-            let png = fractal_engine::video::thumbnail_png(f)
+            let png = fractal_engine::io::video::thumbnail_png(f)
                 .map_err(|e| OutputError::BadVideo(e.to_string()))?;
             for (ext, bytes) in [("mp4", &mp4), ("gif", &gif), ("png", &png)] {
                 let tmp = dir.join(format!("{id}.{ext}.tmp"));

@@ -402,7 +402,7 @@ mod tests {
     }
 
     fn parse(v: Value) -> Result<JobSpec, OaiError> {
-        let m = fractal_engine::tiny::manifest(fractal_engine::TinyVariant::Base);
+        let m = fractal_engine::builtin::tiny::manifest(fractal_engine::TinyVariant::Base);
         parse_create(&fields(v), &m, "abc", || 7)
     }
 
@@ -447,7 +447,7 @@ mod tests {
             ), 0..8),
         ) {
             let f: Fields = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            let m = fractal_engine::tiny::manifest(fractal_engine::TinyVariant::Base);
+            let m = fractal_engine::builtin::tiny::manifest(fractal_engine::TinyVariant::Base);
             match parse_create(&f, &m, "abc", || 1) {
                 Ok(s) => {
                     proptest::prop_assert!(!s.prompt.trim().is_empty() && s.prompt.len() <= 1000);

@@ -449,7 +449,7 @@ async fn expired_videos_lose_their_files_and_answer_410() {
     // Finish it by hand, already past its retention.
     let videos = g.gw.config.videos_dir();
     let rgb = vec![128u8; 32 * 32 * 3 * 2];
-    let f = fractal_engine::video::Frames {
+    let f = fractal_engine::io::video::Frames {
         rgb: &rgb,
         width: 32,
         height: 32,
@@ -457,9 +457,9 @@ async fn expired_videos_lose_their_files_and_answer_410() {
         fps: 8,
     };
     for (ext, bytes) in [
-        ("mp4", fractal_engine::video::encode_mp4(f).unwrap()),
-        ("gif", fractal_engine::video::encode_gif(f).unwrap()),
-        ("png", fractal_engine::video::thumbnail_png(f).unwrap()),
+        ("mp4", fractal_engine::io::video::encode_mp4(f).unwrap()),
+        ("gif", fractal_engine::io::video::encode_gif(f).unwrap()),
+        ("png", fractal_engine::io::video::thumbnail_png(f).unwrap()),
     ] {
         std::fs::write(videos.join(format!("{id}.{ext}")), bytes).unwrap();
     }

@@ -152,8 +152,8 @@ async fn downloads_carry_credentials_that_match_the_job_and_its_audit() {
     // bare file the trace was checked against.
     let bare = std::fs::read(gw.config.videos_dir().join(format!("{id}.mp4"))).unwrap();
     let (a, b) = (
-        fractal_engine::video::decode_mp4(&bare, 64).unwrap(),
-        fractal_engine::video::decode_mp4(&signed, 64).unwrap(),
+        fractal_engine::io::video::decode_mp4(&bare, 64).unwrap(),
+        fractal_engine::io::video::decode_mp4(&signed, 64).unwrap(),
     );
     assert_eq!(a.frames, b.frames);
     // A second download is the cached file, byte for byte.

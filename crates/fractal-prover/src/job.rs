@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use fractal_engine::pipeline::values;
+use fractal_engine::pipelines::values;
 use fractal_engine::{EngineError, GenerateSpec, PinnedModel};
 use fractal_protocol::merkle::{f32_le_bytes, MerkleTree};
 use fractal_protocol::wire::{GenerateRequest, Timing};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use fractal_engine::{tiny, PinnedModel, TinyVariant};
+use fractal_engine::{builtin::tiny, PinnedModel, TinyVariant};
 use fractal_http::{AllowList, SignedClient};
 use fractal_protocol::manifest::Size;
 use fractal_protocol::wire::{

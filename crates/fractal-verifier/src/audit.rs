@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use fractal_engine::pipeline::values;
-use fractal_engine::video::{decode_mp4, psnr_luma};
-use fractal_engine::{pinned, PinnedModel};
+use fractal_engine::io::video::{self, decode_mp4, psnr_luma};
+use fractal_engine::pipelines::values;
+use fractal_engine::PinnedModel;
 use fractal_protocol::manifest::SchedulerKind;
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{
@@ -288,7 +288,7 @@ impl Auditor {
             .latent_shape(spec.frames, spec.height, spec.width)
             .map_err(engine)?;
         let shape = vec![b as u32, c as u32, f as u32, h as u32, w as u32];
-        let device = &self.model.pipeline.model.device;
+        let device = self.model.pipeline.device();
         let opened = |leaf: TraceLeaf| -> Result<Vec<f32>, Failure> {
             let o = answer
                 .openings
@@ -400,7 +400,7 @@ impl Auditor {
                 let frame = p
                     .decode_frame(&x, plan.frame as usize)
                     .map_err(|e| fail(Check::Frame, e.to_string()))?;
-                let ours = pinned::rgb8(&frame).map_err(|e| fail(Check::Frame, e.to_string()))?;
+                let ours = video::rgb8(&frame).map_err(|e| fail(Check::Frame, e.to_string()))?;
                 let theirs = returned_frame(format, &resp.content.0, req, plan.frame as usize)?;
                 // Luma only: 4:2:0 chroma subsampling legitimately blurs colour
                 // on noisy content, the luma plane is what H.264 keeps at QP 18.
@@ -469,7 +469,7 @@ impl Auditor {
                 }
             }
             format => {
-                let rgb = pinned::rgb8(&generated.frames)
+                let rgb = video::rgb8(&generated.frames)
                     .map_err(|e| fail(Check::Frame, e.to_string()))?;
                 let n = (req.size.width * req.size.height * 3) as usize;
                 let bound = self.model.manifest.verification.frame_psnr_db

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{cpu_kernels, tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::{
+    builtin::tiny, kernels::cpu, pipelines::text_to_video_sd::Model, PinnedModel, TinyVariant,
+};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::{f32_le_bytes, TraceLeaf};
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
@@ -20,7 +21,6 @@ fn pinned(manifest: &ModelManifest) -> PinnedModel {
     PinnedModel::from_parts(
         manifest.clone(),
         Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-        ClipTokenizer::builtin().unwrap(),
     )
     .unwrap()
 }
@@ -113,9 +113,9 @@ fn honest_traces_pass_with_both_schedulers() {
 fn an_honest_prover_on_candle_ops_passes_a_fused_verifier() {
     let model = pinned(&tiny::manifest(TinyVariant::Base));
     let req = request(&model, 4, 6);
-    cpu_kernels::set_enabled(Some(false));
+    cpu::set_enabled(Some(false));
     let (trace, resp) = produce(&model, &req, &Strategy::Honest);
-    cpu_kernels::set_enabled(None);
+    cpu::set_enabled(None);
     let auditor = Auditor::new(Arc::new(pinned(&model.manifest)));
     for i in 0..6 {
         let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use candle_core::Device;
 use fractal_chain::Hyperparams;
-use fractal_engine::{Model, TinyVariant};
+use fractal_engine::{pipelines::text_to_video_sd::Model, TinyVariant};
 use fractal_prover::Strategy;
 use fractal_verifier::audit::Check;
 use fractal_verifier::AUDIT_ATTEMPTS;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, Rao};
-use fractal_engine::{tiny, Degradation, Model, TinyVariant};
+use fractal_engine::{builtin::tiny, pipelines::text_to_video_sd::Model, Degradation, TinyVariant};
 use fractal_protocol::manifest::Size;
 use fractal_protocol::Keypair;
 use fractal_prover::Strategy;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
-use fractal_engine::{Model, TinyVariant};
+use fractal_engine::{pipelines::text_to_video_sd::Model, TinyVariant};
 use fractal_prover::{Strategy, ValidatorAuthorizer};
 use fractal_verifier::Permit;
 

@@ -92,7 +92,9 @@ impl EpochState {
         // The commit extrinsic runs after the coinbase of its block, but the
         // chain files it under the epoch the reveal step saw there.
         let target = state.epoch_before_coinbase(inclusion) + reveal_period;
-        let horizon = reveal_period.saturating_mul(MAX_TEMPO).saturating_add(MAX_TEMPO);
+        let horizon = reveal_period
+            .saturating_mul(MAX_TEMPO)
+            .saturating_add(MAX_TEMPO);
         for b in inclusion..=inclusion.saturating_add(horizon) {
             if state.epoch_before_coinbase(b) == target {
                 return Ok(b);
@@ -144,6 +146,9 @@ mod tests {
 
     #[test]
     fn a_subnet_without_epochs_is_refused() {
-        assert_eq!(state(120, 0, 100).first_reveal_block(1), Err(ScheduleError::NoEpochs));
+        assert_eq!(
+            state(120, 0, 100).first_reveal_block(1),
+            Err(ScheduleError::NoEpochs)
+        );
     }
 }

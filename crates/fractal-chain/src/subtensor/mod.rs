@@ -681,12 +681,8 @@ impl SubtensorChain {
                 commit.len()
             )));
         }
-        let call = calls::commit_timelocked(
-            self.netuid,
-            &commit,
-            round,
-            timelock::COMMIT_REVEAL_VERSION,
-        );
+        let call =
+            calls::commit_timelocked(self.netuid, &commit, round, timelock::COMMIT_REVEAL_VERSION);
         self.submit(hotkey, call, None).await?;
         tracing::info!(
             reveal_block,
@@ -966,7 +962,10 @@ impl Chain for SubtensorChain {
                 };
                 self.commit_timelocked(&at, hotkey, payload).await
             } else {
-                tracing::debug!(version, "the chain's commit-reveal version is not ours: hash commit");
+                tracing::debug!(
+                    version,
+                    "the chain's commit-reveal version is not ours: hash commit"
+                );
                 self.commit_weights(hotkey, uids, values, version_key).await
             }
         } else {

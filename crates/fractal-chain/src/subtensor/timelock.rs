@@ -69,7 +69,12 @@ impl WeightsPayload {
         use subxt::ext::codec::Decode;
         let (hotkey, uids, values, version_key) =
             <(Vec<u8>, Vec<u16>, Vec<u16>, u64)>::decode(&mut &bytes[..]).ok()?;
-        Some(Self { hotkey, uids, values, version_key })
+        Some(Self {
+            hotkey,
+            uids,
+            values,
+            version_key,
+        })
     }
 }
 
@@ -150,9 +155,17 @@ mod tests {
         let sig = hex::decode(ROUND_1000).unwrap();
         assert!(is_quicknet_pulse(1000, &sig));
         assert!(!is_quicknet_pulse(1001, &sig));
-        let p = WeightsPayload { hotkey: vec![7; 32], uids: vec![0, 3], values: vec![65535, 12], version_key: 9 };
+        let p = WeightsPayload {
+            hotkey: vec![7; 32],
+            uids: vec![0, 3],
+            values: vec![65535, 12],
+            version_key: 9,
+        };
         let ct = encrypt(&p.encode(), 1000);
-        assert_eq!(WeightsPayload::decode(&decrypt(&ct, &sig).unwrap()), Some(p.clone()));
+        assert_eq!(
+            WeightsPayload::decode(&decrypt(&ct, &sig).unwrap()),
+            Some(p.clone())
+        );
         let other = encrypt(&p.encode(), 1001);
         assert_eq!(decrypt(&other, &sig), Err(TimelockError::WrongKey));
         assert_eq!(decrypt(&ct[1..], &sig), Err(TimelockError::Ciphertext));

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::{builtin::tiny, pipelines::text_to_video_sd::Model, PinnedModel, TinyVariant};
 use fractal_gateway::db::KeyLimits;
 use fractal_gateway::Gateway;
 
@@ -13,7 +12,6 @@ pub fn tiny_model() -> PinnedModel {
     PinnedModel::from_parts(
         tiny::manifest(TinyVariant::Base),
         Model::tiny(TinyVariant::Base, &candle_core::Device::Cpu).unwrap(),
-        ClipTokenizer::builtin().unwrap(),
     )
     .unwrap()
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, LocalChain, Rao};
-use fractal_engine::tokenizer::ClipTokenizer;
-use fractal_engine::{tiny, Model, PinnedModel, TinyVariant};
+use fractal_engine::{builtin::tiny, pipelines::text_to_video_sd::Model, PinnedModel, TinyVariant};
 use fractal_protocol::manifest::Size;
 use fractal_protocol::Keypair;
 use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
@@ -23,12 +22,7 @@ pub fn key(tag: &str) -> Keypair {
 
 /// `model` claiming the tiny model's manifest (cheaters run other weights).
 pub fn pinned(model: Model) -> PinnedModel {
-    PinnedModel::from_parts(
-        tiny::manifest(TinyVariant::Base),
-        model,
-        ClipTokenizer::builtin().unwrap(),
-    )
-    .unwrap()
+    PinnedModel::from_parts(tiny::manifest(TinyVariant::Base), model).unwrap()
 }
 
 /// A local chain (epochs of `tempo` blocks) with the verifier registered

@@ -4,13 +4,37 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
 
-use crate::cpu_kernels;
-use crate::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
-use crate::model::VaeConfig;
+use crate::kernels::cpu;
+use crate::models::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
 use crate::profile;
 
 const EPS: f64 = 1e-6;
+
+/// `vae/config.json` (the keys that matter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+}
+
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// Pixels per latent cell along each axis.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
 
 #[derive(Debug)]
 pub struct VaeDecoder {
@@ -82,7 +106,7 @@ impl VaeDecoder {
     /// Latents `[N, latent, h, w]` (already divided by the scaling factor)
     /// to images `[N, out, h * s, w * s]` in about `[-1, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        crate::cpu_kernels::on_workers(|| self.decode_on_workers(latents))
+        crate::kernels::cpu::on_workers(|| self.decode_on_workers(latents))
     }
 
     fn decode_on_workers(&self, latents: &Tensor) -> Result<Tensor> {
@@ -147,8 +171,8 @@ impl SelfAttention {
         let scale = 1.0 / (self.channels as f64).sqrt();
         let attended = {
             let _s = profile::stage("attn.vae");
-            if cpu_kernels::applies(&q) {
-                cpu_kernels::attention(&q, &k, &v, 1, scale as f32)?
+            if cpu::applies(&q) {
+                cpu::attention(&q, &k, &v, 1, scale as f32)?
             } else {
                 let scores = (q * scale)?.matmul(&k.t()?)?;
                 candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?

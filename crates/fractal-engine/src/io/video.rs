@@ -498,6 +498,15 @@ pub fn psnr_rgb8(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
+/// `[F, 3, H, W]` in `[0, 1]` to RGB8 `F × H × W × 3`, rounded to nearest.
+pub fn rgb8(frames: &candle_core::Tensor) -> Result<Vec<u8>, crate::EngineError> {
+    let t = (frames.permute((0, 2, 3, 1))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(candle_core::DType::U8)?;
+    Ok(t.flatten_all()?.to_vec1::<u8>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::Linear;
+use crate::models::layers::Linear;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
@@ -123,7 +123,7 @@ impl ClipTextModel {
 
     /// `input_ids` `[batch, tokens]` (u32) to `[batch, tokens, hidden]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        crate::cpu_kernels::on_workers(|| self.forward_on_workers(input_ids))
+        crate::kernels::cpu::on_workers(|| self.forward_on_workers(input_ids))
     }
 
     fn forward_on_workers(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -10,8 +10,8 @@ use candle_nn::{self as nn, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use serde::{Deserialize, Serialize};
 
-use crate::cpu_kernels;
-use crate::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
+use crate::kernels::cpu;
+use crate::models::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
 use crate::profile;
 
 /// `unet/config.json` of a diffusers UNet3D folder (only the keys that matter).
@@ -298,7 +298,7 @@ impl ProjectedTransformer {
 
     /// Attention over the pixels of each frame, conditioned on the text.
     fn forward_spatial(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        if cpu_kernels::applies(xs) {
+        if cpu::applies(xs) {
             return self.forward_spatial_channels_first(xs, context);
         }
         let (n, c, h, w) = xs.dims4()?;
@@ -314,7 +314,7 @@ impl ProjectedTransformer {
 
     /// Self-attention across the frames at each pixel.
     fn forward_temporal(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
-        if cpu_kernels::applies(xs) {
+        if cpu::applies(xs) {
             return self.forward_temporal_channels_first(xs, frames);
         }
         let (bf, c, h, w) = xs.dims4()?;
@@ -343,13 +343,13 @@ impl ProjectedTransformer {
 /// A linear layer over the channels of `[n, c, h, w]` pixels (CPU kernels).
 fn pointwise(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let _s = profile::stage("linear");
-    cpu_kernels::pointwise(x, l.weight(), l.bias(), residual)
+    cpu::pointwise(x, l.weight(), l.bias(), residual)
 }
 
 /// Layer norm over the channels of `[n, c, h, w]` pixels (CPU kernels).
 fn layer_norm_channels(norm: &nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
     profile::time("layer_norm", || {
-        cpu_kernels::layer_norm_channels(x, norm.weight(), norm.bias(), norm.eps())
+        cpu::layer_norm_channels(x, norm.weight(), norm.bias(), norm.eps())
     })
 }
 
@@ -367,7 +367,7 @@ impl ProjectedTransformer {
         let a = attend(&b.attn2, &layer_norm_channels(&b.norm2, &hs)?)?;
         let hs = pointwise(&b.attn2.to_out, &a, Some(&hs))?;
         let proj = pointwise(&b.ff.proj, &layer_norm_channels(&b.norm3, &hs)?, None)?;
-        let gated = profile::time("ff.geglu", || cpu_kernels::geglu_channels(&proj))?;
+        let gated = profile::time("ff.geglu", || cpu::geglu_channels(&proj))?;
         pointwise(&b.ff.out, &gated, Some(&hs))
     }
 
@@ -384,17 +384,17 @@ impl ProjectedTransformer {
             let q = pointwise(&a.to_q, x, None)?.reshape((n, inner, h * w))?;
             let (k, v, kv_layout) = if a.cross {
                 let k = a.to_k.forward(context)?;
-                (k, a.to_v.forward(context)?, cpu_kernels::Layout::Tokens)
+                (k, a.to_v.forward(context)?, cpu::Layout::Tokens)
             } else {
                 let k = pointwise(&a.to_k, x, None)?.reshape((n, inner, h * w))?;
                 let v = pointwise(&a.to_v, x, None)?.reshape((n, inner, h * w))?;
-                (k, v, cpu_kernels::Layout::ChannelsFirst)
+                (k, v, cpu::Layout::ChannelsFirst)
             };
             let scale = 1.0 / (a.head_dim as f64).sqrt();
             let out = profile::time(a.stage, || {
-                cpu_kernels::attention_in(
+                cpu::attention_in(
                     &q,
-                    cpu_kernels::Layout::ChannelsFirst,
+                    cpu::Layout::ChannelsFirst,
                     &k,
                     &v,
                     kv_layout,
@@ -414,7 +414,7 @@ impl ProjectedTransformer {
     /// pixels along the lanes, and nothing is permuted.
     fn forward_temporal_channels_first(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let normed = profile::time("group_norm", || {
-            cpu_kernels::group_norm_frames(
+            cpu::group_norm_frames(
                 xs,
                 frames,
                 self.norm.groups(),
@@ -430,7 +430,7 @@ impl ProjectedTransformer {
             let v = pointwise(&a.to_v, x, None)?;
             let scale = 1.0 / (a.head_dim as f64).sqrt();
             profile::time(a.stage, || {
-                cpu_kernels::temporal_attention(&q, &k, &v, frames, a.heads, scale as f32)
+                cpu::temporal_attention(&q, &k, &v, frames, a.heads, scale as f32)
             })
         };
         let hs = self.block_channels_first(hs, attend)?;
@@ -475,8 +475,8 @@ impl TemporalConv {
         for (norm, weight, bias) in &self.stages {
             let act = norm.forward_silu(&hs)?.reshape((b, c, frames, h * w))?;
             let _s = profile::stage("temporal_conv");
-            let y = if cpu_kernels::applies(&act) {
-                cpu_kernels::conv2d(&act, weight, Some(bias), 1, (1, 0))?
+            let y = if cpu::applies(&act) {
+                cpu::conv2d(&act, weight, Some(bias), 1, (1, 0))?
             } else {
                 act.pad_with_zeros(2, 1, 1)?
                     .conv2d(weight, 0, 1, 1, 1)?
@@ -851,7 +851,7 @@ impl Unet3d {
     /// Predicts noise for `sample` `[B, C, F, H, W]` at `timestep`, conditioned
     /// on `context` `[B, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        crate::cpu_kernels::on_workers(|| self.forward_on_workers(sample, timestep, context))
+        crate::kernels::cpu::on_workers(|| self.forward_on_workers(sample, timestep, context))
     }
 
     fn forward_on_workers(

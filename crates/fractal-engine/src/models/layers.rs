@@ -1,11 +1,11 @@
 //! The models' linear, convolution, normalisation and ResNet layers, with
 //! diffusers' parameter names. On the CPU in f32 they run the fused kernels of
-//! [`crate::cpu_kernels`]; elsewhere (CUDA, other dtypes) candle's ops.
+//! [`crate::kernels::cpu`]; elsewhere (CUDA, other dtypes) candle's ops.
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 
-use crate::cpu_kernels;
+use crate::kernels::cpu;
 use crate::profile;
 
 /// `torch.nn.GroupNorm`, optionally followed by SiLU (fused on the CPU).
@@ -61,15 +61,8 @@ impl GroupNorm {
         } else {
             "group_norm"
         });
-        if cpu_kernels::applies(xs) {
-            return cpu_kernels::group_norm(
-                xs,
-                self.groups,
-                self.eps,
-                &self.weight,
-                &self.bias,
-                silu,
-            );
+        if cpu::applies(xs) {
+            return cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, silu);
         }
         let ys = self.inner.forward(xs)?;
         if silu {
@@ -111,8 +104,8 @@ impl Linear {
     /// `forward(xs) + residual`.
     pub(crate) fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("linear");
-        if cpu_kernels::applies(xs) {
-            return cpu_kernels::linear(xs, self.inner.weight(), self.inner.bias(), Some(residual));
+        if cpu::applies(xs) {
+            return cpu::linear(xs, self.inner.weight(), self.inner.bias(), Some(residual));
         }
         self.forward(xs)? + residual
     }
@@ -121,8 +114,8 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("linear");
-        if cpu_kernels::applies(xs) {
-            return cpu_kernels::linear(xs, self.inner.weight(), self.inner.bias(), None);
+        if cpu::applies(xs) {
+            return cpu::linear(xs, self.inner.weight(), self.inner.bias(), None);
         }
         // candle 0.11's batched matmul misreads transposed inputs with more
         // than one batch (seen on the CPU); a contiguous copy avoids it.
@@ -159,9 +152,9 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("conv2d");
-        if cpu_kernels::applies(xs) {
+        if cpu::applies(xs) {
             let cfg = self.inner.config();
-            return cpu_kernels::conv2d(
+            return cpu::conv2d(
                 xs,
                 self.inner.weight(),
                 self.inner.bias(),

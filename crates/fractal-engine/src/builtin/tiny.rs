@@ -7,10 +7,12 @@
 //! exported as a diffusers folder (`write_diffusers_folder`) for the Python
 //! parity scripts and to exercise the real loader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -18,9 +20,14 @@ use fractal_protocol::noise::{fill_gaussian, Stream};
 use fractal_protocol::Seed;
 use sha2::{Digest, Sha256};
 
-use crate::clip::ClipTextConfig;
-use crate::model::{ModelConfigs, VaeConfig};
-use crate::unet3d::Unet3dConfig;
+use crate::models::autoencoder_kl::{VaeConfig, VaeDecoder};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet3d::{Unet3d, Unet3dConfig};
+use crate::pipelines::text_to_video_sd::model::{
+    Model, ModelConfigs, TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS,
+};
+use crate::EngineError;
 
 pub const TINY_NAME: &str = "tiny-v1";
 
@@ -306,6 +313,148 @@ impl SimpleBackend for TinyBackend {
     }
 }
 
+/// The tiny model as a TextToVideoSD [`Model`]: built in memory, or written
+/// out as a diffusers folder.
+impl Model {
+    /// The built-in tiny model (weights derived from parameter names).
+    pub fn tiny(variant: TinyVariant, device: &Device) -> std::result::Result<Self, EngineError> {
+        Ok(Self::tiny_with_weights(variant, device)?.0)
+    }
+
+    /// The tiny model with cheaper or slightly wrong weights: a stand-in for
+    /// "almost the pinned weights" in the cheating-prover tests.
+    pub fn tiny_degraded(
+        variant: TinyVariant,
+        degradation: Degradation,
+        device: &Device,
+    ) -> std::result::Result<Self, EngineError> {
+        Ok(Self::tiny_from(variant, TinyWeights::degraded(degradation), device)?.0)
+    }
+
+    fn tiny_with_weights(
+        variant: TinyVariant,
+        device: &Device,
+    ) -> std::result::Result<(Self, TinyWeights), EngineError> {
+        Self::tiny_from(variant, TinyWeights::default(), device)
+    }
+
+    fn tiny_from(
+        variant: TinyVariant,
+        w: TinyWeights,
+        device: &Device,
+    ) -> std::result::Result<(Self, TinyWeights), EngineError> {
+        let configs = configs(variant);
+        let text_encoder =
+            ClipTextModel::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
+        let unet = Unet3d::new(w.var_builder("unet.", device), configs.unet.clone())?;
+        let vae = VaeDecoder::new(w.var_builder("vae.", device), &configs.vae)?;
+        Ok((
+            Model {
+                tokenizer: ClipTokenizer::builtin()?,
+                text_encoder,
+                unet,
+                vae,
+                configs,
+                device: device.clone(),
+            },
+            w,
+        ))
+    }
+
+    /// Writes the tiny model as a diffusers folder that diffusers and
+    /// [`Model::load`] both read. Returns the weight files written.
+    pub fn write_tiny_folder(
+        variant: TinyVariant,
+        dir: &Path,
+        scheduler: &fractal_protocol::manifest::SchedulerSpec,
+    ) -> std::result::Result<Vec<PathBuf>, EngineError> {
+        let (model, weights) = Self::tiny_with_weights(variant, &Device::Cpu)?;
+        let c = &model.configs;
+        AutoEncoderKL::new(
+            weights.var_builder("vae.", &Device::Cpu),
+            c.vae.in_channels,
+            c.vae.out_channels,
+            vae_candle_config(&c.vae),
+        )?;
+        let io = |path: PathBuf| move |e: std::io::Error| EngineError::Io { path, source: e };
+        let write_json =
+            |rel: &str, v: serde_json::Value| -> std::result::Result<(), EngineError> {
+                let path = dir.join(rel);
+                std::fs::create_dir_all(path.parent().expect("has parent"))
+                    .map_err(io(path.clone()))?;
+                std::fs::write(
+                    &path,
+                    serde_json::to_string_pretty(&v).expect("json") + "\n",
+                )
+                .map_err(io(path))
+            };
+        write_json(
+            "model_index.json",
+            serde_json::json!({
+                "_class_name": "TextToVideoSDPipeline",
+                "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet3DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }),
+        )?;
+        let mut unet = serde_json::to_value(&c.unet).expect("json");
+        unet["_class_name"] = "UNet3DConditionModel".into();
+        write_json("unet/config.json", unet)?;
+        let n = c.vae.block_out_channels.len();
+        let mut vae = serde_json::to_value(&c.vae).expect("json");
+        vae["_class_name"] = "AutoencoderKL".into();
+        vae["down_block_types"] = serde_json::json!(vec!["DownEncoderBlock2D"; n]);
+        vae["up_block_types"] = serde_json::json!(vec!["UpDecoderBlock2D"; n]);
+        vae["act_fn"] = "silu".into();
+        write_json("vae/config.json", vae)?;
+        let mut text = serde_json::to_value(&c.text).expect("json");
+        text["architectures"] = serde_json::json!(["CLIPTextModel"]);
+        text["model_type"] = "clip_text_model".into();
+        text["projection_dim"] = 32.into();
+        text["bos_token_id"] = 49406.into();
+        text["eos_token_id"] = 49407.into();
+        text["pad_token_id"] = 1.into();
+        write_json("text_encoder/config.json", text)?;
+        write_json(
+            "scheduler/scheduler_config.json",
+            crate::schedulers::diffusers_scheduler_config(scheduler),
+        )?;
+        ClipTokenizer::builtin()?.write_folder(&dir.join("tokenizer"))?;
+        let mut written = Vec::new();
+        for (prefix, rel) in [
+            ("text_encoder.", TEXT_WEIGHTS),
+            ("unet.", UNET_WEIGHTS),
+            ("vae.", VAE_WEIGHTS),
+        ] {
+            let tensors: HashMap<String, Tensor> = weights.take(prefix).into_iter().collect();
+            let path = dir.join(rel);
+            candle_core::safetensors::save(&tensors, &path).map_err(|e| EngineError::Weights {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+/// The config of candle's full `AutoEncoderKL`. The engine decodes with
+/// [`VaeDecoder`]; the full model is only built when a tiny folder is written,
+/// so that the folder also holds the encoder weights diffusers needs to load.
+fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
+    AutoEncoderKLConfig {
+        block_out_channels: v.block_out_channels.clone(),
+        layers_per_block: v.layers_per_block,
+        latent_channels: v.latent_channels,
+        norm_num_groups: v.norm_num_groups,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    }
+}
+
 /// The manifest of the built-in tiny model: what `fractal grid` and the tests pin.
 pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
     use fractal_protocol::manifest::*;
@@ -315,7 +464,7 @@ pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
         architecture: Architecture::TextToVideoSd,
         dtype: DType::F32,
         weights: Weights::Builtin(variant.name().to_string()),
-        scheduler: crate::scheduler::modelscope_ddim(),
+        scheduler: crate::schedulers::modelscope_ddim(),
         defaults: GenerationDefaults {
             size: Size {
                 width: 64,

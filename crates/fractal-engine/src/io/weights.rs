@@ -175,6 +175,59 @@ impl SimpleBackend for SafetensorsFile {
     }
 }
 
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(
+    path: &Path,
+) -> std::result::Result<fractal_protocol::Digest32, crate::EngineError> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let io = |e| crate::EngineError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(fractal_protocol::Digest32(h.finalize().into()))
+}
+
+/// Checks that a folder holds exactly the weights a manifest pins; a prover
+/// refuses to start otherwise.
+pub fn verify_weights(
+    dir: &Path,
+    manifest: &fractal_protocol::ModelManifest,
+) -> std::result::Result<(), crate::EngineError> {
+    use fractal_protocol::manifest::Weights;
+    let Weights::Files(files) = &manifest.weights else {
+        return Err(crate::EngineError::BadInput(format!(
+            "manifest {} pins built-in weights, not a folder",
+            manifest.name
+        )));
+    };
+    for (rel, want) in files {
+        let path = dir.join(rel);
+        if !path.is_file() {
+            return Err(crate::EngineError::MissingFile(path));
+        }
+        let got = sha256_file(&path)?;
+        if got != *want {
+            return Err(crate::EngineError::HashMismatch {
+                path,
+                expected: want.to_string(),
+                got: got.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

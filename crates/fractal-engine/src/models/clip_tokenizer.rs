@@ -23,7 +23,7 @@ pub const EOS: &str = "<|endoftext|>";
 /// CLIP's context length; prompts are truncated and padded to it.
 pub const MAX_TOKENS: usize = 77;
 const PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
-const BUILTIN_MERGES_GZ: &[u8] = include_bytes!("../assets/clip-merges.txt.gz");
+const BUILTIN_MERGES_GZ: &[u8] = include_bytes!("../../assets/clip-merges.txt.gz");
 
 pub struct ClipTokenizer {
     inner: Tokenizer,

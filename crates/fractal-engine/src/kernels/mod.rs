@@ -1,0 +1,3 @@
+//! Hand-written kernels for the engine's hot stages.
+
+pub mod cpu;

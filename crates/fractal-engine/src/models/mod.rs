@@ -1,0 +1,7 @@
+//! The networks a pipeline calls, one file each, and the layers they share.
+
+pub mod autoencoder_kl;
+pub mod clip;
+pub mod clip_tokenizer;
+pub(crate) mod layers;
+pub mod unet3d;

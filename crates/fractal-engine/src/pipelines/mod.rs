@@ -1,0 +1,292 @@
+//! Pipelines: how an architecture's models are called to turn a prompt and
+//! a seed into a clip, one folder per architecture, behind the one
+//! interface the roles use ([`Pipeline`]).
+//!
+//! Every architecture runs the same loop: conditioning from the prompt,
+//! seeded initial latents (`fractal/noise/v1`), a schedule of denoising
+//! steps (each a model output with CFG, then a scheduler update: what an
+//! audit recomputes), then the decoder. Deterministic: the only randomness
+//! is the seeded initial noise.
+
+use candle_core::{Device, Tensor};
+use fractal_protocol::merkle::TraceDigests;
+use fractal_protocol::noise::{fill_gaussian, Stream};
+use fractal_protocol::Seed;
+
+use crate::schedulers::Scheduler;
+use crate::EngineError;
+
+pub mod text_to_video_sd;
+
+use text_to_video_sd::TextToVideoSd;
+
+/// What to generate. The prompts are text: each architecture tokenizes
+/// them its own way.
+#[derive(Clone, Debug)]
+pub struct GenerateSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: Seed,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+/// Reported after the initial noise (`index` 0) and after every step.
+pub struct StepEvent<'a> {
+    pub index: usize,
+    pub total: usize,
+    /// The model output the step to `index` was computed from (the guided
+    /// noise prediction, `[1, C, F, h, w]`); `None` for the initial noise.
+    pub output: Option<&'a Tensor>,
+    /// `[1, C, F, h, w]`, f32.
+    pub latents: &'a Tensor,
+}
+
+impl StepEvent<'_> {
+    /// Adds this event's trace leaves (the step's model output, then the
+    /// latent after it) to `trace`, as every role commits them.
+    fn commit_to(&self, trace: &mut TraceDigests) -> Result<(), EngineError> {
+        if let Some(output) = self.output {
+            trace.push(&values(output)?);
+        }
+        trace.push(&values(self.latents)?);
+        Ok(())
+    }
+}
+
+/// A tensor's f32 values in logical order.
+pub fn values(t: &Tensor) -> Result<Vec<f32>, EngineError> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// One denoising step: what the model predicted and where the scheduler
+/// went from it. Traces commit both (`fractal_protocol::merkle`).
+pub struct Step {
+    /// The model output fed to the scheduler (after CFG).
+    pub output: Tensor,
+    /// The latents after the step.
+    pub latents: Tensor,
+}
+
+/// A generated clip: RGB frames in `[0, 1]` and the final latents.
+pub struct Generated {
+    /// `[F, 3, H, W]`, f32 in `[0, 1]`.
+    pub frames: Tensor,
+    pub final_latents: Tensor,
+}
+
+impl Generated {
+    /// Frames as RGB8, `frames x height x width x 3`, rounded to nearest.
+    pub fn rgb8(&self) -> Result<Vec<u8>, EngineError> {
+        crate::io::video::rgb8(&self.frames)
+    }
+}
+
+/// Largest absolute element difference of two same-shaped tensors (parity
+/// checks, and a verifier comparing a recomputed step).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, EngineError> {
+    if a.dims() != b.dims() {
+        return Err(EngineError::BadInput(format!(
+            "shapes differ: {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// The loaded models of one architecture: with a manifest's scheduler they
+/// make its [`Pipeline`].
+pub trait Components {
+    fn architecture(&self) -> fractal_protocol::manifest::Architecture;
+    fn into_pipeline(self, scheduler: fractal_protocol::manifest::SchedulerSpec) -> Pipeline;
+}
+
+impl Components for text_to_video_sd::Model {
+    fn architecture(&self) -> fractal_protocol::manifest::Architecture {
+        fractal_protocol::manifest::Architecture::TextToVideoSd
+    }
+    fn into_pipeline(self, scheduler: fractal_protocol::manifest::SchedulerSpec) -> Pipeline {
+        TextToVideoSd::new(self, scheduler).into()
+    }
+}
+
+/// The interface every role uses, whatever the architecture: one variant
+/// per architecture, chosen from `manifest.architecture`.
+pub enum Pipeline {
+    TextToVideoSd(TextToVideoSd),
+}
+
+impl From<TextToVideoSd> for Pipeline {
+    fn from(p: TextToVideoSd) -> Self {
+        Pipeline::TextToVideoSd(p)
+    }
+}
+
+impl Pipeline {
+    pub fn device(&self) -> &Device {
+        match self {
+            Pipeline::TextToVideoSd(p) => &p.model.device,
+        }
+    }
+
+    /// Latent shape `[1, C, F, h, w]` for a request, or why it is invalid.
+    pub fn latent_shape(
+        &self,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<(usize, usize, usize, usize, usize), EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => p.latent_shape(frames, height, width),
+        }
+    }
+
+    /// The conditioning the denoiser sees: `[uncond; cond]` with CFG, else
+    /// `cond`.
+    pub fn context(&self, spec: &GenerateSpec) -> Result<Tensor, EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => p.context(spec),
+        }
+    }
+
+    /// The seeded initial latents x_T.
+    pub fn initial_latents(&self, spec: &GenerateSpec) -> Result<Tensor, EngineError> {
+        let shape = self.latent_shape(spec.frames, spec.height, spec.width)?;
+        let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+        let mut v = vec![0f32; n];
+        fill_gaussian(spec.seed, Stream::InitialLatents, &mut v);
+        Ok(Tensor::from_vec(v, shape, self.device())?)
+    }
+
+    /// The schedule for `steps` steps, fresh (multistep schedulers keep
+    /// their history in it).
+    pub fn scheduler_for(&self, steps: usize) -> Result<Scheduler, EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => p.scheduler_for(steps),
+        }
+    }
+
+    /// The model output at step `index` with CFG `guidance` over `context`:
+    /// the costly half of a step, and what a verifier recomputes to audit one.
+    pub fn model_output(
+        &self,
+        scheduler: &Scheduler,
+        index: usize,
+        latents: &Tensor,
+        context: &Tensor,
+        guidance: f64,
+    ) -> Result<Tensor, EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => {
+                p.model_output(scheduler, index, latents, context, guidance)
+            }
+        }
+    }
+
+    /// One denoising step (`index` into the schedule): model output, then
+    /// the scheduler.
+    pub fn denoise_step(
+        &self,
+        scheduler: &mut Scheduler,
+        index: usize,
+        latents: &Tensor,
+        context: &Tensor,
+        guidance: f64,
+    ) -> Result<Step, EngineError> {
+        let output = self.model_output(scheduler, index, latents, context, guidance)?;
+        let latents = scheduler.step(&output, index, latents)?;
+        Ok(Step { output, latents })
+    }
+
+    /// Decodes `[1, C, F, h, w]` latents to `[F, 3, H, W]` in `[0, 1]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => p.decode(latents),
+        }
+    }
+
+    /// Decodes one frame (`[1, 3, H, W]` in `[0, 1]`), as a verifier does to
+    /// compare with the returned video.
+    pub fn decode_frame(&self, latents: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
+        match self {
+            Pipeline::TextToVideoSd(p) => p.decode_frame(latents, frame),
+        }
+    }
+
+    /// Runs the whole pipeline, calling `on_step` with every latent of the trace.
+    pub fn generate(
+        &self,
+        spec: &GenerateSpec,
+        on_step: &mut dyn FnMut(StepEvent<'_>),
+    ) -> Result<Generated, EngineError> {
+        self.generate_from(spec, &self.context(spec)?, on_step)
+    }
+
+    /// [`Pipeline::generate`] from a conditioning the caller computed (the
+    /// parity tests encode token ids directly).
+    pub fn generate_from(
+        &self,
+        spec: &GenerateSpec,
+        context: &Tensor,
+        on_step: &mut dyn FnMut(StepEvent<'_>),
+    ) -> Result<Generated, EngineError> {
+        self.run(spec, context, &mut |e| {
+            on_step(e);
+            Ok(())
+        })
+    }
+
+    /// Runs the whole pipeline and commits its trace as provers do (every
+    /// step's model output and latent, see `fractal_protocol::merkle`);
+    /// `on_step` sees every event too.
+    pub fn generate_traced(
+        &self,
+        spec: &GenerateSpec,
+        on_step: &mut dyn FnMut(&StepEvent<'_>),
+    ) -> Result<(Generated, TraceDigests), EngineError> {
+        let mut trace = TraceDigests::new();
+        let generated = self.run(spec, &self.context(spec)?, &mut |e| {
+            e.commit_to(&mut trace)?;
+            on_step(&e);
+            Ok(())
+        })?;
+        Ok((generated, trace))
+    }
+
+    fn run(
+        &self,
+        spec: &GenerateSpec,
+        context: &Tensor,
+        on_step: &mut dyn FnMut(StepEvent<'_>) -> Result<(), EngineError>,
+    ) -> Result<Generated, EngineError> {
+        let mut scheduler = self.scheduler_for(spec.steps)?;
+        let mut latents = self.initial_latents(spec)?;
+        let total = spec.steps;
+        on_step(StepEvent {
+            index: 0,
+            total,
+            output: None,
+            latents: &latents,
+        })?;
+        for i in 0..spec.steps {
+            let step =
+                self.denoise_step(&mut scheduler, i, &latents, context, spec.guidance_scale)?;
+            latents = step.latents;
+            on_step(StepEvent {
+                index: i + 1,
+                total,
+                output: Some(&step.output),
+                latents: &latents,
+            })?;
+        }
+        let frames = self.decode(&latents)?;
+        Ok(Generated {
+            frames,
+            final_latents: latents,
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! The components of a TextToVideoSD pipeline (tokenizer, text encoder,
+//! UNet3D, VAE decoder), loaded from a diffusers folder
+//! (`model_index.json`, `*/config.json`, `*.safetensors`, `tokenizer/`).
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::io::read_json;
+use crate::models::autoencoder_kl::{VaeConfig, VaeDecoder};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet3d::{Unet3d, Unet3dConfig};
+use crate::EngineError;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfigs {
+    pub text: ClipTextConfig,
+    pub unet: Unet3dConfig,
+    pub vae: VaeConfig,
+}
+
+/// Tokenizer, text encoder, denoiser and decoder, ready to run.
+pub struct Model {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: Unet3d,
+    pub vae: VaeDecoder,
+    pub configs: ModelConfigs,
+    pub device: Device,
+}
+
+pub(crate) const TEXT_WEIGHTS: &str = "text_encoder/model.safetensors";
+pub(crate) const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+pub(crate) const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
+
+/// The weight files a diffusers TextToVideoSD folder must have.
+pub const WEIGHT_FILES: [&str; 3] = [TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS];
+/// Every file whose content defines the model: a manifest pins all that exist.
+pub const PINNED_FILES: [&str; 10] = [
+    "model_index.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    TEXT_WEIGHTS,
+    UNET_WEIGHTS,
+    VAE_WEIGHTS,
+];
+
+impl Model {
+    /// Loads a diffusers-layout folder, one tensor at a time (see [`crate::io::weights`]).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        #[derive(Deserialize)]
+        struct Index {
+            #[serde(rename = "_class_name")]
+            class: String,
+        }
+        let index: Index = read_json(dir, "model_index.json")?;
+        if index.class != "TextToVideoSDPipeline" {
+            return Err(EngineError::Config {
+                path: dir.join("model_index.json"),
+                message: format!("pipeline {} is not TextToVideoSDPipeline", index.class),
+            });
+        }
+        let configs = ModelConfigs {
+            text: read_json(dir, "text_encoder/config.json")?,
+            unet: read_json(dir, "unet/config.json")?,
+            vae: read_json(dir, "vae/config.json")?,
+        };
+        let vb = |rel: &str| -> Result<VarBuilder<'static>, EngineError> {
+            let path = dir.join(rel);
+            if !path.is_file() {
+                return Err(EngineError::MissingFile(path));
+            }
+            crate::io::weights::SafetensorsFile::open(&path)
+                .map(|f| f.var_builder(DType::F32, device))
+                .map_err(|e| EngineError::Weights {
+                    path,
+                    message: e.to_string(),
+                })
+        };
+        let build = |rel: &str, e: candle_core::Error| EngineError::Weights {
+            path: dir.join(rel),
+            message: e.to_string(),
+        };
+        let text_encoder = ClipTextModel::new(vb(TEXT_WEIGHTS)?, configs.text.clone())
+            .map_err(|e| build(TEXT_WEIGHTS, e))?;
+        let unet = Unet3d::new(vb(UNET_WEIGHTS)?, configs.unet.clone())
+            .map_err(|e| build(UNET_WEIGHTS, e))?;
+        let vae =
+            VaeDecoder::new(vb(VAE_WEIGHTS)?, &configs.vae).map_err(|e| build(VAE_WEIGHTS, e))?;
+        // Every TextToVideoSD folder uses CLIP's BPE; one without its
+        // `tokenizer/` gets the built-in copy of that vocabulary.
+        let tokenizer = if dir.join("tokenizer").is_dir() {
+            ClipTokenizer::from_folder(&dir.join("tokenizer"))?
+        } else {
+            ClipTokenizer::builtin()?
+        };
+        Ok(Model {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            configs,
+            device: device.clone(),
+        })
+    }
+}
