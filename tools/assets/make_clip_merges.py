@@ -2,7 +2,7 @@
 """Regenerates crates/fractal-engine/assets/clip-merges.txt.gz: the 48,894 BPE
 merges of the CLIP tokenizer, cut from `bpe_simple_vocab_16e6.txt.gz` in the
 open_clip_torch PyPI package (MIT). The vocabulary itself is derived from the
-merges (see fractal-engine/src/tokenizer.rs), as open_clip does.
+merges (see fractal-engine/src/models/clip_tokenizer.rs), as open_clip does.
 
 Usage: python3 make_clip_merges.py path/to/bpe_simple_vocab_16e6.txt.gz
 (get it with `pip download --no-deps open_clip_torch` and unzip the wheel).
