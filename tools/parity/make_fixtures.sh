@@ -10,4 +10,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q torch==2.9.1 diffusers==0.42.1 transformers==5.24.0 safetensors numpy
 fi
 (cd "$root" && cargo build --release -p fractal-cli)
+"$venv/bin/python" "$here/make_wan_fixtures.py" "$root/fixtures/parity/wan"
 exec "$venv/bin/python" "$here/make_fixtures.py" "$root/target/release/fractal"

@@ -87,6 +87,14 @@ impl Linear {
         })
     }
 
+    /// A linear layer over given weights (`[cout, cin]`), e.g. a convolution
+    /// whose kernel is its stride, reshaped.
+    pub(crate) fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: nn::Linear::new(weight, bias),
+        }
+    }
+
     pub(crate) fn no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
         Ok(Self {
             inner: nn::linear_no_bias(cin, cout, vb)?,

@@ -5,3 +5,4 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub(crate) mod layers;
 pub mod unet3d;
+pub mod wan_transformer;

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Parity fixtures for the Wan 2.1 transformer (fixtures/parity/wan/).
+
+Builds diffusers' WanTransformer3DModel from small configs (no download),
+gives every parameter seeded random values (norm weights around 1, so no
+layer is the identity), runs one forward per timestep, and records each
+stage: the timestep embedding, its projection, the embedded text, every
+block's output and the model output. The Rust test
+(crates/fractal-engine/tests/wan_parity.rs) loads the same weights and
+compares every stage.
+
+Usage: make_wan_fixtures.py OUT_DIR
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import save_file
+
+CONFIGS = {
+    # diffusers' own pipeline-test transformer, on a non-square clip, with
+    # the text padded by zero rows as WanPipeline pads it.
+    "wan-a": dict(
+        config=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12,
+                    in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                    num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                    rope_max_seq_len=32),
+        x=[1, 16, 3, 4, 6], text=[1, 16, 32], text_valid=10, t=[[999.0], [46.7557]],
+    ),
+    # Batch of two, other widths, no cross-attention norm, fewer output
+    # channels than input ones, a small sinusoid.
+    "wan-b": dict(
+        config=dict(patch_size=[1, 2, 2], num_attention_heads=3, attention_head_dim=16,
+                    in_channels=4, out_channels=8, text_dim=20, freq_dim=64, ffn_dim=48,
+                    num_layers=3, cross_attn_norm=False, qk_norm="rms_norm_across_heads",
+                    rope_max_seq_len=16),
+        x=[2, 4, 5, 6, 4], text=[2, 7, 20], text_valid=7, t=[[437.25, 12.5]],
+    ),
+    # A head as wide as the real models' split (64: frames 24, rows and
+    # columns 20 each) over more tokens.
+    "wan-c": dict(
+        config=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=64,
+                    in_channels=16, out_channels=16, text_dim=64, freq_dim=256, ffn_dim=160,
+                    num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                    rope_max_seq_len=64),
+        x=[1, 16, 4, 8, 10], text=[1, 24, 64], text_valid=24, t=[[1000.0]],
+    ),
+}
+
+
+def randomize(model, gen):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("bias") or p.ndim == 1 or "scale_shift_table" in name:
+                offset = 1.0 if (p.ndim == 1 and name.endswith("weight")) else 0.0
+                p.copy_(offset + 0.1 * noise)
+            else:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(noise / math.sqrt(fan_in))
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(2)
+    for name, c in CONFIGS.items():
+        gen = torch.Generator().manual_seed(sum(map(ord, name)))
+        model = WanTransformer3DModel(**c["config"]).eval()
+        randomize(model, gen)
+        x = torch.randn(c["x"], generator=gen)
+        text = torch.randn(c["text"], generator=gen)
+        text[:, c["text_valid"]:] = 0.0
+        tensors = {f"transformer.{k}": v.detach().clone().contiguous()
+                   for k, v in model.state_dict().items()}
+        tensors["x"] = x
+        tensors["text"] = text
+        stages = []
+        for i, ts in enumerate(c["t"]):
+            seen = {}
+            hooks = [
+                model.condition_embedder.register_forward_hook(
+                    lambda m, a, o: seen.update(temb=o[0], timestep_proj=o[1], text=o[2])),
+            ]
+            for j, block in enumerate(model.blocks):
+                hooks.append(block.register_forward_hook(
+                    lambda m, a, o, j=j: seen.update({f"block.{j}": o})))
+            with torch.no_grad():
+                y = model(hidden_states=x, timestep=torch.tensor(ts, dtype=torch.float32),
+                          encoder_hidden_states=text, return_dict=False)[0]
+            for h in hooks:
+                h.remove()
+            seen["out"] = y
+            for k, v in seen.items():
+                tensors[f"t{i}.{k}"] = v.detach().contiguous()
+            stages = list(seen.keys())
+        save_file(tensors, f"{out}/{name}.safetensors")
+        meta = dict(config=c["config"], timesteps=c["t"], stages=stages,
+                    diffusers=__import__("diffusers").__version__, torch=torch.__version__)
+        with open(f"{out}/{name}.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        size = os.path.getsize(f"{out}/{name}.safetensors")
+        print(f"{name}: {sum(v.numel() for v in model.parameters())} parameters, {size} bytes")
+
+
+if __name__ == "__main__":
+    main()
