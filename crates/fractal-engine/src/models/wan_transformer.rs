@@ -66,7 +66,7 @@ impl WanTransformerConfig {
         if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
             return Some("image conditioning (Wan image-to-video) is not supported".into());
         }
-        if self.attention_head_dim % 2 != 0 || self.freq_dim % 2 != 0 {
+        if !self.attention_head_dim.is_multiple_of(2) || !self.freq_dim.is_multiple_of(2) {
             return Some("attention_head_dim and freq_dim must be even".into());
         }
         None
