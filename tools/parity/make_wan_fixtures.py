@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Parity fixtures for the Wan 2.1 transformer (fixtures/parity/wan/).
+"""Parity fixtures for Wan 2.1's transformer and text encoders (fixtures/parity/wan/).
 
 Builds diffusers' WanTransformer3DModel from small configs (no download),
 gives every parameter seeded random values (norm weights around 1, so no
@@ -7,7 +7,10 @@ layer is the identity), runs one forward per timestep, and records each
 stage: the timestep embedding, its projection, the embedded text, every
 block's output and the model output. The Rust test
 (crates/fractal-engine/tests/wan_parity.rs) loads the same weights and
-compares every stage.
+compares every stage. The text encoders (transformers' T5EncoderModel, as
+diffusers' tiny Wan tests use, and UMT5EncoderModel, Wan's own) get the
+same treatment: seeded weights, padded token ids with their mask, the
+encoder's output.
 
 Usage: make_wan_fixtures.py OUT_DIR
 """
@@ -49,6 +52,55 @@ CONFIGS = {
         x=[1, 16, 4, 8, 10], text=[1, 24, 64], text_valid=24, t=[[1000.0]],
     ),
 }
+
+
+ENCODERS = {
+    # The shape of hf-internal-testing/tiny-random-t5 (ReLU FFN, 8 buckets,
+    # the bias learned in the first block only), two rows, one padded.
+    "t5-tiny": dict(
+        kind="t5",
+        config=dict(vocab_size=1103, d_model=32, d_kv=8, d_ff=37, num_layers=5, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=128,
+                    feed_forward_proj="relu", layer_norm_epsilon=1e-6),
+        ids=[2, 16], valid=[16, 9],
+    ),
+    # umT5 as Wan configures it (gated GELU, 32 buckets up to distance 128,
+    # a bias per block) at small widths, over more tokens than max_distance.
+    "umt5-small": dict(
+        kind="umt5",
+        config=dict(vocab_size=300, d_model=48, d_kv=12, d_ff=64, num_layers=3, num_heads=4,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6),
+        ids=[1, 160], valid=[150],
+    ),
+}
+
+
+def make_encoder(name, c, out):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    if c["kind"] == "t5":
+        model = T5EncoderModel(T5Config(**c["config"])).eval()
+    else:
+        model = UMT5EncoderModel(UMT5Config(**c["config"])).eval()
+    randomize(model, gen)
+    ids = torch.randint(0, c["config"]["vocab_size"], c["ids"], generator=gen)
+    mask = torch.zeros(c["ids"], dtype=torch.long)
+    for row, v in enumerate(c["valid"]):
+        mask[row, :v] = 1
+        ids[row, v:] = 0
+    with torch.no_grad():
+        y = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    tensors = {f"text_encoder.{k}": v.detach().clone().contiguous()
+               for k, v in model.state_dict().items()}
+    tensors["ids"] = ids.to(torch.int64)
+    tensors["out"] = y.contiguous()
+    save_file(tensors, f"{out}/{name}.safetensors")
+    cfg = dict(c["config"], model_type=c["kind"])
+    with open(f"{out}/{name}.json", "w") as f:
+        json.dump(dict(config=cfg, valid=c["valid"]), f, indent=1)
+        f.write("\n")
+    print(f"{name}: {sum(v.numel() for v in model.parameters())} parameters")
 
 
 def randomize(model, gen):
@@ -109,3 +161,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    for name, c in ENCODERS.items():
+        make_encoder(name, c, sys.argv[1])

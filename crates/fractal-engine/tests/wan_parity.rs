@@ -67,3 +67,37 @@ fn batch_of_two_no_cross_norm_other_widths() {
 fn real_head_width_split() {
     check("wan-c");
 }
+
+/// transformers' T5 / umT5 encoder on the same weights and padded ids.
+fn check_encoder(name: &str) {
+    use fractal_engine::models::t5::{T5Config, T5Encoder};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
+            .unwrap();
+    let device = Device::Cpu;
+    let fx: HashMap<String, Tensor> =
+        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
+    let config: T5Config = serde_json::from_value(meta["config"].clone()).unwrap();
+    let vb = VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &device);
+    let encoder = T5Encoder::new(vb.pp("text_encoder"), config).unwrap();
+    let valid: Vec<usize> = serde_json::from_value(meta["valid"].clone()).unwrap();
+    let ids = fx["ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let ours = encoder.forward(&ids, &valid).unwrap();
+    let err = fractal_engine::pipelines::max_abs_diff(&ours, &fx["out"]).unwrap();
+    eprintln!("{name}: encoder output {err:.2e}");
+    assert!(
+        err <= TOLERANCE,
+        "{name}: max abs error {err} > {TOLERANCE}"
+    );
+}
+
+#[test]
+fn t5_encoder_as_diffusers_tiny_wan_tests_use() {
+    check_encoder("t5-tiny");
+}
+
+#[test]
+fn umt5_encoder_with_a_bias_per_block_past_max_distance() {
+    check_encoder("umt5-small");
+}

@@ -4,5 +4,6 @@ pub mod autoencoder_kl;
 pub mod clip;
 pub mod clip_tokenizer;
 pub(crate) mod layers;
+pub mod t5;
 pub mod unet3d;
 pub mod wan_transformer;
