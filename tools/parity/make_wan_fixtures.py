@@ -7,7 +7,8 @@ layer is the identity), runs one forward per timestep, and records each
 stage: the timestep embedding, its projection, the embedded text, every
 block's output and the model output. The Rust test
 (crates/fractal-engine/tests/wan_parity.rs) loads the same weights and
-compares every stage. The text encoders (transformers' T5EncoderModel, as
+compares every stage. The schedulers Wan uses (UniPC on flow sigmas,
+FlowMatchEuler) each run a seeded trajectory. The text encoders (transformers' T5EncoderModel, as
 diffusers' tiny Wan tests use, and UMT5EncoderModel, Wan's own) get the
 same treatment: seeded weights, padded token ids with their mask, the
 encoder's output.
@@ -74,6 +75,50 @@ ENCODERS = {
         ids=[1, 160], valid=[150],
     ),
 }
+
+
+SCHEDULERS = {
+    # (class, config, steps): Wan's folders ship UniPC with flow_shift 3
+    # (480p) or 5 (720p); diffusers' tiny Wan tests use FlowMatchEuler.
+    "unipc-shift3-50": ("unipc", dict(flow_shift=3.0), 50),
+    "unipc-shift3-10": ("unipc", dict(flow_shift=3.0), 10),
+    "unipc-shift5-4": ("unipc", dict(flow_shift=5.0), 4),
+    "unipc-shift3-2": ("unipc", dict(flow_shift=3.0), 2),
+    "unipc-shift3-1": ("unipc", dict(flow_shift=3.0), 1),
+    "euler-shift3-50": ("euler", dict(shift=3.0), 50),
+    "euler-shift7-2": ("euler", dict(shift=7.0), 2),
+}
+
+
+def make_schedulers(out):
+    """One trajectory per scheduler: seeded velocities for every step, the
+    latents after each step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    tensors, meta = {}, {}
+    for name, (kind, cfg, steps) in SCHEDULERS.items():
+        if kind == "unipc":
+            sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            num_train_timesteps=1000, **cfg)
+        else:
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **cfg)
+        sched.set_timesteps(steps)
+        sched.set_begin_index(0)
+        gen = torch.Generator().manual_seed(sum(map(ord, name)))
+        x = torch.randn([1, 4, 2, 3, 5], generator=gen)
+        tensors[f"{name}.x0"] = x
+        for i, t in enumerate(sched.timesteps):
+            v = torch.randn(x.shape, generator=gen)
+            tensors[f"{name}.v{i}"] = v
+            x = sched.step(v, t, x, return_dict=False)[0]
+            tensors[f"{name}.x{i + 1}"] = x.contiguous()
+        meta[name] = dict(kind=kind, config=cfg, steps=steps,
+                          timesteps=[float(t) for t in sched.timesteps],
+                          sigmas=[float(s) for s in sched.sigmas])
+    save_file(tensors, f"{out}/schedulers.safetensors")
+    with open(f"{out}/schedulers.json", "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    print(f"schedulers: {len(SCHEDULERS)} trajectories")
 
 
 def make_encoder(name, c, out):
@@ -163,3 +208,4 @@ if __name__ == "__main__":
     main()
     for name, c in ENCODERS.items():
         make_encoder(name, c, sys.argv[1])
+    make_schedulers(sys.argv[1])

@@ -101,3 +101,64 @@ fn t5_encoder_as_diffusers_tiny_wan_tests_use() {
 fn umt5_encoder_with_a_bias_per_block_past_max_distance() {
     check_encoder("umt5-small");
 }
+
+/// UniPC (flow sigmas) and FlowMatchEuler against diffusers' trajectories:
+/// the same velocities at every step, the latents after each one, and the
+/// schedule itself exactly.
+#[test]
+fn flow_schedulers_follow_diffusers_trajectories() {
+    use fractal_engine::schedulers::{FlowMatchEuler, UniPc};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}schedulers.json")).unwrap())
+            .unwrap();
+    let fx: HashMap<String, Tensor> =
+        candle_core::safetensors::load(format!("{dir}schedulers.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut report = Vec::new();
+    for (name, m) in meta.as_object().unwrap() {
+        let steps = m["steps"].as_u64().unwrap() as usize;
+        let f32s = |k: &str| -> Vec<f32> { serde_json::from_value(m[k].clone()).unwrap() };
+        enum S {
+            UniPc(UniPc),
+            Euler(FlowMatchEuler),
+        }
+        let mut s = match m["kind"].as_str().unwrap() {
+            "unipc" => S::UniPc(UniPc::new(
+                1000,
+                m["config"]["flow_shift"].as_f64().unwrap(),
+                steps,
+            )),
+            _ => S::Euler(FlowMatchEuler::new(
+                1000,
+                m["config"]["shift"].as_f64().unwrap(),
+                steps,
+            )),
+        };
+        let (timesteps, sigmas) = match &s {
+            S::UniPc(u) => (u.timesteps().to_vec(), u.sigmas().to_vec()),
+            S::Euler(e) => (e.timesteps().to_vec(), e.sigmas().to_vec()),
+        };
+        assert_eq!(timesteps, f32s("timesteps"), "{name} timesteps");
+        assert_eq!(sigmas, f32s("sigmas"), "{name} sigmas");
+        let mut x = fx[&format!("{name}.x0")].clone();
+        let mut worst = 0f32;
+        for i in 0..steps {
+            let v = &fx[&format!("{name}.v{i}")];
+            x = match &mut s {
+                S::UniPc(u) => u.step(v, i, &x).unwrap(),
+                S::Euler(e) => e.step(v, i, &x).unwrap(),
+            };
+            let err =
+                fractal_engine::pipelines::max_abs_diff(&x, &fx[&format!("{name}.x{}", i + 1)])
+                    .unwrap();
+            worst = worst.max(err);
+            assert!(
+                err <= TOLERANCE,
+                "{name} step {i}: max abs error {err} > {TOLERANCE}"
+            );
+        }
+        report.push(format!("{name}: worst step {worst:.2e}"));
+    }
+    eprintln!("{}", report.join("\n"));
+}

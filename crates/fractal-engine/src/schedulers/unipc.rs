@@ -1,0 +1,200 @@
+//! diffusers' `UniPCMultistepScheduler` as Wan's folders configure it: flow
+//! prediction on flow sigmas (`use_flow_sigmas`, `flow_shift`), data
+//! prediction (`predict_x0`), second order, the `bh2` variant,
+//! `lower_order_final`, a final sigma of zero.
+//!
+//! Each step turns the model's velocity into a data prediction
+//! `x0 = x − σ·v`, corrects the current latents with it (UniC, from the
+//! second step on, at the previous step's order), and predicts the next
+//! latents (UniP: order 1, then 2, order 1 again on the last step). The
+//! schedule is built in f64 and rounded to f32; every per-step scalar is
+//! f32, each transcendental rounded from f64.
+
+use candle_core::{Result, Tensor};
+
+use super::flow_match::linspace;
+
+#[derive(Clone, Debug)]
+pub struct UniPc {
+    /// `steps + 1` sigmas, the last 0.
+    sigmas: Vec<f32>,
+    /// Integer timesteps the denoiser is told (`⌊1000·σ⌋` of the f64 sigma).
+    timesteps: Vec<f32>,
+    /// Data predictions of the last two steps, oldest first.
+    history: [Option<Tensor>; 2],
+    /// The (corrected) latents the last prediction started from.
+    last_sample: Option<Tensor>,
+    /// The order of the last prediction (the next correction uses it).
+    last_order: usize,
+    lower_order_nums: usize,
+    /// The step the next call must be.
+    next: usize,
+}
+
+const SOLVER_ORDER: usize = 2;
+
+fn ln(x: f32) -> f32 {
+    (x as f64).ln() as f32
+}
+
+/// `λ(σ) = ln(1 − σ) − ln σ`, the half log-SNR of a flow sigma (+∞ at 0).
+fn lambda(s: f32) -> f32 {
+    ln(1.0 - s) - ln(s)
+}
+
+fn expm1(x: f32) -> f32 {
+    (x as f64).exp_m1() as f32
+}
+
+fn scalar(x: f32, like: &Tensor) -> Result<Tensor> {
+    Tensor::new(x, like.device())
+}
+
+impl UniPc {
+    pub fn new(num_train_timesteps: u32, flow_shift: f64, steps: usize) -> Self {
+        let t = num_train_timesteps as f64;
+        let mut s: Vec<f64> = linspace(1.0, 1.0 / t, steps + 1);
+        s.pop();
+        for v in &mut s {
+            *v = flow_shift * *v / (1.0 + (flow_shift - 1.0) * *v);
+        }
+        if (s[0] - 1.0).abs() < 1e-6 {
+            s[0] -= 1e-6;
+        }
+        let timesteps = s.iter().map(|&v| (v * t).trunc() as f32).collect();
+        let mut sigmas: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+        sigmas.push(0.0);
+        UniPc {
+            sigmas,
+            timesteps,
+            history: [None, None],
+            last_sample: None,
+            last_order: 1,
+            lower_order_nums: 0,
+            next: 0,
+        }
+    }
+
+    pub fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    /// Step `index` (the schedule's next one: the solver carries history)
+    /// from `sample` with the model's velocity `model_output`.
+    pub fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
+        let steps = self.timesteps.len();
+        if index != self.next || index >= steps {
+            candle_core::bail!(
+                "UniPC step {index} out of order (expected step {} of {steps})",
+                self.next
+            );
+        }
+        let sigma = self.sigmas[index];
+        let x0 = (sample - (model_output * sigma as f64)?)?;
+        let sample = match &self.last_sample {
+            Some(last) if index > 0 => self.correct(&x0, last, index)?,
+            _ => sample.clone(),
+        };
+        self.history = [self.history[1].take(), Some(x0)];
+        let order = SOLVER_ORDER
+            .min(steps - index)
+            .min(self.lower_order_nums + 1);
+        self.last_order = order;
+        self.last_sample = Some(sample.clone());
+        let prev = self.predict(&sample, index, order)?;
+        if self.lower_order_nums < SOLVER_ORDER {
+            self.lower_order_nums += 1;
+        }
+        self.next += 1;
+        Ok(prev)
+    }
+
+    /// The history's data predictions: `(newest, previous)`.
+    fn predictions(&self) -> (&Tensor, Option<&Tensor>) {
+        (
+            self.history[1].as_ref().expect("a prediction was stored"),
+            self.history[0].as_ref(),
+        )
+    }
+
+    /// UniP: the latents at `σ[i+1]` from `x` at `σ[i]`.
+    fn predict(&self, x: &Tensor, i: usize, order: usize) -> Result<Tensor> {
+        let (s_t, s_0) = (self.sigmas[i + 1], self.sigmas[i]);
+        let (m0, m1) = self.predictions();
+        let alpha_t = 1.0 - s_t;
+        let h = lambda(s_t) - lambda(s_0);
+        let h_phi_1 = expm1(-h);
+        // bh2: B(h) = e^{-h} − 1.
+        let b_h = h_phi_1;
+        let x_t = ((x * (s_t / s_0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
+        if order == 1 {
+            return Ok(x_t);
+        }
+        let m1 = m1.expect("order 2 has a previous prediction");
+        let r = (lambda(self.sigmas[i - 1]) - lambda(s_0)) / h;
+        let d1 = (m1 - m0)?.broadcast_div(&scalar(r, x)?)?;
+        // Second order: ρ = 0.5.
+        x_t - ((d1 * 0.5)? * (alpha_t * b_h) as f64)?
+    }
+
+    /// UniC: the latents at `σ[i]`, predicted again from `x` (where the last
+    /// prediction started) with the data prediction `model_t` that the model
+    /// made from the predicted ones: the corrector replaces them.
+    fn correct(&self, model_t: &Tensor, x: &Tensor, i: usize) -> Result<Tensor> {
+        let order = self.last_order;
+        let (s_t, s_0) = (self.sigmas[i], self.sigmas[i - 1]);
+        let (m0, m1) = self.predictions();
+        let alpha_t = 1.0 - s_t;
+        let h = lambda(s_t) - lambda(s_0);
+        let hh = -h;
+        let h_phi_1 = expm1(hh);
+        let b_h = h_phi_1;
+        let base = ((x * (s_t / s_0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
+        let d1_t = (model_t - m0)?;
+        let (corr, rho_t) = if order == 1 {
+            (None, 0.5f32)
+        } else {
+            let m1 = m1.expect("order 2 has an older prediction");
+            let r = (lambda(self.sigmas[i - 2]) - lambda(s_0)) / h;
+            let d1 = (m1 - m0)?.broadcast_div(&scalar(r, x)?)?;
+            // b_k = h·φ_{k+1}(h)·k! / B(h); ρ solves [[1, 1], [r, 1]] ρ = b.
+            let h_phi_2 = h_phi_1 / hh - 1.0;
+            let b0 = h_phi_2 / b_h;
+            let h_phi_3 = h_phi_2 / hh - 0.5;
+            let b1 = h_phi_3 * 2.0 / b_h;
+            let rho1 = (b1 - r * b0) * (1.0 / (1.0 - r));
+            let rho0 = b0 - rho1;
+            (Some((d1 * rho0 as f64)?), rho1)
+        };
+        let res = match corr {
+            Some(c) => (c + (d1_t * rho_t as f64)?)?,
+            None => (d1_t * rho_t as f64)?,
+        };
+        base - (res * (alpha_t * b_h) as f64)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_equals_diffusers() {
+        // diffusers 0.42.1, flow_shift 3, 4 steps.
+        let s = UniPc::new(1000, 3.0, 4);
+        assert_eq!(s.timesteps(), &[999.0, 900.0, 750.0, 500.0]);
+        assert_eq!(
+            s.sigmas(),
+            &[0.999_998_97, 0.900_119_96, 0.750_374_8, 0.500_998_97, 0.0]
+        );
+        let ten = UniPc::new(1000, 3.0, 10);
+        assert_eq!(
+            ten.timesteps(),
+            &[999.0, 964.0, 923.0, 875.0, 818.0, 750.0, 667.0, 563.0, 429.0, 251.0]
+        );
+    }
+}
