@@ -8,7 +8,8 @@ stage: the timestep embedding, its projection, the embedded text, every
 block's output and the model output. The Rust test
 (crates/fractal-engine/tests/wan_parity.rs) loads the same weights and
 compares every stage. The schedulers Wan uses (UniPC on flow sigmas,
-FlowMatchEuler) each run a seeded trajectory. The text encoders (transformers' T5EncoderModel, as
+FlowMatchEuler) each run a seeded trajectory; the VAE decoder
+(AutoencoderKLWan, weights without its encoder) decodes seeded latents. The text encoders (transformers' T5EncoderModel, as
 diffusers' tiny Wan tests use, and UMT5EncoderModel, Wan's own) get the
 same treatment: seeded weights, padded token ids with their mask, the
 encoder's output.
@@ -88,6 +89,42 @@ SCHEDULERS = {
     "euler-shift3-50": ("euler", dict(shift=3.0), 50),
     "euler-shift7-2": ("euler", dict(shift=7.0), 2),
 }
+
+
+VAES = {
+    # diffusers' tiny Wan test VAE: 3 latent frames to 9, 2x2 to 16x16.
+    "vae-a": dict(config=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                              temperal_downsample=[False, True, True]),
+                  z=[1, 16, 3, 2, 2]),
+    # Wider, fewer levels, the temporal upsampler at the other level, a
+    # non-square clip of 4 latent frames.
+    "vae-b": dict(config=dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                              temperal_downsample=[True, False],
+                              latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
+                  z=[1, 4, 4, 3, 4]),
+}
+
+
+def make_vaes(out):
+    """The decoder on seeded latents, and WanPipeline's denormalisation."""
+    from diffusers import AutoencoderKLWan
+    for name, c in VAES.items():
+        gen = torch.Generator().manual_seed(sum(map(ord, name)))
+        vae = AutoencoderKLWan(**c["config"]).eval()
+        randomize(vae, gen)
+        z = torch.randn(c["z"], generator=gen)
+        with torch.no_grad():
+            y = vae.decode(z, return_dict=False)[0]
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        tensors = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()
+                   if not k.startswith(("encoder.", "quant_conv."))}
+        tensors.update(z=z, decoded=y.contiguous(), denormalized=(z / inv_std + mean).contiguous())
+        save_file(tensors, f"{out}/{name}.safetensors")
+        with open(f"{out}/{name}.json", "w") as f:
+            json.dump(dict(config=dict(vae.config)), f, indent=1, default=list)
+            f.write("\n")
+        print(f"{name}: decoded {list(y.shape)}")
 
 
 def make_schedulers(out):
@@ -209,3 +246,4 @@ if __name__ == "__main__":
     for name, c in ENCODERS.items():
         make_encoder(name, c, sys.argv[1])
     make_schedulers(sys.argv[1])
+    make_vaes(sys.argv[1])

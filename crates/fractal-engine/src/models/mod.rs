@@ -1,6 +1,7 @@
 //! The networks a pipeline calls, one file each, and the layers they share.
 
 pub mod autoencoder_kl;
+pub mod autoencoder_kl_wan;
 pub mod clip;
 pub mod clip_tokenizer;
 pub(crate) mod layers;
