@@ -122,9 +122,64 @@ def make_vaes(out):
         tensors.update(z=z, decoded=y.contiguous(), denormalized=(z / inv_std + mean).contiguous())
         save_file(tensors, f"{out}/{name}.safetensors")
         with open(f"{out}/{name}.json", "w") as f:
-            json.dump(dict(config=dict(vae.config)), f, indent=1, default=list)
+            config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+            json.dump(dict(config=config), f, indent=1, default=list)
             f.write("\n")
         print(f"{name}: decoded {list(y.shape)}")
+
+
+def make_pipeline(out):
+    """WanPipeline end to end on the tiny components above (their fixture
+    weights), from prompt embeddings of given token ids and given latents:
+    every step's latents and the frames."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel, AutoencoderKLWan
+    from safetensors.torch import load_file
+    from transformers import T5Config, T5EncoderModel
+    def part(name, prefix=""):
+        return {k[len(prefix):]: v for k, v in load_file(f"{out}/{name}.safetensors").items()
+                if k.startswith(prefix)}
+    enc = T5EncoderModel(T5Config(**ENCODERS["t5-tiny"]["config"])).eval()
+    enc.load_state_dict(part("t5-tiny", "text_encoder."), strict=False)
+    tr = WanTransformer3DModel(**CONFIGS["wan-a"]["config"]).eval()
+    tr.load_state_dict(part("wan-a", "transformer."))
+    vae = AutoencoderKLWan(**VAES["vae-a"]["config"]).eval()
+    vae.load_state_dict({**vae.state_dict(), **{k: v for k, v in part("vae-a").items()
+                                               if k in vae.state_dict()}})
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=enc, transformer=tr, vae=vae, scheduler=sched)
+    gen = torch.Generator().manual_seed(7)
+    length = 16
+    def embeds(valid):
+        ids = torch.randint(0, 1103, (1, length), generator=gen)
+        ids[:, valid:] = 0
+        mask = torch.zeros((1, length), dtype=torch.long)
+        mask[:, :valid] = 1
+        with torch.no_grad():
+            e = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        e[:, valid:] = 0.0
+        return ids, e
+    ids, cond = embeds(10)
+    neg_ids, uncond = embeds(4)
+    latents = torch.randn([1, 16, 3, 2, 4], generator=gen)
+    steps = []
+    def record(p, i, t, kw):
+        steps.append(kw["latents"].clone())
+        return {}
+    with torch.no_grad():
+        frames = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents,
+                      height=16, width=32, num_frames=9, num_inference_steps=4, guidance_scale=6.0,
+                      output_type="pt", callback_on_step_end=record, return_dict=False)[0]
+    tensors = dict(ids=ids, neg_ids=neg_ids, cond=cond, uncond=uncond, latents=latents,
+                   frames=frames[0].contiguous())
+    for i, s in enumerate(steps):
+        tensors[f"step{i}"] = s.contiguous()
+    save_file(tensors, f"{out}/pipeline-a.safetensors")
+    with open(f"{out}/pipeline-a.json", "w") as f:
+        json.dump(dict(valid=10, neg_valid=4, steps=4, flow_shift=3.0, guidance=6.0,
+                       timesteps=[float(t) for t in sched.timesteps]), f, indent=1)
+        f.write("\n")
+    print(f"pipeline-a: frames {list(frames[0].shape)}")
 
 
 def make_schedulers(out):
@@ -247,3 +302,4 @@ if __name__ == "__main__":
         make_encoder(name, c, sys.argv[1])
     make_schedulers(sys.argv[1])
     make_vaes(sys.argv[1])
+    make_pipeline(sys.argv[1])

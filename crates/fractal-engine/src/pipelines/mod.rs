@@ -17,6 +17,7 @@ use crate::schedulers::Scheduler;
 use crate::EngineError;
 
 pub mod text_to_video_sd;
+pub mod wan;
 
 use text_to_video_sd::TextToVideoSd;
 
