@@ -184,3 +184,62 @@ fn single_frame_decode_matches_full_decode() {
         );
     }
 }
+
+/// A folder whose UNet is stored as shards with an index (as diffusers
+/// saves large models) loads to the same model.
+#[test]
+fn sharded_component_loads_like_the_single_file() {
+    let m = fractal_engine::builtin::tiny::manifest(TinyVariant::Base);
+    let dir = tempfile::tempdir().unwrap();
+    Model::write_tiny_folder(TinyVariant::Base, dir.path(), &m.scheduler).unwrap();
+    let unet = dir.path().join("unet");
+    let single = unet.join("diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].into_iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let shard: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, unet.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let sharded: Pipeline = TextToVideoSd::new(
+        Model::load(dir.path(), &Device::Cpu).unwrap(),
+        m.scheduler.clone(),
+    )
+    .into();
+    let builtin = pipeline();
+    let s = spec(3);
+    let x = builtin.initial_latents(&s).unwrap();
+    let ctx = builtin.context(&s).unwrap();
+    let a = builtin
+        .model_output(&builtin.scheduler_for(3).unwrap(), 0, &x, &ctx, 7.5)
+        .unwrap();
+    let b = sharded
+        .model_output(&sharded.scheduler_for(3).unwrap(), 0, &x, &ctx, 7.5)
+        .unwrap();
+    assert_eq!(max_abs(&a, &b), 0.0);
+    // A shard gone is a clear error naming it.
+    std::fs::remove_file(unet.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+    let err = Model::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("shard diffusion_pytorch_model-00002-of-00002.safetensors is missing"),
+        "{err}"
+    );
+}

@@ -175,6 +175,125 @@ impl SimpleBackend for SafetensorsFile {
     }
 }
 
+/// A model component stored as shards: `*.safetensors.index.json` maps
+/// each tensor to its file (`weight_map`), as diffusers and transformers
+/// save anything past a few GB.
+pub struct ShardedSafetensors {
+    index: PathBuf,
+    shards: Vec<SafetensorsFile>,
+    shard_of: HashMap<String, usize>,
+}
+
+impl ShardedSafetensors {
+    /// Opens the index and every shard it names; each tensor it lists must
+    /// be in its shard.
+    pub fn open(index: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index).map_err(|e| bad(index, e))?;
+        let parsed: Index =
+            serde_json::from_str(&text).map_err(|e| bad(index, format!("shard index: {e}")))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<String> = parsed.weight_map.values().cloned().collect();
+        files.sort();
+        files.dedup();
+        let shards = files
+            .iter()
+            .map(|f| {
+                if f.contains('/') || f.contains("..") {
+                    return Err(bad(
+                        index,
+                        format!("shard {f:?} is not a file beside the index"),
+                    ));
+                }
+                let path = dir.join(f);
+                if !path.is_file() {
+                    return Err(bad(index, format!("shard {f} is missing")));
+                }
+                SafetensorsFile::open(&path)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut shard_of = HashMap::with_capacity(parsed.weight_map.len());
+        for (name, file) in &parsed.weight_map {
+            let i = files.binary_search(file).expect("listed above");
+            if !shards[i].tensors.contains_key(name) {
+                return Err(bad(
+                    index,
+                    format!("tensor {name} is not in its shard {file}"),
+                ));
+            }
+            shard_of.insert(name.clone(), i);
+        }
+        Ok(Self {
+            index: index.to_path_buf(),
+            shards,
+            shard_of,
+        })
+    }
+
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for ShardedSafetensors {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        match self.shard_of.get(name) {
+            Some(&i) => self.shards[i].get(shape, name, init, dtype, dev),
+            None => Err(bad(&self.index, format!("no tensor {name}"))),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self.shard_of.get(name) {
+            Some(&i) => self.shards[i].get_unchecked(name, dtype, dev),
+            None => Err(bad(&self.index, format!("no tensor {name}"))),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shard_of.contains_key(name)
+    }
+}
+
+/// A component's weights in `dir`: `{base}.safetensors`, or the shards its
+/// `{base}.safetensors.index.json` lists (`base` is
+/// `diffusion_pytorch_model` for diffusers' models, `model` for
+/// transformers').
+pub fn component_weights(
+    dir: &Path,
+    base: &str,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<VarBuilder<'static>, crate::EngineError> {
+    let single = dir.join(format!("{base}.safetensors"));
+    let index = dir.join(format!("{base}.safetensors.index.json"));
+    let weights = |e: candle_core::Error, path: PathBuf| crate::EngineError::Weights {
+        path,
+        message: e.to_string(),
+    };
+    if single.is_file() {
+        return SafetensorsFile::open(&single)
+            .map(|f| f.var_builder(dtype, device))
+            .map_err(|e| weights(e, single));
+    }
+    if index.is_file() {
+        return ShardedSafetensors::open(&index)
+            .map(|f| f.var_builder(dtype, device))
+            .map_err(|e| weights(e, index));
+    }
+    Err(crate::EngineError::MissingFile(single))
+}
+
 /// SHA-256 of a file, streamed.
 pub fn sha256_file(
     path: &Path,
@@ -231,6 +350,56 @@ pub fn verify_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_load_through_their_index_and_gaps_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |v: f32| Tensor::full(v, (2, 2), &Device::Cpu).unwrap();
+        let save = |file: &str, names: &[(&str, f32)]| {
+            let m: HashMap<String, Tensor> =
+                names.iter().map(|(n, v)| (n.to_string(), t(*v))).collect();
+            candle_core::safetensors::save(&m, dir.path().join(file)).unwrap();
+        };
+        save(
+            "model-00001-of-00002.safetensors",
+            &[("a", 1.0), ("b", 2.0)],
+        );
+        save("model-00002-of-00002.safetensors", &[("c", 3.0)]);
+        let index = |map: serde_json::Value| {
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                serde_json::json!({"metadata": {"total_size": 48}, "weight_map": map}).to_string(),
+            )
+            .unwrap();
+        };
+        index(serde_json::json!({"a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}));
+        let vb = component_weights(dir.path(), "model", DType::F32, &Device::Cpu).unwrap();
+        let c = vb.get((2, 2), "c").unwrap();
+        assert_eq!(c.to_vec2::<f32>().unwrap(), vec![vec![3.0; 2]; 2]);
+        assert!(vb.contains_tensor("a") && !vb.contains_tensor("d"));
+        let err = |map: serde_json::Value| {
+            index(map);
+            component_weights(dir.path(), "model", DType::F32, &Device::Cpu)
+                .err()
+                .expect("refused")
+                .to_string()
+        };
+        let e = err(serde_json::json!({"a": "model-00003-of-00003.safetensors"}));
+        assert!(
+            e.contains("shard model-00003-of-00003.safetensors is missing"),
+            "{e}"
+        );
+        let e = err(serde_json::json!({"z": "model-00002-of-00002.safetensors"}));
+        assert!(e.contains("tensor z is not in its shard"), "{e}");
+        let e = err(serde_json::json!({"a": "../elsewhere.safetensors"}));
+        assert!(e.contains("not a file beside the index"), "{e}");
+        std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+        assert!(matches!(
+            component_weights(dir.path(), "model", DType::F32, &Device::Cpu),
+            Err(crate::EngineError::MissingFile(_))
+        ));
+    }
 
     #[test]
     fn reads_tensors_and_rejects_corrupt_files() {

@@ -72,17 +72,15 @@ impl Model {
             unet: read_json(dir, "unet/config.json")?,
             vae: read_json(dir, "vae/config.json")?,
         };
+        // One file per component, or shards with their index.
         let vb = |rel: &str| -> Result<VarBuilder<'static>, EngineError> {
-            let path = dir.join(rel);
-            if !path.is_file() {
-                return Err(EngineError::MissingFile(path));
-            }
-            crate::io::weights::SafetensorsFile::open(&path)
-                .map(|f| f.var_builder(DType::F32, device))
-                .map_err(|e| EngineError::Weights {
-                    path,
-                    message: e.to_string(),
-                })
+            let path = Path::new(rel);
+            let base = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("a file name");
+            let component = dir.join(path.parent().expect("a component folder"));
+            crate::io::weights::component_weights(&component, base, DType::F32, device)
         };
         let build = |rel: &str, e: candle_core::Error| EngineError::Weights {
             path: dir.join(rel),
