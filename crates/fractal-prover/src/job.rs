@@ -14,6 +14,9 @@ use fractal_protocol::merkle::{f32_le_bytes, MerkleTree};
 use fractal_protocol::wire::{GenerateRequest, Timing};
 use fractal_protocol::Digest32;
 
+/// A trace's leaves: each latent and model output, flattened.
+type Leaves = Vec<Vec<f32>>;
+
 use crate::traces::Trace;
 
 /// How this prover behaves. Only `Honest` exists outside the `cheats` feature.
@@ -157,7 +160,7 @@ pub struct StrategyState {
 struct Replay {
     content: Vec<u8>,
     shape: Vec<u32>,
-    leaves: Vec<Vec<f32>>,
+    leaves: Leaves,
 }
 
 fn shape_of(t: &Tensor) -> Vec<u32> {
@@ -255,7 +258,7 @@ fn denoise(
     strategy: &Strategy,
     state: &StrategyState,
     progress: &mut dyn FnMut(u32) -> bool,
-) -> Result<(Tensor, Vec<Vec<f32>>), JobError> {
+) -> Result<(Tensor, Leaves), JobError> {
     let p = &model.pipeline;
     let g = spec.guidance_scale;
     let mut scheduler = p.scheduler_for(steps)?;
@@ -340,109 +343,108 @@ pub fn run(
     // `audit`: the leaves an inconsistent cheat opens instead of the
     // committed ones (named here: without the `cheats` feature no arm
     // builds one, so inference alone cannot tell its type).
-    let (final_latents, committed, audit): (Tensor, Vec<Vec<f32>>, Option<Vec<Vec<f32>>>) =
-        match strategy {
-            #[cfg(feature = "cheats")]
-            Strategy::FewerSteps => {
-                let half = (spec.steps / 2).max(1);
-                let (x, short) = denoise(model, spec, half, strategy, state, progress)?;
-                // Stretch the short trajectory to the promised length.
-                let at = |i: usize| (i * half + spec.steps / 2) / spec.steps;
-                let mut trace = Vec::with_capacity(2 * spec.steps + 1);
-                for i in 0..=spec.steps {
-                    if i > 0 {
-                        trace.push(short[2 * at(i - 1).min(half - 1) + 1].clone());
-                    }
-                    trace.push(short[2 * at(i)].clone());
+    let (final_latents, committed, audit): (Tensor, Leaves, Option<Leaves>) = match strategy {
+        #[cfg(feature = "cheats")]
+        Strategy::FewerSteps => {
+            let half = (spec.steps / 2).max(1);
+            let (x, short) = denoise(model, spec, half, strategy, state, progress)?;
+            // Stretch the short trajectory to the promised length.
+            let at = |i: usize| (i * half + spec.steps / 2) / spec.steps;
+            let mut trace = Vec::with_capacity(2 * spec.steps + 1);
+            for i in 0..=spec.steps {
+                if i > 0 {
+                    trace.push(short[2 * at(i - 1).min(half - 1) + 1].clone());
                 }
-                (x, trace, None)
+                trace.push(short[2 * at(i)].clone());
             }
-            #[cfg(feature = "cheats")]
-            Strategy::RandomLatents => {
-                let x = model.pipeline.initial_latents(&GenerateSpec {
-                    seed: fractal_protocol::Seed(u64::from_le_bytes(
-                        req.job_id.0[..8].try_into().expect("8 bytes"),
-                    )),
-                    ..spec.clone()
-                })?;
-                let mut trace = Vec::with_capacity(2 * spec.steps + 1);
-                for i in 0..=spec.steps {
-                    let scaled = (&x * (1.0 - i as f64 / (spec.steps as f64 + 1.0)))?;
-                    if i > 0 {
-                        trace.push(values(&x)?);
-                    }
-                    trace.push(values(&scaled)?);
+            (x, trace, None)
+        }
+        #[cfg(feature = "cheats")]
+        Strategy::RandomLatents => {
+            let x = model.pipeline.initial_latents(&GenerateSpec {
+                seed: fractal_protocol::Seed(u64::from_le_bytes(
+                    req.job_id.0[..8].try_into().expect("8 bytes"),
+                )),
+                ..spec.clone()
+            })?;
+            let mut trace = Vec::with_capacity(2 * spec.steps + 1);
+            for i in 0..=spec.steps {
+                let scaled = (&x * (1.0 - i as f64 / (spec.steps as f64 + 1.0)))?;
+                if i > 0 {
+                    trace.push(values(&x)?);
                 }
-                (x, trace, None)
+                trace.push(values(&scaled)?);
             }
-            #[cfg(feature = "cheats")]
-            Strategy::ReplayCached => {
-                let mut cached = state.cached.lock().expect("replay cache lock");
-                if let Some(r) = cached.as_ref() {
-                    let trace = trace_of(r.shape.clone(), &r.leaves)?;
-                    return Ok(Produced {
-                        content: r.content.clone(),
-                        root: trace.tree.root(),
-                        trace_len: trace.tree.leaf_count(),
-                        audit_trace: trace,
-                        timing: Timing::default(),
-                    });
-                }
-                let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
-                let frames = model.pipeline.decode(&x)?;
-                let content = model.render(req.output, &frames, &x)?;
-                *cached = Some(Replay {
-                    content,
-                    shape: shape_of(&x),
-                    leaves: trace.clone(),
-                });
-                drop(cached);
-                (x, trace, None)
-            }
-            #[cfg(feature = "cheats")]
-            Strategy::InconsistentAudit => {
-                let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
-                let other = GenerateSpec {
-                    seed: fractal_protocol::Seed(spec.seed.0.wrapping_add(1)),
-                    ..spec.clone()
-                };
-                let (_, other_trace) =
-                    denoise(model, &other, spec.steps, strategy, state, &mut |_| true)?;
-                (x, trace, Some(other_trace))
-            }
-            #[cfg(feature = "cheats")]
-            Strategy::FabricatedAudit => {
-                let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
-                // Keep the honest tree (so paths look right) but swap the values.
-                let shape = shape_of(&x);
-                let honest = trace_of(shape.clone(), &trace)?;
-                let fake: Vec<Vec<u8>> = honest
-                    .leaves
-                    .iter()
-                    .map(|l| l.iter().map(|b| b.wrapping_add(1)).collect())
-                    .collect();
-                let produced_frames = model.pipeline.decode(&x)?;
-                let content = model.render(req.output, &produced_frames, &x)?;
+            (x, trace, None)
+        }
+        #[cfg(feature = "cheats")]
+        Strategy::ReplayCached => {
+            let mut cached = state.cached.lock().expect("replay cache lock");
+            if let Some(r) = cached.as_ref() {
+                let trace = trace_of(r.shape.clone(), &r.leaves)?;
                 return Ok(Produced {
-                    content,
-                    root: honest.tree.root(),
-                    trace_len: honest.tree.leaf_count(),
-                    audit_trace: Trace {
-                        shape,
-                        leaves: fake,
-                        tree: honest.tree,
-                    },
-                    timing: Timing {
-                        denoise_ms: start.elapsed().as_millis() as u64,
-                        ..Timing::default()
-                    },
+                    content: r.content.clone(),
+                    root: trace.tree.root(),
+                    trace_len: trace.tree.leaf_count(),
+                    audit_trace: trace,
+                    timing: Timing::default(),
                 });
             }
-            _ => {
-                let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
-                (x, trace, None)
-            }
-        };
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            let frames = model.pipeline.decode(&x)?;
+            let content = model.render(req.output, &frames, &x)?;
+            *cached = Some(Replay {
+                content,
+                shape: shape_of(&x),
+                leaves: trace.clone(),
+            });
+            drop(cached);
+            (x, trace, None)
+        }
+        #[cfg(feature = "cheats")]
+        Strategy::InconsistentAudit => {
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            let other = GenerateSpec {
+                seed: fractal_protocol::Seed(spec.seed.0.wrapping_add(1)),
+                ..spec.clone()
+            };
+            let (_, other_trace) =
+                denoise(model, &other, spec.steps, strategy, state, &mut |_| true)?;
+            (x, trace, Some(other_trace))
+        }
+        #[cfg(feature = "cheats")]
+        Strategy::FabricatedAudit => {
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            // Keep the honest tree (so paths look right) but swap the values.
+            let shape = shape_of(&x);
+            let honest = trace_of(shape.clone(), &trace)?;
+            let fake: Vec<Vec<u8>> = honest
+                .leaves
+                .iter()
+                .map(|l| l.iter().map(|b| b.wrapping_add(1)).collect())
+                .collect();
+            let produced_frames = model.pipeline.decode(&x)?;
+            let content = model.render(req.output, &produced_frames, &x)?;
+            return Ok(Produced {
+                content,
+                root: honest.tree.root(),
+                trace_len: honest.tree.leaf_count(),
+                audit_trace: Trace {
+                    shape,
+                    leaves: fake,
+                    tree: honest.tree,
+                },
+                timing: Timing {
+                    denoise_ms: start.elapsed().as_millis() as u64,
+                    ..Timing::default()
+                },
+            });
+        }
+        _ => {
+            let (x, trace) = denoise(model, spec, spec.steps, strategy, state, progress)?;
+            (x, trace, None)
+        }
+    };
     let denoise_ms = start.elapsed().as_millis() as u64;
     let t = Instant::now();
     let frames = model.pipeline.decode(&final_latents)?;

@@ -279,7 +279,7 @@ impl Trace {
             // Each gateway's apps have their own bursts: 30% of the 30 s
             // windows, in an order of its own, are busy (2x), the rest
             // quiet, so the mean is `load` exactly.
-            let mut rng = StdRng::seed_from_u64(mix(cfg.seed ^ 0xa11c_e5 ^ (g as u64) << 40));
+            let mut rng = StdRng::seed_from_u64(mix(cfg.seed ^ 0x00a1_1ce5 ^ (g as u64) << 40));
             let windows = (cfg.duration_s / BURST_WINDOW_S).ceil() as usize;
             let mut busy_windows: Vec<bool> = (0..windows)
                 .map(|w| (w as f64 + 0.5) / windows as f64 <= BUSY_SHARE)
@@ -485,7 +485,7 @@ fn index_of(hk: &Hotkey) -> usize {
 }
 
 /// Where a job went when the gateway tried to send it.
-enum Sent {
+enum Sending {
     Sent,
     /// No node has room now; the gateway keeps it.
     Held,
@@ -605,11 +605,11 @@ impl<'t> World<'t> {
         Ok((pick, None))
     }
 
-    fn send(&mut self, job: usize, now: f64, hedge: bool) -> Sent {
+    fn send(&mut self, job: usize, now: f64, hedge: bool) -> Sending {
         let (node, ticket) = match self.choose(job, now, hedge) {
             Ok(c) => c,
-            Err(true) => return Sent::Held,
-            Err(false) => return Sent::Nowhere,
+            Err(true) => return Sending::Held,
+            Err(false) => return Sending::Nowhere,
         };
         let g = self.trace.jobs[job].gateway;
         let j = &mut self.jobs[job];
@@ -627,15 +627,15 @@ impl<'t> World<'t> {
             }
         }
         self.sent.insert((job, node, attempt), (ticket, now));
-        Sent::Sent
+        Sending::Sent
     }
 
     /// Sends `job` or, when no node has room, holds it at its gateway.
     fn dispatch(&mut self, job: usize, now: f64) {
         match self.send(job, now, false) {
-            Sent::Sent => {}
-            Sent::Held => self.hold(job, now),
-            Sent::Nowhere => {} // given up
+            Sending::Sent => {}
+            Sending::Held => self.hold(job, now),
+            Sending::Nowhere => {} // given up
         }
     }
 
@@ -657,10 +657,10 @@ impl<'t> World<'t> {
     fn release(&mut self, g: usize, now: f64) {
         while let Some(&job) = self.gateways[g].held.front() {
             match self.send(job, now, false) {
-                Sent::Sent | Sent::Nowhere => {
+                Sending::Sent | Sending::Nowhere => {
                     self.gateways[g].held.pop_front();
                 }
-                Sent::Held => break,
+                Sending::Held => break,
             }
         }
         if !self.gateways[g].held.is_empty() {
@@ -874,7 +874,7 @@ impl<'t> World<'t> {
                     if j.done || j.attempts != attempt || j.live.len() != 1 {
                         continue;
                     }
-                    if let Sent::Sent = self.send(job, now, true) {
+                    if let Sending::Sent = self.send(job, now, true) {
                         self.hedges += 1;
                     }
                 }
