@@ -182,6 +182,46 @@ def make_pipeline(out):
     print(f"pipeline-a: frames {list(frames[0].shape)}")
 
 
+def make_tokenizer(out):
+    """A small T5-style tokenizer.json (SentencePiece unigram, EOS appended,
+    pad 0), as Wan folders ship umT5's, and transformers' T5TokenizerFast
+    ids for prompts padded and truncated to a fixed length."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+    corpus = ["a red fox running in the snow", "a blue circle moving left on a green background",
+              "the quick brown fox jumps over the lazy dog", "un renard roux court dans la neige",
+              "zwei Katzen spielen im Garten", "a small square bouncing",
+              "sunset over the ocean, cinematic"] * 20
+    tk = SentencePieceUnigramTokenizer()
+    tk.train_from_iterator(corpus, vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                           unk_token="<unk>")
+    tk.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    os.makedirs(f"{out}/tokenizer", exist_ok=True)
+    # Training sums scores in a thread-dependent order and orders pieces
+    # of equal score by hash: round the scores and sort the pieces (specials
+    # stay first) so the file is the same every run.
+    spec = json.loads(tk.to_str())
+    vocab = [[p, round(s, 6)] for p, s in spec["model"]["vocab"]]
+    spec["model"]["vocab"] = vocab[:3] + sorted(vocab[3:], key=lambda v: (-v[1], v[0]))
+    with open(f"{out}/tokenizer/tokenizer.json", "w") as f:
+        json.dump(spec, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    fast = T5TokenizerFast(tokenizer_file=f"{out}/tokenizer/tokenizer.json", eos_token="</s>",
+                           pad_token="<pad>", unk_token="<unk>")
+    cases = []
+    for p in ["a red fox running in the snow", "  a   blue circle\n\tmoving left ", "",
+              "unseen words: xylophone 42!", "the quick brown fox jumps over the lazy dog " * 3,
+              "zwei Katzen, un renard", "Ünïcödé café"]:
+        enc = fast(p, padding="max_length", max_length=16, truncation=True,
+                   add_special_tokens=True, return_attention_mask=True)
+        cases.append(dict(prompt=p, ids=enc["input_ids"], mask=enc["attention_mask"]))
+    with open(f"{out}/t5-tokenizer-cases.json", "w") as f:
+        json.dump(dict(max_length=16, cases=cases), f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"tokenizer: {len(cases)} cases")
+
+
 def make_schedulers(out):
     """One trajectory per scheduler: seeded velocities for every step, the
     latents after each step."""
@@ -303,3 +343,4 @@ if __name__ == "__main__":
     make_schedulers(sys.argv[1])
     make_vaes(sys.argv[1])
     make_pipeline(sys.argv[1])
+    make_tokenizer(sys.argv[1])

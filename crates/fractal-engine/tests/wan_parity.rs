@@ -302,3 +302,32 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
     eprintln!("{}", report.join("\n"));
     assert!(err <= TOLERANCE, "{report:?}");
 }
+
+/// A T5-style `tokenizer.json` gives transformers' `T5TokenizerFast` ids:
+/// `</s>` appended, padded with `<pad>`, truncated keeping `</s>` last.
+#[test]
+fn t5_tokenizer_matches_transformers() {
+    use fractal_engine::models::t5_tokenizer::T5Tokenizer;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
+    let tok = T5Tokenizer::from_file(std::path::Path::new(&format!(
+        "{dir}tokenizer/tokenizer.json"
+    )))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}t5-tokenizer-cases.json")).unwrap(),
+    )
+    .unwrap();
+    let length = v["max_length"].as_u64().unwrap() as usize;
+    for case in v["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let mask: Vec<u32> = serde_json::from_value(case["mask"].clone()).unwrap();
+        let got = tok.encode(prompt, length).unwrap();
+        assert_eq!(got.ids, want, "{prompt:?}");
+        assert_eq!(
+            got.valid,
+            mask.iter().filter(|&&m| m == 1).count(),
+            "{prompt:?}"
+        );
+    }
+}

@@ -6,5 +6,6 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub(crate) mod layers;
 pub mod t5;
+pub mod t5_tokenizer;
 pub mod unet3d;
 pub mod wan_transformer;
