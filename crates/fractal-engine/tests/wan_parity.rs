@@ -13,16 +13,25 @@ use fractal_engine::models::wan_transformer::{WanTransformer, WanTransformerConf
 /// Max absolute error allowed per stage, in f32.
 const TOLERANCE: f32 = 1e-4;
 
-fn check(name: &str) {
+/// A fixture's JSON and its tensors.
+fn fixture(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-            .unwrap();
-    let device = Device::Cpu;
-    let fx: HashMap<String, Tensor> =
-        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
+    let meta = serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
+        .unwrap();
+    let fx =
+        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &Device::Cpu).unwrap();
+    (meta, fx)
+}
+
+/// The fixture's tensors as weights.
+fn weights(fx: &HashMap<String, Tensor>) -> VarBuilder<'static> {
+    VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &Device::Cpu)
+}
+
+fn check(name: &str) {
+    let (meta, fx) = fixture(name);
     let config: WanTransformerConfig = serde_json::from_value(meta["config"].clone()).unwrap();
-    let vb = VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &device);
+    let vb = weights(&fx);
     let model = WanTransformer::new(vb.pp("transformer"), config).unwrap();
     let mut report = Vec::new();
     for (i, ts) in meta["timesteps"].as_array().unwrap().iter().enumerate() {
@@ -71,15 +80,9 @@ fn real_head_width_split() {
 /// transformers' T5 / umT5 encoder on the same weights and padded ids.
 fn check_encoder(name: &str) {
     use fractal_engine::models::t5::{T5Config, T5Encoder};
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-            .unwrap();
-    let device = Device::Cpu;
-    let fx: HashMap<String, Tensor> =
-        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
+    let (meta, fx) = fixture(name);
     let config: T5Config = serde_json::from_value(meta["config"].clone()).unwrap();
-    let vb = VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &device);
+    let vb = weights(&fx);
     let encoder = T5Encoder::new(vb.pp("text_encoder"), config).unwrap();
     let valid: Vec<usize> = serde_json::from_value(meta["valid"].clone()).unwrap();
     let ids = fx["ids"].to_dtype(candle_core::DType::U32).unwrap();
@@ -108,13 +111,7 @@ fn umt5_encoder_with_a_bias_per_block_past_max_distance() {
 #[test]
 fn flow_schedulers_follow_diffusers_trajectories() {
     use fractal_engine::schedulers::{FlowMatchEuler, UniPc};
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}schedulers.json")).unwrap())
-            .unwrap();
-    let fx: HashMap<String, Tensor> =
-        candle_core::safetensors::load(format!("{dir}schedulers.safetensors"), &Device::Cpu)
-            .unwrap();
+    let (meta, fx) = fixture("schedulers");
     let mut report = Vec::new();
     for (name, m) in meta.as_object().unwrap() {
         let steps = m["steps"].as_u64().unwrap() as usize;
@@ -167,15 +164,9 @@ fn flow_schedulers_follow_diffusers_trajectories() {
 /// diffusers' decode of the same latents; and WanPipeline's denormalisation.
 fn check_vae(name: &str) {
     use fractal_engine::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-            .unwrap();
-    let device = Device::Cpu;
-    let fx: HashMap<String, Tensor> =
-        candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
+    let (meta, fx) = fixture(name);
     let config: WanVaeConfig = serde_json::from_value(meta["config"].clone()).unwrap();
-    let vb = VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &device);
+    let vb = weights(&fx);
     let vae = WanVaeDecoder::new(vb, config).unwrap();
     let denorm = vae.denormalize(&fx["z"]).unwrap();
     let err = fractal_engine::pipelines::max_abs_diff(&denorm, &fx["denormalized"]).unwrap();
@@ -221,40 +212,27 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
     use fractal_engine::models::t5::{T5Config, T5Encoder};
     use fractal_engine::pipelines::wan::Wan;
     use fractal_engine::schedulers::UniPc;
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let device = Device::Cpu;
-    let load = |name: &str| -> (serde_json::Value, HashMap<String, Tensor>) {
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-                .unwrap();
-        let fx =
-            candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
-        (meta, fx)
-    };
-    let vb = |fx: &HashMap<String, Tensor>| {
-        VarBuilder::from_tensors(fx.clone(), candle_core::DType::F32, &device)
-    };
-    let (tm, tfx) = load("t5-tiny");
-    let (wm, wfx) = load("wan-a");
-    let (vm, vfx) = load("vae-a");
-    let (pm, pfx) = load("pipeline-a");
+    let (tm, tfx) = fixture("t5-tiny");
+    let (wm, wfx) = fixture("wan-a");
+    let (vm, vfx) = fixture("vae-a");
+    let (pm, pfx) = fixture("pipeline-a");
     let wan = Wan {
         text_encoder: T5Encoder::new(
-            vb(&tfx).pp("text_encoder"),
+            weights(&tfx).pp("text_encoder"),
             serde_json::from_value::<T5Config>(tm["config"].clone()).unwrap(),
         )
         .unwrap(),
         transformer: WanTransformer::new(
-            vb(&wfx).pp("transformer"),
+            weights(&wfx).pp("transformer"),
             serde_json::from_value(wm["config"].clone()).unwrap(),
         )
         .unwrap(),
         vae: WanVaeDecoder::new(
-            vb(&vfx),
+            weights(&vfx),
             serde_json::from_value::<WanVaeConfig>(vm["config"].clone()).unwrap(),
         )
         .unwrap(),
-        device: device.clone(),
+        device: Device::Cpu,
     };
     let ids = |k: &str| -> Vec<u32> {
         pfx[k]
