@@ -121,24 +121,36 @@ impl UniPc {
         )
     }
 
+    /// The first-order (DDIM-like) move of `x` from `σ = s_0` to `s_t` along
+    /// the data prediction `m0`, and the step's `h = λ(s_t) − λ(s_0)`,
+    /// `α_t·φ₁(h)` (which is also `α_t·B(h)`: bh2 takes `B(h) = e^{−h} − 1`).
+    fn first_order(x: &Tensor, m0: &Tensor, s_t: f32, s_0: f32) -> Result<(Tensor, f32, f32)> {
+        let alpha_t = 1.0 - s_t;
+        let h = lambda(s_t) - lambda(s_0);
+        let alpha_phi = alpha_t * expm1(-h);
+        let moved = ((x * (s_t / s_0) as f64)? - (m0 * alpha_phi as f64)?)?;
+        Ok((moved, h, alpha_phi))
+    }
+
+    /// `(m1 − m0) / r` with `r = (λ(s_1) − λ(s_0)) / h`: the scaled
+    /// difference of two data predictions, and `r`.
+    fn difference(m1: &Tensor, m0: &Tensor, s_1: f32, s_0: f32, h: f32) -> Result<(Tensor, f32)> {
+        let r = (lambda(s_1) - lambda(s_0)) / h;
+        Ok(((m1 - m0)?.broadcast_div(&scalar(r, m0)?)?, r))
+    }
+
     /// UniP: the latents at `σ[i+1]` from `x` at `σ[i]`.
     fn predict(&self, x: &Tensor, i: usize, order: usize) -> Result<Tensor> {
         let (s_t, s_0) = (self.sigmas[i + 1], self.sigmas[i]);
         let (m0, m1) = self.predictions();
-        let alpha_t = 1.0 - s_t;
-        let h = lambda(s_t) - lambda(s_0);
-        let h_phi_1 = expm1(-h);
-        // bh2: B(h) = e^{-h} − 1.
-        let b_h = h_phi_1;
-        let x_t = ((x * (s_t / s_0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
+        let (x_t, h, alpha_b) = Self::first_order(x, m0, s_t, s_0)?;
         if order == 1 {
             return Ok(x_t);
         }
         let m1 = m1.expect("order 2 has a previous prediction");
-        let r = (lambda(self.sigmas[i - 1]) - lambda(s_0)) / h;
-        let d1 = (m1 - m0)?.broadcast_div(&scalar(r, x)?)?;
+        let (d1, _) = Self::difference(m1, m0, self.sigmas[i - 1], s_0, h)?;
         // Second order: ρ = 0.5.
-        x_t - ((d1 * 0.5)? * (alpha_t * b_h) as f64)?
+        x_t - ((d1 * 0.5)? * alpha_b as f64)?
     }
 
     /// UniC: the latents at `σ[i]`, predicted again from `x` (where the last
@@ -148,21 +160,17 @@ impl UniPc {
         let order = self.last_order;
         let (s_t, s_0) = (self.sigmas[i], self.sigmas[i - 1]);
         let (m0, m1) = self.predictions();
-        let alpha_t = 1.0 - s_t;
-        let h = lambda(s_t) - lambda(s_0);
-        let hh = -h;
-        let h_phi_1 = expm1(hh);
-        let b_h = h_phi_1;
-        let base = ((x * (s_t / s_0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
+        let (base, h, alpha_b) = Self::first_order(x, m0, s_t, s_0)?;
         let d1_t = (model_t - m0)?;
         let (corr, rho_t) = if order == 1 {
             (None, 0.5f32)
         } else {
             let m1 = m1.expect("order 2 has an older prediction");
-            let r = (lambda(self.sigmas[i - 2]) - lambda(s_0)) / h;
-            let d1 = (m1 - m0)?.broadcast_div(&scalar(r, x)?)?;
+            let (d1, r) = Self::difference(m1, m0, self.sigmas[i - 2], s_0, h)?;
             // b_k = h·φ_{k+1}(h)·k! / B(h); ρ solves [[1, 1], [r, 1]] ρ = b.
-            let h_phi_2 = h_phi_1 / hh - 1.0;
+            let hh = -h;
+            let b_h = expm1(hh);
+            let h_phi_2 = b_h / hh - 1.0;
             let b0 = h_phi_2 / b_h;
             let h_phi_3 = h_phi_2 / hh - 0.5;
             let b1 = h_phi_3 * 2.0 / b_h;
@@ -174,7 +182,7 @@ impl UniPc {
             Some(c) => (c + (d1_t * rho_t as f64)?)?,
             None => (d1_t * rho_t as f64)?,
         };
-        base - (res * (alpha_t * b_h) as f64)?
+        base - (res * alpha_b as f64)?
     }
 }
 
