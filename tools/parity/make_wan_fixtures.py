@@ -182,6 +182,10 @@ def make_pipeline(out):
     print(f"pipeline-a: frames {list(frames[0].shape)}")
 
 
+# The engine builds this tokenizer into the binary (the built-in Wan's).
+TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../crates/fractal-engine/assets/t5-unigram-tokenizer.json")
+
+
 def make_tokenizer(out):
     """A small T5-style tokenizer.json (SentencePiece unigram, EOS appended,
     pad 0), as Wan folders ship umT5's, and transformers' T5TokenizerFast
@@ -197,17 +201,16 @@ def make_tokenizer(out):
     tk.train_from_iterator(corpus, vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
                            unk_token="<unk>")
     tk.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    os.makedirs(f"{out}/tokenizer", exist_ok=True)
     # Training sums scores in a thread-dependent order and orders pieces
     # of equal score by hash: round the scores and sort the pieces (specials
     # stay first) so the file is the same every run.
     spec = json.loads(tk.to_str())
     vocab = [[p, round(s, 6)] for p, s in spec["model"]["vocab"]]
     spec["model"]["vocab"] = vocab[:3] + sorted(vocab[3:], key=lambda v: (-v[1], v[0]))
-    with open(f"{out}/tokenizer/tokenizer.json", "w") as f:
+    with open(TOKENIZER, "w") as f:
         json.dump(spec, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    fast = T5TokenizerFast(tokenizer_file=f"{out}/tokenizer/tokenizer.json", eos_token="</s>",
+    fast = T5TokenizerFast(tokenizer_file=TOKENIZER, eos_token="</s>",
                            pad_token="<pad>", unk_token="<unk>")
     cases = []
     for p in ["a red fox running in the snow", "  a   blue circle\n\tmoving left ", "",

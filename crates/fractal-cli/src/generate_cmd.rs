@@ -6,8 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use fractal_engine::io::video::{self, Frames};
-use fractal_engine::pipelines::text_to_video_sd::Model;
-use fractal_engine::{builtin::tiny, PinnedModel, TinyVariant};
+use fractal_engine::PinnedModel;
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
@@ -24,13 +23,15 @@ pub struct GenerateArgs {
     /// Same seed, same bytes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A diffusers TextToVideoSD folder (ModelScope / Zeroscope layout).
+    /// A diffusers folder: TextToVideoSD (ModelScope / Zeroscope layout) or
+    /// WanPipeline (Wan 2.1 layout, sharded weights included).
     #[arg(long, conflicts_with = "tiny")]
     model: Option<PathBuf>,
     /// Check the folder's files against this manifest before loading.
     #[arg(long, requires = "model")]
     manifest: Option<PathBuf>,
-    /// Use a built-in tiny model (tiny-v1 or tiny-wide-v1); the default when no --model is given.
+    /// Use a built-in model (tiny-v1, tiny-wide-v1, ms-1.7b-shape, tiny-wan-v1,
+    /// wan-1.3b-shape); tiny-v1 when no --model is given.
     #[arg(long, num_args = 0..=1, default_missing_value = "tiny-v1")]
     tiny: Option<String>,
     #[arg(long)]
@@ -43,7 +44,8 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (1 disables guidance).
     #[arg(long)]
     guidance: Option<f64>,
-    /// Override the model's scheduler: ddim or dpm-solver (DPM-Solver++ 2M).
+    /// Override the model's scheduler, within its family: ddim or dpm-solver
+    /// (DPM-Solver++ 2M) for TextToVideoSD, flow-euler or unipc for Wan.
     /// Changes the manifest id; not allowed with --manifest.
     #[arg(long)]
     scheduler: Option<String>,
@@ -76,36 +78,6 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<Size> {
     })
 }
 
-/// A manifest for an unpinned folder: its own scheduler, permissive limits.
-fn folder_manifest(dir: &Path, model: &Model) -> anyhow::Result<ModelManifest> {
-    let mut m = tiny::manifest(TinyVariant::Base);
-    m.name = dir.display().to_string();
-    m.scheduler = fractal_engine::schedulers::spec_from_folder(dir)?;
-    let s = model.configs.vae.scale_factor() as u32 * 8;
-    m.limits.sizes = (1..=16)
-        .flat_map(|i| {
-            (1..=16).map(move |j| Size {
-                width: i * s,
-                height: j * s,
-            })
-        })
-        .collect();
-    let preferred = Size {
-        width: 256,
-        height: 256,
-    };
-    m.defaults.size = if m.limits.sizes.contains(&preferred) {
-        preferred
-    } else {
-        m.limits.sizes[0]
-    };
-    m.limits.max_frames = 64;
-    m.defaults.frames = 16;
-    m.defaults.steps = 50;
-    m.limits.max_steps = 1000;
-    Ok(m)
-}
-
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(t) = a.threads {
         if t == 0 {
@@ -117,7 +89,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         None => None,
         Some("ddim") => Some(SchedulerKind::Ddim),
         Some("dpm-solver") => Some(SchedulerKind::DpmSolverMultistep),
-        Some(other) => bail!("unknown scheduler {other:?} (ddim, dpm-solver)"),
+        Some("flow-euler") => Some(SchedulerKind::FlowMatchEuler),
+        Some("unipc") => Some(SchedulerKind::UniPcMultistep),
+        Some(other) => bail!("unknown scheduler {other:?} (ddim, dpm-solver, flow-euler, unipc)"),
     };
     if scheduler_override.is_some() && a.manifest.is_some() {
         bail!("--scheduler cannot override a pinned manifest's scheduler");
@@ -135,34 +109,26 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let device = fractal_engine::device_from_name(&a.device)?;
     let load_start = Instant::now();
-    let (model, manifest) = match &a.model {
-        Some(dir) => {
-            if let Some(mpath) = &a.manifest {
-                let text = std::fs::read_to_string(mpath)
-                    .with_context(|| format!("reading {}", mpath.display()))?;
-                let m = ModelManifest::parse(&text)?;
-                fractal_engine::io::weights::verify_weights(dir, &m)
-                    .context("model folder does not match the manifest")?;
-                (Model::load(dir, &device)?, m)
-            } else {
-                let model = Model::load(dir, &device)?;
-                let m = folder_manifest(dir, &model)?;
-                (model, m)
-            }
+    let overridden = |mut m: ModelManifest| -> anyhow::Result<ModelManifest> {
+        if let Some(kind) = scheduler_override {
+            m.scheduler = m.scheduler.with_kind(kind).map_err(anyhow::Error::msg)?;
         }
-        None => {
+        Ok(m)
+    };
+    let pinned = match (&a.model, &a.manifest) {
+        (Some(dir), Some(mpath)) => {
+            let text = std::fs::read_to_string(mpath)
+                .with_context(|| format!("reading {}", mpath.display()))?;
+            let m = ModelManifest::parse(&text)?;
+            PinnedModel::load(m, Some(dir), &device).context("loading the pinned folder")?
+        }
+        (Some(dir), None) => PinnedModel::unpinned_folder(dir, &device, scheduler_override)?,
+        (None, _) => {
             let name = a.tiny.as_deref().unwrap_or("tiny-v1");
-            let Some(v) = TinyVariant::parse(name) else {
-                bail!("unknown tiny model {name:?} (tiny-v1, tiny-wide-v1)")
-            };
-            (Model::tiny(v, &device)?, tiny::manifest(v))
+            let m = overridden(fractal_engine::builtin::manifest_or_err(name)?)?;
+            PinnedModel::load(m, None, &device)?
         }
     };
-    let mut manifest = manifest;
-    if let Some(kind) = scheduler_override {
-        manifest.scheduler.kind = kind;
-    }
-    let pinned = PinnedModel::from_parts(manifest, model)?;
     let manifest_id = pinned.manifest_id;
     let mut req = GenerateRequest::with_defaults(&pinned.manifest, a.prompt.clone(), Seed(a.seed));
     req.job_id = JobId([0; 16]);

@@ -1,5 +1,5 @@
 //! `fractal grid`: a whole local grid in one process — chain, provers with
-//! the built-in tiny model, a verifier, and the gateway with a dev API key —
+//! a built-in model (tiny-v1 unless `--tiny` names another), a verifier, and the gateway with a dev API key —
 //! on loopback, until Ctrl-C.
 
 use std::net::SocketAddr;
@@ -30,7 +30,8 @@ pub struct GridArgs {
     block_time_ms: u64,
     #[arg(long, default_value_t = 20)]
     tempo: u64,
-    /// Challenge shape (small, so the tiny grid turns over quickly).
+    /// Challenge shape (small, so the tiny grid turns over quickly); frames
+    /// are rounded up to a count the model makes (Wan: 1 + 4k).
     #[arg(long, default_value_t = 4)]
     frames: u32,
     #[arg(long, default_value_t = 32)]
@@ -117,7 +118,7 @@ pub fn run(a: GridArgs) -> anyhow::Result<()> {
         }
         let model = Arc::new(a.model.load()?);
         let config = VerifierConfig {
-            frames: a.frames,
+            frames: model.manifest.frames_at_least(a.frames),
             steps: a.steps,
             size: fractal_protocol::manifest::Size {
                 width: a.size,

@@ -30,7 +30,7 @@ pub fn run(cmd: ManifestCmd) -> anyhow::Result<()> {
         ManifestCmd::Check { file } => {
             let m = load(&file)?;
             let d = &m.defaults;
-            println!("ok: {} ({:?}, {:?})", m.name, m.architecture, m.dtype);
+            println!("ok: {} ({}, {:?})", m.name, m.architecture.name(), m.dtype);
             println!("id:        {}", m.id());
             match &m.weights {
                 Weights::Files(files) => {
@@ -40,7 +40,8 @@ pub fn run(cmd: ManifestCmd) -> anyhow::Result<()> {
             }
             println!(
                 "scheduler: {:?}, {} train steps",
-                m.scheduler.kind, m.scheduler.num_train_timesteps
+                m.scheduler.kind(),
+                m.scheduler.num_train_timesteps()
             );
             println!(
                 "defaults:  {} x {} frames, {} steps, guidance {}, {} fps",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use fractal_chain::{Chain, Metagraph};
-use fractal_engine::{builtin::tiny, PinnedModel, TinyVariant};
+use fractal_engine::PinnedModel;
 use fractal_protocol::manifest::ModelManifest;
 use fractal_protocol::{Hotkey, Keypair};
 use fractal_prover::{Prover, ProverConfig, Strategy, ValidatorAuthorizer};
@@ -27,7 +27,8 @@ pub struct ModelArgs {
     /// The subnet's model manifest (TOML or JSON).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
-    /// Built-in tiny model (the default when no --manifest is given).
+    /// Built-in model (the default when no --manifest is given): tiny-v1,
+    /// tiny-wide-v1 or tiny-wan-v1 (Wan 2.1 at tiny widths).
     #[arg(long, default_value = "tiny-v1", conflicts_with = "manifest")]
     pub tiny: String,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
@@ -44,12 +45,7 @@ impl ModelArgs {
                 ModelManifest::parse(&text)
                     .with_context(|| format!("manifest {}", path.display()))?
             }
-            None => {
-                let Some(v) = TinyVariant::parse(&self.tiny) else {
-                    bail!("unknown tiny model {:?} (tiny-v1, tiny-wide-v1)", self.tiny)
-                };
-                tiny::manifest(v)
-            }
+            None => fractal_engine::builtin::manifest_or_err(&self.tiny)?,
         };
         Ok(PinnedModel::load(
             manifest,

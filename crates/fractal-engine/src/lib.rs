@@ -8,10 +8,12 @@
 //! * [`pipelines`]: the interface the roles use without knowing the
 //!   architecture ([`Pipeline`]), and one folder per architecture
 //!   ([`pipelines::text_to_video_sd`]: diffusers' `TextToVideoSDPipeline`,
-//!   ModelScope / Zeroscope);
+//!   ModelScope / Zeroscope; [`pipelines::wan`]: `WanPipeline`, Wan 2.1);
 //! * [`models`]: the networks (UNet3D, CLIP text encoder and tokenizer, the
-//!   KL autoencoder's decoder) and their shared layers;
-//! * [`schedulers`]: DDIM and DPM-Solver++ as diffusers defines them;
+//!   KL autoencoder's decoder; the Wan transformer, T5/umT5 and its
+//!   tokenizer, the Wan VAE's causal decoder) and their shared layers;
+//! * [`schedulers`]: DDIM, DPM-Solver++, flow-matching Euler and UniPC as
+//!   diffusers defines them;
 //! * [`kernels`]: fused f32 CPU kernels for the hot stages, by op family;
 //! * [`builtin`]: models built into the binary (weights derived from names);
 //! * [`io`]: video files (MP4/GIF/PNG) and safetensors weights;
@@ -33,6 +35,7 @@ pub mod schedulers;
 use std::path::PathBuf;
 
 pub use builtin::tiny::{Degradation, TinyVariant};
+pub use builtin::tiny_wan::WanVariant;
 pub use pinned::PinnedModel;
 pub use pipelines::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
 

@@ -5,12 +5,13 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use fractal_protocol::manifest::{Architecture, ModelManifest, Weights};
+use fractal_protocol::manifest::{Architecture, ModelManifest, SchedulerKind, Weights};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::ManifestId;
 
+use crate::builtin::tiny_wan::WanVariant;
 use crate::io::video::{self, rgb8, Frames};
-use crate::pipelines::{text_to_video_sd, Components};
+use crate::pipelines::{text_to_video_sd, wan, Components};
 use crate::{io, EngineError, GenerateSpec, Pipeline, TinyVariant};
 
 pub struct PinnedModel {
@@ -30,17 +31,15 @@ impl PinnedModel {
         manifest
             .validate()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
-        let Architecture::TextToVideoSd = manifest.architecture;
-        let model = match (&manifest.weights, folder) {
-            (Weights::Builtin(name), _) => {
-                let variant = TinyVariant::parse(name).ok_or_else(|| {
-                    EngineError::BadInput(format!("no built-in model named {name:?}"))
-                })?;
-                text_to_video_sd::Model::tiny(variant, device)?
-            }
+        let builtin = |name: &str| {
+            TinyVariant::parse(name)
+                .ok_or_else(|| EngineError::BadInput(format!("no built-in model named {name:?}")))
+        };
+        let folder = match (&manifest.weights, folder) {
+            (Weights::Builtin(_), _) => None,
             (Weights::Files(_), Some(dir)) => {
                 io::weights::verify_weights(dir, &manifest)?;
-                text_to_video_sd::Model::load(dir, device)?
+                Some(dir)
             }
             (Weights::Files(_), None) => {
                 return Err(EngineError::BadInput(
@@ -48,7 +47,28 @@ impl PinnedModel {
                 ))
             }
         };
-        Self::from_parts(manifest, model)
+        match (manifest.architecture, &manifest.weights, folder) {
+            (Architecture::TextToVideoSd, Weights::Builtin(name), _) => {
+                let model = text_to_video_sd::Model::tiny(builtin(name)?, device)?;
+                Self::from_parts(manifest, model)
+            }
+            (Architecture::TextToVideoSd, _, Some(dir)) => {
+                let model = text_to_video_sd::Model::load(dir, device)?;
+                Self::from_parts(manifest, model)
+            }
+            (Architecture::Wan(_), Weights::Builtin(name), _) => {
+                let variant = WanVariant::parse(name).ok_or_else(|| {
+                    EngineError::BadInput(format!("no built-in Wan model named {name:?}"))
+                })?;
+                let model = wan::Model::tiny(variant, device)?;
+                Self::from_parts(manifest, model)
+            }
+            (Architecture::Wan(_), _, Some(dir)) => {
+                let model = wan::Model::load(dir, device)?;
+                Self::from_parts(manifest, model)
+            }
+            (_, Weights::Files(_), None) => unreachable!("refused above"),
+        }
     }
 
     /// A manifest with models the caller built (tests, benchmarks, and the
@@ -58,20 +78,58 @@ impl PinnedModel {
         manifest: ModelManifest,
         models: impl Components,
     ) -> Result<Self, EngineError> {
-        if models.architecture() != manifest.architecture {
+        if models.architecture_name() != manifest.architecture.name() {
             return Err(EngineError::BadInput(format!(
-                "manifest {} is for {:?}, the models are {:?}",
+                "manifest {} is for {}, the models are {}",
                 manifest.name,
-                manifest.architecture,
-                models.architecture()
+                manifest.architecture.name(),
+                models.architecture_name()
             )));
         }
-        let pipeline = models.into_pipeline(manifest.scheduler.clone());
+        let pipeline = models.into_pipeline(&manifest)?;
         Ok(PinnedModel {
             manifest_id: manifest.id(),
             manifest,
             pipeline,
         })
+    }
+
+    /// A diffusers folder of any architecture, not pinned: a manifest made
+    /// from its own configs and scheduler (run by `scheduler` instead, if
+    /// given) with permissive limits, for running a folder locally.
+    pub fn unpinned_folder(
+        dir: &Path,
+        device: &Device,
+        scheduler: Option<SchedulerKind>,
+    ) -> Result<Self, EngineError> {
+        let class = io::pipeline_class(dir)?;
+        let with_scheduler = |mut m: ModelManifest| -> Result<ModelManifest, EngineError> {
+            if let Some(kind) = scheduler {
+                m.scheduler = m
+                    .scheduler
+                    .with_kind(kind)
+                    .map_err(|e| EngineError::BadInput(format!("scheduler: {e}")))?;
+            }
+            Ok(m)
+        };
+        match class.as_str() {
+            "TextToVideoSDPipeline" => {
+                let model = text_to_video_sd::Model::load(dir, device)?;
+                let m = with_scheduler(text_to_video_sd::unpinned_manifest(dir, &model)?)?;
+                Self::from_parts(m, model)
+            }
+            "WanPipeline" => {
+                let model = wan::Model::load(dir, device)?;
+                let m = with_scheduler(wan::unpinned_manifest(dir, &model)?)?;
+                Self::from_parts(m, model)
+            }
+            other => Err(EngineError::Config {
+                path: dir.join("model_index.json"),
+                message: format!(
+                    "pipeline {other} is not supported (TextToVideoSDPipeline, WanPipeline)"
+                ),
+            }),
+        }
     }
 
     /// Validates `req` against the manifest.

@@ -34,7 +34,9 @@ fn check(name: &str) {
     let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
     let mut scheduler = fractal_engine::builtin::tiny::manifest(variant).scheduler;
     if meta["scheduler"].as_str() == Some("dpm-solver") {
-        scheduler.kind = fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep;
+        scheduler = scheduler
+            .with_kind(fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep)
+            .unwrap();
     }
     let sd = TextToVideoSd::new(Model::tiny(variant, &device).unwrap(), scheduler);
     let ids = |k: &str| {
@@ -93,7 +95,10 @@ fn check(name: &str) {
         .iter()
         .map(|t| t.as_u64().unwrap() as usize)
         .collect();
-    assert_eq!(ddim.timesteps(), expected_t.as_slice());
+    let got: Vec<usize> = (0..ddim.len())
+        .map(|i| ddim.timestep(i).unwrap() as usize)
+        .collect();
+    assert_eq!(got, expected_t);
 
     let mut latents = Vec::new();
     let generated = p

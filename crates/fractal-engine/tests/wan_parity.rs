@@ -210,28 +210,28 @@ fn vae_decoder_wider_fewer_levels_non_square() {
 fn pipeline_matches_wan_pipeline_step_by_step() {
     use fractal_engine::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
     use fractal_engine::models::t5::{T5Config, T5Encoder};
-    use fractal_engine::pipelines::wan::Wan;
+    use fractal_engine::pipelines::wan::model::{Model, ModelConfigs};
     use fractal_engine::schedulers::UniPc;
     let (tm, tfx) = fixture("t5-tiny");
     let (wm, wfx) = fixture("wan-a");
     let (vm, vfx) = fixture("vae-a");
     let (pm, pfx) = fixture("pipeline-a");
-    let wan = Wan {
-        text_encoder: T5Encoder::new(
-            weights(&tfx).pp("text_encoder"),
-            serde_json::from_value::<T5Config>(tm["config"].clone()).unwrap(),
-        )
-        .unwrap(),
+    let configs = ModelConfigs {
+        text: serde_json::from_value::<T5Config>(tm["config"].clone()).unwrap(),
+        transformer: serde_json::from_value(wm["config"].clone()).unwrap(),
+        vae: serde_json::from_value::<WanVaeConfig>(vm["config"].clone()).unwrap(),
+    };
+    let wan = Model {
+        tokenizer: fractal_engine::builtin::tiny_wan::tokenizer().unwrap(),
+        text_encoder: T5Encoder::new(weights(&tfx).pp("text_encoder"), configs.text.clone())
+            .unwrap(),
         transformer: WanTransformer::new(
             weights(&wfx).pp("transformer"),
-            serde_json::from_value(wm["config"].clone()).unwrap(),
+            configs.transformer.clone(),
         )
         .unwrap(),
-        vae: WanVaeDecoder::new(
-            weights(&vfx),
-            serde_json::from_value::<WanVaeConfig>(vm["config"].clone()).unwrap(),
-        )
-        .unwrap(),
+        vae: WanVaeDecoder::new(weights(&vfx), configs.vae.clone()).unwrap(),
+        configs,
         device: Device::Cpu,
     };
     let ids = |k: &str| -> Vec<u32> {
@@ -266,9 +266,7 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
     let guidance = pm["guidance"].as_f64().unwrap();
     for i in 0..steps {
         let t = scheduler.timesteps()[i];
-        let v = wan
-            .model_output(&x, t, cond, Some(uncond), guidance)
-            .unwrap();
+        let v = wan.velocity(&x, t, cond, Some(uncond), guidance).unwrap();
         x = scheduler.step(&v, i, &x).unwrap();
         let err = max(&x, &pfx[&format!("step{i}")]);
         report.push(format!("step {i} {err:.2e}"));
@@ -287,8 +285,9 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
 fn t5_tokenizer_matches_transformers() {
     use fractal_engine::models::t5_tokenizer::T5Tokenizer;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/wan/");
-    let tok = T5Tokenizer::from_file(std::path::Path::new(&format!(
-        "{dir}tokenizer/tokenizer.json"
+    let tok = T5Tokenizer::from_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/t5-unigram-tokenizer.json"
     )))
     .unwrap();
     let v: serde_json::Value = serde_json::from_str(

@@ -33,6 +33,67 @@ pub struct ModelManifest {
 pub enum Architecture {
     /// diffusers `TextToVideoSDPipeline` (ModelScope text-to-video, Zeroscope).
     TextToVideoSd,
+    /// diffusers `WanPipeline` (Wan 2.1 text-to-video and its family).
+    Wan(WanSpec),
+}
+
+impl Architecture {
+    /// The architecture's name as manifests spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::TextToVideoSd => "text-to-video-sd",
+            Architecture::Wan(_) => "wan",
+        }
+    }
+}
+
+/// What a Wan pipeline is run with beyond its folder's configs, and the
+/// shape constraints requests must meet (checked against the folder's
+/// configs when it loads, so the manifest can refuse bad requests without
+/// the model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WanSpec {
+    /// Tokens every prompt is padded or truncated to (diffusers'
+    /// `max_sequence_length`, 512 for the released models).
+    pub text_length: u32,
+    /// The transformer's `patch_size`: frames, height, width.
+    pub patch_size: [u32; 3],
+    /// The VAE's temporal downscale (frames are `1 + scale·k`).
+    pub vae_scale_temporal: u32,
+    /// The VAE's spatial downscale.
+    pub vae_scale_spatial: u32,
+}
+
+impl WanSpec {
+    /// Why `frames` of `size` cannot be generated, if they cannot: frames
+    /// are `1 + t·k` for the VAE's temporal scale `t`, with a latent frame
+    /// count the temporal patch divides; sides are multiples of the VAE's
+    /// spatial scale times the patch.
+    pub fn check_shape(&self, frames: u32, size: Size) -> Result<(), String> {
+        let t = self.vae_scale_temporal;
+        let latent_frames = frames.saturating_sub(1) / t + 1;
+        if frames == 0
+            || !(frames - 1).is_multiple_of(t)
+            || !latent_frames.is_multiple_of(self.patch_size[0])
+        {
+            return Err(format!(
+                "{frames} frames: this model makes 1 + {t}k frames (1, {}, {}, ...)",
+                1 + t,
+                1 + 2 * t
+            ));
+        }
+        let (sh, sw) = (
+            self.vae_scale_spatial * self.patch_size[1],
+            self.vae_scale_spatial * self.patch_size[2],
+        );
+        if !size.height.is_multiple_of(sh) || !size.width.is_multiple_of(sw) {
+            return Err(format!(
+                "size {size}: width must be a multiple of {sw} and height of {sh}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,12 +114,29 @@ pub enum Weights {
     Builtin(String),
 }
 
+/// The schedulers a manifest can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerKind {
     Ddim,
     /// DPM-Solver++ (multistep, second order), diffusers `DPMSolverMultistepScheduler`.
     DpmSolverMultistep,
+    /// diffusers `FlowMatchEulerDiscreteScheduler` (static shift).
+    FlowMatchEuler,
+    /// diffusers `UniPCMultistepScheduler` on flow sigmas, as Wan folders
+    /// configure it (second order, bh2, data prediction).
+    #[serde(rename = "unipc_multistep")]
+    UniPcMultistep,
+}
+
+impl SchedulerKind {
+    /// Whether the kind runs on a DDPM beta schedule (else on flow sigmas).
+    pub fn is_ddpm(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Ddim | SchedulerKind::DpmSolverMultistep
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,20 +162,92 @@ pub enum TimestepSpacing {
     Linspace,
 }
 
-/// The scheduler and its configuration, mirroring diffusers' config keys.
+/// The scheduler and its configuration, mirroring diffusers' config keys;
+/// each kind names only what it uses. Written as one table with `kind`
+/// first, so manifests from before the flow schedulers keep their ids.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SchedulerSpec {
+    Ddim(DdpmSchedule),
+    DpmSolverMultistep(DdpmSchedule),
+    FlowMatchEuler(FlowSchedule),
+    #[serde(rename = "unipc_multistep")]
+    UniPcMultistep(FlowSchedule),
+}
+
+/// A DDPM beta schedule (DDIM, DPM-Solver++).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SchedulerSpec {
-    pub kind: SchedulerKind,
+pub struct DdpmSchedule {
     pub num_train_timesteps: u32,
     pub beta_start: f64,
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
     pub prediction_type: PredictionType,
+    /// DDIM only (DPM-Solver++ does not clip or use a final alpha).
     pub clip_sample: bool,
     pub set_alpha_to_one: bool,
     pub steps_offset: u32,
     pub timestep_spacing: TimestepSpacing,
+}
+
+/// Flow-matching sigmas `1 → 0` shifted by `shift·σ / (1 + (shift − 1)·σ)`
+/// (diffusers' `shift`, UniPC's `flow_shift`); the model predicts velocity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSchedule {
+    pub num_train_timesteps: u32,
+    pub shift: f64,
+}
+
+impl SchedulerSpec {
+    pub fn kind(&self) -> SchedulerKind {
+        match self {
+            SchedulerSpec::Ddim(_) => SchedulerKind::Ddim,
+            SchedulerSpec::DpmSolverMultistep(_) => SchedulerKind::DpmSolverMultistep,
+            SchedulerSpec::FlowMatchEuler(_) => SchedulerKind::FlowMatchEuler,
+            SchedulerSpec::UniPcMultistep(_) => SchedulerKind::UniPcMultistep,
+        }
+    }
+
+    pub fn num_train_timesteps(&self) -> u32 {
+        match self {
+            SchedulerSpec::Ddim(d) | SchedulerSpec::DpmSolverMultistep(d) => d.num_train_timesteps,
+            SchedulerSpec::FlowMatchEuler(f) | SchedulerSpec::UniPcMultistep(f) => {
+                f.num_train_timesteps
+            }
+        }
+    }
+
+    /// This schedule run by another scheduler of the same family (DDPM
+    /// betas or flow sigmas), or why it cannot be.
+    pub fn with_kind(self, kind: SchedulerKind) -> Result<Self, String> {
+        let from = self.kind();
+        match (self, kind) {
+            (SchedulerSpec::Ddim(d) | SchedulerSpec::DpmSolverMultistep(d), k) if k.is_ddpm() => {
+                Ok(match k {
+                    SchedulerKind::Ddim => SchedulerSpec::Ddim(d),
+                    _ => SchedulerSpec::DpmSolverMultistep(d),
+                })
+            }
+            (SchedulerSpec::FlowMatchEuler(f) | SchedulerSpec::UniPcMultistep(f), k)
+                if !k.is_ddpm() =>
+            {
+                Ok(match k {
+                    SchedulerKind::FlowMatchEuler => SchedulerSpec::FlowMatchEuler(f),
+                    _ => SchedulerSpec::UniPcMultistep(f),
+                })
+            }
+            _ => Err(format!(
+                "{from:?} runs on {}, {kind:?} cannot take its place",
+                if from.is_ddpm() {
+                    "a DDPM beta schedule"
+                } else {
+                    "flow sigmas"
+                }
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -247,6 +397,19 @@ impl ModelManifest {
         Ok(m)
     }
 
+    /// The smallest frame count of at least `n` this model can make (Wan
+    /// makes `1 + t·k`; others any count).
+    pub fn frames_at_least(&self, n: u32) -> u32 {
+        match &self.architecture {
+            Architecture::TextToVideoSd => n.max(1),
+            Architecture::Wan(w) => {
+                let step = w.vae_scale_temporal * w.patch_size[0];
+                let k = n.saturating_sub(1).div_ceil(step);
+                1 + k * step
+            }
+        }
+    }
+
     /// The canonical encoding that the id hashes.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("manifest types always serialise")
@@ -287,19 +450,53 @@ impl ModelManifest {
             }
             Weights::Builtin(_) => {}
         }
-        let s = &self.scheduler;
-        if s.num_train_timesteps == 0 || s.num_train_timesteps > 100_000 {
+        let train_steps = self.scheduler.num_train_timesteps();
+        if train_steps == 0 || train_steps > 100_000 {
             return Err(invalid("scheduler.num_train_timesteps must be 1..=100000"));
         }
-        let betas_ok = s.beta_start.is_finite()
-            && s.beta_end.is_finite()
-            && 0.0 < s.beta_start
-            && s.beta_start <= s.beta_end
-            && s.beta_end < 1.0;
-        if !betas_ok {
-            return Err(invalid(
-                "scheduler betas must satisfy 0 < beta_start <= beta_end < 1",
-            ));
+        match &self.scheduler {
+            SchedulerSpec::Ddim(s) | SchedulerSpec::DpmSolverMultistep(s) => {
+                let betas_ok = s.beta_start.is_finite()
+                    && s.beta_end.is_finite()
+                    && 0.0 < s.beta_start
+                    && s.beta_start <= s.beta_end
+                    && s.beta_end < 1.0;
+                if !betas_ok {
+                    return Err(invalid(
+                        "scheduler betas must satisfy 0 < beta_start <= beta_end < 1",
+                    ));
+                }
+            }
+            SchedulerSpec::FlowMatchEuler(f) | SchedulerSpec::UniPcMultistep(f) => {
+                if !(f.shift.is_finite() && f.shift > 0.0 && f.shift <= 100.0) {
+                    return Err(invalid("scheduler.shift must be in (0, 100]"));
+                }
+            }
+        }
+        // Which scheduler families each architecture's denoiser is trained for.
+        let fits = match self.architecture {
+            Architecture::TextToVideoSd => self.scheduler.kind().is_ddpm(),
+            Architecture::Wan(_) => !self.scheduler.kind().is_ddpm(),
+        };
+        if !fits {
+            return Err(invalid(format!(
+                "architecture {} does not run scheduler {:?}",
+                self.architecture.name(),
+                self.scheduler.kind()
+            )));
+        }
+        if let Architecture::Wan(w) = &self.architecture {
+            if !(1..=4096).contains(&w.text_length) {
+                return Err(invalid("architecture.wan.text_length must be 1..=4096"));
+            }
+            if w.patch_size.iter().any(|&p| !(1..=16).contains(&p))
+                || !(1..=16).contains(&w.vae_scale_temporal)
+                || !(1..=64).contains(&w.vae_scale_spatial)
+            {
+                return Err(invalid(
+                    "architecture.wan: patch_size entries must be 1..=16, vae scales 1..=16 (temporal) and 1..=64 (spatial)",
+                ));
+            }
         }
         let l = &self.limits;
         if l.sizes.is_empty() {
@@ -316,7 +513,7 @@ impl ModelManifest {
         if l.max_frames == 0 || l.max_frames > 1024 {
             return Err(invalid("limits.max_frames must be 1..=1024"));
         }
-        if l.max_steps == 0 || l.max_steps > s.num_train_timesteps {
+        if l.max_steps == 0 || l.max_steps > train_steps {
             return Err(invalid("limits.max_steps must be 1..=num_train_timesteps"));
         }
         if l.max_prompt_bytes == 0 || l.max_prompt_bytes > 65_536 {
@@ -328,6 +525,12 @@ impl ModelManifest {
         }
         if d.frames == 0 || d.frames > l.max_frames || d.steps == 0 || d.steps > l.max_steps {
             return Err(invalid("defaults.frames/steps must be within limits"));
+        }
+        if let Architecture::Wan(w) = &self.architecture {
+            for size in &l.sizes {
+                w.check_shape(d.frames, *size)
+                    .map_err(|e| invalid(format!("limits.sizes and defaults.frames: {e}")))?;
+            }
         }
         if !(d.guidance_scale.is_finite() && (0.0..=50.0).contains(&d.guidance_scale)) {
             return Err(invalid("defaults.guidance_scale must be within 0..=50"));
@@ -409,7 +612,10 @@ pub(crate) mod tests {
         n.defaults.steps = 11;
         assert_ne!(n.id(), m.id());
         let mut n = m.clone();
-        n.scheduler.beta_end = 0.0120001;
+        let SchedulerSpec::Ddim(d) = &mut n.scheduler else {
+            panic!("the sample is DDIM")
+        };
+        d.beta_end = 0.0120001;
         assert_ne!(n.id(), m.id());
     }
 

@@ -116,6 +116,9 @@ pub enum RequestError {
     Size { got: Size, supported: String },
     #[error("guidance_scale must be a number in 0..=50")]
     Guidance,
+    /// Frames and size the architecture cannot make (e.g. Wan's `1 + 4k` frames).
+    #[error("{0}")]
+    Shape(String),
     #[error("audit must name 1..={MAX_AUDIT_LEAVES} distinct trace leaves within 0..={max_leaf}")]
     AuditLeaves { max_leaf: u32 },
     #[error("opening for leaf {leaf}: {why}")]
@@ -199,6 +202,10 @@ impl GenerateRequest {
         }
         if !(self.guidance_scale.is_finite() && (0.0..=50.0).contains(&self.guidance_scale)) {
             return Err(RequestError::Guidance);
+        }
+        if let crate::manifest::Architecture::Wan(w) = &manifest.architecture {
+            w.check_shape(self.frames, self.size)
+                .map_err(RequestError::Shape)?;
         }
         Ok(())
     }

@@ -163,6 +163,21 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Whether this build can audit `manifest`'s jobs. UniPC's corrector
+/// rewrites each latent with the next step's model output, so one step
+/// depends on the corrected latents before it, which the trace does not
+/// commit: its steps cannot be recomputed one at a time.
+pub fn auditable(manifest: &fractal_protocol::ModelManifest) -> Result<(), String> {
+    match manifest.scheduler.kind() {
+        SchedulerKind::UniPcMultistep => Err(
+            "UniPC steps cannot be audited one at a time (its corrector needs latents the trace does not commit); \
+             pin flow_match_euler for a verified grid"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The planned openings: `x_0`, per recomputed step `k` its `x_k`, `out_k`,
 /// `x_{k+1}` (and `x_{k-1}`, `out_{k-1}` for multistep), and `x_N`.
 #[derive(Clone, Debug)]
@@ -183,7 +198,7 @@ impl Auditor {
     }
 
     fn multistep(&self) -> bool {
-        self.model.manifest.scheduler.kind == SchedulerKind::DpmSolverMultistep
+        self.model.manifest.scheduler.kind() == SchedulerKind::DpmSolverMultistep
     }
 
     /// Draws the steps to recompute and the frame to compare from `rng`

@@ -27,7 +27,10 @@ fn pinned(manifest: &ModelManifest) -> PinnedModel {
 
 fn dpm_manifest() -> ModelManifest {
     let mut m = tiny::manifest(TinyVariant::Base);
-    m.scheduler.kind = SchedulerKind::DpmSolverMultistep;
+    m.scheduler = m
+        .scheduler
+        .with_kind(SchedulerKind::DpmSolverMultistep)
+        .unwrap();
     m
 }
 
@@ -104,7 +107,7 @@ fn honest_traces_pass_with_both_schedulers() {
         let model = pinned(&manifest);
         let req = request(&model, 3, 6);
         for r in audit(&model, &req, Strategy::Honest, |_| {}, 12) {
-            assert_eq!(r, Ok(()), "{:?}", manifest.scheduler.kind);
+            assert_eq!(r, Ok(()), "{:?}", manifest.scheduler.kind());
         }
     }
 }

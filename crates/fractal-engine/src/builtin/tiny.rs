@@ -7,7 +7,7 @@
 //! exported as a diffusers folder (`write_diffusers_folder`) for the Python
 //! parity scripts and to exercise the real loader.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -259,7 +259,8 @@ impl SimpleBackend for TinyBackend {
         let mut values = vec![0f32; shape.elem_count()];
         fill_gaussian(seed_for(&full), Stream::InitialLatents, &mut values);
         let is_bias = name.ends_with("bias");
-        let is_norm_weight = dims.len() == 1 && !is_bias;
+        // RMS norms of the Wan VAE call theirs `gamma`, shaped `[C, 1, 1(, 1)]`.
+        let is_norm_weight = (dims.len() == 1 && !is_bias) || name.ends_with("gamma");
         // Norm weights around 1, biases small, matrices scaled by 1/sqrt(fan_in).
         let scale = if is_bias || is_norm_weight {
             0.1
@@ -308,8 +309,9 @@ impl SimpleBackend for TinyBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        // The VAE probes for the current diffusers attention names.
-        name.ends_with("to_q.weight")
+        // The VAE probes for the current diffusers attention names, T5 for
+        // the name transformers stores its embedding under.
+        name.ends_with("to_q.weight") || name == "shared.weight"
     }
 }
 
@@ -376,18 +378,7 @@ impl Model {
             c.vae.out_channels,
             vae_candle_config(&c.vae),
         )?;
-        let io = |path: PathBuf| move |e: std::io::Error| EngineError::Io { path, source: e };
-        let write_json =
-            |rel: &str, v: serde_json::Value| -> std::result::Result<(), EngineError> {
-                let path = dir.join(rel);
-                std::fs::create_dir_all(path.parent().expect("has parent"))
-                    .map_err(io(path.clone()))?;
-                std::fs::write(
-                    &path,
-                    serde_json::to_string_pretty(&v).expect("json") + "\n",
-                )
-                .map_err(io(path))
-            };
+        let write_json = |rel: &str, v: serde_json::Value| super::write_json(dir, rel, &v);
         write_json(
             "model_index.json",
             serde_json::json!({
@@ -429,12 +420,8 @@ impl Model {
             ("unet.", UNET_WEIGHTS),
             ("vae.", VAE_WEIGHTS),
         ] {
-            let tensors: HashMap<String, Tensor> = weights.take(prefix).into_iter().collect();
             let path = dir.join(rel);
-            candle_core::safetensors::save(&tensors, &path).map_err(|e| EngineError::Weights {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            super::save_tensors(weights.take(prefix), &path)?;
             written.push(path);
         }
         Ok(written)

@@ -23,3 +23,13 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
         message: e.to_string(),
     })
 }
+
+/// The pipeline class a diffusers folder's `model_index.json` names.
+pub fn pipeline_class(dir: &Path) -> Result<String, EngineError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(rename = "_class_name")]
+        class: String,
+    }
+    Ok(read_json::<Index>(dir, "model_index.json")?.class)
+}

@@ -317,6 +317,46 @@ pub fn sha256_file(
     Ok(fractal_protocol::Digest32(h.finalize().into()))
 }
 
+/// Every file whose content defines a diffusers folder's model, relative
+/// and sorted: `model_index.json` and every file of its component folders
+/// (configs, tokenizer files, weights whole or sharded with their index),
+/// except hidden files and Markdown. A manifest pins all of them.
+pub fn pinned_files(dir: &Path) -> std::result::Result<Vec<String>, crate::EngineError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| crate::EngineError::Io { path, source }
+    };
+    let index = dir.join("model_index.json");
+    if !index.is_file() {
+        return Err(crate::EngineError::MissingFile(index));
+    }
+    let mut files = vec!["model_index.json".to_string()];
+    let mut components: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(io(dir))?;
+    components.sort_by_key(|e| e.file_name());
+    for component in components {
+        let path = component.path();
+        if !path.is_dir() || component.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let mut inside: Vec<String> = std::fs::read_dir(&path)
+            .map_err(io(&path))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(io(&path))?
+            .into_iter()
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.') && !n.ends_with(".md"))
+            .map(|n| format!("{}/{n}", component.file_name().to_string_lossy()))
+            .collect();
+        inside.sort();
+        files.extend(inside);
+    }
+    Ok(files)
+}
+
 /// Checks that a folder holds exactly the weights a manifest pins; a prover
 /// refuses to start otherwise.
 pub fn verify_weights(

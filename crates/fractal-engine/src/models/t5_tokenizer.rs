@@ -24,17 +24,29 @@ pub struct TokenIds {
 
 impl T5Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| EngineError::Config {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
+        Self::from_json(&bytes, path)
+    }
+
+    /// A `tokenizer.json`'s bytes; `origin` names them in errors.
+    pub fn from_json(bytes: &[u8], origin: &Path) -> Result<Self, EngineError> {
+        let bad = |message: String| EngineError::Config {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let inner = Tokenizer::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
         if inner.token_to_id("<pad>").is_none() {
-            return Err(EngineError::Config {
-                path: path.to_path_buf(),
-                message: "no <pad> token".into(),
-            });
+            return Err(bad("no <pad> token".into()));
         }
         Ok(Self { inner })
+    }
+
+    /// Tokens in the vocabulary, added ones included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// `text` as `length` ids.

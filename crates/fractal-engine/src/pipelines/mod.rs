@@ -19,7 +19,9 @@ use crate::EngineError;
 pub mod text_to_video_sd;
 pub mod wan;
 
+use fractal_protocol::manifest::{Architecture, ModelManifest};
 use text_to_video_sd::TextToVideoSd;
+use wan::Wan;
 
 /// What to generate. The prompts are text: each architecture tokenizes
 /// them its own way.
@@ -99,19 +101,37 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, EngineError> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-/// The loaded models of one architecture: with a manifest's scheduler they
-/// make its [`Pipeline`].
+/// The loaded models of one architecture: with a manifest they make its
+/// [`Pipeline`].
 pub trait Components {
-    fn architecture(&self) -> fractal_protocol::manifest::Architecture;
-    fn into_pipeline(self, scheduler: fractal_protocol::manifest::SchedulerSpec) -> Pipeline;
+    /// The manifest architecture these models are, by name.
+    fn architecture_name(&self) -> &'static str;
+    /// The pipeline the manifest runs them as; the manifest must be of
+    /// this architecture (checked by [`crate::PinnedModel::from_parts`]).
+    fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError>;
 }
 
 impl Components for text_to_video_sd::Model {
-    fn architecture(&self) -> fractal_protocol::manifest::Architecture {
-        fractal_protocol::manifest::Architecture::TextToVideoSd
+    fn architecture_name(&self) -> &'static str {
+        Architecture::TextToVideoSd.name()
     }
-    fn into_pipeline(self, scheduler: fractal_protocol::manifest::SchedulerSpec) -> Pipeline {
-        TextToVideoSd::new(self, scheduler).into()
+    fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError> {
+        Ok(TextToVideoSd::new(self, manifest.scheduler.clone()).into())
+    }
+}
+
+impl Components for wan::Model {
+    fn architecture_name(&self) -> &'static str {
+        "wan"
+    }
+    fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError> {
+        let Architecture::Wan(spec) = manifest.architecture else {
+            return Err(EngineError::BadInput(format!(
+                "manifest {} is not for Wan",
+                manifest.name
+            )));
+        };
+        Ok(Wan::new(self, manifest.scheduler.clone(), spec)?.into())
     }
 }
 
@@ -119,6 +139,7 @@ impl Components for text_to_video_sd::Model {
 /// per architecture, chosen from `manifest.architecture`.
 pub enum Pipeline {
     TextToVideoSd(TextToVideoSd),
+    Wan(Wan),
 }
 
 impl From<TextToVideoSd> for Pipeline {
@@ -127,11 +148,25 @@ impl From<TextToVideoSd> for Pipeline {
     }
 }
 
+impl From<Wan> for Pipeline {
+    fn from(p: Wan) -> Self {
+        Pipeline::Wan(p)
+    }
+}
+
+/// Calls the same method on whichever pipeline this is.
+macro_rules! each_pipeline {
+    ($self:expr, $p:ident => $call:expr) => {
+        match $self {
+            Pipeline::TextToVideoSd($p) => $call,
+            Pipeline::Wan($p) => $call,
+        }
+    };
+}
+
 impl Pipeline {
     pub fn device(&self) -> &Device {
-        match self {
-            Pipeline::TextToVideoSd(p) => &p.model.device,
-        }
+        each_pipeline!(self, p => &p.model.device)
     }
 
     /// Latent shape `[1, C, F, h, w]` for a request, or why it is invalid.
@@ -141,17 +176,13 @@ impl Pipeline {
         height: usize,
         width: usize,
     ) -> Result<(usize, usize, usize, usize, usize), EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => p.latent_shape(frames, height, width),
-        }
+        each_pipeline!(self, p => p.latent_shape(frames, height, width))
     }
 
     /// The conditioning the denoiser sees: `[uncond; cond]` with CFG, else
     /// `cond`.
     pub fn context(&self, spec: &GenerateSpec) -> Result<Tensor, EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => p.context(spec),
-        }
+        each_pipeline!(self, p => p.context(spec))
     }
 
     /// The seeded initial latents x_T.
@@ -166,9 +197,7 @@ impl Pipeline {
     /// The schedule for `steps` steps, fresh (multistep schedulers keep
     /// their history in it).
     pub fn scheduler_for(&self, steps: usize) -> Result<Scheduler, EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => p.scheduler_for(steps),
-        }
+        each_pipeline!(self, p => p.scheduler_for(steps))
     }
 
     /// The model output at step `index` with CFG `guidance` over `context`:
@@ -181,11 +210,7 @@ impl Pipeline {
         context: &Tensor,
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => {
-                p.model_output(scheduler, index, latents, context, guidance)
-            }
-        }
+        each_pipeline!(self, p => p.model_output(scheduler, index, latents, context, guidance))
     }
 
     /// One denoising step (`index` into the schedule): model output, then
@@ -205,17 +230,13 @@ impl Pipeline {
 
     /// Decodes `[1, C, F, h, w]` latents to `[F, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => p.decode(latents),
-        }
+        each_pipeline!(self, p => p.decode(latents))
     }
 
     /// Decodes one frame (`[1, 3, H, W]` in `[0, 1]`), as a verifier does to
     /// compare with the returned video.
     pub fn decode_frame(&self, latents: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
-        match self {
-            Pipeline::TextToVideoSd(p) => p.decode_frame(latents, frame),
-        }
+        each_pipeline!(self, p => p.decode_frame(latents, frame))
     }
 
     /// Runs the whole pipeline, calling `on_step` with every latent of the trace.
@@ -290,4 +311,16 @@ impl Pipeline {
             final_latents: latents,
         })
     }
+}
+
+/// Every `i·s x j·s` for `i, j` in `1..=16`.
+pub(crate) fn size_grid(s: u32) -> Vec<fractal_protocol::manifest::Size> {
+    (1..=16)
+        .flat_map(|i| {
+            (1..=16).map(move |j| fractal_protocol::manifest::Size {
+                width: i * s,
+                height: j * s,
+            })
+        })
+        .collect()
 }

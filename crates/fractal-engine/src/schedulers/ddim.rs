@@ -2,7 +2,9 @@
 //! timestep spacing the DDPM-family schedulers share.
 
 use candle_core::{Result, Tensor};
-use fractal_protocol::manifest::{BetaSchedule, PredictionType, SchedulerSpec, TimestepSpacing};
+use fractal_protocol::manifest::{
+    BetaSchedule, DdpmSchedule, PredictionType, SchedulerSpec, TimestepSpacing,
+};
 
 /// DDIM (eta = 0), diffusers `DDIMScheduler`.
 #[derive(Clone, Debug)]
@@ -16,7 +18,7 @@ pub struct Ddim {
 }
 
 /// diffusers' `betas`, then the running product of `1 - beta`.
-pub fn alphas_cumprod(spec: &SchedulerSpec) -> Vec<f64> {
+pub fn alphas_cumprod(spec: &DdpmSchedule) -> Vec<f64> {
     let n = spec.num_train_timesteps as usize;
     let lin = |a: f64, b: f64, i: usize| {
         if n == 1 {
@@ -43,8 +45,12 @@ pub fn alphas_cumprod(spec: &SchedulerSpec) -> Vec<f64> {
 /// ModelScope text-to-video's scheduler config (diffusers' DDIM defaults for
 /// Stable Diffusion): what the tiny model pins too.
 pub fn modelscope_ddim() -> SchedulerSpec {
-    SchedulerSpec {
-        kind: fractal_protocol::manifest::SchedulerKind::Ddim,
+    SchedulerSpec::Ddim(modelscope_schedule())
+}
+
+/// The DDPM schedule of [`modelscope_ddim`].
+pub fn modelscope_schedule() -> DdpmSchedule {
+    DdpmSchedule {
         num_train_timesteps: 1000,
         beta_start: 0.00085,
         beta_end: 0.012,
@@ -66,7 +72,7 @@ pub(super) fn trailing(train: usize, steps: usize) -> Vec<usize> {
 }
 
 /// The inference timesteps, highest first, as diffusers' `set_timesteps`.
-pub fn timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
+pub fn timesteps(spec: &DdpmSchedule, steps: usize) -> Vec<usize> {
     let train = spec.num_train_timesteps as usize;
     match spec.timestep_spacing {
         TimestepSpacing::Leading => {
@@ -94,7 +100,7 @@ pub fn timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
 }
 
 impl Ddim {
-    pub fn new(spec: &SchedulerSpec, steps: usize) -> Self {
+    pub fn new(spec: &DdpmSchedule, steps: usize) -> Self {
         let alphas_cumprod = alphas_cumprod(spec);
         let final_alpha_cumprod = if spec.set_alpha_to_one {
             1.0
@@ -150,8 +156,8 @@ impl Ddim {
 mod tests {
     use super::*;
 
-    fn ms_spec() -> SchedulerSpec {
-        modelscope_ddim()
+    fn ms_spec() -> DdpmSchedule {
+        modelscope_schedule()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! DPM-Solver++ (2M), diffusers' `DPMSolverMultistepScheduler`.
 
 use candle_core::{Result, Tensor};
-use fractal_protocol::manifest::{PredictionType, SchedulerSpec, TimestepSpacing};
+use fractal_protocol::manifest::{DdpmSchedule, PredictionType, TimestepSpacing};
 
 use super::ddim::{alphas_cumprod, trailing};
 
@@ -20,7 +20,7 @@ pub struct DpmSolverPP {
 }
 
 /// DPM-Solver's own timestep spacing (its "leading" differs from DDIM's).
-pub fn dpm_timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
+pub fn dpm_timesteps(spec: &DdpmSchedule, steps: usize) -> Vec<usize> {
     let train = spec.num_train_timesteps as usize;
     match spec.timestep_spacing {
         TimestepSpacing::Linspace => {
@@ -41,7 +41,7 @@ pub fn dpm_timesteps(spec: &SchedulerSpec, steps: usize) -> Vec<usize> {
 }
 
 impl DpmSolverPP {
-    pub fn new(spec: &SchedulerSpec, steps: usize) -> Self {
+    pub fn new(spec: &DdpmSchedule, steps: usize) -> Self {
         let alphas_cumprod = alphas_cumprod(spec);
         let timesteps = dpm_timesteps(spec, steps);
         // diffusers stores the sigmas as float32.

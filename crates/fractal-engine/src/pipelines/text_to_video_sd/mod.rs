@@ -90,10 +90,10 @@ impl TextToVideoSd {
         context: &Tensor,
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
-        let timestep = *scheduler.timesteps().get(index).ok_or_else(|| {
+        let timestep = scheduler.timestep(index).ok_or_else(|| {
             EngineError::BadInput(format!(
                 "step {index} is outside a {}-step schedule",
-                scheduler.timesteps().len()
+                scheduler.len()
             ))
         })?;
         let cfg = guidance > 1.0;
@@ -102,7 +102,7 @@ impl TextToVideoSd {
         } else {
             latents.clone()
         };
-        let eps = self.model.unet.forward(&input, timestep as f64, context)?;
+        let eps = self.model.unet.forward(&input, timestep, context)?;
         Ok(if cfg {
             let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             (&u + ((c - &u)? * guidance)?)?
@@ -112,13 +112,7 @@ impl TextToVideoSd {
     }
 
     pub fn scheduler_for(&self, steps: usize) -> Result<Scheduler, EngineError> {
-        if steps == 0 || steps > self.scheduler.num_train_timesteps as usize {
-            return Err(EngineError::BadInput(format!(
-                "steps must be 1..={}",
-                self.scheduler.num_train_timesteps
-            )));
-        }
-        Ok(Scheduler::new(&self.scheduler, steps))
+        crate::schedulers::for_steps(&self.scheduler, steps)
     }
 
     /// Decodes `[1, C, F, h, w]` latents frame by frame to `[F, 3, H, W]` in `[0, 1]`.
@@ -145,4 +139,33 @@ impl TextToVideoSd {
         let img = self.model.vae.decode(&z)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
+}
+
+/// A manifest for an unpinned TextToVideoSD folder: the tiny model's, with
+/// the folder's scheduler and every size its VAE and UNet take (multiples
+/// of 64 pixels up to 1024).
+pub fn unpinned_manifest(
+    dir: &std::path::Path,
+    model: &Model,
+) -> Result<fractal_protocol::ModelManifest, EngineError> {
+    use fractal_protocol::manifest::Size;
+    let mut m = crate::builtin::tiny::manifest(crate::TinyVariant::Base);
+    m.name = dir.display().to_string();
+    m.scheduler = crate::schedulers::spec_from_folder(dir)?;
+    let s = model.configs.vae.scale_factor() as u32 * 8;
+    m.limits.sizes = crate::pipelines::size_grid(s);
+    let preferred = Size {
+        width: 256,
+        height: 256,
+    };
+    m.defaults.size = if m.limits.sizes.contains(&preferred) {
+        preferred
+    } else {
+        m.limits.sizes[0]
+    };
+    m.limits.max_frames = 64;
+    m.defaults.frames = 16;
+    m.defaults.steps = 50;
+    m.limits.max_steps = 1000;
+    Ok(m)
 }

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
 
 use crate::io::read_json;
 use crate::models::autoencoder_kl::{VaeConfig, VaeDecoder};
@@ -38,33 +37,15 @@ pub(crate) const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 
 /// The weight files a diffusers TextToVideoSD folder must have.
 pub const WEIGHT_FILES: [&str; 3] = [TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS];
-/// Every file whose content defines the model: a manifest pins all that exist.
-pub const PINNED_FILES: [&str; 10] = [
-    "model_index.json",
-    "text_encoder/config.json",
-    "unet/config.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    TEXT_WEIGHTS,
-    UNET_WEIGHTS,
-    VAE_WEIGHTS,
-];
 
 impl Model {
     /// Loads a diffusers-layout folder, one tensor at a time (see [`crate::io::weights`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
-        #[derive(Deserialize)]
-        struct Index {
-            #[serde(rename = "_class_name")]
-            class: String,
-        }
-        let index: Index = read_json(dir, "model_index.json")?;
-        if index.class != "TextToVideoSDPipeline" {
+        let class = crate::io::pipeline_class(dir)?;
+        if class != "TextToVideoSDPipeline" {
             return Err(EngineError::Config {
                 path: dir.join("model_index.json"),
-                message: format!("pipeline {} is not TextToVideoSDPipeline", index.class),
+                message: format!("pipeline {class} is not TextToVideoSDPipeline"),
             });
         }
         let configs = ModelConfigs {

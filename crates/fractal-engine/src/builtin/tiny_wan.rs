@@ -1,0 +1,448 @@
+//! The built-in Wan models: Wan 2.1's architecture at tiny widths
+//! (`tiny-wan-v1`, what tests and `fractal grid --model tiny-wan-v1` run),
+//! and at Wan2.1-T2V-1.3B's shapes (`wan-1.3b-shape`, for speed and memory
+//! measurements). Weights are derived from parameter names exactly as
+//! `tiny-v1`'s are ([`TinyWeights`]); the tokenizer is a small SentencePiece
+//! unigram model in umT5's format, built into the binary.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Shape};
+
+use crate::builtin::tiny::{Degradation, TinyWeights};
+use crate::builtin::{save_tensors, write_json};
+use crate::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
+use crate::models::t5::{T5Config, T5Encoder};
+use crate::models::t5_tokenizer::T5Tokenizer;
+use crate::models::wan_transformer::{WanTransformer, WanTransformerConfig};
+use crate::pipelines::wan::model::{
+    Model, ModelConfigs, TEXT_WEIGHTS, TRANSFORMER_WEIGHTS, VAE_WEIGHTS,
+};
+use crate::EngineError;
+
+/// A unigram tokenizer of 70 pieces in umT5's `tokenizer.json` format (made
+/// by `tools/parity/make_wan_fixtures.py`), so prompts tokenize as a real
+/// Wan folder's do, only coarser.
+const TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/t5-unigram-tokenizer.json");
+
+/// Which built-in Wan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WanVariant {
+    /// umT5, transformer and VAE at tiny widths: the Wan grid model.
+    Tiny,
+    /// Wan2.1-T2V-1.3B's transformer and VAE shapes with seeded random
+    /// weights (1.4B parameters, 5.7 GB in f32), and a smaller umT5 (the
+    /// real umT5-XXL is 5.7B parameters, 23 GB in f32, more than a 24 GiB
+    /// machine holds beside the rest): for speed and memory measurements.
+    Wan13bShape,
+}
+
+impl WanVariant {
+    pub fn name(self) -> &'static str {
+        match self {
+            WanVariant::Tiny => "tiny-wan-v1",
+            WanVariant::Wan13bShape => "wan-1.3b-shape",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [WanVariant::Tiny, WanVariant::Wan13bShape]
+            .into_iter()
+            .find(|v| v.name() == name)
+    }
+}
+
+/// Wan 2.1's latent normalisation (every released Wan 2.1 VAE's config).
+const LATENTS_MEAN: [f32; 16] = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+];
+const LATENTS_STD: [f32; 16] = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.916,
+];
+
+pub fn configs(variant: WanVariant) -> ModelConfigs {
+    let vocab_size = 70;
+    match variant {
+        WanVariant::Tiny => ModelConfigs {
+            text: T5Config {
+                model_type: "umt5".into(),
+                vocab_size,
+                d_model: 32,
+                d_kv: 8,
+                d_ff: 64,
+                num_layers: 2,
+                num_heads: 4,
+                relative_attention_num_buckets: 32,
+                relative_attention_max_distance: 128,
+                layer_norm_epsilon: 1e-6,
+                feed_forward_proj: "gated-gelu".into(),
+            },
+            transformer: WanTransformerConfig {
+                patch_size: [1, 2, 2],
+                num_attention_heads: 2,
+                attention_head_dim: 16,
+                in_channels: 16,
+                out_channels: Some(16),
+                text_dim: 32,
+                freq_dim: 64,
+                ffn_dim: 64,
+                num_layers: 2,
+                cross_attn_norm: true,
+                eps: 1e-6,
+                rope_max_seq_len: 64,
+                image_dim: None,
+                added_kv_proj_dim: None,
+            },
+            vae: WanVaeConfig {
+                base_dim: 8,
+                decoder_base_dim: None,
+                z_dim: 16,
+                dim_mult: vec![1, 2, 2, 2],
+                num_res_blocks: 1,
+                temperal_downsample: vec![false, true, true],
+                latents_mean: LATENTS_MEAN.to_vec(),
+                latents_std: LATENTS_STD.to_vec(),
+                out_channels: 3,
+                is_residual: false,
+                patch_size: None,
+            },
+        },
+        WanVariant::Wan13bShape => ModelConfigs {
+            text: T5Config {
+                model_type: "umt5".into(),
+                vocab_size,
+                d_model: 4096,
+                d_kv: 64,
+                d_ff: 10240,
+                num_layers: 2,
+                num_heads: 64,
+                relative_attention_num_buckets: 32,
+                relative_attention_max_distance: 128,
+                layer_norm_epsilon: 1e-6,
+                feed_forward_proj: "gated-gelu".into(),
+            },
+            transformer: WanTransformerConfig {
+                patch_size: [1, 2, 2],
+                num_attention_heads: 12,
+                attention_head_dim: 128,
+                in_channels: 16,
+                out_channels: Some(16),
+                text_dim: 4096,
+                freq_dim: 256,
+                ffn_dim: 8960,
+                num_layers: 30,
+                cross_attn_norm: true,
+                eps: 1e-6,
+                rope_max_seq_len: 1024,
+                image_dim: None,
+                added_kv_proj_dim: None,
+            },
+            vae: WanVaeConfig {
+                base_dim: 96,
+                decoder_base_dim: None,
+                z_dim: 16,
+                dim_mult: vec![1, 2, 4, 4],
+                num_res_blocks: 2,
+                temperal_downsample: vec![false, true, true],
+                latents_mean: LATENTS_MEAN.to_vec(),
+                latents_std: LATENTS_STD.to_vec(),
+                out_channels: 3,
+                is_residual: false,
+                patch_size: None,
+            },
+        },
+    }
+}
+
+pub fn tokenizer() -> Result<T5Tokenizer, EngineError> {
+    T5Tokenizer::from_json(
+        TOKENIZER_JSON,
+        Path::new("<built-in t5-unigram-tokenizer.json>"),
+    )
+}
+
+impl Model {
+    /// A built-in Wan (weights derived from parameter names).
+    pub fn tiny(variant: WanVariant, device: &Device) -> Result<Self, EngineError> {
+        Ok(Self::tiny_from(variant, TinyWeights::default(), device)?.0)
+    }
+
+    /// A built-in Wan with cheaper or slightly wrong weights (the cheating
+    /// provers of the verifier's tests).
+    pub fn tiny_degraded(
+        variant: WanVariant,
+        degradation: Degradation,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        Ok(Self::tiny_from(variant, TinyWeights::degraded(degradation), device)?.0)
+    }
+
+    fn tiny_from(
+        variant: WanVariant,
+        w: TinyWeights,
+        device: &Device,
+    ) -> Result<(Self, TinyWeights), EngineError> {
+        let configs = configs(variant);
+        let text_encoder =
+            T5Encoder::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
+        let transformer = WanTransformer::new(
+            w.var_builder("transformer.", device),
+            configs.transformer.clone(),
+        )?;
+        let vae = WanVaeDecoder::new(w.var_builder("vae.", device), configs.vae.clone())?;
+        let tokenizer = tokenizer()?;
+        Model::check_consistent(&configs, &tokenizer, Path::new(variant.name()))?;
+        Ok((
+            Model {
+                tokenizer,
+                text_encoder,
+                transformer,
+                vae,
+                configs,
+                device: device.clone(),
+            },
+            w,
+        ))
+    }
+
+    /// Writes a built-in Wan as a diffusers `WanPipeline` folder that
+    /// diffusers and [`Model::load`] both read (the VAE with its encoder,
+    /// which diffusers loads and this engine does not run). Returns the
+    /// weight files written.
+    pub fn write_tiny_folder(
+        variant: WanVariant,
+        dir: &Path,
+        scheduler: &fractal_protocol::manifest::SchedulerSpec,
+    ) -> Result<Vec<PathBuf>, EngineError> {
+        let (model, weights) = Self::tiny_from(variant, TinyWeights::default(), &Device::Cpu)?;
+        let c = &model.configs;
+        for (name, shape) in vae_encoder_parameters(&c.vae) {
+            weights
+                .var_builder("vae.", &Device::Cpu)
+                .get(Shape::from_dims(&shape), &name)?;
+        }
+        let scheduler_class =
+            crate::schedulers::diffusers_scheduler_config(scheduler)["_class_name"].clone();
+        let json = |rel: &str, v: serde_json::Value| write_json(dir, rel, &v);
+        json(
+            "model_index.json",
+            serde_json::json!({
+                "_class_name": "WanPipeline",
+                "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", scheduler_class],
+                "text_encoder": ["transformers", "UMT5EncoderModel"],
+                "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLWan"],
+            }),
+        )?;
+        let mut transformer = serde_json::to_value(&c.transformer).expect("json");
+        transformer["_class_name"] = "WanTransformer3DModel".into();
+        transformer["qk_norm"] = "rms_norm_across_heads".into();
+        json("transformer/config.json", transformer)?;
+        let mut vae = serde_json::to_value(&c.vae).expect("json");
+        vae["_class_name"] = "AutoencoderKLWan".into();
+        vae["attn_scales"] = serde_json::json!([]);
+        vae["dropout"] = 0.0.into();
+        json("vae/config.json", vae)?;
+        let mut text = serde_json::to_value(&c.text).expect("json");
+        text["architectures"] = serde_json::json!(["UMT5EncoderModel"]);
+        text["is_encoder_decoder"] = true.into();
+        text["num_decoder_layers"] = c.text.num_layers.into();
+        text["pad_token_id"] = 0.into();
+        text["eos_token_id"] = 1.into();
+        text["decoder_start_token_id"] = 0.into();
+        text["dense_act_fn"] = "gelu_new".into();
+        text["is_gated_act"] = true.into();
+        text["tie_word_embeddings"] = false.into();
+        json("text_encoder/config.json", text)?;
+        json(
+            "scheduler/scheduler_config.json",
+            crate::schedulers::diffusers_scheduler_config(scheduler),
+        )?;
+        let tokenizer_json = dir.join("tokenizer/tokenizer.json");
+        std::fs::create_dir_all(dir.join("tokenizer"))
+            .and_then(|_| std::fs::write(&tokenizer_json, TOKENIZER_JSON))
+            .map_err(|source| EngineError::Io {
+                path: tokenizer_json.clone(),
+                source,
+            })?;
+        json(
+            "tokenizer/tokenizer_config.json",
+            serde_json::json!({
+                "tokenizer_class": "T5TokenizerFast",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+                "extra_ids": 0,
+            }),
+        )?;
+        let mut written = Vec::new();
+        for (prefix, (component, stem)) in [
+            ("text_encoder.", TEXT_WEIGHTS),
+            ("transformer.", TRANSFORMER_WEIGHTS),
+            ("vae.", VAE_WEIGHTS),
+        ] {
+            let path = dir.join(component).join(format!("{stem}.safetensors"));
+            save_tensors(weights.take(prefix), &path)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+/// The parameters of `AutoencoderKLWan`'s encoder half (`encoder.*`,
+/// `quant_conv`) for `c`, named and shaped as diffusers makes them: a
+/// folder must hold them for diffusers to load it.
+fn vae_encoder_parameters(c: &WanVaeConfig) -> Vec<(String, Vec<usize>)> {
+    let mut p: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut conv = |p: &mut Vec<(String, Vec<usize>)>, name: &str, shape: Vec<usize>| {
+        p.push((format!("{name}.weight"), shape.clone()));
+        p.push((format!("{name}.bias"), vec![shape[0]]));
+    };
+    let residual = |p: &mut Vec<(String, Vec<usize>)>,
+                    conv: &mut dyn FnMut(&mut Vec<(String, Vec<usize>)>, &str, Vec<usize>),
+                    name: &str,
+                    i: usize,
+                    o: usize| {
+        p.push((format!("{name}.norm1.gamma"), vec![i, 1, 1, 1]));
+        conv(p, &format!("{name}.conv1"), vec![o, i, 3, 3, 3]);
+        p.push((format!("{name}.norm2.gamma"), vec![o, 1, 1, 1]));
+        conv(p, &format!("{name}.conv2"), vec![o, o, 3, 3, 3]);
+        if i != o {
+            conv(p, &format!("{name}.conv_shortcut"), vec![o, i, 1, 1, 1]);
+        }
+    };
+    let base = c.base_dim;
+    let dims: Vec<usize> = std::iter::once(1)
+        .chain(c.dim_mult.iter().copied())
+        .map(|m| base * m)
+        .collect();
+    conv(&mut p, "encoder.conv_in", vec![dims[0], 3, 3, 3, 3]);
+    let mut k = 0;
+    let levels = c.dim_mult.len();
+    for i in 0..levels {
+        let (mut d_in, d_out) = (dims[i], dims[i + 1]);
+        for _ in 0..c.num_res_blocks {
+            residual(
+                &mut p,
+                &mut conv,
+                &format!("encoder.down_blocks.{k}"),
+                d_in,
+                d_out,
+            );
+            d_in = d_out;
+            k += 1;
+        }
+        if i != levels - 1 {
+            let name = format!("encoder.down_blocks.{k}");
+            conv(
+                &mut p,
+                &format!("{name}.resample.1"),
+                vec![d_out, d_out, 3, 3],
+            );
+            if c.temperal_downsample[i] {
+                conv(
+                    &mut p,
+                    &format!("{name}.time_conv"),
+                    vec![d_out, d_out, 3, 1, 1],
+                );
+            }
+            k += 1;
+        }
+    }
+    let top = dims[levels];
+    residual(&mut p, &mut conv, "encoder.mid_block.resnets.0", top, top);
+    p.push((
+        "encoder.mid_block.attentions.0.norm.gamma".into(),
+        vec![top, 1, 1],
+    ));
+    conv(
+        &mut p,
+        "encoder.mid_block.attentions.0.to_qkv",
+        vec![3 * top, top, 1, 1],
+    );
+    conv(
+        &mut p,
+        "encoder.mid_block.attentions.0.proj",
+        vec![top, top, 1, 1],
+    );
+    residual(&mut p, &mut conv, "encoder.mid_block.resnets.1", top, top);
+    p.push(("encoder.norm_out.gamma".into(), vec![top, 1, 1, 1]));
+    let z2 = 2 * c.z_dim;
+    conv(&mut p, "encoder.conv_out", vec![z2, top, 3, 3, 3]);
+    conv(&mut p, "quant_conv", vec![z2, z2, 1, 1, 1]);
+    p
+}
+
+/// The manifest of a built-in Wan: what `fractal grid --model tiny-wan-v1`
+/// and the tests pin. Flow-matching Euler (shift 3, as Wan's 480p folders
+/// shift): single-step, so every step can be audited on its own.
+pub fn manifest(variant: WanVariant) -> fractal_protocol::ModelManifest {
+    use fractal_protocol::manifest::*;
+    let c = configs(variant);
+    let size = |width, height| Size { width, height };
+    let (defaults, sizes) = match variant {
+        WanVariant::Tiny => (
+            GenerationDefaults {
+                size: size(64, 64),
+                frames: 9,
+                steps: 10,
+                guidance_scale: 5.0,
+                fps: 8,
+            },
+            vec![size(64, 64), size(32, 32), size(96, 64), size(128, 128)],
+        ),
+        WanVariant::Wan13bShape => (
+            GenerationDefaults {
+                size: size(832, 480),
+                frames: 81,
+                steps: 50,
+                guidance_scale: 5.0,
+                fps: 16,
+            },
+            vec![
+                size(832, 480),
+                size(480, 832),
+                size(256, 256),
+                size(128, 128),
+            ],
+        ),
+    };
+    ModelManifest {
+        manifest_version: MANIFEST_VERSION,
+        name: format!("fractal-{}", variant.name()),
+        architecture: Architecture::Wan(WanSpec {
+            text_length: match variant {
+                WanVariant::Tiny => 32,
+                WanVariant::Wan13bShape => 512,
+            },
+            patch_size: c.transformer.patch_size.map(|p| p as u32),
+            vae_scale_temporal: c.vae.temporal_scale() as u32,
+            vae_scale_spatial: c.vae.spatial_scale() as u32,
+        }),
+        dtype: DType::F32,
+        weights: Weights::Builtin(variant.name().to_string()),
+        scheduler: SchedulerSpec::FlowMatchEuler(FlowSchedule {
+            num_train_timesteps: 1000,
+            shift: 3.0,
+        }),
+        defaults,
+        limits: Limits {
+            sizes,
+            max_frames: 81,
+            max_steps: 50,
+            max_prompt_bytes: 1000,
+        },
+        verification: Verification {
+            output_rel_l2: Verification::default_output_rel_l2(),
+            update_rel_l2: Verification::default_update_rel_l2(),
+            frame_psnr_db: 30.0,
+            pairs_per_audit: Verification::default_pairs_per_audit(),
+            audits_per_epoch: Verification::default_audits_per_epoch(),
+        },
+    }
+}

@@ -1,0 +1,173 @@
+//! The components of a Wan 2.1 pipeline (T5/umT5 tokenizer and encoder,
+//! `WanTransformer3DModel`, `AutoencoderKLWan`'s decoder), loaded from a
+//! diffusers folder (`model_index.json` naming `WanPipeline`, per-component
+//! `config.json`, single or sharded safetensors, `tokenizer/tokenizer.json`).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::io::read_json;
+use crate::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
+use crate::models::t5::{T5Config, T5Encoder};
+use crate::models::t5_tokenizer::T5Tokenizer;
+use crate::models::wan_transformer::{WanTransformer, WanTransformerConfig};
+use crate::EngineError;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfigs {
+    pub text: T5Config,
+    pub transformer: WanTransformerConfig,
+    pub vae: WanVaeConfig,
+}
+
+/// Tokenizer, text encoder, transformer and VAE decoder, ready to run.
+pub struct Model {
+    pub tokenizer: T5Tokenizer,
+    pub text_encoder: T5Encoder,
+    pub transformer: WanTransformer,
+    pub vae: WanVaeDecoder,
+    pub configs: ModelConfigs,
+    pub device: Device,
+}
+
+/// Component folder and file stem of each weight file (single, or shards
+/// beside `{stem}.safetensors.index.json`).
+pub(crate) const TEXT_WEIGHTS: (&str, &str) = ("text_encoder", "model");
+pub(crate) const TRANSFORMER_WEIGHTS: (&str, &str) = ("transformer", "diffusion_pytorch_model");
+pub(crate) const VAE_WEIGHTS: (&str, &str) = ("vae", "diffusion_pytorch_model");
+
+impl Model {
+    /// Loads a diffusers-layout `WanPipeline` folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        let class = crate::io::pipeline_class(dir)?;
+        if class != "WanPipeline" {
+            return Err(EngineError::Config {
+                path: dir.join("model_index.json"),
+                message: format!("pipeline {class} is not WanPipeline"),
+            });
+        }
+        let configs = ModelConfigs {
+            text: read_json(dir, "text_encoder/config.json")?,
+            transformer: read_json(dir, "transformer/config.json")?,
+            vae: read_json(dir, "vae/config.json")?,
+        };
+        let unsupported = |rel: &str, why: Option<String>| match why {
+            Some(message) => Err(EngineError::Config {
+                path: dir.join(rel),
+                message,
+            }),
+            None => Ok(()),
+        };
+        unsupported("transformer/config.json", configs.transformer.unsupported())?;
+        unsupported("vae/config.json", configs.vae.unsupported())?;
+        let vb = |(component, stem): (&str, &str)| {
+            crate::io::weights::component_weights(&dir.join(component), stem, DType::F32, device)
+        };
+        let build = |(component, _): (&str, &str), e: candle_core::Error| EngineError::Weights {
+            path: dir.join(component),
+            message: e.to_string(),
+        };
+        let text_encoder = T5Encoder::new(vb(TEXT_WEIGHTS)?, configs.text.clone())
+            .map_err(|e| build(TEXT_WEIGHTS, e))?;
+        let transformer =
+            WanTransformer::new(vb(TRANSFORMER_WEIGHTS)?, configs.transformer.clone())
+                .map_err(|e| build(TRANSFORMER_WEIGHTS, e))?;
+        let vae = WanVaeDecoder::new(vb(VAE_WEIGHTS)?, configs.vae.clone())
+            .map_err(|e| build(VAE_WEIGHTS, e))?;
+        let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer/tokenizer.json"))?;
+        Self::check_consistent(&configs, &tokenizer, dir)?;
+        Ok(Model {
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            configs,
+            device: device.clone(),
+        })
+    }
+
+    /// The components must fit each other: text width, latent channels, and
+    /// a vocabulary the encoder can embed.
+    pub(crate) fn check_consistent(
+        c: &ModelConfigs,
+        tokenizer: &T5Tokenizer,
+        dir: &Path,
+    ) -> Result<(), EngineError> {
+        let bad = |message: String| EngineError::Config {
+            path: dir.to_path_buf(),
+            message,
+        };
+        if c.transformer.text_dim != c.text.d_model {
+            return Err(bad(format!(
+                "the transformer's text_dim {} is not the text encoder's d_model {}",
+                c.transformer.text_dim, c.text.d_model
+            )));
+        }
+        if c.transformer.in_channels != c.vae.z_dim || c.transformer.out_channels() != c.vae.z_dim {
+            return Err(bad(format!(
+                "the transformer's channels ({} in, {} out) are not the VAE's z_dim {}",
+                c.transformer.in_channels,
+                c.transformer.out_channels(),
+                c.vae.z_dim
+            )));
+        }
+        if tokenizer.vocab_size() > c.text.vocab_size {
+            return Err(bad(format!(
+                "the tokenizer has {} tokens, the text encoder embeds {}",
+                tokenizer.vocab_size(),
+                c.text.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The conditioning for one prompt's token ids (padded to the text
+    /// length the model is run with), of which the first `valid` are the
+    /// prompt: `[1, len, d_model]`, the padding rows exactly zero, as
+    /// WanPipeline pads the encoder's states.
+    pub fn encode_ids(&self, ids: &[u32], valid: usize) -> Result<Tensor, EngineError> {
+        if valid == 0 || valid > ids.len() {
+            return Err(EngineError::BadInput(format!(
+                "{valid} prompt tokens of {} ids",
+                ids.len()
+            )));
+        }
+        let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let states = self.text_encoder.forward(&t, &[valid])?;
+        let keep: Vec<f32> = (0..ids.len()).map(|i| (i < valid) as u8 as f32).collect();
+        let keep = Tensor::from_vec(keep, (1, ids.len(), 1), &self.device)?;
+        Ok(states.broadcast_mul(&keep)?)
+    }
+
+    /// The guided velocity at `timestep` for `latents` `[1, C, F, h, w]`:
+    /// the conditional pass, and with `guidance > 1` the unconditional one
+    /// (`uncond`) combined as `uncond + g·(cond − uncond)`; two passes, as
+    /// WanPipeline runs them.
+    pub fn velocity(
+        &self,
+        latents: &Tensor,
+        timestep: f32,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        guidance: f64,
+    ) -> Result<Tensor, EngineError> {
+        let c = self.transformer.forward(latents, &[timestep], cond)?;
+        match uncond {
+            Some(u) if guidance > 1.0 => {
+                let u = self.transformer.forward(latents, &[timestep], u)?;
+                Ok((&u + ((c - &u)? * guidance)?)?)
+            }
+            _ => Ok(c),
+        }
+    }
+
+    /// Final latents `[1, z, f, h, w]` to frames `[1 + t(f−1), 3, H, W]`
+    /// in `[0, 1]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
+        let z = self.vae.denormalize(latents)?;
+        let video = self.vae.decode(&z)?;
+        let frames = video.squeeze(0)?.permute((1, 0, 2, 3))?;
+        Ok(((frames * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
