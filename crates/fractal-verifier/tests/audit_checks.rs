@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use fractal_engine::{
-    builtin::tiny, kernels::cpu, pipelines::text_to_video_sd::Model, PinnedModel, TinyVariant,
-};
+use fractal_engine::builtin::{tiny, tiny_wan};
+use fractal_engine::{kernels::cpu, PinnedModel, TinyVariant, WanVariant};
 use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::{f32_le_bytes, TraceLeaf};
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
@@ -18,11 +17,7 @@ use fractal_verifier::audit::{Auditor, Check};
 use rand::SeedableRng;
 
 fn pinned(manifest: &ModelManifest) -> PinnedModel {
-    PinnedModel::from_parts(
-        manifest.clone(),
-        Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-    )
-    .unwrap()
+    PinnedModel::load(manifest.clone(), None, &Device::Cpu).unwrap()
 }
 
 fn dpm_manifest() -> ModelManifest {
@@ -127,6 +122,49 @@ fn an_honest_prover_on_candle_ops_passes_a_fused_verifier() {
         // Another summation order: not bit-identical, far inside the tolerance.
         assert!(report.output_rel_l2 < model.manifest.verification.output_rel_l2 / 10.0);
     }
+}
+
+/// Wan's flow-matching steps audit as the UNet's do: honest traces pass
+/// whether the prover ran the fused kernels or candle's ops, far inside
+/// the tolerances; a verifier refuses a UniPC manifest it cannot audit.
+#[test]
+fn honest_wan_traces_pass_on_either_kernel_path() {
+    let manifest = tiny_wan::manifest(WanVariant::Tiny);
+    let model = pinned(&manifest);
+    let mut req = request(&model, 6, 8);
+    req.frames = 5;
+    let auditor = Auditor::new(Arc::new(pinned(&manifest)));
+    for fused in [true, false] {
+        cpu::set_enabled(Some(fused));
+        let (trace, resp) = produce(&model, &req, &Strategy::Honest);
+        cpu::set_enabled(None);
+        let mut worst = (0f64, 0f64);
+        for i in 0..8 {
+            let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));
+            let answer = trace.open(&plan.challenge).unwrap();
+            let report = auditor.check(&req, &resp, &plan, &answer).unwrap();
+            worst = (
+                worst.0.max(report.output_rel_l2),
+                worst.1.max(report.update_rel_l2),
+            );
+        }
+        eprintln!(
+            "wan, fused kernels {fused}: worst output {:.1e}, update {:.1e}",
+            worst.0, worst.1
+        );
+        let v = &manifest.verification;
+        assert!(
+            worst.0 < v.output_rel_l2 / 10.0 && worst.1 < v.update_rel_l2 / 10.0,
+            "{worst:?}"
+        );
+    }
+    let mut unipc = manifest.clone();
+    unipc.scheduler = unipc
+        .scheduler
+        .with_kind(SchedulerKind::UniPcMultistep)
+        .unwrap();
+    let e = fractal_verifier::audit::auditable(&unipc).unwrap_err();
+    assert!(e.contains("UniPC"), "{e}");
 }
 
 #[test]

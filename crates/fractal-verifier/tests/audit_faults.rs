@@ -17,7 +17,7 @@ use fractal_verifier::audit::Check;
 use fractal_verifier::AUDIT_ATTEMPTS;
 
 mod common;
-use common::{local_grid, serve_prover, tiny_verifier};
+use common::{local_grid, pinned, serve_prover, tiny_verifier};
 
 /// A link in front of a prover that forwards everything, except that the
 /// first `drop_audits` audit calls hang until the caller gives up.
@@ -75,7 +75,7 @@ async fn challenge_through(
     };
     let (chain, vkey, auth) = local_grid(params, 1).await;
     let base = Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap();
-    let (hot, addr) = serve_prover(&chain, "prover", base, Strategy::Honest, auth).await;
+    let (hot, addr) = serve_prover(&chain, "prover", pinned(base), Strategy::Honest, auth).await;
     let upstream = format!("http://{addr}");
 
     let audits = Arc::new(AtomicUsize::new(0));

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use candle_core::Device;
 use fractal_chain::{Chain, Hyperparams, Rao};
-use fractal_engine::{builtin::tiny, pipelines::text_to_video_sd::Model, Degradation, TinyVariant};
-use fractal_protocol::manifest::Size;
+use fractal_engine::builtin::{tiny, tiny_wan};
+use fractal_engine::pipelines::text_to_video_sd::Model;
+use fractal_engine::{Degradation, PinnedModel, TinyVariant, WanVariant};
+use fractal_protocol::manifest::{ModelManifest, Size};
 use fractal_protocol::Keypair;
 use fractal_prover::Strategy;
 use fractal_verifier::audit::Check;
@@ -27,8 +29,78 @@ const STEPS: u32 = 20;
 /// probability 153/190, so 80 audits miss it with probability < 3e-8.
 const EXTRA_ROUNDS: usize = 80;
 
+/// The models one architecture's suite runs: the pinned model, its
+/// weights degraded, and (where there is one) another model claiming it.
+struct Suite {
+    manifest: ModelManifest,
+    honest: Box<dyn Fn() -> PinnedModel>,
+    degraded: Box<dyn Fn(Degradation) -> PinnedModel>,
+    other_model: Option<PinnedModel>,
+}
+
+fn sd_suite() -> Suite {
+    let manifest = tiny::manifest(TinyVariant::Base);
+    let m = manifest.clone();
+    let n = manifest.clone();
+    Suite {
+        honest: Box::new(move || {
+            PinnedModel::from_parts(
+                m.clone(),
+                Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        }),
+        degraded: Box::new(move |d| {
+            PinnedModel::from_parts(
+                n.clone(),
+                Model::tiny_degraded(TinyVariant::Base, d, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        }),
+        other_model: Some(
+            PinnedModel::from_parts(
+                manifest.clone(),
+                Model::tiny(TinyVariant::Wide, &Device::Cpu).unwrap(),
+            )
+            .unwrap(),
+        ),
+        manifest,
+    }
+}
+
+fn wan_suite() -> Suite {
+    use fractal_engine::pipelines::wan;
+    let manifest = tiny_wan::manifest(WanVariant::Tiny);
+    let m = manifest.clone();
+    let n = manifest.clone();
+    Suite {
+        honest: Box::new(move || PinnedModel::load(m.clone(), None, &Device::Cpu).unwrap()),
+        degraded: Box::new(move |d| {
+            PinnedModel::from_parts(
+                n.clone(),
+                wan::Model::tiny_degraded(WanVariant::Tiny, d, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        }),
+        // No second Wan built in: the degraded weights stand for it.
+        other_model: None,
+        manifest,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_cheater_is_caught_and_honest_provers_earn() {
+    cheat_suite(sd_suite()).await;
+}
+
+/// The same cheats against a Wan 2.1 prover (flow-matching steps, the
+/// causal VAE's frames).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_cheater_on_wan_is_caught_and_honest_provers_earn() {
+    cheat_suite(wan_suite()).await;
+}
+
+async fn cheat_suite(suite: Suite) {
     let params = Hyperparams {
         tempo: 5,
         weights_rate_limit: 1,
@@ -36,9 +108,8 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     };
     let (chain, vkey, auth) = local_grid(params, 100).await;
 
-    let cpu = Device::Cpu;
-    let base = || Model::tiny(TinyVariant::Base, &cpu).unwrap();
-    let degraded = |d| Model::tiny_degraded(TinyVariant::Base, d, &cpu).unwrap();
+    let base = &suite.honest;
+    let degraded = &suite.degraded;
     let deadline = Duration::from_secs(30);
     let mut provers: Vec<(&str, Keypair)> = Vec::new();
     for name in ["honest-a", "honest-b", "honest-c"] {
@@ -49,7 +120,7 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     }
     // Each cheat with the checks allowed to catch it.
     let tenth = (STEPS / 10) as usize;
-    let cheats: Vec<(&str, Model, Strategy, &[Check])> = vec![
+    let mut cheats: Vec<(&str, PinnedModel, Strategy, &[Check])> = vec![
         (
             "fewer-steps",
             base(),
@@ -135,12 +206,6 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
             &[Check::ModelOutput],
         ),
         (
-            "other-model",
-            Model::tiny(TinyVariant::Wide, &cpu).unwrap(),
-            Strategy::Honest,
-            &[Check::ModelOutput],
-        ),
-        (
             "random-latents",
             base(),
             Strategy::RandomLatents,
@@ -171,6 +236,14 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
             &[Check::Late],
         ),
     ];
+    if let Some(other) = suite.other_model {
+        cheats.push((
+            "other-model",
+            other,
+            Strategy::Honest,
+            &[Check::ModelOutput],
+        ));
+    }
     let mut allowed: BTreeMap<&str, &[Check]> = BTreeMap::new();
     for (name, model, strategy, checks) in cheats {
         allowed.insert(name, checks);
@@ -182,18 +255,18 @@ async fn every_cheater_is_caught_and_honest_provers_earn() {
     chain.produce_blocks(1).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let manifest = tiny::manifest(TinyVariant::Base);
+    let manifest = &suite.manifest;
     let config = VerifierConfig {
         size: Size {
             width: 32,
             height: 32,
         },
-        frames: 4,
+        frames: manifest.frames_at_least(4),
         steps: STEPS,
         deadline,
-        ..VerifierConfig::from_manifest(&manifest)
+        ..VerifierConfig::from_manifest(manifest)
     };
-    let model = Arc::new(pinned(base()));
+    let model = Arc::new(base());
     let verifier = Verifier::new(
         vkey.clone(),
         chain.clone(),
@@ -287,12 +360,26 @@ async fn full_regeneration_mode_and_audits_of_routed_jobs() {
     let (chain, vkey, auth) = local_grid(params, 1).await;
     let cpu = Device::Cpu;
     let base = || Model::tiny(TinyVariant::Base, &cpu).unwrap();
-    let honest = start_prover(&chain, "honest", base(), Strategy::Honest, auth.clone()).await;
-    let fewer = start_prover(&chain, "fewer", base(), Strategy::FewerSteps, auth.clone()).await;
+    let honest = start_prover(
+        &chain,
+        "honest",
+        pinned(base()),
+        Strategy::Honest,
+        auth.clone(),
+    )
+    .await;
+    let fewer = start_prover(
+        &chain,
+        "fewer",
+        pinned(base()),
+        Strategy::FewerSteps,
+        auth.clone(),
+    )
+    .await;
     let random = start_prover(
         &chain,
         "random",
-        base(),
+        pinned(base()),
         Strategy::RandomLatents,
         auth.clone(),
     )

@@ -12,7 +12,7 @@ use fractal_prover::{Strategy, ValidatorAuthorizer};
 use fractal_verifier::Permit;
 
 mod common;
-use common::{key, start_prover, tiny_verifier};
+use common::{key, pinned, start_prover, tiny_verifier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_permit_the_verifier_waits_and_holds_nothing_against_provers() {
@@ -33,7 +33,14 @@ async fn without_a_permit_the_verifier_waits_and_holds_nothing_against_provers()
     let auth = ValidatorAuthorizer::new([]);
     auth.update(&chain.metagraph().await.unwrap());
     let base = Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap();
-    start_prover(&chain, "prover", base, Strategy::Honest, auth.clone()).await;
+    start_prover(
+        &chain,
+        "prover",
+        pinned(base),
+        Strategy::Honest,
+        auth.clone(),
+    )
+    .await;
 
     let verifier = tiny_verifier(vkey, chain.clone(), Duration::from_secs(5));
 

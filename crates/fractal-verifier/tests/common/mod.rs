@@ -46,13 +46,14 @@ pub async fn local_grid(
     (chain, vkey, auth)
 }
 
-/// Registers `name`'s hotkey, serves `model` as `strategy` on loopback and
+/// Registers `name`'s hotkey, serves `model` (which claims a manifest it
+/// may not run) as `strategy` on loopback and
 /// announces `announce(addr)` (the prover's own address, or a link in
 /// front of it).
 pub async fn start_prover(
     chain: &Arc<LocalChain>,
     name: &str,
-    model: Model,
+    model: PinnedModel,
     strategy: Strategy,
     auth: Arc<ValidatorAuthorizer>,
 ) -> Keypair {
@@ -67,7 +68,7 @@ pub async fn start_prover(
 pub async fn serve_prover(
     chain: &Arc<LocalChain>,
     name: &str,
-    model: Model,
+    model: PinnedModel,
     strategy: Strategy,
     auth: Arc<ValidatorAuthorizer>,
 ) -> (Keypair, std::net::SocketAddr) {
@@ -78,7 +79,7 @@ pub async fn serve_prover(
         .unwrap();
     let prover = Prover::new(
         hot.clone(),
-        pinned(model),
+        model,
         ProverConfig {
             strategy,
             ..ProverConfig::default()
