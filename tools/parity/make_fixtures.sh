@@ -7,8 +7,9 @@ root="$here/../.."
 venv="$here/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q torch==2.9.1 diffusers==0.42.1 transformers==5.24.0 safetensors numpy
+  "$venv/bin/pip" install -q torch==2.9.1 diffusers==0.42.1 transformers==5.24.0 safetensors numpy accelerate
 fi
 (cd "$root" && cargo build --release -p fractal-cli)
 "$venv/bin/python" "$here/make_wan_fixtures.py" "$root/fixtures/parity/wan"
+"$venv/bin/python" "$here/make_wan_builtin_fixtures.py" "$root/target/release/fractal"
 exec "$venv/bin/python" "$here/make_fixtures.py" "$root/target/release/fractal"

@@ -308,3 +308,88 @@ fn t5_tokenizer_matches_transformers() {
         );
     }
 }
+
+/// The built-in tiny-wan-v1 against diffusers' `WanPipeline` loaded from the
+/// folder `fractal model export-tiny` writes (tools/parity/
+/// make_wan_builtin_fixtures.py): the prompt as text through the folder's
+/// tokenizer, both flow schedulers, CFG on and off, a negative prompt,
+/// non-square, 1 to 9 frames. Every step's latents and the frames.
+fn check_builtin(name: &str) {
+    use fractal_engine::builtin::tiny_wan::{manifest, WanVariant};
+    use fractal_engine::{GenerateSpec, PinnedModel};
+    use fractal_protocol::manifest::SchedulerKind;
+    let (meta, fx) = fixture(name);
+    let mut m = manifest(WanVariant::Tiny);
+    let kind = match meta["scheduler"].as_str().unwrap() {
+        "unipc" => SchedulerKind::UniPcMultistep,
+        _ => SchedulerKind::FlowMatchEuler,
+    };
+    m.scheduler = m.scheduler.with_kind(kind).unwrap();
+    let model = PinnedModel::load(m, None, &Device::Cpu).unwrap();
+    let fractal_engine::Pipeline::Wan(wan) = &model.pipeline else {
+        unreachable!("a Wan manifest")
+    };
+    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+    let text = |k: &str| meta[k].as_str().unwrap().to_string();
+    let spec = GenerateSpec {
+        prompt: text("prompt"),
+        negative_prompt: text("negative"),
+        seed: fractal_protocol::Seed(meta["seed"].as_u64().unwrap()),
+        frames: u("frames"),
+        height: u("height"),
+        width: u("width"),
+        steps: u("steps"),
+        guidance_scale: meta["guidance"].as_f64().unwrap(),
+    };
+    let mut report = Vec::new();
+    let mut stage = |what: String, err: f32| {
+        report.push(format!("{what}: {err:.2e}"));
+        assert!(
+            err <= TOLERANCE,
+            "{name} {what}: max abs error {err} > {TOLERANCE}\n{}",
+            report.join("\n")
+        );
+    };
+    let max = |a: &Tensor, b: &Tensor| fractal_engine::pipelines::max_abs_diff(a, b).unwrap();
+    let embed = |text: &str| wan.encode_prompt(text).unwrap().squeeze(0).unwrap();
+    stage("cond".into(), max(&embed(&spec.prompt), &fx["cond"]));
+    stage(
+        "uncond".into(),
+        max(&embed(&spec.negative_prompt), &fx["uncond"]),
+    );
+    let scheduler = model.pipeline.scheduler_for(spec.steps).unwrap();
+    let want_t: Vec<f64> = serde_json::from_value(meta["timesteps"].clone()).unwrap();
+    let got_t: Vec<f64> = (0..scheduler.len())
+        .map(|i| scheduler.timestep(i).unwrap())
+        .collect();
+    assert_eq!(got_t, want_t, "{name} timesteps");
+    let mut latents = Vec::new();
+    let generated = model
+        .pipeline
+        .generate(&spec, &mut |e| latents.push(e.latents.clone()))
+        .unwrap();
+    assert_eq!(latents.len(), spec.steps + 1);
+    for (i, l) in latents.iter().enumerate() {
+        stage(format!("latents_{i}"), max(l, &fx[&format!("latents_{i}")]));
+    }
+    stage(
+        format!("frames {:?}", generated.frames.dims()),
+        max(&generated.frames, &fx["frames"]),
+    );
+    eprintln!("{name}:\n  {}", report.join("\n  "));
+}
+
+#[test]
+fn builtin_tiny_wan_with_euler_and_guidance_matches_its_exported_folder() {
+    check_builtin("builtin-euler-cfg");
+}
+
+#[test]
+fn builtin_tiny_wan_with_unipc_non_square_without_guidance() {
+    check_builtin("builtin-unipc-nocfg-rect");
+}
+
+#[test]
+fn builtin_tiny_wan_with_unipc_a_negative_prompt_and_one_frame() {
+    check_builtin("builtin-unipc-cfg-negative");
+}
