@@ -139,7 +139,7 @@ fn bad_generate_input_is_a_clear_error() {
         (vec!["--prompt", "x", "-o", "out.avi"], "must end in .mp4"),
         (
             vec!["--prompt", "x", "--tiny", "huge", "-o", o],
-            "unknown tiny model",
+            "no built-in model named \"huge\"",
         ),
         (
             vec!["--prompt", "x", "--model", "/nonexistent", "-o", o],
@@ -148,6 +148,32 @@ fn bad_generate_input_is_a_clear_error() {
         (
             vec!["--prompt", "x", "--scheduler", "euler", "-o", o],
             "unknown scheduler",
+        ),
+        (
+            vec![
+                "--prompt",
+                "x",
+                "--tiny",
+                "tiny-wan-v1",
+                "--frames",
+                "8",
+                "-o",
+                o,
+            ],
+            "1 + 4k frames",
+        ),
+        (
+            vec![
+                "--prompt",
+                "x",
+                "--tiny",
+                "tiny-wan-v1",
+                "--scheduler",
+                "ddim",
+                "-o",
+                o,
+            ],
+            "cannot take its place",
         ),
     ] {
         let mut full = vec!["generate"];
@@ -219,4 +245,83 @@ fn manifest_pins_folder_weights() {
     std::fs::remove_file(&w).unwrap();
     let err = String::from_utf8_lossy(&fractal(&args).stderr).to_string();
     assert!(err.contains("missing model file"), "{err}");
+}
+
+/// Wan 2.1 through the same command: the built-in tiny Wan writes a
+/// playable clip of 1 + 4k frames, and the folder `export-tiny` writes,
+/// pinned by a manifest, makes the same bytes.
+#[test]
+fn tiny_wan_generates_and_its_exported_folder_makes_the_same_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("wan");
+    let r = fractal(&[
+        "model",
+        "export-tiny",
+        "--variant",
+        "tiny-wan-v1",
+        model.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let hashes =
+        String::from_utf8(fractal(&["model", "hash", model.to_str().unwrap()]).stdout).unwrap();
+    for f in [
+        "transformer/diffusion_pytorch_model.safetensors",
+        "tokenizer/tokenizer.json",
+        "text_encoder/config.json",
+    ] {
+        assert!(hashes.contains(f), "{hashes}");
+    }
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/manifest-tiny-wan.toml"
+    ))
+    .unwrap();
+    let manifest = example.replace("[weights]\nbuiltin = \"tiny-wan-v1\"\n", &hashes);
+    assert_ne!(manifest, example);
+    let mpath = dir.path().join("m.toml");
+    std::fs::write(&mpath, &manifest).unwrap();
+    let run = |out: &Path, source: &[&str]| {
+        let mut args = vec!["generate"];
+        args.extend(source);
+        args.extend([
+            "--prompt",
+            "a red circle moving left",
+            "--seed",
+            "5",
+            "--frames",
+            "9",
+            "--size",
+            "64x64",
+            "--steps",
+            "3",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let r = fractal(&args);
+        assert!(
+            r.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        std::fs::read(out).unwrap()
+    };
+    let builtin = run(&dir.path().join("a.mp4"), &["--tiny", "tiny-wan-v1"]);
+    let again = run(&dir.path().join("b.mp4"), &["--tiny", "tiny-wan-v1"]);
+    assert_eq!(builtin, again);
+    let folder = run(
+        &dir.path().join("c.mp4"),
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--manifest",
+            mpath.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(builtin, folder);
+    if let Some(info) = ffprobe(
+        &dir.path().join("a.mp4"),
+        "stream=codec_name,width,height,nb_read_frames",
+    ) {
+        assert_eq!(info, "h264,64,64,9");
+    }
 }

@@ -222,3 +222,12 @@ fn a_folder_of_another_shape_than_its_manifest_is_refused() {
         .to_string();
     assert!(e.contains("VAE scales"), "{e}");
 }
+
+/// The example manifest is the built-in one, so the docs cannot drift.
+#[test]
+fn the_example_manifest_is_the_builtin_one() {
+    let text = include_str!("../../../examples/manifest-tiny-wan.toml");
+    let parsed = ModelManifest::parse(text).unwrap();
+    assert_eq!(parsed, tiny_wan::manifest(WanVariant::Tiny));
+    assert_eq!(parsed.id(), tiny_wan::manifest(WanVariant::Tiny).id());
+}
