@@ -8,6 +8,72 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn grid_comes_up_rewards_honest_provers_and_stops_cleanly() {
+    run_grid(&[], |_| {});
+}
+
+/// The same grid on the built-in Wan 2.1: challenges of 1 + 4k frames,
+/// audited flow-matching steps, and an app's video through the gateway.
+#[test]
+fn grid_on_tiny_wan_rewards_provers_and_serves_an_app_video() {
+    run_grid(&["--tiny", "tiny-wan-v1"], |ready| {
+        let http = reqwest::blocking::Client::new();
+        let auth = format!("Bearer {}", ready.api_key);
+        let job: serde_json::Value = http
+            .post(format!("{}/v1/videos", ready.gateway))
+            .header("Authorization", &auth)
+            .json(&serde_json::json!({"prompt": "a red circle moving left", "size": "32x32", "seconds": "0.5", "steps": 3}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let id = job["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{job}"))
+            .to_string();
+        assert_eq!(
+            job["frames"], 5,
+            "0.5 s at 8 fps rounds up to 1 + 4k frames: {job}"
+        );
+        let start = Instant::now();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{}/v1/videos/{id}", ready.gateway))
+                .header("Authorization", &auth)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            match v["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") => panic!("{v}"),
+                _ => {}
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "never completed: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mp4 = http
+            .get(format!("{}/v1/videos/{id}/content", ready.gateway))
+            .header("Authorization", &auth)
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        assert_eq!(&mp4[4..8], b"ftyp", "an MP4");
+    });
+}
+
+/// What the grid printed when it came up.
+struct Ready {
+    gateway: String,
+    api_key: String,
+}
+
+/// Runs `fractal grid` with `extra` arguments until both provers earn,
+/// calls `while_up`, then stops it with SIGTERM and checks it stopped cleanly.
+fn run_grid(extra: &[&str], while_up: impl FnOnce(&Ready)) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fractal"))
         .args([
@@ -27,20 +93,37 @@ fn grid_comes_up_rewards_honest_provers_and_stops_cleanly() {
             "--dir",
         ])
         .arg(dir.path())
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
+    let mut next = || {
+        lines
             .next()
             .expect("grid exited before it was ready")
-            .unwrap();
-        if let Some(rest) = line.split("grid ready: chain ").nth(1) {
+            .unwrap()
+    };
+    let url = loop {
+        if let Some(rest) = next().split("grid ready: chain ").nth(1) {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
+    let page = next();
+    let gateway = page
+        .split("web page: ")
+        .nth(1)
+        .and_then(|p| p.split("/#key=").next())
+        .unwrap_or_else(|| panic!("no page line: {page}"))
+        .to_string();
+    let key_line = next();
+    let api_key = key_line
+        .split("API key:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key line: {key_line}"))
+        .trim()
+        .to_string();
     let log = Arc::new(Mutex::new(String::new()));
     let sink = log.clone();
     let reader = std::thread::spawn(move || {
@@ -75,6 +158,7 @@ fn grid_comes_up_rewards_honest_provers_and_stops_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    while_up(&Ready { gateway, api_key });
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     reader.join().unwrap();

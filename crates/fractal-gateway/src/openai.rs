@@ -340,7 +340,13 @@ pub fn parse_create(
                     format!("seconds must be a number, got {v}"),
                 )
             })?;
+            // Rounded up to a count the model makes (Wan: 1 + 4k).
             let frames = (secs * fps as f64).round();
+            let frames = if frames >= 1.0 && frames <= limits.max_frames as f64 {
+                manifest.frames_at_least(frames as u32) as f64
+            } else {
+                frames
+            };
             if !(secs.is_finite() && frames >= 1.0 && frames <= limits.max_frames as f64) {
                 return Err(OaiError::invalid(
                     Some("seconds"),
