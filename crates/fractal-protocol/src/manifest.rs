@@ -137,6 +137,24 @@ impl SchedulerKind {
             SchedulerKind::Ddim | SchedulerKind::DpmSolverMultistep
         )
     }
+
+    /// The earlier steps whose latents and model outputs an audit of step
+    /// `index` opens: the history the scheduler's update there depends on
+    /// (none for single-step schedulers, the previous data prediction for
+    /// DPM-Solver++ 2M, the previous two for UniPC's predictor-corrector).
+    pub fn audit_history(self, index: u32) -> u32 {
+        match self {
+            SchedulerKind::Ddim | SchedulerKind::FlowMatchEuler => 0,
+            SchedulerKind::DpmSolverMultistep => index.min(1),
+            SchedulerKind::UniPcMultistep => index.min(2),
+        }
+    }
+
+    /// Leaves one audited step opens at most: its latent, output and next
+    /// latent, and the history's latents and outputs.
+    pub fn max_leaves_per_pair(self) -> u32 {
+        3 + 2 * self.audit_history(u32::MAX)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,9 +565,11 @@ impl ModelManifest {
                 return Err(invalid(format!("verification.{name} must be in (0, 1)")));
             }
         }
-        if !(1..=MAX_PAIRS_PER_AUDIT).contains(&t.pairs_per_audit) {
+        let max_pairs = max_pairs_per_audit(self.scheduler.kind());
+        if !(1..=max_pairs).contains(&t.pairs_per_audit) {
             return Err(invalid(format!(
-                "verification.pairs_per_audit must be 1..={MAX_PAIRS_PER_AUDIT}"
+                "verification.pairs_per_audit must be 1..={max_pairs} for {:?}",
+                self.scheduler.kind()
             )));
         }
         if !(1..=10_000).contains(&t.audits_per_epoch) {
@@ -562,9 +582,12 @@ impl ModelManifest {
     }
 }
 
-/// A multistep pair opens five leaves; six pairs and the two ends stay
-/// within the wire's `MAX_AUDIT_LEAVES`.
-pub const MAX_PAIRS_PER_AUDIT: u32 = 6;
+/// The most step pairs one audit of `kind` may draw: their leaves and the
+/// trace's two ends stay within the wire's `MAX_AUDIT_LEAVES` (6 for
+/// DPM-Solver++'s five leaves a pair, 4 for UniPC's seven).
+pub fn max_pairs_per_audit(kind: SchedulerKind) -> u32 {
+    ((crate::wire::MAX_AUDIT_LEAVES as u32 - 2) / kind.max_leaves_per_pair()).min(6)
+}
 
 fn has_legacy_step_tolerance(text: &str, json: bool) -> bool {
     if json {
@@ -703,6 +726,43 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string()
             .contains("pairs_per_audit"));
+    }
+
+    #[test]
+    fn audits_of_multistep_schedulers_open_their_history_within_the_wire_bound() {
+        use SchedulerKind::*;
+        assert_eq!(UniPcMultistep.audit_history(0), 0);
+        assert_eq!(UniPcMultistep.audit_history(1), 1);
+        assert_eq!(UniPcMultistep.audit_history(9), 2);
+        assert_eq!(DpmSolverMultistep.audit_history(9), 1);
+        assert_eq!(FlowMatchEuler.audit_history(9), 0);
+        for (kind, pairs) in [
+            (Ddim, 6),
+            (DpmSolverMultistep, 6),
+            (FlowMatchEuler, 6),
+            (UniPcMultistep, 4),
+        ] {
+            assert_eq!(max_pairs_per_audit(kind), pairs, "{kind:?}");
+            assert!(pairs * kind.max_leaves_per_pair() + 2 <= crate::wire::MAX_AUDIT_LEAVES as u32);
+        }
+        let wan = SAMPLE_TOML
+            .replace("architecture = \"text-to-video-sd\"", "architecture = { wan = { text_length = 16, patch_size = [1, 2, 2], vae_scale_temporal = 4, vae_scale_spatial = 8 } }")
+            .replace("kind = \"ddim\"\nnum_train_timesteps = 1000\nbeta_start = 0.00085\nbeta_end = 0.012\nbeta_schedule = \"scaled_linear\"\nprediction_type = \"epsilon\"\nclip_sample = false\nset_alpha_to_one = false\nsteps_offset = 1\ntimestep_spacing = \"leading\"", "kind = \"unipc_multistep\"\nnum_train_timesteps = 1000\nshift = 3.0")
+            .replace("frames = 8", "frames = 9");
+        let m = ModelManifest::parse(&wan).unwrap();
+        assert_eq!(m.scheduler.kind(), UniPcMultistep);
+        let e = ModelManifest::parse(&wan.replace("pairs_per_audit = 2", "pairs_per_audit = 5"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pairs_per_audit must be 1..=4"), "{e}");
+        // A UNet's manifest cannot name a flow scheduler, nor Wan's a DDPM one.
+        let e = ModelManifest::parse(&SAMPLE_TOML.replace("kind = \"ddim\"\nnum_train_timesteps = 1000\nbeta_start = 0.00085\nbeta_end = 0.012\nbeta_schedule = \"scaled_linear\"\nprediction_type = \"epsilon\"\nclip_sample = false\nset_alpha_to_one = false\nsteps_offset = 1\ntimestep_spacing = \"leading\"", "kind = \"flow_match_euler\"\nnum_train_timesteps = 1000\nshift = 3.0")).unwrap_err().to_string();
+        assert!(e.contains("does not run scheduler"), "{e}");
+        // Fields of another scheduler kind are refused, not ignored.
+        let e = ModelManifest::parse(&wan.replace("shift = 3.0", "shift = 3.0\nbeta_start = 0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beta_start"), "{e}");
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! * `x_0`, which must equal `noise(seed)` bit for bit;
 //! * `pairs_per_audit` random steps `k` (uniform without replacement over
 //!   the whole schedule, drawn after the commitment): `x_k`, `out_k` and
-//!   `x_{k+1}` (a multistep scheduler also `x_{k-1}` and `out_{k-1}`, the
-//!   history its update needs). Two checks per step:
-//!   - *model output*: the UNet with CFG recomputed from the committed
+//!   `x_{k+1}` (a multistep scheduler also the latents and outputs of the
+//!   steps before `k` its update needs: one for DPM-Solver++, two for
+//!   UniPC, whose corrected latents are recovered by inverting its
+//!   predictor). Two checks per step:
+//!   - *model output*: the denoiser with CFG recomputed from the committed
 //!     `x_k` against `out_k`, relative L2 within `output_rel_l2`. A step's
 //!     output is O(1) at every step, so this is as sensitive at the last
 //!     step as at the first, unlike comparing latents (late steps move
@@ -21,8 +23,8 @@
 //!
 //! On the prover's own build and platform an honest recomputation is bit
 //! identical; the tolerances cover other builds and platforms. Cost: one
-//! UNet pass with CFG per pair and one frame decode, instead of every step
-//! and every frame.
+//! denoiser pass with CFG per pair and one frame decode (for Wan's causal
+//! VAE, the latent frames up to it), instead of every step and every frame.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +33,6 @@ use candle_core::Tensor;
 use fractal_engine::io::video::{self, decode_mp4, psnr_luma};
 use fractal_engine::pipelines::values;
 use fractal_engine::PinnedModel;
-use fractal_protocol::manifest::SchedulerKind;
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{
     latents_f16_bytes, latents_from_f16_bytes, AuditAnswer, AuditChallenge, GenerateRequest,
@@ -163,23 +164,8 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// Whether this build can audit `manifest`'s jobs. UniPC's corrector
-/// rewrites each latent with the next step's model output, so one step
-/// depends on the corrected latents before it, which the trace does not
-/// commit: its steps cannot be recomputed one at a time.
-pub fn auditable(manifest: &fractal_protocol::ModelManifest) -> Result<(), String> {
-    match manifest.scheduler.kind() {
-        SchedulerKind::UniPcMultistep => Err(
-            "UniPC steps cannot be audited one at a time (its corrector needs latents the trace does not commit); \
-             pin flow_match_euler for a verified grid"
-                .into(),
-        ),
-        _ => Ok(()),
-    }
-}
-
 /// The planned openings: `x_0`, per recomputed step `k` its `x_k`, `out_k`,
-/// `x_{k+1}` (and `x_{k-1}`, `out_{k-1}` for multistep), and `x_N`.
+/// `x_{k+1}` (and the history's latents and outputs for multistep), and `x_N`.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub challenge: AuditChallenge,
@@ -197,8 +183,10 @@ impl Auditor {
         &self.model
     }
 
-    fn multistep(&self) -> bool {
-        self.model.manifest.scheduler.kind() == SchedulerKind::DpmSolverMultistep
+    /// The earlier steps an audit of step `k` opens (see
+    /// `SchedulerKind::audit_history`).
+    fn history(&self, k: u32) -> std::ops::Range<u32> {
+        k - self.model.manifest.scheduler.kind().audit_history(k)..k
     }
 
     /// Draws the steps to recompute and the frame to compare from `rng`
@@ -222,11 +210,8 @@ impl Auditor {
                 TraceLeaf::Output(k).index(),
                 TraceLeaf::Latent(k + 1).index(),
             ]);
-            if self.multistep() && k > 0 {
-                leaves.extend([
-                    TraceLeaf::Latent(k - 1).index(),
-                    TraceLeaf::Output(k - 1).index(),
-                ]);
+            for j in self.history(k) {
+                leaves.extend([TraceLeaf::Latent(j).index(), TraceLeaf::Output(j).index()]);
             }
         }
         leaves.sort_unstable();
@@ -348,18 +333,22 @@ impl Auditor {
         for &k in &plan.ks {
             let mut scheduler = p.scheduler_for(spec.steps).map_err(engine)?;
             let step_err = |e: fractal_engine::EngineError| fail(Check::Step, e.to_string());
-            if self.multistep() && k > 0 {
-                // The multistep history: the data prediction at k-1, from
-                // the committed x_{k-1} and out_{k-1} (its own update is
-                // not needed here).
-                let x = tensor(opened(TraceLeaf::Latent(k - 1))?)?;
-                let out = tensor(opened(TraceLeaf::Output(k - 1))?)?;
-                scheduler
-                    .step(&out, k as usize - 1, &x)
-                    .map_err(|e| step_err(e.into()))?;
-            }
             let (x_k, out_k) = (opened(TraceLeaf::Latent(k))?, opened(TraceLeaf::Output(k))?);
             let x = tensor(x_k.clone())?;
+            // The multistep history, from the committed latents and outputs
+            // before k (their own updates are not needed here).
+            let history = self
+                .history(k)
+                .map(|j| {
+                    Ok((
+                        tensor(opened(TraceLeaf::Latent(j))?)?,
+                        tensor(opened(TraceLeaf::Output(j))?)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, Failure>>()?;
+            scheduler
+                .resume(k as usize, &history, &x)
+                .map_err(|e| step_err(e.into()))?;
             let next = scheduler
                 .step(&tensor(out_k.clone())?, k as usize, &x)
                 .map_err(|e| step_err(e.into()))?;

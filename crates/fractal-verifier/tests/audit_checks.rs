@@ -124,47 +124,80 @@ fn an_honest_prover_on_candle_ops_passes_a_fused_verifier() {
     }
 }
 
-/// Wan's flow-matching steps audit as the UNet's do: honest traces pass
-/// whether the prover ran the fused kernels or candle's ops, far inside
-/// the tolerances; a verifier refuses a UniPC manifest it cannot audit.
+/// Wan's flow-matching steps audit as the UNet's do, with either
+/// scheduler: honest traces pass whether the prover ran the fused kernels
+/// or candle's ops, far inside the tolerances. UniPC's steps are
+/// recomputed from two earlier steps' openings and its predictor inverted.
 #[test]
-fn honest_wan_traces_pass_on_either_kernel_path() {
-    let manifest = tiny_wan::manifest(WanVariant::Tiny);
-    let model = pinned(&manifest);
-    let mut req = request(&model, 6, 8);
-    req.frames = 5;
-    let auditor = Auditor::new(Arc::new(pinned(&manifest)));
-    for fused in [true, false] {
-        cpu::set_enabled(Some(fused));
-        let (trace, resp) = produce(&model, &req, &Strategy::Honest);
-        cpu::set_enabled(None);
-        let mut worst = (0f64, 0f64);
-        for i in 0..8 {
-            let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));
-            let answer = trace.open(&plan.challenge).unwrap();
-            let report = auditor.check(&req, &resp, &plan, &answer).unwrap();
-            worst = (
-                worst.0.max(report.output_rel_l2),
-                worst.1.max(report.update_rel_l2),
-            );
-        }
-        eprintln!(
-            "wan, fused kernels {fused}: worst output {:.1e}, update {:.1e}",
-            worst.0, worst.1
-        );
-        let v = &manifest.verification;
-        assert!(
-            worst.0 < v.output_rel_l2 / 10.0 && worst.1 < v.update_rel_l2 / 10.0,
-            "{worst:?}"
-        );
-    }
-    let mut unipc = manifest.clone();
+fn honest_wan_traces_pass_with_both_flow_schedulers_on_either_kernel_path() {
+    let euler = tiny_wan::manifest(WanVariant::Tiny);
+    let mut unipc = euler.clone();
     unipc.scheduler = unipc
         .scheduler
         .with_kind(SchedulerKind::UniPcMultistep)
         .unwrap();
-    let e = fractal_verifier::audit::auditable(&unipc).unwrap_err();
-    assert!(e.contains("UniPC"), "{e}");
+    for manifest in [euler, unipc] {
+        let model = pinned(&manifest);
+        let mut req = request(&model, 6, 20);
+        req.frames = 5;
+        let auditor = Auditor::new(Arc::new(pinned(&manifest)));
+        for fused in [true, false] {
+            cpu::set_enabled(Some(fused));
+            let (trace, resp) = produce(&model, &req, &Strategy::Honest);
+            cpu::set_enabled(None);
+            let mut worst = (0f64, 0f64);
+            for i in 0..30 {
+                let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));
+                let answer = trace.open(&plan.challenge).unwrap();
+                let report = auditor.check(&req, &resp, &plan, &answer).unwrap();
+                worst = (
+                    worst.0.max(report.output_rel_l2),
+                    worst.1.max(report.update_rel_l2),
+                );
+            }
+            let kind = manifest.scheduler.kind();
+            eprintln!(
+                "wan {kind:?}, fused kernels {fused}: worst output {:.1e}, update {:.1e}",
+                worst.0, worst.1
+            );
+            let v = &manifest.verification;
+            assert!(
+                worst.0 < v.output_rel_l2 / 10.0 && worst.1 < v.update_rel_l2 / 10.0,
+                "{kind:?}: {worst:?}"
+            );
+        }
+    }
+}
+
+/// Cheats on UniPC's multistep history are caught by the check meant for
+/// them, as on DPM-Solver++.
+#[test]
+fn cheats_on_a_unipc_schedule_are_caught() {
+    let mut manifest = tiny_wan::manifest(WanVariant::Tiny);
+    manifest.scheduler = manifest
+        .scheduler
+        .with_kind(SchedulerKind::UniPcMultistep)
+        .unwrap();
+    let model = pinned(&manifest);
+    let mut req = request(&model, 7, 10);
+    req.frames = 5;
+    for (strategy, allowed) in [
+        (Strategy::RepeatTail(1), &[Check::Step][..]),
+        (Strategy::ReuseAlternate, &[Check::ModelOutput][..]),
+        (Strategy::FewerSteps, &[Check::Step, Check::ModelOutput][..]),
+        (
+            Strategy::JumpFromHalf,
+            &[Check::Step, Check::ModelOutput][..],
+        ),
+    ] {
+        let results = audit(&model, &req, strategy.clone(), |_| {}, 30);
+        let failed: Vec<Check> = results.iter().filter_map(|r| r.err()).collect();
+        assert!(!failed.is_empty(), "{strategy:?} never caught");
+        assert!(
+            failed.iter().all(|c| allowed.contains(c)),
+            "{strategy:?} caught by {failed:?}"
+        );
+    }
 }
 
 #[test]

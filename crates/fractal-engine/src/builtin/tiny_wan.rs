@@ -1,5 +1,5 @@
 //! The built-in Wan models: Wan 2.1's architecture at tiny widths
-//! (`tiny-wan-v1`, what tests and `fractal grid --model tiny-wan-v1` run),
+//! (`tiny-wan-v1`, what tests and `fractal grid --tiny tiny-wan-v1` run),
 //! and at Wan2.1-T2V-1.3B's shapes (`wan-1.3b-shape`, for speed and memory
 //! measurements). Weights are derived from parameter names exactly as
 //! `tiny-v1`'s are ([`TinyWeights`]); the tokenizer is a small SentencePiece
@@ -378,9 +378,9 @@ fn vae_encoder_parameters(c: &WanVaeConfig) -> Vec<(String, Vec<usize>)> {
     p
 }
 
-/// The manifest of a built-in Wan: what `fractal grid --model tiny-wan-v1`
+/// The manifest of a built-in Wan: what `fractal grid --tiny tiny-wan-v1`
 /// and the tests pin. Flow-matching Euler (shift 3, as Wan's 480p folders
-/// shift): single-step, so every step can be audited on its own.
+/// shift): single-step, so an audited step opens no history.
 pub fn manifest(variant: WanVariant) -> fractal_protocol::ModelManifest {
     use fractal_protocol::manifest::*;
     let c = configs(variant);

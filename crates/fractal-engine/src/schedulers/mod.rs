@@ -74,6 +74,32 @@ impl Scheduler {
         }
     }
 
+    /// Sets a fresh schedule up to take step `index` from `sample` as if
+    /// it had taken the steps before, from the latents and model outputs
+    /// of the `SchedulerKind::audit_history` steps before `index` (oldest
+    /// first): how a verifier recomputes one step of a multistep solver
+    /// from a trace's openings.
+    pub fn resume(
+        &mut self,
+        index: usize,
+        history: &[(Tensor, Tensor)],
+        sample: &Tensor,
+    ) -> Result<()> {
+        match (self, history) {
+            (Scheduler::Ddim(_) | Scheduler::FlowMatchEuler(_), []) => Ok(()),
+            (Scheduler::DpmSolverPP(_), []) if index == 0 => Ok(()),
+            // The update only keeps the previous data prediction.
+            (Scheduler::DpmSolverPP(s), [(x, out)]) if index > 0 => {
+                s.step(out, index - 1, x).map(|_| ())
+            }
+            (Scheduler::UniPc(s), history) => s.resume(index, history, sample),
+            (_, history) => candle_core::bail!(
+                "step {index} resumes from {} earlier steps, which this scheduler does not take",
+                history.len()
+            ),
+        }
+    }
+
     /// Step `index` of the schedule (at `timestep(index)`).
     pub fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
         match self {

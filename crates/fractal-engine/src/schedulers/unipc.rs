@@ -113,6 +113,86 @@ impl UniPc {
         Ok(prev)
     }
 
+    /// The data prediction `x − σ_i·v` of step `index` from its sample and
+    /// the model's velocity there.
+    pub fn data_prediction(
+        &self,
+        index: usize,
+        sample: &Tensor,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
+        sample - (model_output * self.sigmas[index] as f64)?
+    }
+
+    /// Sets the solver up to take step `index` from `sample` as it would
+    /// have after the steps before it, from what a trace commits: the
+    /// latents and model outputs of up to two earlier steps (`history`,
+    /// oldest first, ending at step `index − 1`).
+    ///
+    /// The corrector needs the corrected latents the last prediction
+    /// started from, which the trace does not hold; the prediction is an
+    /// affine map of them with the nonzero factor `σ_index / σ_{index−1}`,
+    /// so they are recovered by inverting it from `sample`.
+    pub fn resume(
+        &mut self,
+        index: usize,
+        history: &[(Tensor, Tensor)],
+        sample: &Tensor,
+    ) -> Result<()> {
+        let steps = self.timesteps.len();
+        let want = index.min(SOLVER_ORDER);
+        if index >= steps || history.len() != want {
+            candle_core::bail!(
+                "UniPC resumes step {index} of {steps} from {want} earlier steps, got {}",
+                history.len()
+            );
+        }
+        let first = index - want;
+        let predictions = history
+            .iter()
+            .enumerate()
+            .map(|(j, (x, v))| self.data_prediction(first + j, x, v))
+            .collect::<Result<Vec<_>>>()?;
+        self.history = match predictions.as_slice() {
+            [] => [None, None],
+            [m] => [None, Some(m.clone())],
+            [older, newer] => [Some(older.clone()), Some(newer.clone())],
+            _ => unreachable!("at most two"),
+        };
+        self.lower_order_nums = index.min(SOLVER_ORDER);
+        self.next = index;
+        if index == 0 {
+            self.last_sample = None;
+            return Ok(());
+        }
+        // The order step `index − 1` predicted with (as `step` chose it).
+        let prev = index - 1;
+        let order = SOLVER_ORDER
+            .min(steps - prev)
+            .min(prev.min(SOLVER_ORDER) + 1);
+        self.last_order = order;
+        self.last_sample = Some(self.unpredict(sample, prev, order)?);
+        Ok(())
+    }
+
+    /// The inverse of [`UniPc::predict`] from step `i` at `order`: the
+    /// (corrected) latents at `σ[i]` that predict `x` at `σ[i+1]`, given the
+    /// history as it was then (newest prediction `m_i`).
+    fn unpredict(&self, x: &Tensor, i: usize, order: usize) -> Result<Tensor> {
+        let (s_t, s_0) = (self.sigmas[i + 1], self.sigmas[i]);
+        let (m0, m1) = self.predictions();
+        let alpha_t = 1.0 - s_t;
+        let h = lambda(s_t) - lambda(s_0);
+        let alpha_b = alpha_t * expm1(-h);
+        let mut before = (x + (m0 * alpha_b as f64)?)?;
+        if order == 2 {
+            let m1 = m1.expect("order 2 has a previous prediction");
+            let (d1, _) = Self::difference(m1, m0, self.sigmas[i - 1], s_0, h)?;
+            before = (before + ((d1 * 0.5)? * alpha_b as f64)?)?;
+        }
+        before.broadcast_div(&scalar(s_t / s_0, x)?)
+    }
+
     /// The history's data predictions: `(newest, previous)`.
     fn predictions(&self) -> (&Tensor, Option<&Tensor>) {
         (
@@ -203,6 +283,56 @@ mod tests {
         assert_eq!(
             ten.timesteps(),
             &[999.0, 964.0, 923.0, 875.0, 818.0, 750.0, 667.0, 563.0, 429.0, 251.0]
+        );
+    }
+
+    /// A step resumed from two earlier steps' latents and velocities (as an
+    /// audit opens them) lands where the uninterrupted run did.
+    #[test]
+    fn a_resumed_step_lands_where_the_run_did() {
+        use candle_core::Device;
+        let steps = 8;
+        let noise = |seed: u64| {
+            let mut v = vec![0f32; 2 * 3 * 4];
+            fractal_protocol::noise::fill_gaussian(
+                fractal_protocol::Seed(seed),
+                fractal_protocol::noise::Stream::InitialLatents,
+                &mut v,
+            );
+            Tensor::from_vec(v, (2, 3, 4), &Device::Cpu).unwrap()
+        };
+        let mut run = UniPc::new(1000, 3.0, steps);
+        let mut xs = vec![noise(0)];
+        let mut vs = Vec::new();
+        for i in 0..steps {
+            // A velocity that depends on the sample, as a model's does.
+            let v = ((&xs[i] * 0.7).unwrap() + noise(i as u64 + 1)).unwrap();
+            xs.push(run.step(&v, i, &xs[i]).unwrap());
+            vs.push(v);
+        }
+        for k in 0..steps {
+            let mut fresh = UniPc::new(1000, 3.0, steps);
+            let history: Vec<(Tensor, Tensor)> = (k.saturating_sub(2)..k)
+                .map(|j| (xs[j].clone(), vs[j].clone()))
+                .collect();
+            fresh.resume(k, &history, &xs[k]).unwrap();
+            let next = fresh.step(&vs[k], k, &xs[k]).unwrap();
+            let err = (next - &xs[k + 1])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "step {k}: {err}");
+        }
+        let mut fresh = UniPc::new(1000, 3.0, steps);
+        assert!(
+            fresh.resume(3, &[], &xs[3]).is_err(),
+            "step 3 needs two earlier steps"
         );
     }
 }
