@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Times Python diffusers on a TextToVideoSD folder for `fractal bench engine`.
+"""Times Python diffusers on a diffusers folder (TextToVideoSDPipeline or
+WanPipeline, as its model_index.json says) for `fractal bench engine`.
 
 Prints one JSON line: {"load_s": .., "runs_s": [..]}. Same pipeline config,
 thread count, steps and output (decoded frames) as the Rust worker.
@@ -9,7 +10,7 @@ import json
 import time
 
 import torch
-from diffusers import TextToVideoSDPipeline
+from diffusers import DiffusionPipeline
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
@@ -26,7 +27,7 @@ a = ap.parse_args()
 
 torch.set_num_threads(a.threads)
 t = time.perf_counter()
-pipe = TextToVideoSDPipeline.from_pretrained(a.model, dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
 pipe.set_progress_bar_config(disable=True)
 if a.device != "cpu":
     pipe.to(a.device)

@@ -8,14 +8,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
-use fractal_engine::{GenerateSpec, Pipeline, TinyVariant};
+use fractal_engine::{GenerateSpec, PinnedModel};
 use fractal_protocol::Seed;
 use serde::{Deserialize, Serialize};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Time the engine against diffusers (PyTorch CPU) on the same tiny pipeline.
+    /// Time the engine against diffusers (PyTorch CPU) on the same built-in
+    /// pipeline (TextToVideoSD or Wan), exported as a diffusers folder.
     Engine(EngineBench),
     /// One side of the engine benchmark (run by `bench engine`).
     #[command(hide = true)]
@@ -34,7 +34,8 @@ pub enum BenchCmd {
 
 #[derive(Args, Clone, Serialize)]
 pub struct Workload {
-    /// A diffusers folder (the benchmark exports the tiny model into one).
+    /// A diffusers folder of either architecture (the benchmark exports a
+    /// built-in model into one).
     #[arg(long)]
     model: PathBuf,
     #[arg(long, default_value = "a red fox running in the snow")]
@@ -123,9 +124,9 @@ fn run_measured(mut cmd: Command) -> anyhow::Result<(String, i64)> {
 fn worker(w: Workload) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", w.threads.to_string());
     let t = Instant::now();
-    let model = Model::load(&w.model, &fractal_engine::device_from_name(&w.device)?)?;
-    let scheduler = fractal_engine::schedulers::spec_from_folder(&w.model)?;
-    let pipeline = Pipeline::from(TextToVideoSd::new(model, scheduler));
+    let device = fractal_engine::device_from_name(&w.device)?;
+    let pinned = PinnedModel::unpinned_folder(&w.model, &device, None)?;
+    let pipeline = &pinned.pipeline;
     let load_s = t.elapsed().as_secs_f64();
     let mut runs_s = Vec::new();
     for i in 0..w.repeats {
@@ -185,9 +186,10 @@ fn measure(cmd: Command) -> anyhow::Result<Measured> {
 }
 
 fn engine(b: EngineBench) -> anyhow::Result<()> {
-    if TinyVariant::parse(&b.variant).is_none() {
-        bail!("unknown variant {:?}", b.variant)
-    }
+    let manifest = fractal_engine::builtin::manifest_or_err(&b.variant)?;
+    // A count the model makes (Wan: 1 + 4k), and its own guidance scale.
+    let frames = manifest.frames_at_least(b.frames as u32) as usize;
+    let guidance = manifest.defaults.guidance_scale;
     if !b.python.exists() {
         bail!("{} not found: run tools/parity/make_fixtures.sh once (it creates the diffusers venv) or pass --python", b.python.display());
     }
@@ -207,11 +209,11 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
     let w = Workload {
         model: dir.clone(),
         prompt: "a red fox running in the snow".into(),
-        frames: b.frames,
+        frames,
         height: b.size,
         width: b.size,
         steps: b.steps,
-        guidance: 9.0,
+        guidance,
         threads: b.threads,
         repeats: b.repeats,
         device: b.device.clone(),
@@ -235,8 +237,8 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
         .args(args_of(&w))
         .env("OMP_NUM_THREADS", b.threads.to_string());
     eprintln!(
-        "benchmarking {} ({} frames {}x{}, {} steps, CFG 9, {} threads, {}, best of {})...",
-        b.variant, b.frames, b.size, b.size, b.steps, b.threads, b.device, b.repeats
+        "benchmarking {} ({frames} frames {}x{}, {} steps, CFG {guidance}, {} threads, {}, best of {})...",
+        b.variant, b.size, b.size, b.steps, b.threads, b.device, b.repeats
     );
     let rust = measure(ours)?;
     let py = measure(theirs)?;

@@ -9,11 +9,9 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
-use fractal_engine::{
-    builtin::tiny, kernels::cpu, pipelines::text_to_video_sd::Model, Degradation, PinnedModel,
-    TinyVariant,
-};
-use fractal_protocol::manifest::Size;
+use fractal_engine::pipelines::{text_to_video_sd, wan};
+use fractal_engine::{kernels::cpu, Degradation, PinnedModel, TinyVariant, WanVariant};
+use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
 use fractal_prover::job::{self, StrategyState};
@@ -58,13 +56,80 @@ pub struct VerifyBench {
     /// Seed of the bench's own randomness (requests, audit plans).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The built-in model audited: tiny-v1 (TextToVideoSD) or tiny-wan-v1
+    /// (Wan 2.1). Frame counts are rounded up to ones it makes.
+    #[arg(long, default_value = "tiny-v1")]
+    model: String,
+    /// Run the model's manifest with another scheduler of its family
+    /// (ddim, dpm-solver; flow-euler, unipc).
+    #[arg(long)]
+    scheduler: Option<String>,
 }
 
-fn pinned(model: Model) -> anyhow::Result<PinnedModel> {
-    Ok(PinnedModel::from_parts(
-        tiny::manifest(TinyVariant::Base),
-        model,
-    )?)
+/// The audited model's manifest and the models provers run under it.
+struct Models {
+    manifest: ModelManifest,
+}
+
+impl Models {
+    fn new(name: &str, scheduler: Option<&str>) -> anyhow::Result<Self> {
+        let mut manifest = fractal_engine::builtin::manifest_or_err(name)?;
+        if let Some(s) = scheduler {
+            let kind = match s {
+                "ddim" => SchedulerKind::Ddim,
+                "dpm-solver" => SchedulerKind::DpmSolverMultistep,
+                "flow-euler" => SchedulerKind::FlowMatchEuler,
+                "unipc" => SchedulerKind::UniPcMultistep,
+                other => anyhow::bail!("unknown scheduler {other:?}"),
+            };
+            manifest.scheduler = manifest
+                .scheduler
+                .with_kind(kind)
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(Models { manifest })
+    }
+
+    fn honest(&self) -> anyhow::Result<PinnedModel> {
+        Ok(PinnedModel::load(
+            self.manifest.clone(),
+            None,
+            &Device::Cpu,
+        )?)
+    }
+
+    /// The model's weights degraded, claiming its manifest.
+    fn degraded(&self, d: Degradation) -> anyhow::Result<PinnedModel> {
+        let name = self.builtin_name();
+        let m = self.manifest.clone();
+        Ok(match (TinyVariant::parse(name), WanVariant::parse(name)) {
+            (Some(v), _) => PinnedModel::from_parts(
+                m,
+                text_to_video_sd::Model::tiny_degraded(v, d, &Device::Cpu)?,
+            )?,
+            (_, Some(v)) => {
+                PinnedModel::from_parts(m, wan::Model::tiny_degraded(v, d, &Device::Cpu)?)?
+            }
+            (None, None) => anyhow::bail!("{name} is not a built-in model"),
+        })
+    }
+
+    /// Another built-in model of the same architecture claiming the
+    /// manifest, where there is one (tiny-wide-v1 for tiny-v1).
+    fn other(&self) -> anyhow::Result<Option<PinnedModel>> {
+        if TinyVariant::parse(self.builtin_name()).is_none() {
+            return Ok(None);
+        }
+        let wide = text_to_video_sd::Model::tiny(TinyVariant::Wide, &Device::Cpu)?;
+        Ok(Some(PinnedModel::from_parts(self.manifest.clone(), wide)?))
+    }
+
+    fn builtin_name(&self) -> &str {
+        match &self.manifest.weights {
+            fractal_protocol::manifest::Weights::Builtin(n) => n,
+            fractal_protocol::manifest::Weights::Files(_) => unreachable!("built-in manifests"),
+        }
+    }
 }
 
 /// A job as app traffic looks (prompt and negative prompt from the
@@ -290,12 +355,17 @@ fn cheats(n: u32) -> Vec<Cheat> {
 }
 
 pub fn run(b: VerifyBench) -> anyhow::Result<()> {
-    let cpu = Device::Cpu;
-    let honest = pinned(Model::tiny(TinyVariant::Base, &cpu)?)?;
-    let auditor = Auditor::new(std::sync::Arc::new(pinned(Model::tiny(
-        TinyVariant::Base,
-        &cpu,
-    )?)?));
+    let models = Models::new(&b.model, b.scheduler.as_deref())?;
+    let honest = models.honest()?;
+    let auditor = Auditor::new(std::sync::Arc::new(models.honest()?));
+    // Frame counts the model makes (Wan: 1 + 4k).
+    let frames = |n: u32| honest.manifest.frames_at_least(n);
+    let b = VerifyBench {
+        frames: frames(b.frames),
+        honest_frames: frames(b.honest_frames),
+        cost_frames: frames(b.cost_frames),
+        ..b
+    };
     let plan = honest.manifest.verification.clone();
     let mix = ChallengeMix::new(&honest.manifest, honest.manifest_id);
     let mut rng = rand::rngs::StdRng::seed_from_u64(b.seed);
@@ -310,9 +380,14 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     };
     let state = StrategyState::default();
     println!(
-        "audit plan (tiny-v1 manifest): {} step pairs per audit, {} audits per prover per epoch; \
+        "audit plan ({} manifest, {:?}): {} step pairs per audit, {} audits per prover per epoch; \
          tolerances: model output {:.0e}, update {:.0e} (relative L2)",
-        plan.pairs_per_audit, plan.audits_per_epoch, plan.output_rel_l2, plan.update_rel_l2
+        b.model,
+        honest.manifest.scheduler.kind(),
+        plan.pairs_per_audit,
+        plan.audits_per_epoch,
+        plan.output_rel_l2,
+        plan.update_rel_l2
     );
 
     // Cost: full generation (all steps, all frames, encode) vs one audit.
@@ -349,9 +424,10 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     if b.cost_jobs > 0 {
         ratios.sort_by(f64::total_cmp);
         println!(
-            "spot-check cost ({} frames {s}x{s}, {} steps, tiny-v1, 2 threads, {} jobs): generate {:.3} s, verify {:.3} s, ratio {:.1}% (jobs {:.1}-{:.1}%)",
+            "spot-check cost ({} frames {s}x{s}, {} steps, {}, 2 threads, {} jobs): generate {:.3} s, verify {:.3} s, ratio {:.1}% (jobs {:.1}-{:.1}%)",
             b.cost_frames,
             b.cost_steps,
+            b.model,
             b.cost_jobs,
             gen / b.cost_jobs as f64,
             ver / b.cost_jobs as f64,
@@ -365,7 +441,8 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     // 256x256 are latents of 4 x 16 x 32 x 32 f32.
     let leaf_bytes = 4 * 16 * 32 * 32 * 4;
     let leaves = TraceLeaf::count(50) as usize;
-    let opened = 2 + 3 * plan.pairs_per_audit as usize;
+    let opened = 2 + honest.manifest.scheduler.kind().max_leaves_per_pair() as usize
+        * plan.pairs_per_audit as usize;
     println!(
         "trace at ModelScope size (16 frames 256x256, 50 steps): {} leaves of {} KiB = {:.1} MiB kept per job for the audit window; \
          an audit opens at most {} leaves = {:.2} MiB ({:.2} MiB as base64 JSON)",
@@ -484,9 +561,12 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     for &n in &b.steps {
         for cheat in cheats(n) {
             let model = if cheat.other_model {
-                pinned(Model::tiny(TinyVariant::Wide, &cpu)?)?
+                match models.other()? {
+                    Some(m) => m,
+                    None => continue,
+                }
             } else {
-                pinned(Model::tiny_degraded(TinyVariant::Base, cheat.model, &cpu)?)?
+                models.degraded(cheat.model)?
             };
             let state = StrategyState::default();
             let mut caught = 0;

@@ -393,3 +393,56 @@ fn builtin_tiny_wan_with_unipc_non_square_without_guidance() {
 fn builtin_tiny_wan_with_unipc_a_negative_prompt_and_one_frame() {
     check_builtin("builtin-unipc-cfg-negative");
 }
+
+/// Max absolute error allowed at Wan2.1-T2V-1.3B's real shapes: sums over
+/// 1536- to 8960-wide rows, 30 blocks deep, accumulate in another order
+/// than PyTorch's.
+const SHAPE_TOLERANCE: f32 = 1e-3;
+
+/// Wan2.1-T2V-1.3B's shapes (`wan-1.3b-shape`: seeded random weights at the
+/// real configs) against diffusers on the folder `export-tiny` writes
+/// (tools/parity/make_wan_shape_fixtures.py): one transformer forward over
+/// 192 tokens with head width 128, and one VAE decode of 5 frames at 96x96
+/// through the 384-channel levels: the large-shape kernel paths.
+#[test]
+fn wan_1_3b_shapes_match_diffusers_forward_and_decode() {
+    use fractal_engine::builtin::tiny::TinyWeights;
+    use fractal_engine::builtin::tiny_wan::{configs, WanVariant};
+    use fractal_engine::models::autoencoder_kl_wan::WanVaeDecoder;
+    let (meta, fx) = fixture("shape-1.3b");
+    let noise = |k: &str| {
+        let shape: Vec<usize> = serde_json::from_value(meta[k]["shape"].clone()).unwrap();
+        let mut v = vec![0f32; shape.iter().product()];
+        fractal_protocol::noise::fill_gaussian(
+            fractal_protocol::Seed(meta[k]["seed"].as_u64().unwrap()),
+            fractal_protocol::noise::Stream::InitialLatents,
+            &mut v,
+        );
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let c = configs(WanVariant::Wan13bShape);
+    let report;
+    {
+        // Fresh weights per component: each is made from its names alone,
+        // and dropping the transformer frees its 5.7 GB before the VAE.
+        let weights = TinyWeights::default();
+        let transformer = WanTransformer::new(
+            weights.var_builder("transformer.", &Device::Cpu),
+            c.transformer,
+        )
+        .unwrap();
+        let t = meta["timestep"].as_f64().unwrap() as f32;
+        let out = transformer
+            .forward(&noise("latents"), &[t], &noise("text"))
+            .unwrap();
+        let err = fractal_engine::pipelines::max_abs_diff(&out, &fx["transformer_out"]).unwrap();
+        report = format!("transformer forward {:?}: {err:.2e}", out.dims());
+        assert!(err <= SHAPE_TOLERANCE, "{report}");
+    }
+    let weights = TinyWeights::default();
+    let vae = WanVaeDecoder::new(weights.var_builder("vae.", &Device::Cpu), c.vae).unwrap();
+    let decoded = vae.decode(&noise("decode")).unwrap();
+    let err = fractal_engine::pipelines::max_abs_diff(&decoded, &fx["decoded"]).unwrap();
+    eprintln!("{report}\nVAE decode {:?}: {err:.2e}", decoded.dims());
+    assert!(err <= SHAPE_TOLERANCE, "VAE decode: {err}");
+}

@@ -337,6 +337,18 @@ pub struct Verification {
 }
 
 impl Verification {
+    /// The default plan and tolerances, with a model's frame PSNR bound
+    /// (the one field without a default).
+    pub fn with_defaults(frame_psnr_db: f64) -> Self {
+        Verification {
+            output_rel_l2: Self::default_output_rel_l2(),
+            update_rel_l2: Self::default_update_rel_l2(),
+            frame_psnr_db,
+            pairs_per_audit: Self::default_pairs_per_audit(),
+            audits_per_epoch: Self::default_audits_per_epoch(),
+        }
+    }
+
     /// Measured honest worst case on CPU builds is far below this (see
     /// `fractal bench verify`); cheaper weights or activations are above it.
     pub const fn default_output_rel_l2() -> f64 {

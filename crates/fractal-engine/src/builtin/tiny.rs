@@ -481,12 +481,6 @@ pub fn manifest(variant: TinyVariant) -> fractal_protocol::ModelManifest {
             max_steps: 50,
             max_prompt_bytes: 1000,
         },
-        verification: Verification {
-            output_rel_l2: Verification::default_output_rel_l2(),
-            update_rel_l2: Verification::default_update_rel_l2(),
-            frame_psnr_db: 30.0,
-            pairs_per_audit: Verification::default_pairs_per_audit(),
-            audits_per_epoch: Verification::default_audits_per_epoch(),
-        },
+        verification: Verification::with_defaults(30.0),
     }
 }

@@ -63,94 +63,78 @@ const LATENTS_STD: [f32; 16] = [
 ];
 
 pub fn configs(variant: WanVariant) -> ModelConfigs {
-    let vocab_size = 70;
-    match variant {
-        WanVariant::Tiny => ModelConfigs {
-            text: T5Config {
-                model_type: "umt5".into(),
-                vocab_size,
-                d_model: 32,
-                d_kv: 8,
-                d_ff: 64,
-                num_layers: 2,
-                num_heads: 4,
-                relative_attention_num_buckets: 32,
-                relative_attention_max_distance: 128,
-                layer_norm_epsilon: 1e-6,
-                feed_forward_proj: "gated-gelu".into(),
-            },
-            transformer: WanTransformerConfig {
-                patch_size: [1, 2, 2],
-                num_attention_heads: 2,
-                attention_head_dim: 16,
-                in_channels: 16,
-                out_channels: Some(16),
-                text_dim: 32,
-                freq_dim: 64,
-                ffn_dim: 64,
-                num_layers: 2,
-                cross_attn_norm: true,
-                eps: 1e-6,
-                rope_max_seq_len: 64,
-                image_dim: None,
-                added_kv_proj_dim: None,
-            },
-            vae: WanVaeConfig {
-                base_dim: 8,
-                decoder_base_dim: None,
-                z_dim: 16,
-                dim_mult: vec![1, 2, 2, 2],
-                num_res_blocks: 1,
-                temperal_downsample: vec![false, true, true],
-                latents_mean: LATENTS_MEAN.to_vec(),
-                latents_std: LATENTS_STD.to_vec(),
-                out_channels: 3,
-                is_residual: false,
-                patch_size: None,
-            },
+    let tiny = ModelConfigs {
+        text: T5Config {
+            model_type: "umt5".into(),
+            // The built-in tokenizer's pieces.
+            vocab_size: 70,
+            d_model: 32,
+            d_kv: 8,
+            d_ff: 64,
+            num_layers: 2,
+            num_heads: 4,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "gated-gelu".into(),
         },
+        transformer: WanTransformerConfig {
+            patch_size: [1, 2, 2],
+            num_attention_heads: 2,
+            attention_head_dim: 16,
+            in_channels: 16,
+            out_channels: Some(16),
+            text_dim: 32,
+            freq_dim: 64,
+            ffn_dim: 64,
+            num_layers: 2,
+            cross_attn_norm: true,
+            eps: 1e-6,
+            rope_max_seq_len: 64,
+            image_dim: None,
+            added_kv_proj_dim: None,
+        },
+        vae: WanVaeConfig {
+            base_dim: 8,
+            decoder_base_dim: None,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 2, 2],
+            num_res_blocks: 1,
+            temperal_downsample: vec![false, true, true],
+            latents_mean: LATENTS_MEAN.to_vec(),
+            latents_std: LATENTS_STD.to_vec(),
+            out_channels: 3,
+            is_residual: false,
+            patch_size: None,
+        },
+    };
+    match variant {
+        WanVariant::Tiny => tiny,
+        // Wan2.1-T2V-1.3B-Diffusers' transformer and VAE configs; umT5-XXL's
+        // widths with 2 of its 24 layers.
         WanVariant::Wan13bShape => ModelConfigs {
             text: T5Config {
-                model_type: "umt5".into(),
-                vocab_size,
                 d_model: 4096,
                 d_kv: 64,
                 d_ff: 10240,
-                num_layers: 2,
                 num_heads: 64,
-                relative_attention_num_buckets: 32,
-                relative_attention_max_distance: 128,
-                layer_norm_epsilon: 1e-6,
-                feed_forward_proj: "gated-gelu".into(),
+                ..tiny.text
             },
             transformer: WanTransformerConfig {
-                patch_size: [1, 2, 2],
                 num_attention_heads: 12,
                 attention_head_dim: 128,
-                in_channels: 16,
-                out_channels: Some(16),
                 text_dim: 4096,
                 freq_dim: 256,
                 ffn_dim: 8960,
                 num_layers: 30,
-                cross_attn_norm: true,
-                eps: 1e-6,
                 rope_max_seq_len: 1024,
-                image_dim: None,
-                added_kv_proj_dim: None,
+                ..tiny.transformer
             },
             vae: WanVaeConfig {
                 base_dim: 96,
-                decoder_base_dim: None,
-                z_dim: 16,
                 dim_mult: vec![1, 2, 4, 4],
                 num_res_blocks: 2,
-                temperal_downsample: vec![false, true, true],
-                latents_mean: LATENTS_MEAN.to_vec(),
-                latents_std: LATENTS_STD.to_vec(),
-                out_channels: 3,
-                is_residual: false,
-                patch_size: None,
+                ..tiny.vae
             },
         },
     }
@@ -298,84 +282,71 @@ impl Model {
 /// `quant_conv`) for `c`, named and shaped as diffusers makes them: a
 /// folder must hold them for diffusers to load it.
 fn vae_encoder_parameters(c: &WanVaeConfig) -> Vec<(String, Vec<usize>)> {
-    let mut p: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut conv = |p: &mut Vec<(String, Vec<usize>)>, name: &str, shape: Vec<usize>| {
-        p.push((format!("{name}.weight"), shape.clone()));
-        p.push((format!("{name}.bias"), vec![shape[0]]));
-    };
-    let residual = |p: &mut Vec<(String, Vec<usize>)>,
-                    conv: &mut dyn FnMut(&mut Vec<(String, Vec<usize>)>, &str, Vec<usize>),
-                    name: &str,
-                    i: usize,
-                    o: usize| {
-        p.push((format!("{name}.norm1.gamma"), vec![i, 1, 1, 1]));
-        conv(p, &format!("{name}.conv1"), vec![o, i, 3, 3, 3]);
-        p.push((format!("{name}.norm2.gamma"), vec![o, 1, 1, 1]));
-        conv(p, &format!("{name}.conv2"), vec![o, o, 3, 3, 3]);
-        if i != o {
-            conv(p, &format!("{name}.conv_shortcut"), vec![o, i, 1, 1, 1]);
-        }
-    };
-    let base = c.base_dim;
+    let mut p = Params(Vec::new());
     let dims: Vec<usize> = std::iter::once(1)
         .chain(c.dim_mult.iter().copied())
-        .map(|m| base * m)
+        .map(|m| c.base_dim * m)
         .collect();
-    conv(&mut p, "encoder.conv_in", vec![dims[0], 3, 3, 3, 3]);
+    p.conv("encoder.conv_in", vec![dims[0], 3, 3, 3, 3]);
     let mut k = 0;
     let levels = c.dim_mult.len();
     for i in 0..levels {
         let (mut d_in, d_out) = (dims[i], dims[i + 1]);
         for _ in 0..c.num_res_blocks {
-            residual(
-                &mut p,
-                &mut conv,
-                &format!("encoder.down_blocks.{k}"),
-                d_in,
-                d_out,
-            );
+            p.residual(&format!("encoder.down_blocks.{k}"), d_in, d_out);
             d_in = d_out;
             k += 1;
         }
         if i != levels - 1 {
             let name = format!("encoder.down_blocks.{k}");
-            conv(
-                &mut p,
-                &format!("{name}.resample.1"),
-                vec![d_out, d_out, 3, 3],
-            );
+            p.conv(&format!("{name}.resample.1"), vec![d_out, d_out, 3, 3]);
             if c.temperal_downsample[i] {
-                conv(
-                    &mut p,
-                    &format!("{name}.time_conv"),
-                    vec![d_out, d_out, 3, 1, 1],
-                );
+                p.conv(&format!("{name}.time_conv"), vec![d_out, d_out, 3, 1, 1]);
             }
             k += 1;
         }
     }
     let top = dims[levels];
-    residual(&mut p, &mut conv, "encoder.mid_block.resnets.0", top, top);
-    p.push((
-        "encoder.mid_block.attentions.0.norm.gamma".into(),
-        vec![top, 1, 1],
-    ));
-    conv(
-        &mut p,
-        "encoder.mid_block.attentions.0.to_qkv",
+    let mid = "encoder.mid_block";
+    p.residual(&format!("{mid}.resnets.0"), top, top);
+    p.push(&format!("{mid}.attentions.0.norm.gamma"), vec![top, 1, 1]);
+    p.conv(
+        &format!("{mid}.attentions.0.to_qkv"),
         vec![3 * top, top, 1, 1],
     );
-    conv(
-        &mut p,
-        "encoder.mid_block.attentions.0.proj",
-        vec![top, top, 1, 1],
-    );
-    residual(&mut p, &mut conv, "encoder.mid_block.resnets.1", top, top);
-    p.push(("encoder.norm_out.gamma".into(), vec![top, 1, 1, 1]));
+    p.conv(&format!("{mid}.attentions.0.proj"), vec![top, top, 1, 1]);
+    p.residual(&format!("{mid}.resnets.1"), top, top);
+    p.push("encoder.norm_out.gamma", vec![top, 1, 1, 1]);
     let z2 = 2 * c.z_dim;
-    conv(&mut p, "encoder.conv_out", vec![z2, top, 3, 3, 3]);
-    conv(&mut p, "quant_conv", vec![z2, z2, 1, 1, 1]);
-    p
+    p.conv("encoder.conv_out", vec![z2, top, 3, 3, 3]);
+    p.conv("quant_conv", vec![z2, z2, 1, 1, 1]);
+    p.0
+}
+
+/// Parameter names and shapes, as diffusers' modules register them.
+struct Params(Vec<(String, Vec<usize>)>);
+
+impl Params {
+    fn push(&mut self, name: &str, shape: Vec<usize>) {
+        self.0.push((name.to_string(), shape));
+    }
+
+    /// A convolution's weight and bias.
+    fn conv(&mut self, name: &str, shape: Vec<usize>) {
+        self.push(&format!("{name}.bias"), vec![shape[0]]);
+        self.push(&format!("{name}.weight"), shape);
+    }
+
+    /// `WanResidualBlock(i, o)`.
+    fn residual(&mut self, name: &str, i: usize, o: usize) {
+        self.push(&format!("{name}.norm1.gamma"), vec![i, 1, 1, 1]);
+        self.conv(&format!("{name}.conv1"), vec![o, i, 3, 3, 3]);
+        self.push(&format!("{name}.norm2.gamma"), vec![o, 1, 1, 1]);
+        self.conv(&format!("{name}.conv2"), vec![o, o, 3, 3, 3]);
+        if i != o {
+            self.conv(&format!("{name}.conv_shortcut"), vec![o, i, 1, 1, 1]);
+        }
+    }
 }
 
 /// The manifest of a built-in Wan: what `fractal grid --tiny tiny-wan-v1`
@@ -437,12 +408,6 @@ pub fn manifest(variant: WanVariant) -> fractal_protocol::ModelManifest {
             max_steps: 50,
             max_prompt_bytes: 1000,
         },
-        verification: Verification {
-            output_rel_l2: Verification::default_output_rel_l2(),
-            update_rel_l2: Verification::default_update_rel_l2(),
-            frame_psnr_db: 30.0,
-            pairs_per_audit: Verification::default_pairs_per_audit(),
-            audits_per_epoch: Verification::default_audits_per_epoch(),
-        },
+        verification: Verification::with_defaults(30.0),
     }
 }

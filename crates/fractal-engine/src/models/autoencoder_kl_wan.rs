@@ -241,6 +241,8 @@ fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, pad: (usize, usize)) -> Re
 struct RmsNorm {
     gamma: Tensor,
     scale: f64,
+    /// `γ·√dim` on the host (the fused kernel's per-channel factor).
+    weight: Vec<f32>,
 }
 
 impl RmsNorm {
@@ -250,19 +252,38 @@ impl RmsNorm {
         } else {
             vb.get((dim, 1, 1, 1), "gamma")?
         };
+        let gamma = gamma.flatten_all()?;
+        let scale = (dim as f64).sqrt();
+        // γ·√dim as the candle path computes it, for the fused kernel.
+        let weight = (&gamma * scale)?.to_vec1::<f32>()?;
         Ok(Self {
-            gamma: gamma.flatten_all()?,
-            scale: (dim as f64).sqrt(),
+            gamma,
+            scale,
+            weight,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, false)
+    }
+
+    /// The norm, then SiLU when `silu_after` (one fused pass on the CPU).
+    fn forward_then(&self, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        let _t = profile::stage("wan_vae.rms_norm");
+        if cpu::applies(x) {
+            return cpu::channel_rms_norm(x, &self.weight, silu_after);
+        }
         let dims = x.dims().to_vec();
         let mut shape = vec![1; dims.len()];
         shape[1] = dims[1];
         let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
         let gamma = (self.gamma.reshape(shape)? * self.scale)?;
-        x.broadcast_div(&norm)?.broadcast_mul(&gamma)
+        let y = x.broadcast_div(&norm)?.broadcast_mul(&gamma)?;
+        if silu_after {
+            silu(&y)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -305,9 +326,9 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = silu(&self.norm1.forward(x)?)?;
+        let y = self.norm1.forward_then(x, true)?;
         let y = self.conv1.forward_cached(&y, cache)?;
-        let y = silu(&self.norm2.forward(&y)?)?;
+        let y = self.norm2.forward_then(&y, true)?;
         let y = self.conv2.forward_cached(&y, cache)?;
         y + h
     }
@@ -586,7 +607,7 @@ impl WanVaeDecoder {
                 x = u.forward(&x, cache)?;
             }
         }
-        let x = silu(&self.norm_out.forward(&x)?)?;
+        let x = self.norm_out.forward_then(&x, true)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }

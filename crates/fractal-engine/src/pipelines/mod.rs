@@ -136,21 +136,22 @@ impl Components for wan::Model {
 }
 
 /// The interface every role uses, whatever the architecture: one variant
-/// per architecture, chosen from `manifest.architecture`.
+/// per architecture, chosen from `manifest.architecture` (boxed: the
+/// pipelines' sizes differ and one is made per model).
 pub enum Pipeline {
-    TextToVideoSd(TextToVideoSd),
-    Wan(Wan),
+    TextToVideoSd(Box<TextToVideoSd>),
+    Wan(Box<Wan>),
 }
 
 impl From<TextToVideoSd> for Pipeline {
     fn from(p: TextToVideoSd) -> Self {
-        Pipeline::TextToVideoSd(p)
+        Pipeline::TextToVideoSd(Box::new(p))
     }
 }
 
 impl From<Wan> for Pipeline {
     fn from(p: Wan) -> Self {
-        Pipeline::Wan(p)
+        Pipeline::Wan(Box::new(p))
     }
 }
 
@@ -313,8 +314,26 @@ impl Pipeline {
     }
 }
 
+/// Opens `m`'s limits for an unpinned folder: every `i·s x j·s` size for
+/// `i, j` in `1..=16` (256x256 by default where it is one), 50 steps by
+/// default and up to 1000.
+pub(crate) fn open_limits(m: &mut ModelManifest, s: u32) {
+    m.limits.sizes = size_grid(s);
+    let preferred = fractal_protocol::manifest::Size {
+        width: 256,
+        height: 256,
+    };
+    m.defaults.size = if m.limits.sizes.contains(&preferred) {
+        preferred
+    } else {
+        m.limits.sizes[0]
+    };
+    m.defaults.steps = 50;
+    m.limits.max_steps = 1000;
+}
+
 /// Every `i·s x j·s` for `i, j` in `1..=16`.
-pub(crate) fn size_grid(s: u32) -> Vec<fractal_protocol::manifest::Size> {
+fn size_grid(s: u32) -> Vec<fractal_protocol::manifest::Size> {
     (1..=16)
         .flat_map(|i| {
             (1..=16).map(move |j| fractal_protocol::manifest::Size {

@@ -142,30 +142,16 @@ impl TextToVideoSd {
 }
 
 /// A manifest for an unpinned TextToVideoSD folder: the tiny model's, with
-/// the folder's scheduler and every size its VAE and UNet take (multiples
-/// of 64 pixels up to 1024).
+/// the folder's scheduler and sizes in steps of 64 pixels up to 1024.
 pub fn unpinned_manifest(
     dir: &std::path::Path,
     model: &Model,
 ) -> Result<fractal_protocol::ModelManifest, EngineError> {
-    use fractal_protocol::manifest::Size;
     let mut m = crate::builtin::tiny::manifest(crate::TinyVariant::Base);
     m.name = dir.display().to_string();
     m.scheduler = crate::schedulers::spec_from_folder(dir)?;
-    let s = model.configs.vae.scale_factor() as u32 * 8;
-    m.limits.sizes = crate::pipelines::size_grid(s);
-    let preferred = Size {
-        width: 256,
-        height: 256,
-    };
-    m.defaults.size = if m.limits.sizes.contains(&preferred) {
-        preferred
-    } else {
-        m.limits.sizes[0]
-    };
+    crate::pipelines::open_limits(&mut m, model.configs.vae.scale_factor() as u32 * 8);
     m.limits.max_frames = 64;
     m.defaults.frames = 16;
-    m.defaults.steps = 50;
-    m.limits.max_steps = 1000;
     Ok(m)
 }

@@ -158,14 +158,14 @@ impl Wan {
 }
 
 /// A manifest for an unpinned Wan folder: the folder's scheduler and shape
-/// constants, the released models' 512-token text, sizes in steps of 16
-/// patches' pixels, up to 81 frames.
+/// constants, the released models' 512-token text, sizes in steps of four
+/// patches' pixels (64 for Wan 2.1) up to 1024, up to 81 frames.
 pub fn unpinned_manifest(
     dir: &std::path::Path,
     model: &Model,
 ) -> Result<fractal_protocol::ModelManifest, EngineError> {
     use crate::builtin::tiny_wan::{manifest, WanVariant};
-    use fractal_protocol::manifest::{Architecture, Size};
+    use fractal_protocol::manifest::Architecture;
     let c = &model.configs;
     let mut m = manifest(WanVariant::Tiny);
     m.name = dir.display().to_string();
@@ -178,20 +178,9 @@ pub fn unpinned_manifest(
     };
     m.architecture = Architecture::Wan(spec);
     let s = spec.vae_scale_spatial * spec.patch_size[1].max(spec.patch_size[2]) * 4;
-    m.limits.sizes = crate::pipelines::size_grid(s);
-    let preferred = Size {
-        width: 256,
-        height: 256,
-    };
-    m.defaults.size = if m.limits.sizes.contains(&preferred) {
-        preferred
-    } else {
-        m.limits.sizes[0]
-    };
+    crate::pipelines::open_limits(&mut m, s);
     m.defaults.frames = m.frames_at_least(17);
     m.limits.max_frames = m.frames_at_least(81);
-    m.defaults.steps = 50;
-    m.limits.max_steps = 1000;
     m.validate()
         .map_err(|e| EngineError::BadInput(format!("{}: {e}", dir.display())))?;
     Ok(m)
