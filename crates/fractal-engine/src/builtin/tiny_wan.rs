@@ -93,6 +93,7 @@ pub fn configs(variant: WanVariant) -> ModelConfigs {
             rope_max_seq_len: 64,
             image_dim: None,
             added_kv_proj_dim: None,
+            qk_norm: Some("rms_norm_across_heads".into()),
         },
         vae: WanVaeConfig {
             base_dim: 8,
@@ -224,7 +225,6 @@ impl Model {
         )?;
         let mut transformer = serde_json::to_value(&c.transformer).expect("json");
         transformer["_class_name"] = "WanTransformer3DModel".into();
-        transformer["qk_norm"] = "rms_norm_across_heads".into();
         json("transformer/config.json", transformer)?;
         let mut vae = serde_json::to_value(&c.vae).expect("json");
         vae["_class_name"] = "AutoencoderKLWan".into();

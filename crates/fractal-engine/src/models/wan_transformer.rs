@@ -40,6 +40,11 @@ pub struct WanTransformerConfig {
     pub image_dim: Option<usize>,
     #[serde(default)]
     pub added_kv_proj_dim: Option<usize>,
+    /// How q and k are normalised: `rms_norm_across_heads` (diffusers'
+    /// default, what every released Wan 2.1 uses, and all this implements);
+    /// `null` would mean none.
+    #[serde(default = "default_qk_norm")]
+    pub qk_norm: Option<String>,
 }
 
 fn yes() -> bool {
@@ -47,6 +52,9 @@ fn yes() -> bool {
 }
 fn default_eps() -> f64 {
     1e-6
+}
+fn default_qk_norm() -> Option<String> {
+    Some("rms_norm_across_heads".into())
 }
 fn default_rope_len() -> usize {
     1024
@@ -65,6 +73,12 @@ impl WanTransformerConfig {
     pub fn unsupported(&self) -> Option<String> {
         if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
             return Some("image conditioning (Wan image-to-video) is not supported".into());
+        }
+        if self.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+            return Some(format!(
+                "qk_norm {:?} is not supported (only rms_norm_across_heads)",
+                self.qk_norm
+            ));
         }
         if !self.attention_head_dim.is_multiple_of(2) || !self.freq_dim.is_multiple_of(2) {
             return Some("attention_head_dim and freq_dim must be even".into());
