@@ -293,7 +293,12 @@ fn denoise(
         };
         let s = shortcut(strategy, i, steps);
         let (output, next) = match (s, last.clone()) {
-            (Shortcut::Repeat, Some(o)) => (o, x.clone()),
+            (Shortcut::Repeat, Some(o)) => {
+                // The scheduler still takes the (cheap) step, so a multistep
+                // solver's history stays in order; only its result is dropped.
+                scheduler.step(&o, i, &x)?;
+                (o, x.clone())
+            }
             (Shortcut::ReuseOutput, Some(o)) => {
                 let next = scheduler.step(&o, i, &x)?;
                 (o, next)
