@@ -31,10 +31,6 @@ impl PinnedModel {
         manifest
             .validate()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
-        let builtin = |name: &str| {
-            TinyVariant::parse(name)
-                .ok_or_else(|| EngineError::BadInput(format!("no built-in model named {name:?}")))
-        };
         let folder = match (&manifest.weights, folder) {
             (Weights::Builtin(_), _) => None,
             (Weights::Files(_), Some(dir)) => {
@@ -49,7 +45,10 @@ impl PinnedModel {
         };
         match (manifest.architecture, &manifest.weights, folder) {
             (Architecture::TextToVideoSd, Weights::Builtin(name), _) => {
-                let model = text_to_video_sd::Model::tiny(builtin(name)?, device)?;
+                let variant = TinyVariant::parse(name).ok_or_else(|| {
+                    EngineError::BadInput(format!("no built-in TextToVideoSD model named {name:?}"))
+                })?;
+                let model = text_to_video_sd::Model::tiny(variant, device)?;
                 Self::from_parts(manifest, model)
             }
             (Architecture::TextToVideoSd, _, Some(dir)) => {

@@ -42,7 +42,8 @@ pub struct StepEvent<'a> {
     pub index: usize,
     pub total: usize,
     /// The model output the step to `index` was computed from (the guided
-    /// noise prediction, `[1, C, F, h, w]`); `None` for the initial noise.
+    /// noise prediction, or velocity for flow models, `[1, C, F, h, w]`);
+    /// `None` for the initial noise.
     pub output: Option<&'a Tensor>,
     /// `[1, C, F, h, w]`, f32.
     pub latents: &'a Tensor,
