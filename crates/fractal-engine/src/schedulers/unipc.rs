@@ -42,6 +42,12 @@ fn lambda(s: f32) -> f32 {
     ln(1.0 - s) - ln(s)
 }
 
+/// A step's `h = λ(s_t) − λ(s_0)` and `α_t·φ₁(h)`, from `σ = s_0` to `s_t`.
+fn coefficients(s_t: f32, s_0: f32) -> (f32, f32) {
+    let h = lambda(s_t) - lambda(s_0);
+    (h, (1.0 - s_t) * expm1(-h))
+}
+
 fn expm1(x: f32) -> f32 {
     (x as f64).exp_m1() as f32
 }
@@ -180,15 +186,11 @@ impl UniPc {
     /// history as it was then (newest prediction `m_i`).
     fn unpredict(&self, x: &Tensor, i: usize, order: usize) -> Result<Tensor> {
         let (s_t, s_0) = (self.sigmas[i + 1], self.sigmas[i]);
-        let (m0, m1) = self.predictions();
-        let alpha_t = 1.0 - s_t;
-        let h = lambda(s_t) - lambda(s_0);
-        let alpha_b = alpha_t * expm1(-h);
+        let (m0, _) = self.predictions();
+        let (h, alpha_b) = coefficients(s_t, s_0);
         let mut before = (x + (m0 * alpha_b as f64)?)?;
         if order == 2 {
-            let m1 = m1.expect("order 2 has a previous prediction");
-            let (d1, _) = Self::difference(m1, m0, self.sigmas[i - 1], s_0, h)?;
-            before = (before + ((d1 * 0.5)? * alpha_b as f64)?)?;
+            before = (before + self.second_order_term(i, h, alpha_b)?)?;
         }
         before.broadcast_div(&scalar(s_t / s_0, x)?)
     }
@@ -205,9 +207,7 @@ impl UniPc {
     /// the data prediction `m0`, and the step's `h = λ(s_t) − λ(s_0)`,
     /// `α_t·φ₁(h)` (which is also `α_t·B(h)`: bh2 takes `B(h) = e^{−h} − 1`).
     fn first_order(x: &Tensor, m0: &Tensor, s_t: f32, s_0: f32) -> Result<(Tensor, f32, f32)> {
-        let alpha_t = 1.0 - s_t;
-        let h = lambda(s_t) - lambda(s_0);
-        let alpha_phi = alpha_t * expm1(-h);
+        let (h, alpha_phi) = coefficients(s_t, s_0);
         let moved = ((x * (s_t / s_0) as f64)? - (m0 * alpha_phi as f64)?)?;
         Ok((moved, h, alpha_phi))
     }
@@ -222,15 +222,21 @@ impl UniPc {
     /// UniP: the latents at `σ[i+1]` from `x` at `σ[i]`.
     fn predict(&self, x: &Tensor, i: usize, order: usize) -> Result<Tensor> {
         let (s_t, s_0) = (self.sigmas[i + 1], self.sigmas[i]);
-        let (m0, m1) = self.predictions();
+        let (m0, _) = self.predictions();
         let (x_t, h, alpha_b) = Self::first_order(x, m0, s_t, s_0)?;
         if order == 1 {
             return Ok(x_t);
         }
+        x_t - self.second_order_term(i, h, alpha_b)?
+    }
+
+    /// UniP's second-order term from step `i` (ρ = 0.5): `0.5·D1·α_t·B(h)`,
+    /// which the predictor subtracts and [`UniPc::unpredict`] adds back.
+    fn second_order_term(&self, i: usize, h: f32, alpha_b: f32) -> Result<Tensor> {
+        let (m0, m1) = self.predictions();
         let m1 = m1.expect("order 2 has a previous prediction");
-        let (d1, _) = Self::difference(m1, m0, self.sigmas[i - 1], s_0, h)?;
-        // Second order: ρ = 0.5.
-        x_t - ((d1 * 0.5)? * alpha_b as f64)?
+        let (d1, _) = Self::difference(m1, m0, self.sigmas[i - 1], self.sigmas[i], h)?;
+        (d1 * 0.5)? * alpha_b as f64
     }
 
     /// UniC: the latents at `σ[i]`, predicted again from `x` (where the last
