@@ -11,10 +11,10 @@ use candle_core::{Device, Shape};
 
 use crate::builtin::tiny::{Degradation, TinyWeights};
 use crate::builtin::{save_tensors, write_json};
-use crate::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
-use crate::models::t5::{T5Config, T5Encoder};
+use crate::models::autoencoder_kl_wan::WanVaeConfig;
+use crate::models::t5::T5Config;
 use crate::models::t5_tokenizer::T5Tokenizer;
-use crate::models::wan_transformer::{WanTransformer, WanTransformerConfig};
+use crate::models::wan_transformer::WanTransformerConfig;
 use crate::pipelines::wan::model::{
     Model, ModelConfigs, TEXT_WEIGHTS, TRANSFORMER_WEIGHTS, VAE_WEIGHTS,
 };
@@ -169,27 +169,14 @@ impl Model {
         w: TinyWeights,
         device: &Device,
     ) -> Result<(Self, TinyWeights), EngineError> {
-        let configs = configs(variant);
-        let text_encoder =
-            T5Encoder::new(w.var_builder("text_encoder.", device), configs.text.clone())?;
-        let transformer = WanTransformer::new(
-            w.var_builder("transformer.", device),
-            configs.transformer.clone(),
+        let model = Model::assemble(
+            configs(variant),
+            tokenizer()?,
+            Path::new(variant.name()),
+            device,
+            |(component, _)| Ok(w.var_builder(&format!("{component}."), device)),
         )?;
-        let vae = WanVaeDecoder::new(w.var_builder("vae.", device), configs.vae.clone())?;
-        let tokenizer = tokenizer()?;
-        Model::check_consistent(&configs, &tokenizer, Path::new(variant.name()))?;
-        Ok((
-            Model {
-                tokenizer,
-                text_encoder,
-                transformer,
-                vae,
-                configs,
-                device: device.clone(),
-            },
-            w,
-        ))
+        Ok((model, w))
     }
 
     /// Writes a built-in Wan as a diffusers `WanPipeline` folder that

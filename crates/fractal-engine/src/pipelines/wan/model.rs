@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::io::read_json;
 use crate::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
@@ -61,22 +62,34 @@ impl Model {
         };
         unsupported("transformer/config.json", configs.transformer.unsupported())?;
         unsupported("vae/config.json", configs.vae.unsupported())?;
-        let vb = |(component, stem): (&str, &str)| {
+        let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer/tokenizer.json"))?;
+        Self::assemble(configs, tokenizer, dir, device, |(component, stem)| {
             crate::io::weights::component_weights(&dir.join(component), stem, DType::F32, device)
-        };
+        })
+    }
+
+    /// The models from `configs` and each component's weights (`weights`
+    /// of a `(folder, file stem)`), checked to fit each other; `origin`
+    /// names the folder (or built-in model) in errors.
+    pub(crate) fn assemble(
+        configs: ModelConfigs,
+        tokenizer: T5Tokenizer,
+        origin: &Path,
+        device: &Device,
+        weights: impl Fn((&str, &str)) -> Result<VarBuilder<'static>, EngineError>,
+    ) -> Result<Self, EngineError> {
         let build = |(component, _): (&str, &str), e: candle_core::Error| EngineError::Weights {
-            path: dir.join(component),
+            path: origin.join(component),
             message: e.to_string(),
         };
-        let text_encoder = T5Encoder::new(vb(TEXT_WEIGHTS)?, configs.text.clone())
+        let text_encoder = T5Encoder::new(weights(TEXT_WEIGHTS)?, configs.text.clone())
             .map_err(|e| build(TEXT_WEIGHTS, e))?;
         let transformer =
-            WanTransformer::new(vb(TRANSFORMER_WEIGHTS)?, configs.transformer.clone())
+            WanTransformer::new(weights(TRANSFORMER_WEIGHTS)?, configs.transformer.clone())
                 .map_err(|e| build(TRANSFORMER_WEIGHTS, e))?;
-        let vae = WanVaeDecoder::new(vb(VAE_WEIGHTS)?, configs.vae.clone())
+        let vae = WanVaeDecoder::new(weights(VAE_WEIGHTS)?, configs.vae.clone())
             .map_err(|e| build(VAE_WEIGHTS, e))?;
-        let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer/tokenizer.json"))?;
-        Self::check_consistent(&configs, &tokenizer, dir)?;
+        Self::check_consistent(&configs, &tokenizer, origin)?;
         Ok(Model {
             tokenizer,
             text_encoder,
@@ -89,7 +102,7 @@ impl Model {
 
     /// The components must fit each other: text width, latent channels, and
     /// a vocabulary the encoder can embed.
-    pub(crate) fn check_consistent(
+    fn check_consistent(
         c: &ModelConfigs,
         tokenizer: &T5Tokenizer,
         dir: &Path,
