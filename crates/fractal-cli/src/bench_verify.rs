@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
-use fractal_engine::pipelines::{text_to_video_sd, wan};
-use fractal_engine::{kernels::cpu, Degradation, PinnedModel, TinyVariant, WanVariant};
-use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
+use fractal_engine::pipelines::text_to_video_sd;
+use fractal_engine::{kernels::cpu, Degradation, PinnedModel, TinyVariant};
+use fractal_protocol::manifest::{Architecture, ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
 use fractal_prover::job::{self, StrategyState};
@@ -100,35 +100,21 @@ impl Models {
 
     /// The model's weights degraded, claiming its manifest.
     fn degraded(&self, d: Degradation) -> anyhow::Result<PinnedModel> {
-        let name = self.builtin_name();
-        let m = self.manifest.clone();
-        Ok(match (TinyVariant::parse(name), WanVariant::parse(name)) {
-            (Some(v), _) => PinnedModel::from_parts(
-                m,
-                text_to_video_sd::Model::tiny_degraded(v, d, &Device::Cpu)?,
-            )?,
-            (_, Some(v)) => {
-                PinnedModel::from_parts(m, wan::Model::tiny_degraded(v, d, &Device::Cpu)?)?
-            }
-            (None, None) => anyhow::bail!("{name} is not a built-in model"),
-        })
+        Ok(PinnedModel::load_builtin(
+            self.manifest.clone(),
+            d,
+            &Device::Cpu,
+        )?)
     }
 
     /// Another built-in model of the same architecture claiming the
     /// manifest, where there is one (tiny-wide-v1 for tiny-v1).
     fn other(&self) -> anyhow::Result<Option<PinnedModel>> {
-        if TinyVariant::parse(self.builtin_name()).is_none() {
+        if self.manifest.architecture != Architecture::TextToVideoSd {
             return Ok(None);
         }
         let wide = text_to_video_sd::Model::tiny(TinyVariant::Wide, &Device::Cpu)?;
         Ok(Some(PinnedModel::from_parts(self.manifest.clone(), wide)?))
-    }
-
-    fn builtin_name(&self) -> &str {
-        match &self.manifest.weights {
-            fractal_protocol::manifest::Weights::Builtin(n) => n,
-            fractal_protocol::manifest::Weights::Files(_) => unreachable!("built-in manifests"),
-        }
     }
 }
 

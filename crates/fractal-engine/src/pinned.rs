@@ -12,7 +12,7 @@ use fractal_protocol::ManifestId;
 use crate::builtin::tiny_wan::WanVariant;
 use crate::io::video::{self, rgb8, Frames};
 use crate::pipelines::{text_to_video_sd, wan, Components};
-use crate::{io, EngineError, GenerateSpec, Pipeline, TinyVariant};
+use crate::{io, Degradation, EngineError, GenerateSpec, Pipeline, TinyVariant};
 
 pub struct PinnedModel {
     pub manifest: ModelManifest,
@@ -31,42 +31,59 @@ impl PinnedModel {
         manifest
             .validate()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
-        let folder = match (&manifest.weights, folder) {
-            (Weights::Builtin(_), _) => None,
-            (Weights::Files(_), Some(dir)) => {
-                io::weights::verify_weights(dir, &manifest)?;
-                Some(dir)
+        let dir = match (&manifest.weights, folder) {
+            (Weights::Builtin(_), _) => {
+                return Self::load_builtin(manifest, Degradation::None, device)
             }
+            (Weights::Files(_), Some(dir)) => dir,
             (Weights::Files(_), None) => {
                 return Err(EngineError::BadInput(
                     "the manifest pins weight files: give the model folder".into(),
                 ))
             }
         };
-        match (manifest.architecture, &manifest.weights, folder) {
-            (Architecture::TextToVideoSd, Weights::Builtin(name), _) => {
-                let variant = TinyVariant::parse(name).ok_or_else(|| {
-                    EngineError::BadInput(format!("no built-in TextToVideoSD model named {name:?}"))
-                })?;
-                let model = text_to_video_sd::Model::tiny(variant, device)?;
-                Self::from_parts(manifest, model)
-            }
-            (Architecture::TextToVideoSd, _, Some(dir)) => {
+        io::weights::verify_weights(dir, &manifest)?;
+        match manifest.architecture {
+            Architecture::TextToVideoSd => {
                 let model = text_to_video_sd::Model::load(dir, device)?;
                 Self::from_parts(manifest, model)
             }
-            (Architecture::Wan(_), Weights::Builtin(name), _) => {
-                let variant = WanVariant::parse(name).ok_or_else(|| {
-                    EngineError::BadInput(format!("no built-in Wan model named {name:?}"))
-                })?;
-                let model = wan::Model::tiny(variant, device)?;
-                Self::from_parts(manifest, model)
-            }
-            (Architecture::Wan(_), _, Some(dir)) => {
+            Architecture::Wan(_) => {
                 let model = wan::Model::load(dir, device)?;
                 Self::from_parts(manifest, model)
             }
-            (_, Weights::Files(_), None) => unreachable!("refused above"),
+        }
+    }
+
+    /// The built-in model `manifest` pins, its weights changed by
+    /// `degradation` (`Degradation::None` for the real ones: what cheating
+    /// provers run in the tests and `fractal bench verify`), claiming it.
+    pub fn load_builtin(
+        manifest: ModelManifest,
+        degradation: Degradation,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let Weights::Builtin(name) = &manifest.weights else {
+            return Err(EngineError::BadInput(format!(
+                "manifest {} pins weight files, not a built-in model",
+                manifest.name
+            )));
+        };
+        match manifest.architecture {
+            Architecture::TextToVideoSd => {
+                let variant = TinyVariant::parse(name).ok_or_else(|| {
+                    EngineError::BadInput(format!("no built-in TextToVideoSD model named {name:?}"))
+                })?;
+                let model = text_to_video_sd::Model::tiny_degraded(variant, degradation, device)?;
+                Self::from_parts(manifest, model)
+            }
+            Architecture::Wan(_) => {
+                let variant = WanVariant::parse(name).ok_or_else(|| {
+                    EngineError::BadInput(format!("no built-in Wan model named {name:?}"))
+                })?;
+                let model = wan::Model::tiny_degraded(variant, degradation, device)?;
+                Self::from_parts(manifest, model)
+            }
         }
     }
 

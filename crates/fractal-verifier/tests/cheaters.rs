@@ -29,62 +29,28 @@ const STEPS: u32 = 20;
 /// probability 153/190, so 80 audits miss it with probability < 3e-8.
 const EXTRA_ROUNDS: usize = 80;
 
-/// The models one architecture's suite runs: the pinned model, its
-/// weights degraded, and (where there is one) another model claiming it.
+/// One architecture's suite: the manifest every prover claims (honest
+/// ones run its built-in model, cheaters its weights degraded) and, where
+/// there is one, another built-in model claiming it.
 struct Suite {
     manifest: ModelManifest,
-    honest: Box<dyn Fn() -> PinnedModel>,
-    degraded: Box<dyn Fn(Degradation) -> PinnedModel>,
     other_model: Option<PinnedModel>,
 }
 
 fn sd_suite() -> Suite {
     let manifest = tiny::manifest(TinyVariant::Base);
-    let m = manifest.clone();
-    let n = manifest.clone();
+    let wide = Model::tiny(TinyVariant::Wide, &Device::Cpu).unwrap();
     Suite {
-        honest: Box::new(move || {
-            PinnedModel::from_parts(
-                m.clone(),
-                Model::tiny(TinyVariant::Base, &Device::Cpu).unwrap(),
-            )
-            .unwrap()
-        }),
-        degraded: Box::new(move |d| {
-            PinnedModel::from_parts(
-                n.clone(),
-                Model::tiny_degraded(TinyVariant::Base, d, &Device::Cpu).unwrap(),
-            )
-            .unwrap()
-        }),
-        other_model: Some(
-            PinnedModel::from_parts(
-                manifest.clone(),
-                Model::tiny(TinyVariant::Wide, &Device::Cpu).unwrap(),
-            )
-            .unwrap(),
-        ),
+        other_model: Some(PinnedModel::from_parts(manifest.clone(), wide).unwrap()),
         manifest,
     }
 }
 
 fn wan_suite() -> Suite {
-    use fractal_engine::pipelines::wan;
-    let manifest = tiny_wan::manifest(WanVariant::Tiny);
-    let m = manifest.clone();
-    let n = manifest.clone();
+    // No second Wan built in: the degraded weights stand for it.
     Suite {
-        honest: Box::new(move || PinnedModel::load(m.clone(), None, &Device::Cpu).unwrap()),
-        degraded: Box::new(move |d| {
-            PinnedModel::from_parts(
-                n.clone(),
-                wan::Model::tiny_degraded(WanVariant::Tiny, d, &Device::Cpu).unwrap(),
-            )
-            .unwrap()
-        }),
-        // No second Wan built in: the degraded weights stand for it.
+        manifest: tiny_wan::manifest(WanVariant::Tiny),
         other_model: None,
-        manifest,
     }
 }
 
@@ -108,8 +74,8 @@ async fn cheat_suite(suite: Suite) {
     };
     let (chain, vkey, auth) = local_grid(params, 100).await;
 
-    let base = &suite.honest;
-    let degraded = &suite.degraded;
+    let degraded = |d| PinnedModel::load_builtin(suite.manifest.clone(), d, &Device::Cpu).unwrap();
+    let base = || degraded(Degradation::None);
     let deadline = Duration::from_secs(30);
     let mut provers: Vec<(&str, Keypair)> = Vec::new();
     for name in ["honest-a", "honest-b", "honest-c"] {
