@@ -18,6 +18,12 @@ mod wallet_cmd;
 
 use clap::{Parser, Subcommand};
 
+/// Weights load as views of their files instead of copies (see
+/// `fractal_engine::io::mapped`).
+#[global_allocator]
+static ALLOCATOR: fractal_engine::io::mapped::WeightsAllocator =
+    fractal_engine::io::mapped::WeightsAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "fractal",

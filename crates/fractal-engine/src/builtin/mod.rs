@@ -31,6 +31,9 @@ pub(crate) fn write_json(
 }
 
 /// Saves `tensors` as one safetensors file at `path`, making its folder.
+/// The file is written beside it and renamed over it: a process that has
+/// the old file mapped (a running prover, see [`crate::io::mapped`]) keeps
+/// its weights, and a crash leaves no half-written file under the name.
 pub(crate) fn save_tensors(
     tensors: BTreeMap<String, Tensor>,
     path: &Path,
@@ -42,9 +45,14 @@ pub(crate) fn save_tensors(
         })?;
     }
     let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&tensors, path).map_err(|e| EngineError::Weights {
-        path: path.to_path_buf(),
+    let partial = path.with_extension("safetensors.partial");
+    candle_core::safetensors::save(&tensors, &partial).map_err(|e| EngineError::Weights {
+        path: partial.clone(),
         message: e.to_string(),
+    })?;
+    std::fs::rename(&partial, path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::EngineError;
 
+pub mod mapped;
 pub mod video;
 pub mod weights;
 

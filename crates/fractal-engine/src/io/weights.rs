@@ -1,11 +1,13 @@
-//! Loading safetensors weights one tensor at a time with positioned reads.
+//! Loading safetensors weights one tensor at a time, every offset checked
+//! against the file so a corrupt or truncated file is a clear error.
 //!
-//! candle's mmap loader copies every tensor out of the mapping, so the pages it
-//! touched and the owned copies are both resident while a model loads (peak
-//! RSS about 1.7x the weights at ModelScope size). Reading each tensor straight
-//! into its own buffer keeps the peak at the weights plus one tensor, and every
-//! offset is checked against the file so a corrupt or truncated file is a clear
-//! error.
+//! An f32 tensor is a view of the file where the binary installed
+//! [`super::mapped::WeightsAllocator`] (no bytes read at load; pages come in
+//! on first use and stay shared with the page cache), and otherwise read
+//! with a positioned read straight into its own buffer. Either way the peak
+//! stays at the weights plus one tensor: candle's own mmap loader copies
+//! every tensor out of its mapping, so the touched pages and the copies are
+//! both resident (about 1.7x the weights at ModelScope size).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,6 +18,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
+
+use super::mapped::Mapping;
 
 /// Largest safetensors header we accept (real ones are well under 1 MiB).
 const MAX_HEADER: u64 = 64 << 20;
@@ -37,6 +41,8 @@ struct TensorInfo {
 pub struct SafetensorsFile {
     path: PathBuf,
     file: File,
+    /// The whole file mapped, where tensors can be views of it.
+    mapping: Option<Mapping>,
     tensors: HashMap<String, TensorInfo>,
 }
 
@@ -103,6 +109,7 @@ impl SafetensorsFile {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            mapping: Mapping::new(&file, file_len),
             file,
             tensors,
         })
@@ -133,9 +140,16 @@ impl SafetensorsFile {
                 .read_exact_at(buf, info.start)
                 .map_err(|e| bad(&self.path, format!("reading {name}: {e}")))
         };
-        // f32 (the pipeline's dtype) is read straight into the tensor's own
-        // buffer: safetensors is little-endian, as the targets we build for.
+        // f32 (the pipeline's dtype) is used in place or read straight into
+        // the tensor's own buffer: safetensors is little-endian, as the
+        // targets we build for.
         if cfg!(target_endian = "little") && info.dtype == DType::F32 {
+            let view = self.mapping.as_ref().and_then(|m| {
+                m.f32_vec(usize::try_from(info.start).ok()?, info.len / 4)
+            });
+            if let Some(data) = view {
+                return Tensor::from_vec(data, info.shape.as_slice(), &Device::Cpu);
+            }
             let mut data = vec![0f32; info.len / 4];
             // SAFETY: the u8 view covers exactly the f32 buffer, and every
             // bit pattern is a valid f32.

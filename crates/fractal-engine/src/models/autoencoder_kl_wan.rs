@@ -11,7 +11,9 @@
 //! through instead of doubling it (a causal model's first frame has no
 //! past), which is why clips have `4k+1` frames.
 //!
-//! candle has no 3D convolution: a causal one is a 2D convolution over the
+//! candle has no 3D convolution: on the CPU a fused kernel
+//! ([`cpu::causal_conv3d`]) builds the patch matrix straight from the cached
+//! past and the chunk; elsewhere a causal one is a 2D convolution over the
 //! `kt` frames it sees, stacked along channels.
 
 use candle_core::{Result, Tensor};
@@ -141,8 +143,11 @@ fn remember(x: &Tensor, held: &Slot) -> Result<Tensor> {
 /// (cached, else zeros) in front, spatial zero padding on both sides.
 #[derive(Debug)]
 struct CausalConv3d {
-    /// `[co, kt·ci, kh, kw]`: the kernel's frames side by side in channels.
+    /// `[co, ci, kt, kh, kw]`, as torch stores it (and the CPU kernel reads it).
     weight: Tensor,
+    /// Off the CPU path: `[co, kt·ci, kh, kw]`, the kernel's frames side by
+    /// side in channels, made on first use.
+    stacked: std::sync::OnceLock<Tensor>,
     bias: Tensor,
     kt: usize,
     pad: (usize, usize),
@@ -160,10 +165,9 @@ impl CausalConv3d {
         if pad.0 * 2 + 1 != kt && !(kt == 1 && pad.0 == 0) {
             candle_core::bail!("causal conv: time kernel {kt} with padding {}", pad.0);
         }
-        let w = vb.get((co, ci, kt, kh, kw), "weight")?;
-        let weight = w.permute((0, 2, 1, 3, 4))?.reshape((co, kt * ci, kh, kw))?;
         Ok(Self {
-            weight,
+            weight: vb.get((co, ci, kt, kh, kw), "weight")?,
+            stacked: std::sync::OnceLock::new(),
             bias: vb.get(co, "bias")?,
             kt,
             pad: (pad.1, pad.2),
@@ -174,6 +178,9 @@ impl CausalConv3d {
     /// `kt − 1`: zeros make up the rest).
     fn forward(&self, x: &Tensor, past: Option<&Tensor>) -> Result<Tensor> {
         let _s = profile::stage("wan_vae.conv3d");
+        if cpu::applies(x) {
+            return cpu::causal_conv3d(x, past, &self.weight, &self.bias, self.pad);
+        }
         let (b, c, t, h, w) = x.dims5()?;
         let need = self.kt - 1;
         let mut parts = Vec::new();
@@ -201,7 +208,18 @@ impl CausalConv3d {
             })
             .collect::<Result<Vec<_>>>()?;
         let stacked = Tensor::stack(&windows, 1)?.reshape((b * t, self.kt * c, h, w))?;
-        let out = conv2d(&stacked, &self.weight, &self.bias, self.pad)?;
+        let weight = match self.stacked.get() {
+            Some(wt) => wt,
+            None => {
+                let (co, ci, kt, kh, kw) = self.weight.dims5()?;
+                let wt = self
+                    .weight
+                    .permute((0, 2, 1, 3, 4))?
+                    .reshape((co, kt * ci, kh, kw))?;
+                self.stacked.get_or_init(|| wt)
+            }
+        };
+        let out = conv2d(&stacked, weight, &self.bias, self.pad)?;
         let (_, co, oh, ow) = out.dims4()?;
         out.reshape((b, t, co, oh, ow))?
             .permute((0, 2, 1, 3, 4))?

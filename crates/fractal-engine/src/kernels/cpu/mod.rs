@@ -103,6 +103,7 @@ macro_rules! simd_dispatch {
 mod attention;
 pub(crate) mod common;
 mod conv;
+mod conv3d;
 mod elementwise;
 mod linear;
 mod norm;
@@ -113,6 +114,7 @@ mod tests;
 pub(crate) use attention::*;
 pub(crate) use common::*;
 pub(crate) use conv::*;
+pub(crate) use conv3d::*;
 pub(crate) use elementwise::*;
 pub(crate) use linear::*;
 pub(crate) use norm::*;

@@ -519,3 +519,69 @@ fn channel_rms_norm_matches_candle_and_ignores_thread_count() {
         assert_eq!(max_diff(&on(1), &on(2)), 0.0, "{shape:?}");
     }
 }
+
+/// The causal 3D convolution against candle's 2D convolutions summed over
+/// the time taps, with no past, part of one and all of it, a 1x1x1 kernel,
+/// a frame done in strips of rows, and the same bits on one thread and two.
+#[test]
+fn causal_conv3d_matches_summed_2d_convolutions() {
+    let reference = |x: &Tensor, past: Option<&Tensor>, w: &Tensor, b: &Tensor, pad: (usize, usize)| {
+        let (n, c, t, h, wd) = x.dims5().unwrap();
+        let kt = w.dim(2).unwrap();
+        let mut parts = Vec::new();
+        let have = past.map_or(0, |p| p.dim(2).unwrap().min(kt - 1));
+        if have < kt - 1 {
+            parts.push(Tensor::zeros((n, c, kt - 1 - have, h, wd), candle_core::DType::F32, &Device::Cpu).unwrap());
+        }
+        if let Some(p) = past.filter(|_| have > 0) {
+            parts.push(p.narrow(2, p.dim(2).unwrap() - have, have).unwrap());
+        }
+        parts.push(x.clone());
+        let seq = Tensor::cat(&parts, 2).unwrap();
+        let frames = (0..t)
+            .map(|i| {
+                let mut acc: Option<Tensor> = None;
+                for d in 0..kt {
+                    let frame = seq.narrow(2, i + d, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
+                    let tap = w.narrow(2, d, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
+                    let y = frame.conv2d(&tap, pad.0, 1, 1, 1).unwrap();
+                    acc = Some(match acc {
+                        Some(a) => (a + y).unwrap(),
+                        None => y,
+                    });
+                }
+                acc.unwrap()
+                    .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                    .unwrap()
+            })
+            .collect::<Vec<_>>();
+        Tensor::stack(&frames, 2).unwrap()
+    };
+    // (x shape, past frames, co, kernel, padding)
+    for (shape, past_frames, co, (kt, k), pad) in [
+        ([1, 3, 2, 9, 7], None, 4, (3, 3), 1),
+        ([2, 4, 3, 6, 5], Some(1), 5, (3, 3), 1),
+        ([1, 4, 1, 6, 5], Some(4), 3, (3, 3), 1),
+        ([1, 6, 2, 5, 4], Some(2), 7, (1, 1), 0),
+        ([1, 5, 2, 5, 4], None, 2, (3, 1), 0),
+        // k * ow * oh = 864 * 96 * 128 patch elements: two strips.
+        ([1, 32, 1, 128, 96], Some(2), 8, (3, 3), 1),
+    ] {
+        let x = randn(&shape, 3);
+        let past = past_frames.map(|p| randn(&[shape[0], shape[1], p, shape[3], shape[4]], 5));
+        let w = (randn(&[co, shape[1], kt, k, k], 7) * 0.2).unwrap();
+        let b = randn(&[co], 9);
+        let want = reference(&x, past.as_ref(), &w, &b, (pad, pad));
+        let on = |n: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+                .install(|| causal_conv3d(&x, past.as_ref(), &w, &b, (pad, pad)).unwrap())
+        };
+        let ours = on(2);
+        assert_eq!(ours.dims(), want.dims(), "{shape:?}");
+        assert!(max_diff(&ours, &want) < 1e-4, "{shape:?}: {}", max_diff(&ours, &want));
+        assert_eq!(max_diff(&on(1), &ours), 0.0, "{shape:?}");
+    }
+}
