@@ -221,19 +221,14 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
         transformer: serde_json::from_value(wm["config"].clone()).unwrap(),
         vae: serde_json::from_value::<WanVaeConfig>(vm["config"].clone()).unwrap(),
     };
-    let wan = Model {
-        tokenizer: fractal_engine::builtin::tiny_wan::tokenizer().unwrap(),
-        text_encoder: T5Encoder::new(weights(&tfx).pp("text_encoder"), configs.text.clone())
-            .unwrap(),
-        transformer: WanTransformer::new(
-            weights(&wfx).pp("transformer"),
-            configs.transformer.clone(),
-        )
-        .unwrap(),
-        vae: WanVaeDecoder::new(weights(&vfx), configs.vae.clone()).unwrap(),
+    let wan = Model::new(
+        fractal_engine::builtin::tiny_wan::tokenizer().unwrap(),
+        T5Encoder::new(weights(&tfx).pp("text_encoder"), configs.text.clone()).unwrap(),
+        WanTransformer::new(weights(&wfx).pp("transformer"), configs.transformer.clone()).unwrap(),
+        WanVaeDecoder::new(weights(&vfx), configs.vae.clone()).unwrap(),
         configs,
-        device: Device::Cpu,
-    };
+        &Device::Cpu,
+    );
     let ids = |k: &str| -> Vec<u32> {
         pfx[k]
             .flatten_all()

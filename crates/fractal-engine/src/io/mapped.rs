@@ -201,7 +201,7 @@ impl Mapping {
     pub(crate) fn f32_vec(&self, offset: usize, count: usize) -> Option<Vec<f32>> {
         let bytes = count.checked_mul(4)?;
         let end = offset.checked_add(bytes)?;
-        if cfg!(target_endian = "big") || count == 0 || end > self.len || offset % 4 != 0 {
+        if cfg!(target_endian = "big") || count == 0 || end > self.len || !offset.is_multiple_of(4) {
             return None;
         }
         {

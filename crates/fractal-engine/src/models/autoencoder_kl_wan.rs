@@ -588,6 +588,7 @@ impl WanVaeDecoder {
         on_frames: &mut (dyn FnMut(Tensor) -> Result<()> + Send),
     ) -> Result<()> {
         cpu::on_workers(|| {
+            let _s = profile::stage("wan_vae.decode");
             let x = self.post_quant_conv.forward(z, None)?;
             let mut cache = Cache {
                 slots: Vec::new(),

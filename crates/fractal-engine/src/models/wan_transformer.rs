@@ -233,24 +233,26 @@ impl WanAttention {
         })
     }
 
-    /// Attention of `x` to `context` (itself when `None`, with the rotary
-    /// tables then).
-    fn forward(
-        &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
-        rope: Option<&(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let kv = context.unwrap_or(x);
-        let eps = self.eps as f32;
-        let mut q = nn::ops::rms_norm(&self.to_q.forward(x)?, &self.norm_q, eps)?;
-        let mut k = nn::ops::rms_norm(&self.to_k.forward(kv)?, &self.norm_k, eps)?;
-        let v = self.to_v.forward(kv)?;
-        if let Some((cos, sin)) = rope {
-            q = Rope::apply(&q, self.heads, cos, sin)?;
-            k = Rope::apply(&k, self.heads, cos, sin)?;
-        }
-        let out = profile::time("wan.attention", || attention(&q, &k, &v, self.heads))?;
+    /// The keys and values `x` attends to in `context`.
+    fn keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = nn::ops::rms_norm(&self.to_k.forward(context)?, &self.norm_k, self.eps as f32)?;
+        Ok((k, self.to_v.forward(context)?))
+    }
+
+    /// Attention of `x` to keys `k` and values `v` (rotated with `x`'s
+    /// queries when `rope` is given: self-attention).
+    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        let mut q = nn::ops::rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps as f32)?;
+        let rotated;
+        let k = match rope {
+            Some((cos, sin)) => {
+                q = Rope::apply(&q, self.heads, cos, sin)?;
+                rotated = Rope::apply(k, self.heads, cos, sin)?;
+                &rotated
+            }
+            None => k,
+        };
+        let out = profile::time("wan.attention", || attention(&q, k, v, self.heads))?;
         self.to_out.forward(&out)
     }
 }
@@ -287,11 +289,12 @@ impl WanBlock {
         })
     }
 
-    /// `timestep_proj` is `[b, 6, dim]`, `text` the embedded text `[b, L, dim]`.
+    /// `timestep_proj` is `[b, 6, dim]`, `text_kv` the cross-attention's
+    /// keys and values of the embedded text.
     fn forward(
         &self,
         x: &Tensor,
-        text: &Tensor,
+        text_kv: &(Tensor, Tensor),
         timestep_proj: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -301,19 +304,28 @@ impl WanBlock {
         let (c_shift, c_scale, c_gate) = (slot(3)?, slot(4)?, slot(5)?);
 
         let n = modulate(&layer_norm(x, self.eps)?, &shift, &scale)?;
-        let a = self.attn1.forward(&n, None, Some(rope))?;
+        let (k, v) = self.attn1.keys_values(&n)?;
+        let a = self.attn1.attend(&n, &k, &v, Some(rope))?;
         let x = (x + a.broadcast_mul(&gate)?)?;
 
         let n2 = match &self.norm2 {
             Some((w, b)) => nn::ops::layer_norm(&x, w, b, self.eps as f32)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&n2, Some(text), None)?)?;
+        let x = (&x + self.attn2.attend(&n2, &text_kv.0, &text_kv.1, None)?)?;
 
         let n3 = modulate(&layer_norm(&x, self.eps)?, &c_shift, &c_scale)?;
         let f = self.ffn_out.forward(&self.ffn_in.forward(&n3)?.gelu()?)?;
         x + f.broadcast_mul(&c_gate)?
     }
+}
+
+/// The embedded text (`[b, L, dim]`) and each block's cross-attention keys
+/// and values of it: [`WanTransformer::prepare_text`].
+#[derive(Debug)]
+pub struct PreparedText {
+    embedded: Tensor,
+    kv: Vec<(Tensor, Tensor)>,
 }
 
 /// `WanTransformer3DModel`, text-to-video.
@@ -377,6 +389,27 @@ impl WanTransformer {
         self.forward_stages(x, t, text, &mut |_, _| {})
     }
 
+    /// The part of a forward pass that depends on the text alone: a
+    /// pipeline runs it once per prompt instead of once per step, for the
+    /// same bits.
+    pub fn prepare_text(&self, text: &Tensor) -> Result<PreparedText> {
+        cpu::on_workers(|| {
+            let _s = profile::stage("wan.prepare_text");
+            let embedded = self.text_2.forward(&self.text_1.forward(text)?.gelu()?)?;
+            let kv = self
+                .blocks
+                .iter()
+                .map(|b| b.attn2.keys_values(&embedded))
+                .collect::<Result<_>>()?;
+            Ok(PreparedText { embedded, kv })
+        })
+    }
+
+    /// [`WanTransformer::forward`] with the text already prepared.
+    pub fn forward_prepared(&self, x: &Tensor, t: &[f32], text: &PreparedText) -> Result<Tensor> {
+        cpu::on_workers(|| self.forward_on_workers(x, t, text, &mut |_, _| {}))
+    }
+
     /// [`WanTransformer::forward`], showing `on_stage` each intermediate as
     /// diffusers names it: `temb`, `timestep_proj` (`[b, 6·dim]`), `text`
     /// (embedded), `block.N`, `out`.
@@ -387,16 +420,18 @@ impl WanTransformer {
         text: &Tensor,
         on_stage: &mut (dyn FnMut(&str, &Tensor) + Send),
     ) -> Result<Tensor> {
-        cpu::on_workers(|| self.forward_on_workers(x, t, text, on_stage))
+        let text = self.prepare_text(text)?;
+        cpu::on_workers(|| self.forward_on_workers(x, t, &text, on_stage))
     }
 
     fn forward_on_workers(
         &self,
         x: &Tensor,
         t: &[f32],
-        text: &Tensor,
+        text: &PreparedText,
         on_stage: &mut (dyn FnMut(&str, &Tensor) + Send),
     ) -> Result<Tensor> {
+        let _s = profile::stage("wan.transformer");
         let c = &self.config;
         let (b, ch, f, h, w) = x.dims5()?;
         let [pt, ph, pw] = c.patch_size;
@@ -432,12 +467,14 @@ impl WanTransformer {
         on_stage("temb", &temb);
         on_stage("timestep_proj", &timestep_proj);
         let timestep_proj = timestep_proj.reshape((b, 6, dim))?;
-        let text = self.text_2.forward(&self.text_1.forward(text)?.gelu()?)?;
-        on_stage("text", &text);
+        on_stage("text", &text.embedded);
+        if text.embedded.dim(0)? != b {
+            candle_core::bail!("text for {} rows, latents for {b}", text.embedded.dim(0)?);
+        }
         let rope = self.rope.tables(grid, x.device())?;
 
         for (i, block) in self.blocks.iter().enumerate() {
-            hidden = block.forward(&hidden, &text, &timestep_proj, &rope)?;
+            hidden = block.forward(&hidden, &text.kv[i], &timestep_proj, &rope)?;
             on_stage(&format!("block.{i}"), &hidden);
         }
 

@@ -4,6 +4,7 @@
 //! `config.json`, single or sharded safetensors, `tokenizer/tokenizer.json`).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -12,8 +13,8 @@ use crate::io::read_json;
 use crate::models::autoencoder_kl_wan::{WanVaeConfig, WanVaeDecoder};
 use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::t5_tokenizer::T5Tokenizer;
-use crate::models::wan_transformer::{WanTransformer, WanTransformerConfig};
-use crate::EngineError;
+use crate::models::wan_transformer::{PreparedText, WanTransformer, WanTransformerConfig};
+use crate::{profile, EngineError};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfigs {
@@ -30,6 +31,9 @@ pub struct Model {
     pub vae: WanVaeDecoder,
     pub configs: ModelConfigs,
     pub device: Device,
+    /// The prompts' prepared texts: every step of a generation (and the
+    /// unconditional pass) reuses them.
+    prepared: PreparedTexts,
 }
 
 /// Component folder and file stem of each weight file (single, or shards
@@ -90,14 +94,27 @@ impl Model {
         let vae = WanVaeDecoder::new(weights(VAE_WEIGHTS)?, configs.vae.clone())
             .map_err(|e| build(VAE_WEIGHTS, e))?;
         Self::check_consistent(&configs, &tokenizer, origin)?;
-        Ok(Model {
+        Ok(Self::new(tokenizer, text_encoder, transformer, vae, configs, device))
+    }
+
+    /// A model of components built elsewhere (unchecked).
+    pub fn new(
+        tokenizer: T5Tokenizer,
+        text_encoder: T5Encoder,
+        transformer: WanTransformer,
+        vae: WanVaeDecoder,
+        configs: ModelConfigs,
+        device: &Device,
+    ) -> Self {
+        Model {
             tokenizer,
             text_encoder,
             transformer,
             vae,
             configs,
             device: device.clone(),
-        })
+            prepared: PreparedTexts::default(),
+        }
     }
 
     /// The components must fit each other: text width, latent channels, and
@@ -146,11 +163,15 @@ impl Model {
                 ids.len()
             )));
         }
-        let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let states = self.text_encoder.forward(&t, &[valid])?;
-        let keep: Vec<f32> = (0..ids.len()).map(|i| (i < valid) as u8 as f32).collect();
-        let keep = Tensor::from_vec(keep, (1, ids.len(), 1), &self.device)?;
-        Ok(states.broadcast_mul(&keep)?)
+        // WanPipeline runs the encoder over all `ids.len()` positions and
+        // zeroes the padding rows after. The padding keys are masked out
+        // (their weights underflow to exactly 0), so the prompt's rows only
+        // depend on the prompt's tokens: encoding those alone gives the same
+        // rows (within rounding) for a fraction of the work, 512 positions
+        // against a prompt's few dozen.
+        let t = Tensor::new(&ids[..valid], &self.device)?.unsqueeze(0)?;
+        let states = profile::time("umt5", || self.text_encoder.forward(&t, &[valid]))?;
+        Ok(states.pad_with_zeros(1, 0, ids.len() - valid)?)
     }
 
     /// The guided velocity at `timestep` for `latents` `[1, C, F, h, w]`:
@@ -165,10 +186,14 @@ impl Model {
         uncond: Option<&Tensor>,
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
-        let c = self.transformer.forward(latents, &[timestep], cond)?;
+        let forward = |text: &Tensor| -> Result<Tensor, EngineError> {
+            let text = self.prepared.get(text, |t| self.transformer.prepare_text(t))?;
+            Ok(self.transformer.forward_prepared(latents, &[timestep], &text)?)
+        };
+        let c = forward(cond)?;
         match uncond {
             Some(u) if guidance > 1.0 => {
-                let u = self.transformer.forward(latents, &[timestep], u)?;
+                let u = forward(u)?;
                 Ok((&u + ((c - &u)? * guidance)?)?)
             }
             _ => Ok(c),
@@ -182,5 +207,44 @@ impl Model {
         let video = self.vae.decode(&z)?;
         let frames = video.squeeze(0)?.permute((1, 0, 2, 3))?;
         Ok(((frames * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+/// The last prompts' [`PreparedText`]s, found by the exact bits of the text
+/// encoder's states they were made from (so a reused one is what preparing
+/// again would give). Two: a guided generation's prompt and negative prompt.
+#[derive(Default)]
+struct PreparedTexts(Mutex<Vec<(TextKey, Arc<PreparedText>)>>);
+
+#[derive(PartialEq)]
+struct TextKey {
+    dims: Vec<usize>,
+    bits: Vec<u32>,
+}
+
+impl PreparedTexts {
+    const KEPT: usize = 2;
+
+    fn get(
+        &self,
+        text: &Tensor,
+        prepare: impl FnOnce(&Tensor) -> candle_core::Result<PreparedText>,
+    ) -> Result<Arc<PreparedText>, EngineError> {
+        let key = TextKey {
+            dims: text.dims().to_vec(),
+            bits: text.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect(),
+        };
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = lock().iter().find(|(k, _)| *k == key) {
+            return Ok(p.clone());
+        }
+        // Prepared outside the lock: concurrent jobs do not wait on each other.
+        let prepared = Arc::new(prepare(text)?);
+        let mut kept = lock();
+        kept.push((key, prepared.clone()));
+        if kept.len() > Self::KEPT {
+            kept.remove(0);
+        }
+        Ok(prepared)
     }
 }
