@@ -204,10 +204,14 @@ fn make_development_chain(hotkey: &Hotkey) -> Result<(String, Zeroizing<String>)
         .push(DnType::OrganizationName, "Fractal gateway");
     leaf.is_ca = IsCa::ExplicitNoCa;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    // id-kp-documentSigning, on C2PA's list of signing EKUs.
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::Other(vec![
-        1, 3, 6, 1, 5, 5, 7, 3, 36,
-    ])];
+    // id-kp-documentSigning and id-kp-emailProtection, both on C2PA's list
+    // of claim-signing EKUs. Readers differ in which they accept by default:
+    // c2pa-python 0.38 (c2pa-rs 0.91) takes only emailProtection and called
+    // a documentSigning-only certificate invalid.
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 36]),
+        ExtendedKeyUsagePurpose::EmailProtection,
+    ];
     leaf.use_authority_key_identifier_extension = true;
     validity(&mut leaf);
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer).map_err(err)?;

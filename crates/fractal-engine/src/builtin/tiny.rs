@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -372,12 +371,7 @@ impl Model {
     ) -> std::result::Result<Vec<PathBuf>, EngineError> {
         let (model, weights) = Self::tiny_with_weights(variant, &Device::Cpu)?;
         let c = &model.configs;
-        AutoEncoderKL::new(
-            weights.var_builder("vae.", &Device::Cpu),
-            c.vae.in_channels,
-            c.vae.out_channels,
-            vae_candle_config(&c.vae),
-        )?;
+        make_vae_encoder(&weights.var_builder("vae.", &Device::Cpu), &c.vae)?;
         let write_json = |rel: &str, v: serde_json::Value| super::write_json(dir, rel, &v);
         write_json(
             "model_index.json",
@@ -428,18 +422,54 @@ impl Model {
     }
 }
 
-/// The config of candle's full `AutoEncoderKL`. The engine decodes with
-/// [`VaeDecoder`]; the full model is only built when a tiny folder is written,
-/// so that the folder also holds the encoder weights diffusers needs to load.
-fn vae_candle_config(v: &VaeConfig) -> AutoEncoderKLConfig {
-    AutoEncoderKLConfig {
-        block_out_channels: v.block_out_channels.clone(),
-        layers_per_block: v.layers_per_block,
-        latent_channels: v.latent_channels,
-        norm_num_groups: v.norm_num_groups,
-        use_quant_conv: true,
-        use_post_quant_conv: true,
+/// Makes the parameters of the half of diffusers' `AutoencoderKL` the engine
+/// never runs (`encoder.*`, `quant_conv`), so that a written folder holds
+/// the whole model diffusers loads: diffusers' `Encoder` with
+/// `DownEncoderBlock2D`s, a mid block with one attention, `double_z`.
+fn make_vae_encoder(vb: &VarBuilder, v: &VaeConfig) -> candle_core::Result<()> {
+    let affine = |vb: VarBuilder, shape: &[usize]| -> candle_core::Result<()> {
+        vb.get(shape, "weight")?;
+        vb.get(shape[0], "bias")?;
+        Ok(())
+    };
+    let conv = |vb: VarBuilder, cin: usize, cout: usize, k: usize| affine(vb, &[cout, cin, k, k]);
+    let norm = |vb: VarBuilder, c: usize| affine(vb, &[c]);
+    let resnet = |vb: VarBuilder, cin: usize, cout: usize| -> candle_core::Result<()> {
+        norm(vb.pp("norm1"), cin)?;
+        conv(vb.pp("conv1"), cin, cout, 3)?;
+        norm(vb.pp("norm2"), cout)?;
+        conv(vb.pp("conv2"), cout, cout, 3)?;
+        if cin != cout {
+            conv(vb.pp("conv_shortcut"), cin, cout, 1)?;
+        }
+        Ok(())
+    };
+    let e = vb.pp("encoder");
+    let channels = &v.block_out_channels;
+    conv(e.pp("conv_in"), v.in_channels, channels[0], 3)?;
+    let mut cin = channels[0];
+    for (i, &cout) in channels.iter().enumerate() {
+        let block = e.pp(format!("down_blocks.{i}"));
+        for j in 0..v.layers_per_block {
+            resnet(block.pp(format!("resnets.{j}")), cin, cout)?;
+            cin = cout;
+        }
+        if i + 1 < channels.len() {
+            conv(block.pp("downsamplers.0.conv"), cout, cout, 3)?;
+        }
     }
+    let mid = e.pp("mid_block");
+    resnet(mid.pp("resnets.0"), cin, cin)?;
+    let attention = mid.pp("attentions.0");
+    norm(attention.pp("group_norm"), cin)?;
+    for projection in ["to_q", "to_k", "to_v", "to_out.0"] {
+        affine(attention.pp(projection), &[cin, cin])?;
+    }
+    resnet(mid.pp("resnets.1"), cin, cin)?;
+    norm(e.pp("conv_norm_out"), cin)?;
+    let moments = 2 * v.latent_channels;
+    conv(e.pp("conv_out"), cin, moments, 3)?;
+    conv(vb.pp("quant_conv"), moments, moments, 1)
 }
 
 /// The manifest of the built-in tiny model: what `fractal grid` and the tests pin.

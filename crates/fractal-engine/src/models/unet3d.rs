@@ -7,7 +7,6 @@
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::cpu;
@@ -747,12 +746,29 @@ impl Block3D {
     }
 }
 
+/// diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`
+/// of one timestep: cos then sin of `t · exp(−ln(10000) · k / half)`, every
+/// operation rounded to f32 in this order (the order the engine has always
+/// computed it in, so that generated bits stay put).
+fn timestep_sinusoid(t: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let ln = -(10000f64.ln()) as f32;
+    let inv_half = (1.0 / half as f64) as f32;
+    let args: Vec<f32> = (0..half)
+        .map(|k| t * (k as f32 * ln * inv_half).exp())
+        .collect();
+    let mut v: Vec<f32> = args.iter().map(|a| a.cos()).collect();
+    v.extend(args.iter().map(|a| a.sin()));
+    v.resize(dim, 0.0);
+    v
+}
+
 /// The denoising network.
 #[derive(Debug)]
 pub struct Unet3d {
     conv_in: Conv2d,
-    time_proj: Timesteps,
-    time_embedding: TimestepEmbedding,
+    /// `time_embedding.linear_1` and `linear_2` (SiLU between).
+    time_embedding: (nn::Linear, nn::Linear),
     transformer_in: ProjectedTransformer,
     down: Vec<Block3D>,
     mid: Block3D,
@@ -769,8 +785,11 @@ impl Unet3d {
         let ch = &cfg.block_out_channels;
         let temb = ch[0] * 4;
         let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
-        let time_proj = Timesteps::new(ch[0], true, 0.0);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
+        let te = vb.pp("time_embedding");
+        let time_embedding = (
+            nn::linear(ch[0], temb, te.pp("linear_1"))?,
+            nn::linear(temb, temb, te.pp("linear_2"))?,
+        );
         let transformer_in = ProjectedTransformer::new(
             vb.pp("transformer_in"),
             ch[0],
@@ -836,7 +855,6 @@ impl Unet3d {
         let conv_out = Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
-            time_proj,
             time_embedding,
             transformer_in,
             down,
@@ -861,10 +879,14 @@ impl Unet3d {
         context: &Tensor,
     ) -> Result<Tensor> {
         let (b, c, f, h, w) = sample.dims5()?;
-        let t = Tensor::full(timestep as f32, b, sample.device())?;
-        let emb = self
-            .time_embedding
-            .forward(&self.time_proj.forward(&t)?.to_dtype(sample.dtype())?)?;
+        let dim = self.config.block_out_channels[0];
+        let sinusoid = timestep_sinusoid(timestep as f32, dim);
+        let t = Tensor::from_vec(sinusoid, (1, dim), sample.device())?
+            .broadcast_as((b, dim))?
+            .contiguous()?
+            .to_dtype(sample.dtype())?;
+        let (linear_1, linear_2) = &self.time_embedding;
+        let emb = linear_2.forward(&nn::ops::silu(&linear_1.forward(&t)?)?)?;
         let temb_dim = emb.dim(1)?;
         // Every resnet applies SiLU to the time embedding first: do it once.
         let emb = nn::ops::silu(&emb)?;

@@ -108,6 +108,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>
 /// LayerNorm over the last axis without parameters (diffusers'
 /// `FP32LayerNorm(elementwise_affine=False)`).
 fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let _s = profile::stage("wan.layer_norm");
     let n = x.dim(D::Minus1)?;
     let ones = Tensor::ones(n, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
@@ -116,6 +117,7 @@ fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `x · (1 + scale) + shift`, the modulation every norm here is followed by.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let _s = profile::stage("wan.modulate");
     x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
@@ -190,6 +192,7 @@ impl Rope {
 
     /// Rotates `x` `[b, S, heads·d]` pairwise: `(a, b) → (a·c − b·s, a·s + b·c)`.
     fn apply(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let _s = profile::stage("wan.rope");
         let (b, s, hd) = x.dims3()?;
         let half = hd / heads / 2;
         let x = x.reshape((b, s, heads, half, 2))?;
@@ -315,7 +318,13 @@ impl WanBlock {
         let x = (&x + self.attn2.attend(&n2, &text_kv.0, &text_kv.1, None)?)?;
 
         let n3 = modulate(&layer_norm(&x, self.eps)?, &c_shift, &c_scale)?;
-        let f = self.ffn_out.forward(&self.ffn_in.forward(&n3)?.gelu()?)?;
+        let h = self.ffn_in.forward(&n3)?;
+        let h = if cpu::applies(&h) {
+            profile::time("wan.gelu", || cpu::gelu_tanh(&h))?
+        } else {
+            h.gelu()?
+        };
+        let f = self.ffn_out.forward(&h)?;
         x + f.broadcast_mul(&c_gate)?
     }
 }

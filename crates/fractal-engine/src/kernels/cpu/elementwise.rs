@@ -1,4 +1,4 @@
-//! Scalar math the kernels vectorise: `exp`, SiLU, `erf`, GELU.
+//! Scalar math the kernels vectorise: `exp`, SiLU, `erf`, GELU (erf and tanh forms).
 
 pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
 
@@ -62,4 +62,16 @@ pub(super) fn erf(x: f32) -> f32 {
 #[inline(always)]
 pub(super) fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU with the tanh approximation, as `GELU(approximate="tanh")`:
+/// `0.5·x·(1 + tanh(u))`, `u = √(2/π)·(x + 0.044715·x³)`, with
+/// `tanh(u) = 1 − 2/(e^{2u} + 1)` on the vectorised `exp` (absolute error
+/// below 1e-6; libm's tanh does not vectorise).
+#[inline(always)]
+pub(super) fn gelu_tanh_f32(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    0.5 * x * (1.0 + tanh)
 }

@@ -100,6 +100,7 @@ macro_rules! simd_dispatch {
     };
 }
 
+mod activation;
 mod attention;
 pub(crate) mod common;
 mod conv;
@@ -111,6 +112,7 @@ mod temporal;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use activation::*;
 pub(crate) use attention::*;
 pub(crate) use common::*;
 pub(crate) use conv::*;

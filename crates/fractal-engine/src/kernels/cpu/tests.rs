@@ -585,3 +585,21 @@ fn causal_conv3d_matches_summed_2d_convolutions() {
         assert_eq!(max_diff(&on(1), &ours), 0.0, "{shape:?}");
     }
 }
+
+#[test]
+fn gelu_tanh_matches_candle_on_every_thread_count() {
+    let n = 3 * 16 * 1024 + 77;
+    let v: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 24.0).collect();
+    let x = Tensor::from_vec(v, (n / 7, 7), &Device::Cpu).unwrap();
+    let reference = x.gelu().unwrap();
+    let ours = gelu_tanh(&x).unwrap();
+    assert_eq!(ours.dims(), x.dims());
+    let err = crate::pipelines::max_abs_diff(&ours, &reference).unwrap();
+    assert!(err < 2e-6, "max abs error {err}");
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let single = one.install(|| gelu_tanh(&x).unwrap());
+    assert_eq!(
+        single.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ours.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
