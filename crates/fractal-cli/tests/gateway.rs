@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
+use common::browser::Browser;
 use common::{
     create_api_key, fractal, hotkey_in, run, spawn_until, start_chain, start_gateway, tool, Proc,
 };
@@ -195,87 +196,6 @@ fn jobs_survive_a_killed_prover_and_a_restarted_gateway() {
     );
 }
 
-/// Minimal W3C WebDriver client over chromedriver's HTTP API.
-struct Browser {
-    http: reqwest::blocking::Client,
-    url: String,
-    _driver: Proc,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    fn start(chromedriver: &str, chromium: &str) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let driver = Proc(
-            Command::new(chromedriver)
-                .arg(format!("--port={port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let http = reqwest::blocking::Client::new();
-        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--no-first-run", "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required",
-                     format!("--user-data-dir={}", profile.path().display())]}}}});
-        let start = Instant::now();
-        let session = loop {
-            match http
-                .post(format!("http://127.0.0.1:{port}/session"))
-                .json(&caps)
-                .send()
-            {
-                Ok(r) => {
-                    let v: Value = r.json().unwrap();
-                    break v["value"]["sessionId"]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("{v}"))
-                        .to_string();
-                }
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => panic!("chromedriver did not start: {e}"),
-            }
-        };
-        Browser {
-            http,
-            url: format!("http://127.0.0.1:{port}/session/{session}"),
-            _driver: driver,
-            _profile: profile,
-        }
-    }
-    fn cmd(&self, path: &str, body: Value) -> Value {
-        let v: Value = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        // WebDriver errors come as {"value": {"error", "message", …}}.
-        assert!(v["value"].get("stacktrace").is_none(), "{path}: {v}");
-        v["value"].clone()
-    }
-    fn js(&self, script: &str) -> Value {
-        self.cmd("/execute/sync", json!({"script": script, "args": []}))
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.http.delete(&self.url).send();
-    }
-}
-
 #[test]
 fn openai_sdk_and_browser_on_fractal_grid() {
     let Some(python) = tool("FRACTAL_PYTHON") else {
@@ -431,42 +351,7 @@ fn openai_sdk_and_browser_on_fractal_grid() {
         return;
     };
     let b = Browser::start(&driver, &chromium);
-    b.cmd("/url", json!({"url": page}));
-    b.js(
-        "document.getElementById('prompt').value = 'a cat playing piano in space';
-          document.getElementById('size').value = '32x32';
-          document.getElementById('seconds').value = '0.5';
-          document.getElementById('steps').value = '4';
-          document.getElementById('go').click();",
-    );
-    let start = Instant::now();
-    let state = loop {
-        let s = b.js("const v = document.getElementById('player');
-            return { progress: document.getElementById('progress').value,
-                     status: document.getElementById('status').textContent,
-                     page_error: document.getElementById('error').textContent,
-                     ready: v.readyState, time: v.currentTime, width: v.videoWidth, paused: v.paused,
-                     gif: !document.getElementById('gif').hidden,
-                     nodes: document.querySelectorAll('#map circle.node').length,
-                     rows: document.querySelectorAll('#nodes tbody tr').length,
-                     history: document.querySelectorAll('#history li').length };");
-        if s["progress"] == 100
-            && s["ready"].as_u64() >= Some(2)
-            && s["time"].as_f64() > Some(0.0)
-            && s["nodes"] == 3
-        {
-            break s;
-        }
-        assert!(
-            s["page_error"].as_str().unwrap_or("").is_empty(),
-            "page error: {s}"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "page never finished: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let state = b.make_video_on_page(&page, "a cat playing piano in space", 4, 3);
     assert_eq!(state["width"], 32, "{state}");
     assert!(
         state["status"].as_str().unwrap().contains("completed"),

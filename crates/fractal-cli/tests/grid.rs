@@ -6,13 +6,18 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::browser::Browser;
+use common::tool;
+
 #[test]
 fn grid_comes_up_rewards_honest_provers_and_stops_cleanly() {
     run_grid(&[], |_| {});
 }
 
 /// The same grid on the built-in Wan 2.1: challenges of 1 + 4k frames,
-/// audited flow-matching steps, and an app's video through the gateway.
+/// audited flow-matching steps, and an app's video through the gateway's
+/// API and through its web page in a real browser.
 #[test]
 fn grid_on_tiny_wan_rewards_provers_and_serves_an_app_video() {
     run_grid(&["--tiny", "tiny-wan-v1"], |ready| {
@@ -62,6 +67,22 @@ fn grid_on_tiny_wan_rewards_provers_and_serves_an_app_video() {
             .bytes()
             .unwrap();
         assert_eq!(&mp4[4..8], b"ftyp", "an MP4");
+
+        // The web page in a real browser, on the Wan grid too.
+        let (Some(driver), Some(chromium)) =
+            (tool("FRACTAL_CHROMEDRIVER"), tool("FRACTAL_CHROMIUM"))
+        else {
+            return;
+        };
+        let b = Browser::start(&driver, &chromium);
+        let page = format!("{}/#key={}", ready.gateway, ready.api_key);
+        let state = b.make_video_on_page(&page, "a blue square moving up", 3, 2);
+        assert_eq!(state["width"], 32, "{state}");
+        assert!(
+            state["status"].as_str().unwrap().contains("completed"),
+            "{state}"
+        );
+        assert_eq!(state["gif"], true, "GIF download offered: {state}");
     });
 }
 
