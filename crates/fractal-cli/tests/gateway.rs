@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 mod common;
 use common::browser::Browser;
 use common::{
-    create_api_key, fractal, hotkey_in, run, spawn_until, start_chain, start_gateway, tool, Proc,
+    create_api_key, fractal, hotkey_in, run, spawn_until, start_chain, start_gateway, tool,
 };
 
 struct Api {

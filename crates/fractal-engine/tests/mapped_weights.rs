@@ -14,8 +14,14 @@ static ALLOCATOR: mapped::WeightsAllocator = mapped::WeightsAllocator;
 fn tensors_view_the_file_and_release_it_when_dropped() {
     assert!(mapped::installed());
     let dir = tempfile::tempdir().unwrap();
-    let a = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
-    let h = Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
+    let a = Tensor::arange(0f32, 12., &Device::Cpu)
+        .unwrap()
+        .reshape((3, 4))
+        .unwrap();
+    let h = Tensor::new(&[1.5f32, -2.0], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
     let path = dir.path().join("model.safetensors");
     let save = |a: &Tensor| {
         candle_core::safetensors::save(

@@ -20,11 +20,11 @@
 //! this crate's exporters write a new file and rename it over the old one.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::fs::File;
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// The system allocator, able to free buffers that are views of a weights
 /// file. Install it as the binary's `#[global_allocator]` (and only that
@@ -72,9 +72,9 @@ fn slot_of(ptr: *mut u8) -> Option<&'static Slot> {
         return None;
     }
     let p = ptr as usize;
-    TABLE[..HIGH.load(Ordering::Acquire)].iter().find(|s| {
-        p < s.end.load(Ordering::Acquire) && p >= s.start.load(Ordering::Acquire)
-    })
+    TABLE[..HIGH.load(Ordering::Acquire)]
+        .iter()
+        .find(|s| p < s.end.load(Ordering::Acquire) && p >= s.start.load(Ordering::Acquire))
 }
 
 /// Drops one share of `slot`'s mapping; the last one unmaps it.
@@ -191,7 +191,12 @@ impl Mapping {
         slot.shares.store(1, Ordering::Release);
         slot.start.store(start, Ordering::Release);
         slot.end.store(start + len, Ordering::Release);
-        Some(Self { slot, start, len, viewed: Mutex::default() })
+        Some(Self {
+            slot,
+            start,
+            len,
+            viewed: Mutex::default(),
+        })
     }
 
     /// The `count` little-endian f32 values at byte `offset` as a `Vec`
@@ -201,7 +206,8 @@ impl Mapping {
     pub(crate) fn f32_vec(&self, offset: usize, count: usize) -> Option<Vec<f32>> {
         let bytes = count.checked_mul(4)?;
         let end = offset.checked_add(bytes)?;
-        if cfg!(target_endian = "big") || count == 0 || end > self.len || !offset.is_multiple_of(4) {
+        if cfg!(target_endian = "big") || count == 0 || end > self.len || !offset.is_multiple_of(4)
+        {
             return None;
         }
         {
@@ -262,7 +268,10 @@ mod tests {
         assert_eq!(shares(), 2);
         // Writing a view copies the page; the file is untouched.
         b[0] = -1.0;
-        assert_eq!(&std::fs::read(&path).unwrap()[400..404], &100f32.to_le_bytes());
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[400..404],
+            &100f32.to_le_bytes()
+        );
         b.push(1000.0);
         assert_eq!(shares(), 1, "the grown buffer is owned");
         assert_eq!((b[0], b[99], b[100]), (-1.0, 199.0, 1000.0));

@@ -144,9 +144,10 @@ impl SafetensorsFile {
         // the tensor's own buffer: safetensors is little-endian, as the
         // targets we build for.
         if cfg!(target_endian = "little") && info.dtype == DType::F32 {
-            let view = self.mapping.as_ref().and_then(|m| {
-                m.f32_vec(usize::try_from(info.start).ok()?, info.len / 4)
-            });
+            let view = self
+                .mapping
+                .as_ref()
+                .and_then(|m| m.f32_vec(usize::try_from(info.start).ok()?, info.len / 4));
             if let Some(data) = view {
                 return Tensor::from_vec(data, info.shape.as_slice(), &Device::Cpu);
             }

@@ -244,7 +244,13 @@ impl WanAttention {
 
     /// Attention of `x` to keys `k` and values `v` (rotated with `x`'s
     /// queries when `rope` is given: self-attention).
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+    fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let mut q = nn::ops::rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps as f32)?;
         let rotated;
         let k = match rope {

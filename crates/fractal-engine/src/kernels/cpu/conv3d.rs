@@ -47,7 +47,11 @@ pub(crate) fn causal_conv3d(
         Some(p) => {
             let (pb, pc, tp, ph, pw) = p.dims5()?;
             if (pb, pc, ph, pw) != (b, ci, h, w) {
-                candle_core::bail!("conv3d: past frames {:?} do not fit the input {:?}", p.dims(), x.dims());
+                candle_core::bail!(
+                    "conv3d: past frames {:?} do not fit the input {:?}",
+                    p.dims(),
+                    x.dims()
+                );
             }
             let have = tp.min(kt - 1);
             Some(p.narrow(2, tp - have, have)?)
@@ -104,7 +108,14 @@ struct Geometry {
 impl Geometry {
     /// Frame `s` of the sequence (zeros, past, x) of channel `c` in batch
     /// `n`, or None for a zero frame.
-    fn frame<'a>(&self, xs: &'a [f32], ps: &'a [f32], n: usize, c: usize, s: usize) -> Option<&'a [f32]> {
+    fn frame<'a>(
+        &self,
+        xs: &'a [f32],
+        ps: &'a [f32],
+        n: usize,
+        c: usize,
+        s: usize,
+    ) -> Option<&'a [f32]> {
         let hw = self.h * self.w;
         if s < self.zeros {
             None
@@ -117,7 +128,15 @@ impl Geometry {
         }
     }
 
-    fn convolve(&self, xs: &[f32], ps: &[f32], wt: &[f32], bias: &[f32], b: usize, co: usize) -> Vec<f32> {
+    fn convolve(
+        &self,
+        xs: &[f32],
+        ps: &[f32],
+        wt: &[f32],
+        bias: &[f32],
+        b: usize,
+        co: usize,
+    ) -> Vec<f32> {
         let g = *self;
         let taps = g.kt * g.kh * g.kw;
         let k = g.ci * taps;
@@ -137,18 +156,24 @@ impl Geometry {
                             let y1 = (y0 + rows_per_strip).min(g.oh);
                             let cols = (y1 - y0) * g.ow;
                             col.resize(k * cols, 0.0);
-                            col.par_chunks_mut(taps * cols).enumerate().for_each(|(c, rows)| {
-                                for d in 0..g.kt {
-                                    let src = g.frame(xs, ps, n, c, i + d);
-                                    let rows = &mut rows[d * g.kh * g.kw * cols..][..g.kh * g.kw * cols];
-                                    g.strip_rows(src, rows, y0, y1);
-                                }
-                            });
+                            col.par_chunks_mut(taps * cols)
+                                .enumerate()
+                                .for_each(|(c, rows)| {
+                                    for d in 0..g.kt {
+                                        let src = g.frame(xs, ps, n, c, i + d);
+                                        let rows = &mut rows[d * g.kh * g.kw * cols..]
+                                            [..g.kh * g.kw * cols];
+                                        g.strip_rows(src, rows, y0, y1);
+                                    }
+                                });
                             let base = (n * co * g.t + i) * plane + y0 * g.ow;
                             let stride = g.t * plane;
                             for (c, &bv) in bias.iter().enumerate() {
                                 // SAFETY: row c of this strip lies inside the output.
-                                let row = std::slice::from_raw_parts_mut(dst.0.add(base + c * stride), cols);
+                                let row = std::slice::from_raw_parts_mut(
+                                    dst.0.add(base + c * stride),
+                                    cols,
+                                );
                                 row.fill(bv);
                             }
                             // SAFETY: dst rows are co x cols at row stride

@@ -525,38 +525,58 @@ fn channel_rms_norm_matches_candle_and_ignores_thread_count() {
 /// a frame done in strips of rows, and the same bits on one thread and two.
 #[test]
 fn causal_conv3d_matches_summed_2d_convolutions() {
-    let reference = |x: &Tensor, past: Option<&Tensor>, w: &Tensor, b: &Tensor, pad: (usize, usize)| {
-        let (n, c, t, h, wd) = x.dims5().unwrap();
-        let kt = w.dim(2).unwrap();
-        let mut parts = Vec::new();
-        let have = past.map_or(0, |p| p.dim(2).unwrap().min(kt - 1));
-        if have < kt - 1 {
-            parts.push(Tensor::zeros((n, c, kt - 1 - have, h, wd), candle_core::DType::F32, &Device::Cpu).unwrap());
-        }
-        if let Some(p) = past.filter(|_| have > 0) {
-            parts.push(p.narrow(2, p.dim(2).unwrap() - have, have).unwrap());
-        }
-        parts.push(x.clone());
-        let seq = Tensor::cat(&parts, 2).unwrap();
-        let frames = (0..t)
-            .map(|i| {
-                let mut acc: Option<Tensor> = None;
-                for d in 0..kt {
-                    let frame = seq.narrow(2, i + d, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
-                    let tap = w.narrow(2, d, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
-                    let y = frame.conv2d(&tap, pad.0, 1, 1, 1).unwrap();
-                    acc = Some(match acc {
-                        Some(a) => (a + y).unwrap(),
-                        None => y,
-                    });
-                }
-                acc.unwrap()
-                    .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
-                    .unwrap()
-            })
-            .collect::<Vec<_>>();
-        Tensor::stack(&frames, 2).unwrap()
-    };
+    let reference =
+        |x: &Tensor, past: Option<&Tensor>, w: &Tensor, b: &Tensor, pad: (usize, usize)| {
+            let (n, c, t, h, wd) = x.dims5().unwrap();
+            let kt = w.dim(2).unwrap();
+            let mut parts = Vec::new();
+            let have = past.map_or(0, |p| p.dim(2).unwrap().min(kt - 1));
+            if have < kt - 1 {
+                parts.push(
+                    Tensor::zeros(
+                        (n, c, kt - 1 - have, h, wd),
+                        candle_core::DType::F32,
+                        &Device::Cpu,
+                    )
+                    .unwrap(),
+                );
+            }
+            if let Some(p) = past.filter(|_| have > 0) {
+                parts.push(p.narrow(2, p.dim(2).unwrap() - have, have).unwrap());
+            }
+            parts.push(x.clone());
+            let seq = Tensor::cat(&parts, 2).unwrap();
+            let frames = (0..t)
+                .map(|i| {
+                    let mut acc: Option<Tensor> = None;
+                    for d in 0..kt {
+                        let frame = seq
+                            .narrow(2, i + d, 1)
+                            .unwrap()
+                            .squeeze(2)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap();
+                        let tap = w
+                            .narrow(2, d, 1)
+                            .unwrap()
+                            .squeeze(2)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap();
+                        let y = frame.conv2d(&tap, pad.0, 1, 1, 1).unwrap();
+                        acc = Some(match acc {
+                            Some(a) => (a + y).unwrap(),
+                            None => y,
+                        });
+                    }
+                    acc.unwrap()
+                        .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                        .unwrap()
+                })
+                .collect::<Vec<_>>();
+            Tensor::stack(&frames, 2).unwrap()
+        };
     // (x shape, past frames, co, kernel, padding)
     for (shape, past_frames, co, (kt, k), pad) in [
         ([1, 3, 2, 9, 7], None, 4, (3, 3), 1),
@@ -581,7 +601,11 @@ fn causal_conv3d_matches_summed_2d_convolutions() {
         };
         let ours = on(2);
         assert_eq!(ours.dims(), want.dims(), "{shape:?}");
-        assert!(max_diff(&ours, &want) < 1e-4, "{shape:?}: {}", max_diff(&ours, &want));
+        assert!(
+            max_diff(&ours, &want) < 1e-4,
+            "{shape:?}: {}",
+            max_diff(&ours, &want)
+        );
         assert_eq!(max_diff(&on(1), &ours), 0.0, "{shape:?}");
     }
 }
@@ -598,7 +622,10 @@ fn gelu_tanh_matches_candle_on_every_thread_count() {
     assert_eq!(ours.dims(), x.dims());
     let err = crate::pipelines::max_abs_diff(&ours, &reference).unwrap();
     assert!(err < 2e-6, "max abs error {err}");
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let single = one.install(|| gelu_tanh(&x).unwrap());
     assert_eq!(
         single.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

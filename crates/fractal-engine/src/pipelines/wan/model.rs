@@ -94,7 +94,14 @@ impl Model {
         let vae = WanVaeDecoder::new(weights(VAE_WEIGHTS)?, configs.vae.clone())
             .map_err(|e| build(VAE_WEIGHTS, e))?;
         Self::check_consistent(&configs, &tokenizer, origin)?;
-        Ok(Self::new(tokenizer, text_encoder, transformer, vae, configs, device))
+        Ok(Self::new(
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            configs,
+            device,
+        ))
     }
 
     /// A model of components built elsewhere (unchecked).
@@ -187,8 +194,12 @@ impl Model {
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
         let forward = |text: &Tensor| -> Result<Tensor, EngineError> {
-            let text = self.prepared.get(text, |t| self.transformer.prepare_text(t))?;
-            Ok(self.transformer.forward_prepared(latents, &[timestep], &text)?)
+            let text = self
+                .prepared
+                .get(text, |t| self.transformer.prepare_text(t))?;
+            Ok(self
+                .transformer
+                .forward_prepared(latents, &[timestep], &text)?)
         };
         let c = forward(cond)?;
         match uncond {
@@ -232,7 +243,12 @@ impl PreparedTexts {
     ) -> Result<Arc<PreparedText>, EngineError> {
         let key = TextKey {
             dims: text.dims().to_vec(),
-            bits: text.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect(),
+            bits: text
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect(),
         };
         let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = lock().iter().find(|(k, _)| *k == key) {
