@@ -24,17 +24,17 @@ pub fn analyse(clip: &Clip) -> Analysis {
     let (w, h) = (clip.width, clip.height);
     let background_rgb = median_pixel(clip);
     let background = Colour::nearest(background_rgb);
-    let masks: Vec<Vec<bool>> = clip
-        .frames
-        .iter()
-        .map(|f| {
-            let far: Vec<bool> = f
-                .chunks_exact(3)
-                .map(|p| distance(p, background_rgb) > FOREGROUND_DISTANCE)
-                .collect();
-            largest_component(&majority(&far, w, h), w, h)
-        })
-        .collect();
+    // Per frame: the pixels `is_shape` picks, cleaned of specks.
+    let shape_masks = |is_shape: &dyn Fn(&[u8]) -> bool| -> Vec<Vec<bool>> {
+        clip.frames
+            .iter()
+            .map(|f| {
+                let picked: Vec<bool> = f.chunks_exact(3).map(is_shape).collect();
+                largest_component(&majority(&picked, w, h), w, h)
+            })
+            .collect()
+    };
+    let masks = shape_masks(&|p| distance(p, background_rgb) > FOREGROUND_DISTANCE);
 
     // The shape's colour: the per-channel median of its core pixels (those
     // whose whole 3x3 neighbourhood is shape, so not blended with the
@@ -58,32 +58,20 @@ pub fn analyse(clip: &Clip) -> Analysis {
             motion: None,
         };
     };
-    let colour = Colour::all()
-        .filter(|&c| c != background)
-        .min_by(|a, b| distance_to(*a, middle).total_cmp(&distance_to(*b, middle)));
+    let colour = Colour::nearest_except(middle, background);
 
     // The outline from the pixels nearer the named colour than the
     // background: the edge at the half-way blend, where a soft or noisy
     // frame puts it, not wherever the first threshold cut it. (The measured
     // median leans towards the background, by the blended edge pixels.)
-    let reference = colour.map(|c| c.rgb().map(f32::from)).unwrap_or(middle);
-    let masks: Vec<Vec<bool>> = clip
-        .frames
-        .iter()
-        .map(|f| {
-            let nearer: Vec<bool> = f
-                .chunks_exact(3)
-                .map(|p| distance(p, reference) < distance(p, background_rgb))
-                .collect();
-            largest_component(&majority(&nearer, w, h), w, h)
-        })
-        .collect();
+    let reference = colour.rgb().map(f32::from);
+    let masks = shape_masks(&|p| distance(p, reference) < distance(p, background_rgb));
     let outlines: Vec<Outline> = masks.iter().filter_map(|m| Outline::of(m, w, h)).collect();
     let shape = shape_of(&outlines);
     let motion = motion_of(&outlines, w.min(h));
     Analysis {
         background,
-        colour,
+        colour: Some(colour),
         shape,
         motion,
     }
@@ -94,10 +82,6 @@ fn distance(p: &[u8], rgb: [f32; 3]) -> f32 {
         .map(|i| (p[i] as f32 - rgb[i]).powi(2))
         .sum::<f32>()
         .sqrt()
-}
-
-fn distance_to(c: Colour, rgb: [f32; 3]) -> f32 {
-    distance(&c.rgb(), rgb)
 }
 
 /// The per-channel median of every pixel of every frame: the background,

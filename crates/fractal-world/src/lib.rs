@@ -53,13 +53,22 @@ impl Colour {
 
     /// The palette entry nearest `rgb` (squared distance; ties to the first).
     pub fn nearest(rgb: [f32; 3]) -> Colour {
+        Self::nearest_of(rgb, Colour::all())
+    }
+
+    /// [`Colour::nearest`] among the palette's other entries than `except`.
+    pub fn nearest_except(rgb: [f32; 3], except: Colour) -> Colour {
+        Self::nearest_of(rgb, Colour::all().filter(|&c| c != except))
+    }
+
+    fn nearest_of(rgb: [f32; 3], candidates: impl Iterator<Item = Colour>) -> Colour {
         let distance = |c: Colour| -> f32 {
             let p = c.rgb();
             (0..3).map(|i| (rgb[i] - p[i] as f32).powi(2)).sum()
         };
-        Colour::all()
+        candidates
             .min_by(|a, b| distance(*a).total_cmp(&distance(*b)))
-            .expect("the palette is not empty")
+            .expect("the palette has more than one entry")
     }
 }
 
