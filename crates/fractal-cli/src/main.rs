@@ -15,6 +15,7 @@ mod manifest_cmd;
 mod model_cmd;
 mod node_cmd;
 mod wallet_cmd;
+mod world_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -77,6 +78,9 @@ enum Command {
     /// Check a video's content credentials: its C2PA manifest, the validator
     /// hotkey's binding to the signing certificate, and (--chain) the permit.
     VerifyCredentials(credentials_cmd::VerifyCredentialsArgs),
+    /// The toy video world the built-in world-v1 model is trained on.
+    #[command(subcommand)]
+    World(world_cmd::WorldCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Prover(args) => node_cmd::prover(args),
         Command::Verifier(args) => node_cmd::verifier(args),
         Command::VerifyCredentials(args) => credentials_cmd::run(args),
+        Command::World(cmd) => world_cmd::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
