@@ -1,0 +1,191 @@
+"""Trains the built-in architecture (CLIP text encoder, UNet3D, AutoencoderKL
+at small widths) on the toy world that `fractal world export` renders, and
+writes a diffusers TextToVideoSD folder.
+
+Seeded and CPU-only by default; each stage runs for a wall-clock budget so
+the whole run fits the issue's 60 minutes on 2 cores. Loss is logged to
+stdout and to OUT/loss.csv.
+
+    python train.py DATA TOKENIZER OUT [--vae-minutes M] [--unet-minutes M]
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# The schedule the engine's `modelscope_ddim` runs (scaled_linear betas).
+BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
+           down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4,
+           block_out_channels=[16, 32, 64, 64], layers_per_block=1,
+           norm_num_groups=8, sample_size=64, act_fn="silu")
+UNET = dict(in_channels=4, out_channels=4, sample_size=8,
+            down_block_types=["CrossAttnDownBlock3D", "CrossAttnDownBlock3D"],
+            up_block_types=["CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
+            block_out_channels=[64, 128], layers_per_block=1,
+            norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8)
+TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+class Log:
+    def __init__(self, path):
+        self.file = open(path, "w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(["stage", "step", "seconds", "loss"])
+        self.start = time.time()
+
+    def __call__(self, stage, step, loss):
+        t = time.time() - self.start
+        self.csv.writerow([stage, step, f"{t:.1f}", f"{loss:.5f}"])
+        self.file.flush()
+        print(f"{stage} step {step} t={t:.0f}s loss={loss:.5f}", flush=True)
+
+
+def load_clips(data):
+    index = json.load(open(os.path.join(data, "index.json")))
+    n, f, s = index["count"], index["frames"], index["size"]
+    raw = np.fromfile(os.path.join(data, "clips.u8"), dtype=np.uint8)
+    clips = raw.reshape(n, f, s, s, 3)
+    captions = [c["caption"] for c in index["clips"]]
+    return clips, captions
+
+
+def to_pixels(frames):
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1
+    return x.movedim(-1, -3)
+
+
+def train_vae(clips, minutes, log, gen):
+    vae = AutoencoderKL(**VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    frames = clips.reshape(-1, *clips.shape[2:])
+    deadline, step = time.time() + 60 * minutes, 0
+    while time.time() < deadline:
+        idx = torch.randint(0, len(frames), (32,), generator=gen).numpy()
+        x = to_pixels(frames[idx])
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=gen)).sample
+        kl = dist.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log("vae", step, loss.item())
+        step += 1
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, clips):
+    out = []
+    for i in range(0, len(clips), 16):
+        c = clips[i:i + 16]
+        x = to_pixels(c.reshape(-1, *c.shape[2:]))
+        z = vae.encode(x).latent_dist.mean  # [B*F, 4, h, w]
+        z = z.reshape(len(c), c.shape[1], *z.shape[1:]).movedim(2, 1)
+        out.append(z)
+    return torch.cat(out)  # [N, 4, F, h, w]
+
+
+def train_unet(latents, ids, empty_ids, minutes, log, gen):
+    text = CLIPTextModel(CLIPTextConfig(**TEXT))
+    unet = UNet3DConditionModel(**UNET)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    deadline, step = time.time() + 60 * minutes, 0
+    while time.time() < deadline:
+        idx = torch.randint(0, len(latents), (16,), generator=gen)
+        z0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < 0.1  # for classifier-free guidance
+        tok[drop] = empty_ids
+        t = torch.randint(0, TRAIN_STEPS, (len(idx),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, text(tok).last_hidden_state).sample
+        # min-SNR-5 weighting: the high-SNR steps stop dominating.
+        snr = abar[t] / (1 - abar[t])
+        w = torch.clamp(snr, max=5.0) / snr
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            log("unet", step, loss.item())
+        step += 1
+    return unet.eval(), text.eval()
+
+
+def match_checkpoint_layout(out, tokenizer_dir):
+    """Writes the folder as the published ModelScope checkpoint lays it out:
+    text-encoder keys under `text_model.` (transformers 5 saves them bare)
+    and the slow tokenizer's vocab.json/merges.txt."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(out, "text_encoder", "model.safetensors")
+    tensors = load_file(path)
+    tensors = {(k if k.startswith("text_model.") else "text_model." + k): v
+               for k, v in tensors.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    dst = os.path.join(out, "tokenizer")
+    shutil.rmtree(dst)
+    shutil.copytree(tokenizer_dir, dst)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("tokenizer")
+    p.add_argument("out")
+    p.add_argument("--vae-minutes", type=float, default=8)
+    p.add_argument("--unet-minutes", type=float, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    log = Log(os.path.join(a.out, "loss.csv"))
+    clips, captions = load_clips(a.data)
+    tokenizer = CLIPTokenizer.from_pretrained(a.tokenizer)
+    tokens = lambda texts: tokenizer(texts, padding="max_length", max_length=77,
+                                     truncation=True, return_tensors="pt").input_ids
+    ids, empty_ids = tokens(captions), tokens([""])[0]
+
+    vae = train_vae(clips, a.vae_minutes, log, gen)
+    latents = encode_latents(vae, clips)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.5f}", flush=True)
+    unet, text = train_unet(latents * scaling, ids, empty_ids, a.unet_minutes, log, gen)
+
+    scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START,
+                              beta_end=BETA_END, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                 unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(a.out, safe_serialization=True)
+    match_checkpoint_layout(a.out, a.tokenizer)
+    print(f"wrote {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
