@@ -2,8 +2,9 @@
 at small widths) on the toy world that `fractal world export` renders, and
 writes a diffusers TextToVideoSD folder.
 
-Seeded and CPU-only by default; each stage runs for a wall-clock budget so
-the whole run fits the issue's 60 minutes on 2 cores. Loss is logged to
+Seeded and CPU-only; each stage runs for a wall-clock budget, and the
+defaults (8 + 40 minutes, plus about a minute to encode the latents) aim at
+the issue's 60 minutes on 2 cores. Loss is logged to
 stdout and to OUT/loss.csv.
 
     python train.py DATA TOKENIZER OUT [--vae-minutes M] [--unet-minutes M]
@@ -11,7 +12,6 @@ stdout and to OUT/loss.csv.
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -56,7 +56,8 @@ class Log:
 
 
 def load_clips(data):
-    index = json.load(open(os.path.join(data, "index.json")))
+    with open(os.path.join(data, "index.json")) as f:
+        index = json.load(f)
     n, f, s = index["count"], index["frames"], index["size"]
     raw = np.fromfile(os.path.join(data, "clips.u8"), dtype=np.uint8)
     clips = raw.reshape(n, f, s, s, 3)

@@ -78,7 +78,7 @@ enum Command {
     /// Check a video's content credentials: its C2PA manifest, the validator
     /// hotkey's binding to the signing certificate, and (--chain) the permit.
     VerifyCredentials(credentials_cmd::VerifyCredentialsArgs),
-    /// The toy video world the built-in world-v1 model is trained on.
+    /// The toy video world a small model is trained on (tools/train).
     #[command(subcommand)]
     World(world_cmd::WorldCmd),
 }

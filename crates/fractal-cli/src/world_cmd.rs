@@ -1,5 +1,5 @@
-//! `fractal world`: the toy video world the built-in `world-v1` model is
-//! trained on (`fractal_world`), exported for the training script.
+//! `fractal world`: the toy video world (`fractal_world`), exported for
+//! the training script in `tools/train`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ impl SplitArg {
 
 /// The seed of clip `k` of scene number `index` in [`Scene::all`]'s order:
 /// distinct for every clip of an export.
-pub fn clip_seed(index: usize, k: u64) -> u64 {
+fn clip_seed(index: usize, k: u64) -> u64 {
     (index as u64) << 20 | k
 }
 
