@@ -8,10 +8,15 @@ the issue's 60 minutes on 2 cores. Loss is logged to
 stdout and to OUT/loss.csv.
 
     python train.py DATA TOKENIZER OUT [--vae-minutes M] [--unet-minutes M]
+                    [--vae-steps N] [--unet-steps N] [--seed S]
+
+With --*-steps a retrain repeats the same optimisation (same seed, same
+steps); OUT/training.json records the steps each stage ran.
 """
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -71,12 +76,13 @@ def to_pixels(frames):
     return x.movedim(-1, -3)
 
 
-def train_vae(clips, minutes, log, gen):
+def train_vae(clips, budget, log, gen):
     vae = AutoencoderKL(**VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     frames = clips.reshape(-1, *clips.shape[2:])
-    deadline, step = time.time() + 60 * minutes, 0
-    while time.time() < deadline:
+    step = 0
+    while not budget.done(step):
+        cosine_lr(opt, 1e-3, budget.fraction(step))
         idx = torch.randint(0, len(frames), (32,), generator=gen).numpy()
         x = to_pixels(frames[idx])
         dist = vae.encode(x).latent_dist
@@ -89,7 +95,7 @@ def train_vae(clips, minutes, log, gen):
         if step % 50 == 0:
             log("vae", step, loss.item())
         step += 1
-    return vae.eval()
+    return vae.eval(), step
 
 
 @torch.no_grad()
@@ -104,15 +110,44 @@ def encode_latents(vae, clips):
     return torch.cat(out)  # [N, 4, F, h, w]
 
 
-def train_unet(latents, ids, empty_ids, minutes, log, gen):
+def cosine_lr(opt, base, frac, warmup_frac=0.03):
+    """Linear warm-up, then cosine decay to 5% over the stage's budget (its
+    elapsed fraction, whether the budget is minutes or steps)."""
+    if frac < warmup_frac:
+        lr = base * frac / warmup_frac
+    else:
+        lr = base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Budget:
+    """A stage's stopping rule: a step count when given (a retrain then runs
+    exactly the same optimisation), else a wall-clock budget."""
+
+    def __init__(self, minutes, steps):
+        self.seconds, self.steps = 60 * minutes, steps
+        self.start = time.time()
+
+    def fraction(self, step):
+        if self.steps:
+            return step / self.steps
+        return (time.time() - self.start) / self.seconds
+
+    def done(self, step):
+        return self.fraction(step) >= 1.0
+
+
+def train_unet(latents, ids, empty_ids, budget, log, gen):
     text = CLIPTextModel(CLIPTextConfig(**TEXT))
     unet = UNet3DConditionModel(**UNET)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
     betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS) ** 2
     abar = torch.cumprod(1 - betas, 0)
-    deadline, step = time.time() + 60 * minutes, 0
-    while time.time() < deadline:
+    step = 0
+    while not budget.done(step):
+        cosine_lr(opt, 5e-4, budget.fraction(step))
         idx = torch.randint(0, len(latents), (16,), generator=gen)
         z0 = latents[idx]
         tok = ids[idx].clone()
@@ -134,7 +169,7 @@ def train_unet(latents, ids, empty_ids, minutes, log, gen):
         if step % 20 == 0:
             log("unet", step, loss.item())
         step += 1
-    return unet.eval(), text.eval()
+    return unet.eval(), text.eval(), step
 
 
 def match_checkpoint_layout(out, tokenizer_dir):
@@ -159,6 +194,10 @@ def main():
     p.add_argument("out")
     p.add_argument("--vae-minutes", type=float, default=8)
     p.add_argument("--unet-minutes", type=float, default=40)
+    p.add_argument("--vae-steps", type=int, default=0,
+                   help="run exactly this many VAE steps instead of --vae-minutes")
+    p.add_argument("--unet-steps", type=int, default=0,
+                   help="run exactly this many UNet steps instead of --unet-minutes")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -171,20 +210,29 @@ def main():
                                      truncation=True, return_tensors="pt").input_ids
     ids, empty_ids = tokens(captions), tokens([""])[0]
 
-    vae = train_vae(clips, a.vae_minutes, log, gen)
+    started = time.time()
+    vae, vae_steps = train_vae(clips, Budget(a.vae_minutes, a.vae_steps), log, gen)
     latents = encode_latents(vae, clips)
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
     print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.5f}", flush=True)
-    unet, text = train_unet(latents * scaling, ids, empty_ids, a.unet_minutes, log, gen)
+    unet, text, unet_steps = train_unet(latents * scaling, ids, empty_ids,
+                                        Budget(a.unet_minutes, a.unet_steps), log, gen)
 
     scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START,
                               beta_end=BETA_END, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
                                  unet=unet, scheduler=scheduler)
+    # f16 storage halves the folder; the engine's loader widens it to f32.
+    pipe.to(torch.float16)
     pipe.save_pretrained(a.out, safe_serialization=True)
     match_checkpoint_layout(a.out, a.tokenizer)
+    with open(os.path.join(a.out, "training.json"), "w") as f:
+        json.dump({"seed": a.seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
+                   "scaling_factor": scaling, "clips": len(clips),
+                   "minutes": round((time.time() - started) / 60, 1),
+                   "torch": torch.__version__}, f, indent=1)
     print(f"wrote {a.out}", flush=True)
 
 
