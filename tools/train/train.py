@@ -138,22 +138,37 @@ class Budget:
         return self.fraction(step) >= 1.0
 
 
-def train_unet(latents, ids, empty_ids, budget, log, gen):
-    text = CLIPTextModel(CLIPTextConfig(**TEXT))
-    unet = UNet3DConditionModel(**UNET)
+def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, high_noise=0.0,
+               lr=5e-4):
+    if resume:
+        text = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"),
+                                             torch_dtype=torch.float32)
+        unet = UNet3DConditionModel.from_pretrained(os.path.join(resume, "unet"),
+                                                    torch_dtype=torch.float32)
+    else:
+        text = CLIPTextModel(CLIPTextConfig(**TEXT))
+        unet = UNet3DConditionModel(**UNET)
+    text.train()
+    unet.train()
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS) ** 2
     abar = torch.cumprod(1 - betas, 0)
     step = 0
     while not budget.done(step):
-        cosine_lr(opt, 5e-4, budget.fraction(step))
+        cosine_lr(opt, lr, budget.fraction(step))
         idx = torch.randint(0, len(latents), (16,), generator=gen)
         z0 = latents[idx]
         tok = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < 0.1  # for classifier-free guidance
         tok[drop] = empty_ids
         t = torch.randint(0, TRAIN_STEPS, (len(idx),), generator=gen)
+        # A share of the batch from the noisier half of the schedule, where
+        # the prompt decides colours, shape and path (the epsilon loss there
+        # is otherwise a weak signal for them).
+        high = torch.rand(len(idx), generator=gen) < high_noise
+        t = torch.where(high, torch.randint(TRAIN_STEPS // 2, TRAIN_STEPS, (len(idx),),
+                                            generator=gen), t)
         noise = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -198,6 +213,12 @@ def main():
                    help="run exactly this many VAE steps instead of --vae-minutes")
     p.add_argument("--unet-steps", type=int, default=0,
                    help="run exactly this many UNet steps instead of --unet-minutes")
+    p.add_argument("--resume", default=None,
+                   help="continue from this folder's VAE, text encoder and UNet "
+                        "(no VAE stage)")
+    p.add_argument("--high-noise", type=float, default=0.0,
+                   help="share of each UNet batch drawn from t >= 500")
+    p.add_argument("--lr", type=float, default=5e-4, help="UNet stage peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -211,13 +232,21 @@ def main():
     ids, empty_ids = tokens(captions), tokens([""])[0]
 
     started = time.time()
-    vae, vae_steps = train_vae(clips, Budget(a.vae_minutes, a.vae_steps), log, gen)
-    latents = encode_latents(vae, clips)
-    scaling = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scaling)
+    if a.resume:
+        vae = AutoencoderKL.from_pretrained(os.path.join(a.resume, "vae"),
+                                            torch_dtype=torch.float32).eval()
+        vae_steps = 0
+        latents = encode_latents(vae, clips)
+        scaling = vae.config.scaling_factor
+    else:
+        vae, vae_steps = train_vae(clips, Budget(a.vae_minutes, a.vae_steps), log, gen)
+        latents = encode_latents(vae, clips)
+        scaling = 1.0 / latents.std().item()
+        vae.register_to_config(scaling_factor=scaling)
     print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.5f}", flush=True)
     unet, text, unet_steps = train_unet(latents * scaling, ids, empty_ids,
-                                        Budget(a.unet_minutes, a.unet_steps), log, gen)
+                                        Budget(a.unet_minutes, a.unet_steps), log, gen,
+                                        a.resume, a.high_noise, a.lr)
 
     scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START,
                               beta_end=BETA_END, beta_schedule="scaled_linear",
@@ -229,7 +258,8 @@ def main():
     pipe.save_pretrained(a.out, safe_serialization=True)
     match_checkpoint_layout(a.out, a.tokenizer)
     with open(os.path.join(a.out, "training.json"), "w") as f:
-        json.dump({"seed": a.seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
+        json.dump({"seed": a.seed, "resumed_from": a.resume, "high_noise": a.high_noise,
+                   "lr": a.lr, "vae_steps": vae_steps, "unet_steps": unet_steps,
                    "scaling_factor": scaling, "clips": len(clips),
                    "minutes": round((time.time() - started) / 60, 1),
                    "torch": torch.__version__}, f, indent=1)
