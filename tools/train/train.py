@@ -139,7 +139,7 @@ class Budget:
 
 
 def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, high_noise=0.0,
-               lr=5e-4):
+               lr=5e-4, weighting="min-snr"):
     if resume:
         text = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"),
                                              torch_dtype=torch.float32)
@@ -173,9 +173,16 @@ def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, high_nois
         a = abar[t].view(-1, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, text(tok).last_hidden_state).sample
-        # min-SNR-5 weighting: the high-SNR steps stop dominating.
         snr = abar[t] / (1 - abar[t])
-        w = torch.clamp(snr, max=5.0) / snr
+        if weighting == "x0":
+            # The error of the clean latents the prediction implies where
+            # noise dominates (epsilon error / SNR), epsilon error elsewhere:
+            # at high noise an epsilon loss barely sees the picture, and a
+            # model trained on it alone draws the mean latent for every prompt.
+            w = torch.clamp(1 / snr, min=1.0)
+        else:
+            # min-SNR-5 weighting: the high-SNR steps stop dominating.
+            w = torch.clamp(snr, max=5.0) / snr
         loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))).mean()
         opt.zero_grad()
         loss.backward()
@@ -219,6 +226,8 @@ def main():
     p.add_argument("--high-noise", type=float, default=0.0,
                    help="share of each UNet batch drawn from t >= 500")
     p.add_argument("--lr", type=float, default=5e-4, help="UNet stage peak learning rate")
+    p.add_argument("--weighting", choices=["min-snr", "x0"], default="min-snr",
+                   help="UNet loss weighting over timesteps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -246,7 +255,7 @@ def main():
     print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.5f}", flush=True)
     unet, text, unet_steps = train_unet(latents * scaling, ids, empty_ids,
                                         Budget(a.unet_minutes, a.unet_steps), log, gen,
-                                        a.resume, a.high_noise, a.lr)
+                                        a.resume, a.high_noise, a.lr, a.weighting)
 
     scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START,
                               beta_end=BETA_END, beta_schedule="scaled_linear",
@@ -259,6 +268,7 @@ def main():
     match_checkpoint_layout(a.out, a.tokenizer)
     with open(os.path.join(a.out, "training.json"), "w") as f:
         json.dump({"seed": a.seed, "resumed_from": a.resume, "high_noise": a.high_noise,
+                   "weighting": a.weighting,
                    "lr": a.lr, "vae_steps": vae_steps, "unet_steps": unet_steps,
                    "scaling_factor": scaling, "clips": len(clips),
                    "minutes": round((time.time() - started) / 60, 1),

@@ -27,6 +27,9 @@ pub enum BenchCmd {
     Load(crate::bench_load::LoadBench),
     /// Routing policies on a simulated 256-prover grid, against an oracle.
     Routing(crate::bench_routing::RoutingBench),
+    /// How well a model draws the toy world: per-attribute accuracy on
+    /// held-out and trained prompts next to chance and the renderer.
+    Quality(crate::bench_quality::QualityBench),
     /// Spot-check cost, detection rate per cheat, honest false positives.
     #[cfg(feature = "cheats")]
     Verify(crate::bench_verify::VerifyBench),
@@ -282,6 +285,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Routing(b) => crate::bench_routing::run(b),
         BenchCmd::Load(b) => crate::bench_load::run(b),
         BenchCmd::Chaos(b) => crate::bench_chaos::run(b),
+        BenchCmd::Quality(b) => crate::bench_quality::run(b),
         BenchCmd::EngineWorker(w) => worker(w),
         #[cfg(feature = "cheats")]
         BenchCmd::Verify(b) => crate::bench_verify::run(b),

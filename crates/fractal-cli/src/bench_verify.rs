@@ -56,10 +56,16 @@ pub struct VerifyBench {
     /// Seed of the bench's own randomness (requests, audit plans).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The built-in model audited: tiny-v1 (TextToVideoSD) or tiny-wan-v1
-    /// (Wan 2.1). Frame counts are rounded up to ones it makes.
+    /// The built-in model audited: world-v1 or tiny-v1 (TextToVideoSD), or
+    /// tiny-wan-v1 (Wan 2.1). Frame counts are rounded up to ones it makes.
     #[arg(long, default_value = "tiny-v1")]
     model: String,
+    /// Where job prompts come from: `challenge` (the verifier's challenge
+    /// generator, as app traffic looks) or `world` (the toy world's
+    /// captions, which world-v1 was trained on, so its conditioning
+    /// matters). Default: world for world-v1, challenge otherwise.
+    #[arg(long, value_parser = ["challenge", "world"])]
+    prompts: Option<String>,
     /// Run the model's manifest with another scheduler of its family
     /// (ddim, dpm-solver; flow-euler, unipc).
     #[arg(long)]
@@ -118,17 +124,34 @@ impl Models {
     }
 }
 
-/// A job as app traffic looks (prompt and negative prompt from the
-/// challenge generator), at the bench's shape.
+/// Prompts for the bench's jobs: the challenge generator's, or one of
+/// `captions` (with the generator's negative prompt) where given.
+struct Prompts {
+    mix: ChallengeMix,
+    captions: Vec<String>,
+}
+
+impl Prompts {
+    fn draw(&self, rng: &mut impl Rng) -> GenerateRequest {
+        let mut req = self.mix.draw(rng);
+        if !self.captions.is_empty() {
+            req.prompt = self.captions[rng.gen_range(0..self.captions.len())].clone();
+        }
+        req
+    }
+}
+
+/// A job as app traffic looks (prompt and negative prompt from `prompts`),
+/// at the bench's shape.
 fn request(
     model: &PinnedModel,
-    mix: &ChallengeMix,
+    prompts: &Prompts,
     rng: &mut impl Rng,
     frames: u32,
     size: u32,
     steps: u32,
 ) -> GenerateRequest {
-    let mut req = mix.draw(rng);
+    let mut req = prompts.draw(rng);
     req.size = Size {
         width: size,
         height: size,
@@ -353,7 +376,29 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         ..b
     };
     let plan = honest.manifest.verification.clone();
-    let mix = ChallengeMix::new(&honest.manifest, honest.manifest_id);
+    let world = match b.prompts.as_deref() {
+        Some(p) => p == "world",
+        None => b.model == fractal_engine::builtin::world::WORLD_NAME,
+    };
+    let prompts = Prompts {
+        mix: ChallengeMix::new(&honest.manifest, honest.manifest_id),
+        captions: if world {
+            fractal_world::Scene::all()
+                .iter()
+                .map(|s| s.caption())
+                .collect()
+        } else {
+            Vec::new()
+        },
+    };
+    println!(
+        "prompts: {}",
+        if world {
+            "the toy world's captions"
+        } else {
+            "the challenge generator's"
+        }
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(b.seed);
     let pools: Vec<rayon::ThreadPool> = [1, 2]
         .iter()
@@ -382,7 +427,7 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     for _ in 0..b.cost_jobs {
         let req = request(
             &honest,
-            &mix,
+            &prompts,
             &mut rng,
             b.cost_frames,
             b.cost_size,
@@ -471,7 +516,7 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         let which = cycle[i % cycle.len()];
         let setup = setups[which];
         let steps = b.honest_steps[(i / cycle.len()) % b.honest_steps.len()];
-        let req = request(&honest, &mix, &mut rng, b.honest_frames, b.size, steps);
+        let req = request(&honest, &prompts, &mut rng, b.honest_frames, b.size, steps);
         let a = one(
             &honest,
             &Strategy::Honest,
@@ -559,7 +604,7 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
             let mut min_error = f64::INFINITY;
             let mut checks = std::collections::BTreeMap::<&str, usize>::new();
             for _ in 0..b.per_cheat {
-                let req = request(&model, &mix, &mut rng, b.frames, b.size, n);
+                let req = request(&model, &prompts, &mut rng, b.frames, b.size, n);
                 let a = one(
                     &model,
                     &cheat.strategy,

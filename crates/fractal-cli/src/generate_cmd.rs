@@ -30,9 +30,10 @@ pub struct GenerateArgs {
     /// Check the folder's files against this manifest before loading.
     #[arg(long, requires = "model")]
     manifest: Option<PathBuf>,
-    /// Use a built-in model (tiny-v1, tiny-wide-v1, ms-1.7b-shape, tiny-wan-v1,
-    /// wan-1.3b-shape); tiny-v1 when no --model is given.
-    #[arg(long, num_args = 0..=1, default_missing_value = "tiny-v1")]
+    /// Use a built-in model: world-v1 (trained on the toy world; the
+    /// default when no --model is given), or the untrained tiny-v1,
+    /// tiny-wide-v1, ms-1.7b-shape, tiny-wan-v1, wan-1.3b-shape.
+    #[arg(long, visible_alias = "builtin", num_args = 0..=1, default_missing_value = fractal_engine::builtin::DEFAULT_NAME)]
     tiny: Option<String>,
     #[arg(long)]
     steps: Option<u32>,
@@ -124,7 +125,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         (Some(dir), None) => PinnedModel::unpinned_folder(dir, &device, scheduler_override)?,
         (None, _) => {
-            let name = a.tiny.as_deref().unwrap_or("tiny-v1");
+            let name = a
+                .tiny
+                .as_deref()
+                .unwrap_or(fractal_engine::builtin::DEFAULT_NAME);
             let m = overridden(fractal_engine::builtin::manifest_or_err(name)?)?;
             PinnedModel::load(m, None, &device)?
         }

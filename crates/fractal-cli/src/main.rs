@@ -3,6 +3,7 @@
 mod bench_chaos;
 mod bench_cmd;
 mod bench_load;
+mod bench_quality;
 mod bench_routing;
 #[cfg(feature = "cheats")]
 mod bench_verify;

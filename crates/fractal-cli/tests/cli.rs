@@ -200,3 +200,54 @@ fn manifest_id_and_check() {
     ));
     assert!(err.contains("cannot parse manifest"), "{err}");
 }
+
+#[test]
+fn world_export_writes_the_clips_its_index_describes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("held");
+    let args = [
+        "world", "export", "--split", "held-out", "--seeds", "2", "--frames", "4", "--size", "16",
+        "--out",
+    ];
+    let mut with_out: Vec<&str> = args.to_vec();
+    with_out.push(out.to_str().unwrap());
+    ok(fractal(dir.path(), &with_out));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    let count = index["count"].as_u64().unwrap() as usize;
+    let clips = index["clips"].as_array().unwrap();
+    assert_eq!(clips.len(), count);
+    assert!(count > 0 && count % 2 == 0, "{count} clips");
+    assert!(clips.iter().all(|c| c["held_out"] == true));
+    // Every clip's bytes are the renderer's for its caption and seed.
+    let bytes = std::fs::read(out.join("clips.u8")).unwrap();
+    let clip_len = 4 * 16 * 16 * 3;
+    assert_eq!(bytes.len(), count * clip_len);
+    for (i, c) in clips.iter().enumerate().step_by(7) {
+        let scene = fractal_world::Scene::parse(c["caption"].as_str().unwrap()).unwrap();
+        assert_eq!(scene.split(), fractal_world::Split::HeldOut);
+        let clip = fractal_world::render(&scene, c["seed"].as_u64().unwrap(), 4, 16);
+        assert_eq!(
+            clip.frames.concat(),
+            &bytes[i * clip_len..(i + 1) * clip_len]
+        );
+    }
+    // The same export again: the same bytes.
+    ok(fractal(dir.path(), &with_out));
+    assert_eq!(std::fs::read(out.join("clips.u8")).unwrap(), bytes);
+    // A bad size is refused with a reason and writes nothing.
+    let bad = dir.path().join("bad");
+    let err = fail(fractal(
+        dir.path(),
+        &[
+            "world",
+            "export",
+            "--size",
+            "8",
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+    ));
+    assert!(err.contains("size"), "{err}");
+    assert!(!bad.join("clips.u8").exists());
+}

@@ -24,6 +24,7 @@
 //! never the reverse; `io` depends on nothing above it.
 
 pub mod builtin;
+pub mod degradation;
 pub mod io;
 pub mod kernels;
 pub mod models;
@@ -34,8 +35,9 @@ pub mod schedulers;
 
 use std::path::PathBuf;
 
-pub use builtin::tiny::{Degradation, TinyVariant};
+pub use builtin::tiny::TinyVariant;
 pub use builtin::tiny_wan::WanVariant;
+pub use degradation::Degradation;
 pub use pinned::PinnedModel;
 pub use pipelines::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
 

@@ -9,7 +9,7 @@ use fractal_protocol::manifest::{Architecture, ModelManifest, SchedulerKind, Wei
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::ManifestId;
 
-use crate::builtin::tiny_wan::WanVariant;
+use crate::builtin::{self, tiny_wan::WanVariant};
 use crate::io::video::{self, rgb8, Frames};
 use crate::pipelines::{text_to_video_sd, wan, Components};
 use crate::{io, Degradation, EngineError, GenerateSpec, Pipeline, TinyVariant};
@@ -22,7 +22,8 @@ pub struct PinnedModel {
 
 impl PinnedModel {
     /// Loads what `manifest` pins: a built-in model by name, or a diffusers
-    /// folder (`folder`) whose weight files must match the manifest's hashes.
+    /// folder (`folder`) whose weight files must match the manifest's hashes;
+    /// without a folder, the one the binary carries for it (`world-v1`).
     pub fn load(
         manifest: ModelManifest,
         folder: Option<&Path>,
@@ -35,13 +36,16 @@ impl PinnedModel {
             (Weights::Builtin(_), _) => {
                 return Self::load_builtin(manifest, Degradation::None, device)
             }
-            (Weights::Files(_), Some(dir)) => dir,
+            (Weights::Files(_), Some(dir)) => dir.to_path_buf(),
             (Weights::Files(_), None) => {
-                return Err(EngineError::BadInput(
-                    "the manifest pins weight files: give the model folder".into(),
-                ))
+                builtin::world::folder_for(&manifest)?.ok_or_else(|| {
+                    EngineError::BadInput(
+                        "the manifest pins weight files: give the model folder".into(),
+                    )
+                })?
             }
         };
+        let dir = dir.as_path();
         io::weights::verify_weights(dir, &manifest)?;
         match manifest.architecture {
             Architecture::TextToVideoSd => {
@@ -55,7 +59,8 @@ impl PinnedModel {
         }
     }
 
-    /// The built-in model `manifest` pins, its weights changed by
+    /// The built-in model `manifest` pins (by name, or files the binary
+    /// carries), its weights changed by
     /// `degradation` (`Degradation::None` for the real ones: what cheating
     /// provers run in the tests and `fractal bench verify`), claiming it.
     pub fn load_builtin(
@@ -63,11 +68,19 @@ impl PinnedModel {
         degradation: Degradation,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let Weights::Builtin(name) = &manifest.weights else {
-            return Err(EngineError::BadInput(format!(
-                "manifest {} pins weight files, not a built-in model",
-                manifest.name
-            )));
+        let name = match &manifest.weights {
+            Weights::Builtin(name) => name,
+            Weights::Files(_) => {
+                let dir = builtin::world::folder_for(&manifest)?.ok_or_else(|| {
+                    EngineError::BadInput(format!(
+                        "manifest {} pins weight files the binary does not carry",
+                        manifest.name
+                    ))
+                })?;
+                io::weights::verify_weights(&dir, &manifest)?;
+                let model = text_to_video_sd::Model::load_degraded(&dir, degradation, device)?;
+                return Self::from_parts(manifest, model);
+            }
         };
         match manifest.architecture {
             Architecture::TextToVideoSd => {

@@ -1,5 +1,7 @@
-//! Models built into the binary: their configs and weights derived from
-//! parameter names, so tests and `fractal grid` need no download.
+//! Models built into the binary, so tests and `fractal grid` need no
+//! download: the trained default (`world-v1`, weight files carried in the
+//! binary) and the tiny models (configs with weights derived from
+//! parameter names, for parity tests and measurements at real shapes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -10,6 +12,11 @@ use crate::EngineError;
 
 pub mod tiny;
 pub mod tiny_wan;
+pub mod world;
+
+/// The model `fractal generate`, `fractal grid` and the node roles run
+/// when none is named.
+pub const DEFAULT_NAME: &str = world::WORLD_NAME;
 
 /// Writes `value` as pretty JSON to `dir/rel`, making its folder.
 pub(crate) fn write_json(
@@ -57,7 +64,8 @@ pub(crate) fn save_tensors(
 }
 
 /// The built-in models, by name.
-pub const NAMES: [&str; 5] = [
+pub const NAMES: [&str; 6] = [
+    world::WORLD_NAME,
     "tiny-v1",
     "tiny-wide-v1",
     "ms-1.7b-shape",
@@ -67,6 +75,9 @@ pub const NAMES: [&str; 5] = [
 
 /// The manifest that pins the built-in model `name`.
 pub fn manifest(name: &str) -> Option<fractal_protocol::ModelManifest> {
+    if name == world::WORLD_NAME {
+        return Some(world::manifest());
+    }
     if let Some(v) = tiny::TinyVariant::parse(name) {
         return Some(tiny::manifest(v));
     }

@@ -16,9 +16,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use fractal_protocol::noise::{fill_gaussian, Stream};
-use fractal_protocol::Seed;
-use sha2::{Digest, Sha256};
 
+use crate::degradation::{seed_for, Degradation};
 use crate::models::autoencoder_kl::{VaeConfig, VaeDecoder};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -186,21 +185,6 @@ pub struct TinyWeights {
     degradation: Degradation,
 }
 
-/// A cheaper or slightly wrong copy of the tiny model's weights: what a
-/// cheating prover runs in the verifier's tests and `fractal bench verify`.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Degradation {
-    /// The real weights.
-    #[default]
-    None,
-    /// Every weight multiplied by `1 + relative·N(0,1)`.
-    Perturbed(f32),
-    /// Every weight rounded to IEEE half precision (and computed in f32).
-    RoundedF16,
-    /// Every weight rounded to bfloat16 (and computed in f32).
-    RoundedBf16,
-}
-
 impl TinyWeights {
     pub fn degraded(degradation: Degradation) -> Self {
         TinyWeights {
@@ -233,14 +217,6 @@ struct TinyBackend {
     degradation: Degradation,
 }
 
-fn seed_for(name: &str) -> Seed {
-    let d = Sha256::new()
-        .chain_update(b"fractal/tiny-v1/")
-        .chain_update(name.as_bytes())
-        .finalize();
-    Seed(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
-}
-
 impl SimpleBackend for TinyBackend {
     fn get(
         &self,
@@ -271,30 +247,7 @@ impl SimpleBackend for TinyBackend {
         for v in &mut values {
             *v = offset + scale * *v;
         }
-        match self.degradation {
-            Degradation::None => {}
-            Degradation::Perturbed(relative) => {
-                let mut noise = vec![0f32; values.len()];
-                fill_gaussian(
-                    seed_for(&format!("perturb/{full}")),
-                    Stream::InitialLatents,
-                    &mut noise,
-                );
-                for (v, n) in values.iter_mut().zip(noise) {
-                    *v *= 1.0 + relative * n;
-                }
-            }
-            Degradation::RoundedF16 => {
-                for v in &mut values {
-                    *v = half::f16::from_f32(*v).to_f32();
-                }
-            }
-            Degradation::RoundedBf16 => {
-                for v in &mut values {
-                    *v = half::bf16::from_f32(*v).to_f32();
-                }
-            }
-        }
+        self.degradation.apply(&full, &mut values);
         let t = Tensor::from_vec(values, dims, &Device::Cpu)?;
         self.made
             .lock()

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Shape};
 
-use crate::builtin::tiny::{Degradation, TinyWeights};
+use crate::builtin::tiny::TinyWeights;
 use crate::builtin::{save_tensors, write_json};
+use crate::degradation::Degradation;
 use crate::models::autoencoder_kl_wan::WanVaeConfig;
 use crate::models::t5::T5Config;
 use crate::models::t5_tokenizer::T5Tokenizer;

@@ -290,6 +290,16 @@ pub fn component_weights(
     dtype: DType,
     device: &Device,
 ) -> std::result::Result<VarBuilder<'static>, crate::EngineError> {
+    let backend = component_backend(dir, base)?;
+    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+}
+
+/// What [`component_weights`] reads from, for callers that wrap it (see
+/// [`crate::degradation`]).
+pub fn component_backend(
+    dir: &Path,
+    base: &str,
+) -> std::result::Result<Box<dyn SimpleBackend>, crate::EngineError> {
     let single = dir.join(format!("{base}.safetensors"));
     let index = dir.join(format!("{base}.safetensors.index.json"));
     let weights = |e: candle_core::Error, path: PathBuf| crate::EngineError::Weights {
@@ -298,12 +308,12 @@ pub fn component_weights(
     };
     if single.is_file() {
         return SafetensorsFile::open(&single)
-            .map(|f| f.var_builder(dtype, device))
+            .map(|f| Box::new(f) as Box<dyn SimpleBackend>)
             .map_err(|e| weights(e, single));
     }
     if index.is_file() {
         return ShardedSafetensors::open(&index)
-            .map(|f| f.var_builder(dtype, device))
+            .map(|f| Box::new(f) as Box<dyn SimpleBackend>)
             .map_err(|e| weights(e, index));
     }
     Err(crate::EngineError::MissingFile(single))

@@ -1,0 +1,102 @@
+//! The committed world-v1 weights: they load through the diffusers-folder
+//! path with every hash checked, generate the same bytes for the same seed,
+//! and draw what a sample of prompts ask for (read back by the world's own
+//! analyser), held-out combinations included.
+
+use candle_core::Device;
+use fractal_engine::builtin::world;
+use fractal_engine::{Degradation, PinnedModel};
+use fractal_protocol::wire::GenerateRequest;
+use fractal_protocol::Seed;
+use fractal_world::{analyse, Clip, Scene, Split};
+
+/// Through the cache folder (`$FRACTAL_CACHE`; `scripts/test` points it
+/// into `target/`), as every command loads it.
+fn load() -> PinnedModel {
+    PinnedModel::load(world::manifest(), None, &Device::Cpu).unwrap()
+}
+
+fn clip(model: &PinnedModel, prompt: &str, seed: u64) -> Clip {
+    let req = GenerateRequest::with_defaults(&model.manifest, prompt, Seed(seed));
+    let spec = model.spec(&req).unwrap();
+    let rgb = model
+        .pipeline
+        .generate(&spec, &mut |_| {})
+        .unwrap()
+        .rgb8()
+        .unwrap();
+    Clip {
+        width: spec.width,
+        height: spec.height,
+        frames: rgb
+            .chunks_exact(spec.width * spec.height * 3)
+            .map(<[u8]>::to_vec)
+            .collect(),
+    }
+}
+
+#[test]
+fn world_v1_draws_held_out_scenes_and_is_deterministic() {
+    let model = load();
+    // Every seventh held-out scene: all shapes and motions appear.
+    let held: Vec<Scene> = Scene::all()
+        .into_iter()
+        .filter(|s| s.split() == Split::HeldOut)
+        .step_by(7)
+        .collect();
+    assert!(held.len() >= 12, "{} held-out scenes sampled", held.len());
+    let mut right = [0usize; 4];
+    for scene in &held {
+        let a = analyse(&clip(&model, &scene.caption(), 0));
+        right[0] += (a.background == scene.background) as usize;
+        right[1] += (a.colour == Some(scene.colour)) as usize;
+        right[2] += (a.shape == Some(scene.shape)) as usize;
+        right[3] += (a.motion == Some(scene.motion)) as usize;
+    }
+    let n = held.len();
+    // The committed weights' figures on this sample (deterministic), with
+    // the targets as floors: background and colour >= 95%,
+    // direction >= 90%, shape >= 80%.
+    let pct = |k: usize| 100 * right[k] / n;
+    assert!(
+        pct(0) >= 95 && pct(1) >= 95,
+        "background/colour {right:?} of {n}"
+    );
+    assert!(pct(3) >= 90, "direction {right:?} of {n}");
+    assert!(pct(2) >= 80, "shape {right:?} of {n}");
+
+    let prompt = held[0].caption();
+    assert_eq!(clip(&model, &prompt, 3), clip(&model, &prompt, 3));
+    assert_ne!(clip(&model, &prompt, 3), clip(&model, &prompt, 4));
+}
+
+#[test]
+fn degraded_world_v1_claims_the_manifest_with_other_weights() {
+    let honest = load();
+    let cheat =
+        PinnedModel::load_builtin(world::manifest(), Degradation::RoundedBf16, &Device::Cpu)
+            .unwrap();
+    assert_eq!(cheat.manifest_id, honest.manifest_id);
+    let prompt = "a red circle moving up on a black background";
+    assert_ne!(clip(&cheat, prompt, 0), clip(&honest, prompt, 0));
+}
+
+#[test]
+fn a_changed_file_is_refused_and_rewritten() {
+    // Its own folder: other tests share the cache.
+    let root = tempfile::tempdir().unwrap();
+    let m = world::manifest();
+    let dir = world::folder_in(root.path(), &m).unwrap().unwrap();
+    std::fs::write(dir.join("vae/diffusion_pytorch_model.safetensors"), b"junk").unwrap();
+    let err = PinnedModel::load(m.clone(), Some(&dir), &Device::Cpu)
+        .err()
+        .expect("a changed file is refused")
+        .to_string();
+    assert!(
+        err.contains("vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
+    // Written from the binary again, it loads.
+    world::folder_in(root.path(), &m).unwrap();
+    PinnedModel::load(m, Some(&dir), &Device::Cpu).unwrap();
+}
