@@ -21,7 +21,7 @@ use serde::Serialize;
 #[derive(Args)]
 pub struct QualityBench {
     /// The built-in model scored.
-    #[arg(long, default_value = fractal_engine::builtin::DEFAULT_NAME)]
+    #[arg(long, default_value = fractal_engine::builtin::world::WORLD_NAME)]
     model: String,
     /// The built-in model that stands for chance (untrained weights).
     #[arg(long, default_value = "tiny-v1")]

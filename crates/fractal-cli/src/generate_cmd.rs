@@ -30,9 +30,9 @@ pub struct GenerateArgs {
     /// Check the folder's files against this manifest before loading.
     #[arg(long, requires = "model")]
     manifest: Option<PathBuf>,
-    /// Use a built-in model: world-v1 (trained on the toy world; the
-    /// default when no --model is given), or the untrained tiny-v1,
-    /// tiny-wide-v1, ms-1.7b-shape, tiny-wan-v1, wan-1.3b-shape.
+    /// Use a built-in model: tiny-v1 (untrained; the default when no
+    /// --model is given), tiny-wide-v1, ms-1.7b-shape, tiny-wan-v1,
+    /// wan-1.3b-shape, or world-v1 (trained on the toy world).
     #[arg(long, visible_alias = "builtin", num_args = 0..=1, default_missing_value = fractal_engine::builtin::DEFAULT_NAME)]
     tiny: Option<String>,
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! `fractal grid`: a whole local grid in one process — chain, provers with
-//! a built-in model (world-v1 unless `--tiny` names another), a verifier, and the gateway with a dev API key —
+//! a built-in model (tiny-v1 unless `--tiny` names another), a verifier, and the gateway with a dev API key —
 //! on loopback, until Ctrl-C.
 
 use std::net::SocketAddr;

@@ -27,9 +27,9 @@ pub struct ModelArgs {
     /// The subnet's model manifest (TOML or JSON).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
-    /// Built-in model (the default when no --manifest is given): world-v1
-    /// (trained on the toy world), or the untrained tiny-v1, tiny-wide-v1,
-    /// tiny-wan-v1 (Wan 2.1 at tiny widths).
+    /// Built-in model (the default when no --manifest is given): tiny-v1,
+    /// tiny-wide-v1, tiny-wan-v1 (Wan 2.1 at tiny widths), or world-v1
+    /// (trained on the toy world).
     #[arg(long, visible_alias = "builtin", default_value = fractal_engine::builtin::DEFAULT_NAME, conflicts_with = "manifest")]
     pub tiny: String,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).

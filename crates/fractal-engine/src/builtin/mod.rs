@@ -1,6 +1,6 @@
 //! Models built into the binary, so tests and `fractal grid` need no
-//! download: the trained default (`world-v1`, weight files carried in the
-//! binary) and the tiny models (configs with weights derived from
+//! download: `world-v1` (trained on the toy world, weight files carried in
+//! the binary) and the tiny models (configs with weights derived from
 //! parameter names, for parity tests and measurements at real shapes).
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,8 +15,9 @@ pub mod tiny_wan;
 pub mod world;
 
 /// The model `fractal generate`, `fractal grid` and the node roles run
-/// when none is named.
-pub const DEFAULT_NAME: &str = world::WORLD_NAME;
+/// when none is named. Still the untrained tiny model: `world-v1` becomes
+/// the default once it meets its quality targets (`fractal bench quality`).
+pub const DEFAULT_NAME: &str = "tiny-v1";
 
 /// Writes `value` as pretty JSON to `dir/rel`, making its folder.
 pub(crate) fn write_json(
