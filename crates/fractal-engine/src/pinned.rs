@@ -36,16 +36,12 @@ impl PinnedModel {
             (Weights::Builtin(_), _) => {
                 return Self::load_builtin(manifest, Degradation::None, device)
             }
-            (Weights::Files(_), Some(dir)) => dir.to_path_buf(),
+            (Weights::Files(_), Some(dir)) => dir,
+            // Files the binary carries (world-v1), or a clear error.
             (Weights::Files(_), None) => {
-                builtin::world::folder_for(&manifest)?.ok_or_else(|| {
-                    EngineError::BadInput(
-                        "the manifest pins weight files: give the model folder".into(),
-                    )
-                })?
+                return Self::load_builtin(manifest, Degradation::None, device)
             }
         };
-        let dir = dir.as_path();
         io::weights::verify_weights(dir, &manifest)?;
         match manifest.architecture {
             Architecture::TextToVideoSd => {
@@ -73,7 +69,7 @@ impl PinnedModel {
             Weights::Files(_) => {
                 let dir = builtin::world::folder_for(&manifest)?.ok_or_else(|| {
                     EngineError::BadInput(format!(
-                        "manifest {} pins weight files the binary does not carry",
+                        "manifest {} pins weight files the binary does not carry: give the model folder",
                         manifest.name
                     ))
                 })?;

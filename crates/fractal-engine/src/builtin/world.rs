@@ -1,4 +1,4 @@
-//! `world-v1`, the default built-in model: TextToVideoSD at small widths,
+//! `world-v1`, the trained built-in model: TextToVideoSD at small widths,
 //! trained by `tools/train` on the toy world of the `fractal-world` crate
 //! (circles, squares and triangles of a few colours moving across plain
 //! backgrounds). It knows those scenes and nothing else.
