@@ -3,8 +3,8 @@ at small widths) on the toy world that `fractal world export` renders, and
 writes a diffusers TextToVideoSD folder.
 
 Seeded and CPU-only; each stage runs for a wall-clock budget, and the
-defaults (8 + 40 minutes, plus about a minute to encode the latents) aim at
-the issue's 60 minutes on 2 cores. Loss is logged to
+defaults (10 + 44 minutes, plus about two to load the clips and encode the
+latents) aim at the issue's 60 minutes on 2 cores. Loss is logged to
 stdout and to OUT/loss.csv.
 
     python train.py DATA TOKENIZER OUT [--vae-minutes M] [--unet-minutes M]
@@ -27,8 +27,17 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-# The schedule the engine's `modelscope_ddim` runs (scaled_linear betas).
-BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
+# DDPM's linear betas, v-prediction, and sampling from the last timestep
+# ("trailing"). Not ModelScope's scaled_linear schedule: that one keeps 6.8%
+# of the clean latents at t=999 (this one 0.6%), and on plain-coloured clips
+# a model learns to read the background from that leak, so at sampling,
+# from pure noise, it draws the mean latent whatever the prompt.
+# models/world-v1/manifest.toml pins the same schedule.
+BETA_START, BETA_END, TRAIN_STEPS = 0.0001, 0.02, 1000
+SCHEDULER = dict(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
+                 beta_schedule="linear", prediction_type="v_prediction",
+                 timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False,
+                 steps_offset=0)
 
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
            down_block_types=["DownEncoderBlock2D"] * 4,
@@ -88,7 +97,7 @@ def train_vae(clips, budget, log, gen):
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample
         kl = dist.kl().mean() / x[0].numel()
-        loss = F.mse_loss(recon, x) + 1e-4 * kl
+        loss = (foreground_weight(x) * (recon - x).pow(2)).mean() + 1e-4 * kl
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -96,6 +105,16 @@ def train_vae(clips, budget, log, gen):
             log("vae", step, loss.item())
         step += 1
     return vae.eval(), step
+
+
+def foreground_weight(x, weight=10.0):
+    """Per-pixel loss weight: `weight` where a pixel is not its frame's
+    background (the median colour), 1 elsewhere. The shape covers a few
+    percent of the frame, so a plain MSE spends the VAE on backgrounds and
+    decodes every shape as a blurred dot of mixed colour."""
+    background = x.flatten(2).median(dim=2).values[:, :, None, None]
+    fg = ((x - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    return 1 + (weight - 1) * fg
 
 
 @torch.no_grad()
@@ -138,8 +157,33 @@ class Budget:
         return self.fraction(step) >= 1.0
 
 
-def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, high_noise=0.0,
-               lr=5e-4, weighting="min-snr"):
+def noised(z0, t, noise, abar):
+    """The noisy latents at `t` and the v-prediction target."""
+    a = abar[t].view(-1, 1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * z0
+
+
+class ConditioningProbe:
+    """A fixed batch, noise and timesteps, scored with each clip's own
+    prompt and with another clip's: the gap is how much the model reads the
+    prompt (0 for a model that draws the same thing whatever it is asked)."""
+
+    def __init__(self, latents, ids, abar, gen, n=16):
+        idx = torch.randint(0, len(latents), (n,), generator=gen)
+        self.z0, self.ids = latents[idx], ids[idx]
+        self.t = torch.linspace(TRAIN_STEPS - 1, 200, n).long()
+        noise = torch.randn(self.z0.shape, generator=gen)
+        self.zt, self.v = noised(self.z0, self.t, noise, abar)
+
+    @torch.no_grad()
+    def __call__(self, unet, text):
+        def loss(ids):
+            pred = unet(self.zt, self.t, text(ids).last_hidden_state).sample
+            return (pred - self.v).pow(2).mean().item()
+        return loss(self.ids), loss(torch.roll(self.ids, 1, 0))
+
+
+def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, lr=5e-4):
     if resume:
         text = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"),
                                              torch_dtype=torch.float32)
@@ -148,42 +192,30 @@ def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, high_nois
     else:
         text = CLIPTextModel(CLIPTextConfig(**TEXT))
         unet = UNet3DConditionModel(**UNET)
-    text.train()
-    unet.train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS) ** 2
+    betas = torch.linspace(BETA_START, BETA_END, TRAIN_STEPS)
     abar = torch.cumprod(1 - betas, 0)
+    probe = ConditioningProbe(latents, ids, abar, gen)
     step = 0
     while not budget.done(step):
+        if step % 100 == 0:
+            unet.eval(), text.eval()
+            own, other = probe(unet, text)
+            log("probe-own-prompt", step, own)
+            log("probe-other-prompt", step, other)
+        unet.train(), text.train()
         cosine_lr(opt, lr, budget.fraction(step))
         idx = torch.randint(0, len(latents), (16,), generator=gen)
-        z0 = latents[idx]
         tok = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < 0.1  # for classifier-free guidance
         tok[drop] = empty_ids
         t = torch.randint(0, TRAIN_STEPS, (len(idx),), generator=gen)
-        # A share of the batch from the noisier half of the schedule, where
-        # the prompt decides colours, shape and path (the epsilon loss there
-        # is otherwise a weak signal for them).
-        high = torch.rand(len(idx), generator=gen) < high_noise
-        t = torch.where(high, torch.randint(TRAIN_STEPS // 2, TRAIN_STEPS, (len(idx),),
-                                            generator=gen), t)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, v = noised(latents[idx], t, torch.randn(latents[idx].shape, generator=gen), abar)
         pred = unet(zt, t, text(tok).last_hidden_state).sample
-        snr = abar[t] / (1 - abar[t])
-        if weighting == "x0":
-            # The error of the clean latents the prediction implies where
-            # noise dominates (epsilon error / SNR), epsilon error elsewhere:
-            # at high noise an epsilon loss barely sees the picture, and a
-            # model trained on it alone draws the mean latent for every prompt.
-            w = torch.clamp(1 / snr, min=1.0)
-        else:
-            # min-SNR-5 weighting: the high-SNR steps stop dominating.
-            w = torch.clamp(snr, max=5.0) / snr
-        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))).mean()
+        # v-prediction: at high noise the target is mostly the clean
+        # latents, which only the prompt can tell.
+        loss = (pred - v).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,8 +246,8 @@ def main():
     p.add_argument("data")
     p.add_argument("tokenizer")
     p.add_argument("out")
-    p.add_argument("--vae-minutes", type=float, default=8)
-    p.add_argument("--unet-minutes", type=float, default=40)
+    p.add_argument("--vae-minutes", type=float, default=10)
+    p.add_argument("--unet-minutes", type=float, default=44)
     p.add_argument("--vae-steps", type=int, default=0,
                    help="run exactly this many VAE steps instead of --vae-minutes")
     p.add_argument("--unet-steps", type=int, default=0,
@@ -223,11 +255,10 @@ def main():
     p.add_argument("--resume", default=None,
                    help="continue from this folder's VAE, text encoder and UNet "
                         "(no VAE stage)")
-    p.add_argument("--high-noise", type=float, default=0.0,
-                   help="share of each UNet batch drawn from t >= 500")
+    p.add_argument("--vae", default=None,
+                   help="take the VAE from this folder (no VAE stage); train "
+                        "the text encoder and UNet from scratch")
     p.add_argument("--lr", type=float, default=5e-4, help="UNet stage peak learning rate")
-    p.add_argument("--weighting", choices=["min-snr", "x0"], default="min-snr",
-                   help="UNet loss weighting over timesteps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -241,8 +272,8 @@ def main():
     ids, empty_ids = tokens(captions), tokens([""])[0]
 
     started = time.time()
-    if a.resume:
-        vae = AutoencoderKL.from_pretrained(os.path.join(a.resume, "vae"),
+    if a.resume or a.vae:
+        vae = AutoencoderKL.from_pretrained(os.path.join(a.resume or a.vae, "vae"),
                                             torch_dtype=torch.float32).eval()
         vae_steps = 0
         latents = encode_latents(vae, clips)
@@ -252,14 +283,15 @@ def main():
         latents = encode_latents(vae, clips)
         scaling = 1.0 / latents.std().item()
         vae.register_to_config(scaling_factor=scaling)
+        # Kept at once: a crash in the UNet stage loses no VAE minutes
+        # (--vae OUT picks it up).
+        vae.save_pretrained(os.path.join(a.out, "vae"), safe_serialization=True)
     print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.5f}", flush=True)
     unet, text, unet_steps = train_unet(latents * scaling, ids, empty_ids,
                                         Budget(a.unet_minutes, a.unet_steps), log, gen,
-                                        a.resume, a.high_noise, a.lr, a.weighting)
+                                        a.resume, a.lr)
 
-    scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START,
-                              beta_end=BETA_END, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
+    scheduler = DDIMScheduler(**SCHEDULER)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
                                  unet=unet, scheduler=scheduler)
     # f16 storage halves the folder; the engine's loader widens it to f32.
@@ -267,8 +299,8 @@ def main():
     pipe.save_pretrained(a.out, safe_serialization=True)
     match_checkpoint_layout(a.out, a.tokenizer)
     with open(os.path.join(a.out, "training.json"), "w") as f:
-        json.dump({"seed": a.seed, "resumed_from": a.resume, "high_noise": a.high_noise,
-                   "weighting": a.weighting,
+        json.dump({"seed": a.seed, "resumed_from": a.resume, "vae_from": a.vae,
+                   "scheduler": SCHEDULER,
                    "lr": a.lr, "vae_steps": vae_steps, "unet_steps": unet_steps,
                    "scaling_factor": scaling, "clips": len(clips),
                    "minutes": round((time.time() - started) / 60, 1),

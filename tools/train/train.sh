@@ -2,7 +2,7 @@
 # Trains the world model from a fresh clone: renders the toy world with
 # `fractal world export`, then runs train.py (PyTorch + diffusers, CPU,
 # seeded) in tools/train/.venv. Needs PyPI once for the venv.
-#   tools/train/train.sh OUT [train.py flags, e.g. --vae-minutes 8 --unet-minutes 40]
+#   tools/train/train.sh OUT [train.py flags, e.g. --vae-minutes 10 --unet-minutes 44]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
