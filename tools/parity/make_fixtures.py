@@ -42,23 +42,48 @@ CONFIGS = [
     dict(name="base-nocfg-rect", variant="tiny-v1", seed=2, frames=3, height=32, width=48, steps=2, guidance=1.0, t=901),
     dict(name="wide-cfg", variant="tiny-wide-v1", seed=3, frames=5, height=32, width=32, steps=2, guidance=5.0, t=1),
     dict(name="base-dpm", variant="tiny-v1", scheduler="dpm-solver", seed=4, frames=4, height=32, width=32, steps=5, guidance=7.5, t=251),
+    # The trained built-in model from its committed folder, at the shape it
+    # serves (64x64, 8 frames), on a held-out prompt: its own schedule
+    # (linear betas, v-prediction, trailing timesteps) and f16-stored
+    # weights widened to f32.
+    dict(name="world-v1", folder="models/world-v1",
+         caption="a yellow triangle moving down on a blue background",
+         seed=5, frames=8, height=64, width=64, steps=4, guidance=5.0, t=999),
 ]
 
 
-def run(cfg, fractal):
+def load_folder(d):
+    unet = UNet3DConditionModel.from_pretrained(d / "unet", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.float32).eval()
+    text = CLIPTextModel.from_pretrained(d / "text_encoder", torch_dtype=torch.float32).eval()
+    cls = json.loads((d / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    sched = getattr(diffusers, cls).from_pretrained(d / "scheduler")
+    return unet, vae, text, sched
+
+
+def caption_ids(caption, fractal):
+    """`caption` through the CLIP tokenizer the built-in models share."""
+    from transformers import CLIPTokenizer
     with tempfile.TemporaryDirectory() as d:
-        scheduler = cfg.get("scheduler", "ddim")
-        subprocess.run([fractal, "model", "export-tiny", "--variant", cfg["variant"], "--scheduler", scheduler, d], check=True)
-        d = pathlib.Path(d)
-        unet = UNet3DConditionModel.from_pretrained(d / "unet").eval()
-        vae = AutoencoderKL.from_pretrained(d / "vae").eval()
-        text = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
-        cls = json.loads((d / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-        sched = getattr(diffusers, cls).from_pretrained(d / "scheduler")
+        subprocess.run([fractal, "model", "export-tiny", d], check=True, stdout=subprocess.DEVNULL)
+        tok = CLIPTokenizer.from_pretrained(pathlib.Path(d) / "tokenizer")
+        return tok(caption, padding="max_length", max_length=77, truncation=True).input_ids
+
+
+def run(cfg, fractal):
+    if "folder" in cfg:
+        unet, vae, text, sched = load_folder(ROOT / cfg["folder"])
+        prompt = caption_ids(cfg["caption"], fractal)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            scheduler = cfg.get("scheduler", "ddim")
+            subprocess.run([fractal, "model", "export-tiny", "--variant", cfg["variant"], "--scheduler", scheduler, d], check=True)
+            unet, vae, text, sched = load_folder(pathlib.Path(d))
+        prompt = PROMPT
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
 
-    ids = torch.tensor([PROMPT], dtype=torch.long)
+    ids = torch.tensor([prompt], dtype=torch.long)
     neg = torch.tensor([EMPTY], dtype=torch.long)
     with torch.no_grad():
         cond = text(ids)[0]
@@ -133,6 +158,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     fractal = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target" / "release" / "fractal")
-    tokenizer_fixture(fractal)
+    only = sys.argv[2:]  # fixture names to remake (all when none)
+    if not only:
+        tokenizer_fixture(fractal)
     for cfg in CONFIGS:
-        run(cfg, fractal)
+        if not only or cfg["name"] in only:
+            run(cfg, fractal)

@@ -1,10 +1,12 @@
 //! Parity with Python diffusers 0.42 on the tiny configs in
 //! fixtures/parity (made by tools/parity/make_fixtures.sh from the very
-//! weights `Model::tiny` builds). Every stage must match within TOLERANCE.
+//! weights `Model::tiny` builds) and on the committed world-v1 folder at
+//! its serving shape. Every stage must match within TOLERANCE.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use fractal_engine::builtin::world;
 use fractal_engine::pipelines::text_to_video_sd::{Model, TextToVideoSd};
 use fractal_engine::{GenerateSpec, Pipeline, TinyVariant};
 use fractal_protocol::Seed;
@@ -31,14 +33,22 @@ fn check(name: &str) {
     let device = device();
     let fx: HashMap<String, Tensor> =
         candle_core::safetensors::load(format!("{dir}{name}.safetensors"), &device).unwrap();
-    let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
-    let mut scheduler = fractal_engine::builtin::tiny::manifest(variant).scheduler;
-    if meta["scheduler"].as_str() == Some("dpm-solver") {
-        scheduler = scheduler
-            .with_kind(fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep)
-            .unwrap();
-    }
-    let sd = TextToVideoSd::new(Model::tiny(variant, &device).unwrap(), scheduler);
+    let (model, scheduler) = if meta["folder"].is_string() {
+        // The committed world-v1 folder, as every command loads it.
+        let manifest = world::manifest();
+        let dir = world::folder_for(&manifest).unwrap().unwrap();
+        (Model::load(&dir, &device).unwrap(), manifest.scheduler)
+    } else {
+        let variant = TinyVariant::parse(meta["variant"].as_str().unwrap()).unwrap();
+        let mut scheduler = fractal_engine::builtin::tiny::manifest(variant).scheduler;
+        if meta["scheduler"].as_str() == Some("dpm-solver") {
+            scheduler = scheduler
+                .with_kind(fractal_protocol::manifest::SchedulerKind::DpmSolverMultistep)
+                .unwrap();
+        }
+        (Model::tiny(variant, &device).unwrap(), scheduler)
+    };
+    let sd = TextToVideoSd::new(model, scheduler);
     let ids = |k: &str| {
         fx[k]
             .to_vec1::<i64>()
@@ -133,6 +143,13 @@ fn base_dpm_solver_multistep() {
 #[test]
 fn wide_three_levels() {
     check("wide-cfg");
+}
+
+/// The trained weights at 64x64, 8 frames: v-prediction DDIM over linear
+/// betas from t=999, which no tiny config exercises.
+#[test]
+fn world_v1_at_its_serving_shape() {
+    check("world-v1");
 }
 
 /// Token ids equal transformers' `CLIPTokenizer` (the pipeline's tokenizer)
