@@ -22,7 +22,8 @@ pub mod yuma;
 use std::net::IpAddr;
 
 use async_trait::async_trait;
-use fractal_protocol::{Hotkey, Keypair};
+use fractal_protocol::schedule::ScheduleError;
+use fractal_protocol::{Hotkey, Keypair, ManifestId, ModelManifest, ModelSchedule, Upgrade};
 use serde::{Deserialize, Serialize};
 
 pub use local::LocalChain;
@@ -195,6 +196,14 @@ pub enum ChainError {
     InvalidWeights(String),
     #[error("hotkey {0} has no validator permit")]
     NoValidatorPermit(Hotkey),
+    #[error("only the subnet owner ({owner}) may change the model schedule, not {signer}")]
+    NotSubnetOwner { signer: Hotkey, owner: Hotkey },
+    #[error("manifest {0} is not published on this chain; publish it first")]
+    UnknownManifest(ManifestId),
+    #[error("{0}")]
+    Schedule(#[from] ScheduleError),
+    #[error("not possible on this chain: {0}")]
+    Unsupported(String),
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("chain storage: {0}")]
@@ -217,6 +226,10 @@ impl ChainError {
             ChainError::UnknownUid(_) => "unknown_uid",
             ChainError::InvalidWeights(_) => "invalid_weights",
             ChainError::NoValidatorPermit(_) => "no_validator_permit",
+            ChainError::NotSubnetOwner { .. } => "not_subnet_owner",
+            ChainError::UnknownManifest(_) => "unknown_manifest",
+            ChainError::Schedule(_) => "bad_schedule",
+            ChainError::Unsupported(_) => "unsupported",
             ChainError::Invalid(_) => "invalid_request",
             ChainError::Storage(_) => "storage",
             ChainError::Transport(_) => "transport",
@@ -261,6 +274,23 @@ pub trait Chain: Send + Sync {
         amount: Rao,
     ) -> Result<(), ChainError>;
     async fn balance(&self, coldkey: &Hotkey) -> Result<Rao, ChainError>;
+    /// Which manifests the subnet serves when ([`fractal_protocol::schedule`]).
+    async fn model_schedule(&self) -> Result<ModelSchedule, ChainError>;
+    /// A manifest the owner published, by id; the backend checks that the
+    /// document hashes to `id`, so the carrier need not be trusted.
+    async fn manifest(&self, id: &ManifestId) -> Result<Option<ModelManifest>, ChainError>;
+    /// Makes `manifest` readable by id (subnet owner only).
+    async fn publish_manifest(
+        &self,
+        owner: &Keypair,
+        manifest: &ModelManifest,
+    ) -> Result<ManifestId, ChainError>;
+    /// Adds an upgrade to the model schedule (subnet owner only).
+    async fn schedule_upgrade(
+        &self,
+        owner: &Keypair,
+        up: Upgrade,
+    ) -> Result<ModelSchedule, ChainError>;
 }
 
 /// Scales weights so the largest becomes 65535 (Bittensor's

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fractal_protocol::{Hotkey, Keypair};
+use fractal_protocol::{Hotkey, Keypair, ManifestId, ModelManifest, ModelSchedule, Upgrade};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS neurons (
 );
 CREATE TABLE IF NOT EXISTS weights (src INTEGER NOT NULL, dst INTEGER NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (src, dst));
 CREATE TABLE IF NOT EXISTS bonds (src INTEGER NOT NULL, dst INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (src, dst));
+CREATE TABLE IF NOT EXISTS manifests (id TEXT PRIMARY KEY, document TEXT NOT NULL, published_at INTEGER NOT NULL);
 ";
 
 #[derive(Clone)]
@@ -55,6 +56,8 @@ struct State {
     weights: Vec<Vec<(Uid, u16)>>,
     /// Sparse bonds per validator row.
     bonds: Vec<Vec<(Uid, f64)>>,
+    /// Which manifests the subnet serves when (stored in `meta`).
+    schedule: ModelSchedule,
 }
 
 struct Inner {
@@ -124,6 +127,7 @@ impl LocalChain {
                         neurons: Vec::new(),
                         weights: Vec::new(),
                         bonds: Vec::new(),
+                        schedule: ModelSchedule::default(),
                     }
                 }
             };
@@ -423,6 +427,105 @@ impl LocalChain {
     }
 }
 
+impl LocalChain {
+    /// The model schedule as of the current block.
+    pub fn model_schedule_now(&self) -> Result<(BlockNumber, ModelSchedule), ChainError> {
+        self.read(|s| (s.block, s.schedule.clone()))
+    }
+
+    /// A published manifest by id, from the chain file.
+    pub fn manifest_by_id(&self, id: &ManifestId) -> Result<Option<ModelManifest>, ChainError> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| storage("chain state lock poisoned"))?;
+        let doc: Option<String> = inner
+            .conn
+            .query_row(
+                "SELECT document FROM manifests WHERE id = ?1",
+                params![id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        doc.map(|d| {
+            let m = ModelManifest::parse(&d).map_err(storage)?;
+            if m.id() != *id {
+                return Err(storage(format!(
+                    "manifest stored as {id} hashes to {}",
+                    m.id()
+                )));
+            }
+            Ok(m)
+        })
+        .transpose()
+    }
+
+    /// Stores `manifest` so every role can read it by id; only the subnet
+    /// owner may. Publishing the same manifest again changes nothing.
+    pub fn publish_manifest_signed_by(
+        &self,
+        signer: &Hotkey,
+        manifest: &ModelManifest,
+    ) -> Result<ManifestId, ChainError> {
+        manifest
+            .validate()
+            .map_err(|e| ChainError::Invalid(e.to_string()))?;
+        let id = manifest.id();
+        let document =
+            String::from_utf8(manifest.canonical_bytes()).map_err(|e| storage(e.to_string()))?;
+        self.with_state(|s, tx| {
+            require_owner(s, signer)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO manifests (id, document, published_at) VALUES (?1, ?2, ?3)",
+                params![id.to_string(), document, s.block as i64],
+            )?;
+            Ok(id)
+        })
+    }
+
+    /// Adds `up` to the model schedule; only the subnet owner may, only for
+    /// a published manifest, and only as [`ModelSchedule::with_upgrade`]
+    /// allows at the current block.
+    pub fn schedule_upgrade_signed_by(
+        &self,
+        signer: &Hotkey,
+        up: Upgrade,
+    ) -> Result<ModelSchedule, ChainError> {
+        self.with_state(|s, tx| {
+            require_owner(s, signer)?;
+            let published: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM manifests WHERE id = ?1",
+                    params![up.manifest.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if published.is_none() {
+                return Err(ChainError::UnknownManifest(up.manifest));
+            }
+            let next = s.schedule.with_upgrade(up, s.block)?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('model_schedule', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![serde_json::to_string(&next).map_err(storage)?],
+            )?;
+            s.schedule = next.clone();
+            Ok(next)
+        })
+    }
+}
+
+fn require_owner(s: &State, signer: &Hotkey) -> Result<(), ChainError> {
+    if signer == &s.owner {
+        Ok(())
+    } else {
+        Err(ChainError::NotSubnetOwner {
+            signer: *signer,
+            owner: s.owner,
+        })
+    }
+}
+
 fn validate_params(p: &Hyperparams) -> Result<(), ChainError> {
     let bad = |what: &str| Err(ChainError::Invalid(format!("hyperparameter {what}")));
     if p.max_uids == 0 || p.max_validators == 0 {
@@ -599,6 +702,22 @@ fn load_state(tx: &Transaction) -> Result<State, ChainError> {
             .ok_or_else(|| storage(format!("bonds row for unknown uid {src}")))?
             .push((dst, v));
     }
+    // Chains created before the schedule existed have no row: nothing scheduled.
+    let schedule = match tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'model_schedule'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+    {
+        Some(json) => {
+            let s: ModelSchedule = serde_json::from_str(&json).map_err(storage)?;
+            s.validate().map_err(storage)?;
+            s
+        }
+        None => ModelSchedule::default(),
+    };
     Ok(State {
         block,
         params,
@@ -607,6 +726,7 @@ fn load_state(tx: &Transaction) -> Result<State, ChainError> {
         neurons,
         weights,
         bonds,
+        schedule,
     })
 }
 
@@ -727,6 +847,30 @@ impl Chain for LocalChain {
         amount: Rao,
     ) -> Result<(), ChainError> {
         self.add_stake_signed_by(&coldkey.hotkey(), hotkey, amount)
+    }
+
+    async fn model_schedule(&self) -> Result<ModelSchedule, ChainError> {
+        Ok(self.model_schedule_now()?.1)
+    }
+
+    async fn manifest(&self, id: &ManifestId) -> Result<Option<ModelManifest>, ChainError> {
+        self.manifest_by_id(id)
+    }
+
+    async fn publish_manifest(
+        &self,
+        owner: &Keypair,
+        manifest: &ModelManifest,
+    ) -> Result<ManifestId, ChainError> {
+        self.publish_manifest_signed_by(&owner.hotkey(), manifest)
+    }
+
+    async fn schedule_upgrade(
+        &self,
+        owner: &Keypair,
+        up: Upgrade,
+    ) -> Result<ModelSchedule, ChainError> {
+        self.schedule_upgrade_signed_by(&owner.hotkey(), up)
     }
 
     async fn balance(&self, coldkey: &Hotkey) -> Result<Rao, ChainError> {

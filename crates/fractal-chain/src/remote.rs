@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fractal_http::SignedClient;
-use fractal_protocol::{Hotkey, Keypair};
+use fractal_protocol::{Hotkey, Keypair, ManifestId, ModelManifest, ModelSchedule, Upgrade};
 use reqwest::Url;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::server::{
-    AddStakeCall, BalanceReply, BlockReply, ChainErrorBody, ChainInfo, Done, RegisterCall,
-    RegisterReply, SetWeightsCall,
+    AddStakeCall, BalanceReply, BlockReply, ChainErrorBody, ChainInfo, Done, PublishReply,
+    RegisterCall, RegisterReply, ScheduleReply, SetWeightsCall,
 };
 use crate::{AxonInfo, BlockNumber, Chain, ChainError, Hyperparams, Metagraph, Rao, Uid};
 
@@ -194,5 +194,56 @@ impl Chain for RemoteChain {
     async fn balance(&self, coldkey: &Hotkey) -> Result<Rao, ChainError> {
         let reply: BalanceReply = self.get(&format!("/v1/chain/balance/{coldkey}")).await?;
         Ok(reply.balance)
+    }
+
+    async fn model_schedule(&self) -> Result<ModelSchedule, ChainError> {
+        let reply: ScheduleReply = self.get("/v1/chain/schedule").await?;
+        reply
+            .schedule
+            .validate()
+            .map_err(|e| transport(format!("chain sent a bad schedule: {e}")))?;
+        Ok(reply.schedule)
+    }
+
+    async fn manifest(&self, id: &ManifestId) -> Result<Option<ModelManifest>, ChainError> {
+        let resp = self
+            .http
+            .get(self.url(&format!("/v1/chain/manifests/{id}"))?)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let m: ModelManifest = decode(resp).await?;
+        // Content-addressed: whatever carried it, it must hash to `id`.
+        if m.id() != *id {
+            return Err(transport(format!(
+                "chain answered manifest {id} with one that hashes to {}",
+                m.id()
+            )));
+        }
+        m.validate()
+            .map_err(|e| transport(format!("chain sent a bad manifest: {e}")))?;
+        Ok(Some(m))
+    }
+
+    async fn publish_manifest(
+        &self,
+        owner: &Keypair,
+        manifest: &ModelManifest,
+    ) -> Result<ManifestId, ChainError> {
+        let reply: PublishReply = self
+            .post(owner, "/v1/chain/publish_manifest", manifest)
+            .await?;
+        Ok(reply.manifest_id)
+    }
+
+    async fn schedule_upgrade(
+        &self,
+        owner: &Keypair,
+        up: Upgrade,
+    ) -> Result<ModelSchedule, ChainError> {
+        self.post(owner, "/v1/chain/schedule_upgrade", &up).await
     }
 }

@@ -6,7 +6,10 @@
 //! `/v1/chain/balance/{ss58}`. State changes are `POST`s that must be
 //! btauth/1-signed by the key the extrinsic is "from": the coldkey for
 //! `register` and `add_stake`, the hotkey for `serve_axon` and
-//! `set_weights`. The receiver is the chain node's own key.
+//! `set_weights`, the subnet owner's coldkey for `publish_manifest` and
+//! `schedule_upgrade`. The receiver is the chain node's own key. The model
+//! schedule is read at `GET /v1/chain/schedule` and published manifests at
+//! `GET /v1/chain/manifests/{id}` (canonical JSON, which hashes to `id`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use fractal_http::{AllowAll, ApiError, BtAuth, Caller};
-use fractal_protocol::Hotkey;
+use fractal_protocol::{Hotkey, ManifestId, ModelManifest, ModelSchedule, Upgrade};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +73,18 @@ pub struct AddStakeCall {
     pub amount: Rao,
 }
 
+/// `GET /v1/chain/schedule`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleReply {
+    pub block: BlockNumber,
+    pub schedule: ModelSchedule,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishReply {
+    pub manifest_id: ManifestId,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Done {
     pub ok: bool,
@@ -91,7 +106,11 @@ pub fn status_of(e: &ChainError) -> StatusCode {
     match e {
         ChainError::NotRegistered(_)
         | ChainError::NotOwner { .. }
+        | ChainError::NotSubnetOwner { .. }
         | ChainError::NoValidatorPermit(_) => StatusCode::FORBIDDEN,
+        ChainError::UnknownManifest(_) => StatusCode::NOT_FOUND,
+        ChainError::Schedule(_) => StatusCode::CONFLICT,
+        ChainError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         ChainError::AlreadyRegistered(..)
         | ChainError::SubnetFull { .. }
         | ChainError::VersionKeyTooOld { .. } => StatusCode::CONFLICT,
@@ -173,6 +192,8 @@ pub fn router(chain: Arc<LocalChain>, node: Hotkey) -> Router {
         .route("/v1/chain/serve_axon", post(serve_axon))
         .route("/v1/chain/set_weights", post(set_weights))
         .route("/v1/chain/add_stake", post(add_stake))
+        .route("/v1/chain/publish_manifest", post(publish_manifest))
+        .route("/v1/chain/schedule_upgrade", post(schedule_upgrade))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             fractal_http::auth::require_btauth,
@@ -182,6 +203,8 @@ pub fn router(chain: Arc<LocalChain>, node: Hotkey) -> Router {
         .route("/v1/chain/block", get(block))
         .route("/v1/chain/metagraph", get(metagraph))
         .route("/v1/chain/balance/{coldkey}", get(balance))
+        .route("/v1/chain/schedule", get(schedule))
+        .route("/v1/chain/manifests/{id}", get(manifest))
         .merge(writes)
         .fallback(|| async { ApiError::not_found("no such chain endpoint") })
         .with_state(state)
@@ -298,4 +321,51 @@ async fn add_stake(
     })
     .await?;
     Ok(Json(Done { ok: true }))
+}
+
+async fn schedule(State(st): State<AppState>) -> Result<Json<ScheduleReply>, Rejection> {
+    let (block, schedule) = st.chain.model_schedule_now()?;
+    Ok(Json(ScheduleReply { block, schedule }))
+}
+
+async fn manifest(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Rejection> {
+    let id: ManifestId = id.parse().map_err(|e| {
+        ApiError::bad_request("bad_manifest_id", format!("manifest id {id:?}: {e}"))
+    })?;
+    let m = blocking(move || st.chain.manifest_by_id(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no manifest {id} is published here")))?;
+    // The canonical bytes, so the reader can hash exactly what it got.
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        m.canonical_bytes(),
+    )
+        .into_response())
+}
+
+async fn publish_manifest(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PublishReply>), Rejection> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("malformed_json", "manifest is not UTF-8"))?;
+    let m = ModelManifest::parse(text)
+        .map_err(|e| ApiError::bad_request("invalid_manifest", e.to_string()))?;
+    let manifest_id =
+        blocking(move || st.chain.publish_manifest_signed_by(&caller.hotkey, &m)).await?;
+    Ok((StatusCode::CREATED, Json(PublishReply { manifest_id })))
+}
+
+async fn schedule_upgrade(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<ModelSchedule>, Rejection> {
+    let up: Upgrade = parse(&body)?;
+    let next = blocking(move || st.chain.schedule_upgrade_signed_by(&caller.hotkey, up)).await?;
+    Ok(Json(next))
 }

@@ -462,3 +462,91 @@ fn node_key_is_created_once_and_kept() {
         .unwrap();
     assert_ne!(other.hotkey(), first.hotkey());
 }
+
+fn example_manifest(file: &str) -> fractal_protocol::ModelManifest {
+    let path = format!("{}/../../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+    fractal_protocol::ModelManifest::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn the_owner_schedules_model_upgrades_that_survive_a_restart_and_others_cannot() {
+    use fractal_protocol::schedule::ScheduleError;
+    use fractal_protocol::{ModelState, Upgrade};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.sqlite");
+    let owner = key("owner", 0);
+    let a = example_manifest("manifest-tiny.toml");
+    let b = example_manifest("manifest-tiny-wan.toml");
+    let (a_id, b_id) = (a.id(), b.id());
+    {
+        let chain = Arc::new(LocalChain::open(&path, params(), owner.hotkey()).unwrap());
+        let (url, _) = serve(chain.clone()).await;
+        let remote = RemoteChain::connect(&url).await.unwrap();
+        assert!(remote.model_schedule().await.unwrap().entries.is_empty());
+        assert_eq!(remote.manifest(&a_id).await.unwrap(), None);
+
+        // Nobody but the owner publishes or schedules.
+        let intruder = key("cold", 7);
+        assert_eq!(
+            remote.publish_manifest(&intruder, &a).await,
+            Err(ChainError::NotSubnetOwner {
+                signer: intruder.hotkey(),
+                owner: owner.hotkey()
+            })
+        );
+        let up_a = Upgrade {
+            manifest: a_id,
+            at_block: 2,
+            grace_blocks: 5,
+        };
+        assert!(matches!(
+            remote.schedule_upgrade(&intruder, up_a).await,
+            Err(ChainError::NotSubnetOwner { .. })
+        ));
+        // Only published manifests can be scheduled.
+        assert_eq!(
+            remote.schedule_upgrade(&owner, up_a).await,
+            Err(ChainError::UnknownManifest(a_id))
+        );
+        assert_eq!(remote.publish_manifest(&owner, &a).await.unwrap(), a_id);
+        assert_eq!(remote.publish_manifest(&owner, &a).await.unwrap(), a_id);
+        assert_eq!(remote.publish_manifest(&owner, &b).await.unwrap(), b_id);
+        assert_eq!(remote.manifest(&a_id).await.unwrap(), Some(a.clone()));
+
+        remote.schedule_upgrade(&owner, up_a).await.unwrap();
+        chain.produce_blocks(3).unwrap();
+        // A past block, and one inside a pending upgrade, are refused.
+        let up_b = Upgrade {
+            manifest: b_id,
+            at_block: 3,
+            grace_blocks: 4,
+        };
+        assert_eq!(
+            remote.schedule_upgrade(&owner, up_b).await,
+            Err(ChainError::Schedule(ScheduleError::Past { at: 3, now: 3 }))
+        );
+        let up_b = Upgrade {
+            at_block: 10,
+            ..up_b
+        };
+        let s = remote.schedule_upgrade(&owner, up_b).await.unwrap();
+        assert_eq!(
+            remote.schedule_upgrade(&owner, up_b).await,
+            Err(ChainError::Schedule(ScheduleError::AlreadyScheduled(b_id)))
+        );
+        assert_eq!(
+            s.served_at(10),
+            vec![(b_id, ModelState::Active), (a_id, ModelState::Retiring)]
+        );
+        assert_eq!(remote.model_schedule().await.unwrap(), s);
+        // The chain keeps serving after all that.
+        assert_eq!(remote.block().await.unwrap(), 3);
+    }
+    // Durable: the schedule and the documents are in the chain file.
+    let chain = LocalChain::open(&path, params(), owner.hotkey()).unwrap();
+    let s = chain.model_schedule().await.unwrap();
+    assert_eq!(s.active_at(14), Some(b_id));
+    assert_eq!(s.state(&a_id, 14), Some(ModelState::Retired));
+    assert_eq!(chain.manifest(&b_id).await.unwrap(), Some(b));
+}

@@ -7,6 +7,7 @@
 //! * [`wire`]: versioned request/response types with validation.
 //! * [`noise`]: seeded, platform-independent Gaussian noise (`fractal/noise/v1`).
 //! * [`merkle`]: commitments over per-step latents and their audit paths.
+//! * [`schedule`]: which manifests the subnet serves, from and until which block.
 
 pub mod btauth;
 pub mod ids;
@@ -14,8 +15,10 @@ pub mod keys;
 pub mod manifest;
 pub mod merkle;
 pub mod noise;
+pub mod schedule;
 pub mod wire;
 
 pub use ids::{Digest32, JobId, ManifestId, Seed};
 pub use keys::{Hotkey, Keypair};
 pub use manifest::ModelManifest;
+pub use schedule::{ModelSchedule, ModelState, Upgrade};

@@ -248,18 +248,45 @@ pub enum Phase {
     Done,
 }
 
+/// One model a prover serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedModel {
+    pub manifest_id: ManifestId,
+    pub name: String,
+}
+
 /// A prover's `GET /v1/info`: what it runs and how busy it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProverInfo {
     pub version: u32,
     pub hotkey: Hotkey,
+    /// The first of `models` (what a one-model prover runs), for readers
+    /// that know only one.
     pub manifest_id: ManifestId,
     pub model: String,
+    /// Every model it serves; a request for another is refused.
+    #[serde(default)]
+    pub models: Vec<ServedModel>,
     pub running: usize,
     pub queued: usize,
     pub max_concurrent: usize,
     pub max_queued: usize,
     pub audit_window_s: u64,
+}
+
+impl ProverInfo {
+    /// The manifests it serves (older provers report only `manifest_id`).
+    pub fn manifest_ids(&self) -> Vec<ManifestId> {
+        if self.models.is_empty() {
+            vec![self.manifest_id]
+        } else {
+            self.models.iter().map(|m| m.manifest_id).collect()
+        }
+    }
+
+    pub fn serves(&self, id: &ManifestId) -> bool {
+        self.manifest_ids().contains(id)
+    }
 }
 
 /// Streamed while a job runs (one JSON object per line / SSE event).

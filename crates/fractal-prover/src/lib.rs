@@ -7,8 +7,16 @@
 //!   cancelled when the client goes away.
 //! * `POST /v1/audit` — an [`AuditChallenge`] for a job committed within the
 //!   audit window; answers the opened latents with Merkle paths.
-//! * `GET /v1/info` — manifest, hotkey, queue depth and capacity.
+//! * `GET /v1/info` — the models it serves, hotkey, queue depth and capacity.
+//! * `GET /v1/manifests/{id}` — the manifest of a model it serves, as
+//!   canonical JSON (open, and content-addressed: the reader hashes it).
 //! * `GET /metrics` — Prometheus text (open: scrapers do not sign).
+//!
+//! A prover serves one or more models (manifests); a request names its
+//! manifest, and one for a model it does not serve is refused with 404
+//! `model_not_served`. It follows the subnet's model schedule
+//! ([`Prover::follow_schedule`]): a model the schedule has retired is
+//! unloaded, and it warns while it serves nothing the schedule pins.
 //!
 //! Admission: at most `max_concurrent` jobs run and `max_queued` wait;
 //! beyond that the answer is 503 with `Retry-After`, never a longer queue.
@@ -23,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,9 +42,9 @@ use fractal_engine::PinnedModel;
 use fractal_http::{ApiError, Authorizer, BtAuth, Caller, Denied};
 use fractal_protocol::wire::{
     AuditAnswer, AuditChallenge, Base64Bytes, GenerateRequest, GenerateResponse, Phase,
-    ProgressEvent, StreamItem, PROTOCOL_VERSION,
+    ProgressEvent, ServedModel, StreamItem, PROTOCOL_VERSION,
 };
-use fractal_protocol::{Hotkey, JobId, Keypair};
+use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId, ModelSchedule};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use job::Strategy;
@@ -81,7 +89,8 @@ struct Counters {
 
 pub struct Prover {
     key: Keypair,
-    model: Arc<PinnedModel>,
+    /// In the order given; never empty.
+    models: RwLock<Vec<Arc<PinnedModel>>>,
     config: ProverConfig,
     slots: Arc<Semaphore>,
     /// Accepted and not finished (running + waiting).
@@ -96,11 +105,38 @@ pub struct Prover {
 
 pub use fractal_protocol::wire::ProverInfo;
 
+/// Why a prover cannot be set up with the models it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum ProverError {
+    #[error("a prover needs at least one model")]
+    NoModel,
+    #[error("manifest {0} is given twice")]
+    Duplicate(ManifestId),
+}
+
 impl Prover {
+    /// A prover of one model.
     pub fn new(key: Keypair, model: PinnedModel, config: ProverConfig) -> Arc<Self> {
-        Arc::new(Prover {
+        Self::serving(key, vec![model], config).expect("one model is a valid set")
+    }
+
+    /// A prover of every model in `models` (at least one, each once).
+    pub fn serving(
+        key: Keypair,
+        models: Vec<PinnedModel>,
+        config: ProverConfig,
+    ) -> Result<Arc<Self>, ProverError> {
+        if models.is_empty() {
+            return Err(ProverError::NoModel);
+        }
+        for (i, m) in models.iter().enumerate() {
+            if models[..i].iter().any(|o| o.manifest_id == m.manifest_id) {
+                return Err(ProverError::Duplicate(m.manifest_id));
+            }
+        }
+        Ok(Arc::new(Prover {
             key,
-            model: Arc::new(model),
+            models: RwLock::new(models.into_iter().map(Arc::new).collect()),
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             in_flight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
@@ -112,24 +148,120 @@ impl Prover {
             strategy_state: StrategyState::default(),
             counters: Counters::default(),
             config,
-        })
+        }))
     }
 
     pub fn hotkey(&self) -> Hotkey {
         self.key.hotkey()
     }
 
-    pub fn model(&self) -> &PinnedModel {
-        &self.model
+    /// The models it serves, in the order given.
+    pub fn models(&self) -> Vec<Arc<PinnedModel>> {
+        self.models.read().expect("models lock").clone()
+    }
+
+    /// The model pinned by `id`, if it serves it.
+    pub fn model_for(&self, id: &ManifestId) -> Option<Arc<PinnedModel>> {
+        self.models
+            .read()
+            .expect("models lock")
+            .iter()
+            .find(|m| &m.manifest_id == id)
+            .cloned()
+    }
+
+    /// Stops serving `id` and frees it once its running jobs end (they hold
+    /// their own reference). The last model is never unloaded: a prover
+    /// serving nothing could not even say what it is. Returns whether it
+    /// was unloaded.
+    pub fn unload(&self, id: &ManifestId) -> bool {
+        let mut models = self.models.write().expect("models lock");
+        if models.len() < 2 {
+            return false;
+        }
+        let before = models.len();
+        models.retain(|m| &m.manifest_id != id);
+        models.len() < before
+    }
+
+    /// Applies the schedule at `block`: unloads what it has retired, and
+    /// says whether anything loaded is served (`None` when the schedule
+    /// pins nothing, so whatever the prover was started with is right).
+    pub fn apply_schedule(&self, schedule: &ModelSchedule, block: u64) -> Option<bool> {
+        if !schedule.pins_anything_at(block) {
+            return None;
+        }
+        for m in self.models() {
+            let retired = schedule
+                .state(&m.manifest_id, block)
+                .is_some_and(|s| s == fractal_protocol::ModelState::Retired);
+            if retired && self.unload(&m.manifest_id) {
+                tracing::info!(manifest = %m.manifest_id, model = %m.manifest.name, block, "the schedule retired this model: unloaded");
+            }
+        }
+        Some(self.models().iter().any(|m| {
+            schedule
+                .state(&m.manifest_id, block)
+                .is_some_and(|s| s.is_served())
+        }))
+    }
+
+    /// Follows the chain's model schedule (see [`Prover::apply_schedule`]),
+    /// warning while this prover serves nothing the subnet pins.
+    pub fn follow_schedule(
+        self: &Arc<Self>,
+        chain: Arc<dyn Chain>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut warned = false;
+            let mut last = 0;
+            loop {
+                match (chain.block().await, chain.model_schedule().await) {
+                    (Ok(block), Ok(schedule)) => {
+                        last = block;
+                        let serves = me.apply_schedule(&schedule, block);
+                        if serves == Some(false) && !warned {
+                            let pinned: Vec<String> = schedule
+                                .served_at(block)
+                                .iter()
+                                .map(|(id, _)| id.to_string())
+                                .collect();
+                            tracing::warn!(block, pinned = ?pinned, "this prover serves none of the models the subnet's schedule pins: it earns nothing until it is restarted with one");
+                        }
+                        warned = serves == Some(false);
+                    }
+                    (_, Err(ChainError::Unsupported(why))) => {
+                        tracing::info!("not following a model schedule: {why}");
+                        return;
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(error = %e, "model schedule refresh failed");
+                    }
+                }
+                if chain.wait_for_block_after(last, every).await.is_err() {
+                    tokio::time::sleep(every.min(Duration::from_secs(2))).await;
+                }
+            }
+        })
     }
 
     pub fn info(&self) -> ProverInfo {
         let running = self.running.load(Ordering::Relaxed);
+        let models = self.models();
         ProverInfo {
             version: PROTOCOL_VERSION,
             hotkey: self.hotkey(),
-            manifest_id: self.model.manifest_id,
-            model: self.model.manifest.name.clone(),
+            manifest_id: models[0].manifest_id,
+            model: models[0].manifest.name.clone(),
+            models: models
+                .iter()
+                .map(|m| ServedModel {
+                    manifest_id: m.manifest_id,
+                    name: m.manifest.name.clone(),
+                })
+                .collect(),
             running,
             queued: self
                 .in_flight
@@ -297,6 +429,7 @@ pub fn router(prover: Arc<Prover>, authorizer: Arc<dyn Authorizer>) -> Router {
         ));
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/v1/manifests/{id}", get(manifest))
         .merge(signed)
         .fallback(|| async { ApiError::not_found("no such prover endpoint") })
         .with_state(prover)
@@ -309,6 +442,23 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 async fn info(State(p): State<Arc<Prover>>) -> Json<ProverInfo> {
     Json(p.info())
+}
+
+async fn manifest(
+    State(p): State<Arc<Prover>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: ManifestId = id.parse().map_err(|e| {
+        ApiError::bad_request("bad_manifest_id", format!("manifest id {id:?}: {e}"))
+    })?;
+    let m = p
+        .model_for(&id)
+        .ok_or_else(|| ApiError::not_found(format!("this prover does not serve manifest {id}")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        m.manifest.canonical_bytes(),
+    )
+        .into_response())
 }
 
 async fn metrics(State(p): State<Arc<Prover>>) -> impl IntoResponse {
@@ -347,8 +497,23 @@ async fn generate(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(&body)?;
-    let spec = p
-        .model
+    let model = p.model_for(&req.manifest_id).ok_or_else(|| {
+        let served: Vec<String> = p
+            .models()
+            .iter()
+            .map(|m| m.manifest_id.to_string())
+            .collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_served",
+            format!(
+                "this prover does not serve manifest {}; it serves {}",
+                req.manifest_id,
+                served.join(", ")
+            ),
+        )
+    })?;
+    let spec = model
         .spec(&req)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
     let job = req.job_id;
@@ -412,6 +577,7 @@ async fn generate(
         let queue_ms = queued_at.elapsed().as_millis() as u64;
         p.running.fetch_add(1, Ordering::AcqRel);
         let worker = p.clone();
+        let job_model = model.clone();
         let progress_tx = tx.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut on_step = |step: u32| {
@@ -430,7 +596,7 @@ async fn generate(
                 )
             };
             job::run(
-                &worker.model,
+                &job_model,
                 &req,
                 &spec,
                 &worker.config.strategy,
@@ -455,7 +621,7 @@ async fn generate(
                 StreamItem::Result(Box::new(GenerateResponse {
                     version: PROTOCOL_VERSION,
                     job_id: job,
-                    manifest_id: p.model.manifest_id,
+                    manifest_id: model.manifest_id,
                     trace_root: produced.root,
                     trace_len: produced.trace_len,
                     output: req.output,

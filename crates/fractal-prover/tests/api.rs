@@ -23,11 +23,20 @@ struct Node {
 }
 
 async fn start(config: ProverConfig) -> Node {
+    start_serving(config, &[TinyVariant::Base]).await.0
+}
+
+/// A prover of several built-in models; `Node::manifest` is the first.
+async fn start_serving(config: ProverConfig, variants: &[TinyVariant]) -> (Node, Arc<Prover>) {
     let prover = Keypair::from_seed(&[1; 32]);
     let verifier = Keypair::from_seed(&[2; 32]);
-    let manifest = tiny::manifest(TinyVariant::Base);
-    let model = PinnedModel::load(manifest.clone(), None, &Device::Cpu).unwrap();
-    let node = Prover::new(prover.clone(), model, config);
+    let manifest = tiny::manifest(variants[0]);
+    let models = variants
+        .iter()
+        .map(|v| PinnedModel::load(tiny::manifest(*v), None, &Device::Cpu).unwrap())
+        .collect();
+    let node = Prover::serving(prover.clone(), models, config).unwrap();
+    let handle = node.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let auth = Arc::new(AllowList::new([verifier.hotkey()]));
@@ -37,12 +46,15 @@ async fn start(config: ProverConfig) -> Node {
         auth,
         std::future::pending(),
     ));
-    Node {
-        url,
-        prover,
-        client: SignedClient::new(reqwest::Client::new(), Arc::new(verifier)),
-        manifest,
-    }
+    (
+        Node {
+            url,
+            prover,
+            client: SignedClient::new(reqwest::Client::new(), Arc::new(verifier)),
+            manifest,
+        },
+        handle,
+    )
 }
 
 impl Node {
@@ -205,7 +217,7 @@ async fn bad_requests_get_4xx_and_the_prover_keeps_serving() {
     // Unknown manifest, empty prompt, absurd size.
     let mut req = node.request(2);
     req.manifest_id = tiny::manifest(TinyVariant::Wide).id();
-    assert_eq!(node.generate(&req).await.0, 400);
+    assert_eq!(node.generate(&req).await.0, 404);
     let mut req = node.request(2);
     req.prompt = " ".into();
     assert_eq!(node.generate(&req).await.0, 400);
@@ -303,4 +315,107 @@ async fn a_full_queue_answers_503_with_retry_after_and_expired_traces_are_gone()
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "trace kept past the audit window");
+}
+
+#[tokio::test]
+async fn a_prover_of_two_models_serves_each_by_manifest_and_unloads_the_retired_one() {
+    use fractal_protocol::{ModelSchedule, Upgrade};
+    let (node, prover) = start_serving(
+        ProverConfig::default(),
+        &[TinyVariant::Base, TinyVariant::Wide],
+    )
+    .await;
+    let hk = node.prover.hotkey();
+    let (base, wide) = (
+        tiny::manifest(TinyVariant::Base),
+        tiny::manifest(TinyVariant::Wide),
+    );
+    let info: fractal_protocol::wire::ProverInfo = node
+        .client
+        .request(Method::GET, node.u("/v1/info"), &hk, Vec::new())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info.manifest_ids(), vec![base.id(), wide.id()]);
+    // Each request is answered by the model it names.
+    for m in [&base, &wide] {
+        let mut req = node.request(7);
+        req.manifest_id = m.id();
+        let (status, items) = node.generate(&req).await;
+        assert_eq!(status, 200);
+        match items.last().unwrap() {
+            StreamItem::Result(r) => assert_eq!(r.manifest_id, m.id()),
+            other => panic!("{other:?}"),
+        }
+        // The manifest document, open and content-addressed.
+        let doc = reqwest::get(node.u(&format!("/v1/manifests/{}", m.id())))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            fractal_protocol::ModelManifest::parse(&doc).unwrap().id(),
+            m.id()
+        );
+    }
+    // Another model's request: 404 naming what it serves.
+    let mut req = node.request(8);
+    req.manifest_id = fractal_protocol::ManifestId(fractal_protocol::Digest32([7; 32]));
+    let r = node
+        .client
+        .post_json(node.u("/v1/generate"), &hk, &req)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("model_not_served") && body.contains(&wide.id().to_string()),
+        "{body}"
+    );
+
+    // The schedule moves from base to wide: base is unloaded once retired.
+    let schedule = ModelSchedule::default()
+        .with_upgrade(
+            Upgrade {
+                manifest: base.id(),
+                at_block: 1,
+                grace_blocks: 1,
+            },
+            0,
+        )
+        .unwrap()
+        .with_upgrade(
+            Upgrade {
+                manifest: wide.id(),
+                at_block: 10,
+                grace_blocks: 5,
+            },
+            2,
+        )
+        .unwrap();
+    assert_eq!(prover.apply_schedule(&ModelSchedule::default(), 3), None);
+    assert_eq!(prover.apply_schedule(&schedule, 12), Some(true));
+    assert_eq!(prover.models().len(), 2, "base is retiring, not retired");
+    assert_eq!(prover.apply_schedule(&schedule, 15), Some(true));
+    assert_eq!(prover.models().len(), 1);
+    let mut req = node.request(9);
+    req.manifest_id = base.id();
+    assert_eq!(node.generate(&req).await.0, 404);
+    // The last model is never unloaded, even when the schedule moved on.
+    let later = schedule
+        .with_upgrade(
+            Upgrade {
+                manifest: fractal_protocol::ManifestId(fractal_protocol::Digest32([7; 32])),
+                at_block: 20,
+                grace_blocks: 1,
+            },
+            16,
+        )
+        .unwrap();
+    assert_eq!(prover.apply_schedule(&later, 30), Some(false));
+    assert_eq!(prover.models().len(), 1);
 }

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fractal_protocol::{Hotkey, Keypair};
+use fractal_protocol::{Hotkey, Keypair, ManifestId, ModelManifest, ModelSchedule, Upgrade};
 use scale_decode::DecodeAsType;
 use serde::{Deserialize, Serialize};
 use subxt::config::substrate::SpecVersionForRange;
@@ -1017,4 +1017,40 @@ impl Chain for SubtensorChain {
                 .free)),
         }
     }
+
+    // The model schedule on subtensor is not wired yet: it would be the
+    // owner hotkey's `Commitments` entry for this subnet, which holds a few
+    // small raw fields, not manifest documents (those come from the nodes
+    // that serve them, checked against their ids). Until then every role on
+    // subtensor serves what it was started with.
+    async fn model_schedule(&self) -> Result<ModelSchedule, ChainError> {
+        Err(schedule_unsupported())
+    }
+
+    async fn manifest(&self, _id: &ManifestId) -> Result<Option<ModelManifest>, ChainError> {
+        Err(schedule_unsupported())
+    }
+
+    async fn publish_manifest(
+        &self,
+        _owner: &Keypair,
+        _manifest: &ModelManifest,
+    ) -> Result<ManifestId, ChainError> {
+        Err(schedule_unsupported())
+    }
+
+    async fn schedule_upgrade(
+        &self,
+        _owner: &Keypair,
+        _up: Upgrade,
+    ) -> Result<ModelSchedule, ChainError> {
+        Err(schedule_unsupported())
+    }
+}
+
+fn schedule_unsupported() -> ChainError {
+    ChainError::Unsupported(
+        "the model schedule is kept on the local chain only; on subtensor each node serves the manifest it is started with"
+            .into(),
+    )
 }
