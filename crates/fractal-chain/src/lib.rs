@@ -200,7 +200,7 @@ pub enum ChainError {
     NotSubnetOwner { signer: Hotkey, owner: Hotkey },
     #[error("manifest {0} is not published on this chain; publish it first")]
     UnknownManifest(ManifestId),
-    #[error("{0}")]
+    #[error(transparent)]
     Schedule(#[from] ScheduleError),
     #[error("not possible on this chain: {0}")]
     Unsupported(String),

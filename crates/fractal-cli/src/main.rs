@@ -55,7 +55,8 @@ enum Command {
     /// Create, restore, list and inspect Bittensor-compatible wallets (sr25519 hot- and coldkeys).
     #[command(subcommand)]
     Wallet(wallet_cmd::WalletCmd),
-    /// Validate model manifests and print their content ids.
+    /// Model manifests: validate them, print their ids, publish them and
+    /// schedule model upgrades on the chain (`publish`, `schedule`, `show`).
     #[command(subcommand)]
     Manifest(manifest_cmd::ManifestCmd),
     /// Work with model folders: export the built-in tiny model, hash weights.

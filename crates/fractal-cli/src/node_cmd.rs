@@ -37,6 +37,28 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+/// One more model for a prover: a built-in name, a manifest file, or
+/// `MANIFEST=FOLDER` (a manifest and the diffusers folder it pins).
+pub fn load_model_spec(spec: &str, device: &str) -> anyhow::Result<PinnedModel> {
+    let device = fractal_engine::device_from_name(device)?;
+    let (manifest, folder) = match spec.split_once('=') {
+        Some((m, f)) => (m, Some(PathBuf::from(f))),
+        None => (spec, None),
+    };
+    let path = PathBuf::from(manifest);
+    let manifest = if let (Some(m), None) = (fractal_engine::builtin::manifest(manifest), &folder) {
+        m
+    } else if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        ModelManifest::parse(&text).with_context(|| format!("manifest {}", path.display()))?
+    } else {
+        bail!("{spec:?} is neither a built-in model nor a manifest file (MANIFEST or MANIFEST=FOLDER)");
+    };
+    Ok(PinnedModel::load(manifest, folder.as_deref(), &device)
+        .with_context(|| format!("loading {spec:?}"))?)
+}
+
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<PinnedModel> {
         let manifest = match &self.manifest {
@@ -95,6 +117,10 @@ pub struct ProverArgs {
     /// node through a forwarded port or a proxy.
     #[arg(long)]
     announce: Option<SocketAddr>,
+    /// Serve this model too (repeatable): a built-in name, a manifest
+    /// file, or MANIFEST=FOLDER. Requests name the manifest they want.
+    #[arg(long = "also-serve", value_name = "MODEL")]
+    also_serve: Vec<String>,
     #[arg(long, default_value_t = 1)]
     max_concurrent: usize,
     #[arg(long, default_value_t = 8)]
@@ -169,7 +195,10 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| Hotkey::from_ss58(s).with_context(|| format!("--allow {s:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let model = a.model.load()?;
+    let mut models = vec![a.model.load()?];
+    for spec in &a.also_serve {
+        models.push(load_model_spec(spec, &a.model.device)?);
+    }
     runtime()?.block_on(async move {
         let (chain, mg) = connect_registered(&a.chain, &key).await?;
         let me = mg
@@ -191,14 +220,21 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
             strategy,
             ..ProverConfig::default()
         };
-        let prover = Prover::new(key, model, config);
+        let prover = Prover::serving(key, models, config)?;
+        let serving: Vec<String> = prover
+            .models()
+            .iter()
+            .map(|m| format!("{} ({})", m.manifest.name, m.manifest_id))
+            .collect();
         eprintln!(
             "prover uid {uid} ({}) serving {} at http://{addr}",
             prover.hotkey(),
-            prover.model().manifest_id
+            serving.join(", ")
         );
+        let follow = prover.follow_schedule(chain.clone(), Duration::from_secs(12));
         fractal_prover::serve(listener, prover, auth, shutdown_signal()).await?;
         refresh.abort();
+        follow.abort();
         eprintln!("prover stopped");
         Ok(())
     })

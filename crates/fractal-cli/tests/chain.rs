@@ -119,3 +119,84 @@ fn register_stake_and_metagraph_survive_a_chain_restart() {
     let status = ok(fractal(&wallets, &url, &["chain", "status"]));
     assert!(status.contains("neurons   2 of 256"), "{status}");
 }
+
+#[test]
+fn the_owner_publishes_and_schedules_models_from_the_cli_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let wallets = dir.path().join("wallets");
+    let (_server, url) = serve(&dir.path().join("chain.sqlite"));
+    let examples = format!("{}/../../examples", env!("CARGO_MANIFEST_DIR"));
+    let a = format!("{examples}/manifest-tiny.toml");
+    let b = format!("{examples}/manifest-tiny-wan.toml");
+    let owner = ["--owner-suri", "//Alice"];
+    let run = |args: &[&str]| fractal(&wallets, &url, args);
+
+    let out = ok(run(&["manifest", "show"]));
+    assert!(out.contains("nothing scheduled"), "{out}");
+    // Not the owner: refused, saying who is.
+    let out = run(&["manifest", "publish", &a, "--owner-suri", "//Bob"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only the subnet owner"), "{err}");
+    // Unpublished: refused.
+    let out = run(&[
+        &["manifest", "schedule", &a, "--in-blocks", "3"][..],
+        &owner,
+    ]
+    .concat());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not published"));
+
+    let a_id = ok(run(&["manifest", "id", &a])).trim().to_string();
+    let b_id = ok(run(&["manifest", "id", &b])).trim().to_string();
+    for m in [&a, &b] {
+        let out = ok(run(&[&["manifest", "publish", m][..], &owner].concat()));
+        assert!(out.contains("published"), "{out}");
+    }
+    ok(run(&[
+        &["manifest", "schedule", &a, "--in-blocks", "2"][..],
+        &owner,
+    ]
+    .concat()));
+    // A grace of 0 and a block in the past are refused by name.
+    let out = run(&[
+        &[
+            "manifest",
+            "schedule",
+            &b_id,
+            "--in-blocks",
+            "500",
+            "--grace-blocks",
+            "0",
+        ][..],
+        &owner,
+    ]
+    .concat());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grace period of 0"));
+    let out = run(&[
+        &["manifest", "schedule", &b_id, "--at-block", "1"][..],
+        &owner,
+    ]
+    .concat());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the future"));
+    let out = ok(run(&[
+        &[
+            "manifest",
+            "schedule",
+            &b_id,
+            "--in-blocks",
+            "500",
+            "--grace-blocks",
+            "40",
+        ][..],
+        &owner,
+    ]
+    .concat()));
+    assert!(out.contains(&b_id) && out.contains("pending"), "{out}");
+    let out = ok(run(&["manifest", "show"]));
+    assert!(out.contains(&a_id) && out.contains("active"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(run(&["manifest", "show", "--json"]))).unwrap();
+    assert_eq!(json["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(json["entries"][1]["manifest"], b_id.as_str());
+}
