@@ -216,11 +216,9 @@ impl Prover {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let mut warned = false;
-            let mut last = 0;
             loop {
-                match (chain.block().await, chain.model_schedule().await) {
+                let last = match (chain.block().await, chain.model_schedule().await) {
                     (Ok(block), Ok(schedule)) => {
-                        last = block;
                         let serves = me.apply_schedule(&schedule, block);
                         if serves == Some(false) && !warned {
                             let pinned: Vec<String> = schedule
@@ -231,15 +229,21 @@ impl Prover {
                             tracing::warn!(block, pinned = ?pinned, "this prover serves none of the models the subnet's schedule pins: it earns nothing until it is restarted with one");
                         }
                         warned = serves == Some(false);
+                        block
                     }
                     (_, Err(ChainError::Unsupported(why))) => {
                         tracing::info!("not following a model schedule: {why}");
                         return;
                     }
                     (Err(e), _) | (_, Err(e)) => {
+                        // Keep what is loaded; retry without hammering the
+                        // chain (waiting for a block after an old one
+                        // returns at once).
                         tracing::warn!(error = %e, "model schedule refresh failed");
+                        tokio::time::sleep(every.min(Duration::from_secs(2))).await;
+                        continue;
                     }
-                }
+                };
                 if chain.wait_for_block_after(last, every).await.is_err() {
                     tokio::time::sleep(every.min(Duration::from_secs(2))).await;
                 }
