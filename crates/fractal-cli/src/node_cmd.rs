@@ -272,7 +272,14 @@ pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         let _ = run.await;
         for s in verifier.scores()? {
-            eprintln!("{}  score {:.3}  jobs {}  failed {}", s.hotkey, s.score, s.jobs, s.failed);
+            eprintln!(
+                "{}  model {}  score {:.3}  jobs {}  failed {}",
+                s.hotkey,
+                &s.manifest_id.to_string()[..12],
+                s.score,
+                s.jobs,
+                s.failed
+            );
         }
         Ok(())
     })

@@ -277,8 +277,8 @@ impl Gateway {
         match self.verifier.current_weights().await {
             Ok(weights) => {
                 let mut map = self.map.lock().expect("map lock");
-                for (s, w) in weights {
-                    map.set_verdict(&s.hotkey, w, s.passed, s.failed);
+                for s in weights {
+                    map.set_verdict(&s.hotkey, s.weight, s.passed, s.failed);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "verifier scores unavailable"),

@@ -1,13 +1,19 @@
 //! The verifier (Bittensor validator): challenges every prover with fresh
 //! seeds and prompts, spot-checks the answers ([`audit`]), keeps scores in
 //! SQLite ([`store`]) and turns them into weights on the chain.
+//!
+//! A verifier audits every model it was given that the chain's model
+//! schedule serves now (all of them while the schedule pins nothing): each
+//! prover is challenged under each of those it claims in `/v1/info`, with
+//! that model's pipeline and tolerances, and scored per model; the weights
+//! combine them as [`store::Store::combined_weight`] says.
 
 pub mod audit;
 pub mod challenges;
 pub mod client;
 pub mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +23,7 @@ use fractal_engine::PinnedModel;
 use fractal_http::SignedClient;
 use fractal_protocol::manifest::Size;
 use fractal_protocol::wire::{GenerateRequest, GenerateResponse, OutputFormat};
-use fractal_protocol::{Hotkey, Keypair};
+use fractal_protocol::{Hotkey, Keypair, ManifestId};
 use rand::Rng;
 use tokio::sync::Semaphore;
 
@@ -79,20 +85,39 @@ pub const AUDIT_ATTEMPTS: u32 = 3;
 pub struct Verifier {
     key: Keypair,
     chain: Arc<dyn Chain>,
-    auditor: Arc<Auditor>,
+    /// The models this verifier can audit, the first the one it started
+    /// with (its config's challenge shape is that model's).
+    models: Vec<AuditedModel>,
     client: ProverClient,
     store: Mutex<Store>,
     config: VerifierConfig,
     /// Audits are CPU-bound: one at a time, off the async runtime.
     audit_slot: Semaphore,
-    /// Recent app traffic the synthetic challenges are drawn like.
-    challenges: Mutex<ChallengeMix>,
+    /// Scheduled models this verifier cannot audit, warned of once each.
+    unaudited: Mutex<BTreeSet<ManifestId>>,
     /// The block at which this verifier was first seen holding a validator
     /// permit (since it last lacked one); `None` without one.
     permit_since: Mutex<Option<u64>>,
     /// Routed jobs (by request job id) picked for an audit whose outcome
     /// is not recorded yet.
     pending_audits: Mutex<BTreeSet<String>>,
+}
+
+/// One model a verifier audits: its pipeline, and the recent app traffic
+/// under it that its synthetic challenges are drawn like.
+struct AuditedModel {
+    auditor: Arc<Auditor>,
+    challenges: Mutex<ChallengeMix>,
+}
+
+/// What the weights see of one prover: its combined weight now and its
+/// audits under the models the schedule serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Standing {
+    pub hotkey: Hotkey,
+    pub weight: f64,
+    pub passed: u64,
+    pub failed: u64,
 }
 
 /// Where the audit of one routed job stands.
@@ -147,6 +172,10 @@ pub enum VerifierError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Http(#[from] reqwest::Error),
+    #[error("a verifier needs at least one model to audit")]
+    NoModel,
+    #[error("model {0} was given twice")]
+    DuplicateModel(ManifestId),
 }
 
 /// One prover's result in a round.
@@ -174,6 +203,7 @@ fn now_ms() -> u64 {
 }
 
 impl Verifier {
+    /// A verifier of one model.
     pub fn new(
         key: Keypair,
         chain: Arc<dyn Chain>,
@@ -181,30 +211,61 @@ impl Verifier {
         store: Store,
         config: VerifierConfig,
     ) -> Result<Arc<Self>, VerifierError> {
+        Self::auditing(key, chain, vec![model], store, config)
+    }
+
+    /// A verifier of several models (the first is the one `config`'s
+    /// challenge shape is for; the others' challenges start from their
+    /// manifests' defaults). Scores the store holds from before models
+    /// were told apart are the first model's.
+    pub fn auditing(
+        key: Keypair,
+        chain: Arc<dyn Chain>,
+        models: Vec<Arc<PinnedModel>>,
+        mut store: Store,
+        config: VerifierConfig,
+    ) -> Result<Arc<Self>, VerifierError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()?;
-        let challenges = ChallengeMix::with_fallback(
-            model.manifest_id,
-            JobShape {
-                size: config.size,
-                frames: config.frames,
-                steps: config.steps,
-                guidance_scale: model.manifest.defaults.guidance_scale,
-                output: config.output,
-                prompt_words: 0,
-                negative_words: 0,
-            },
-        );
+        let first = models.first().ok_or(VerifierError::NoModel)?;
+        store.adopt_unscoped(&first.manifest_id)?;
+        let mut seen = BTreeSet::new();
+        let mut audited = Vec::new();
+        for (i, model) in models.into_iter().enumerate() {
+            if !seen.insert(model.manifest_id) {
+                return Err(VerifierError::DuplicateModel(model.manifest_id));
+            }
+            let challenges = if i == 0 {
+                ChallengeMix::with_fallback(
+                    model.manifest_id,
+                    JobShape {
+                        size: config.size,
+                        frames: config.frames,
+                        steps: config.steps,
+                        guidance_scale: model.manifest.defaults.guidance_scale,
+                        output: config.output,
+                        prompt_words: 0,
+                        negative_words: 0,
+                    },
+                )
+            } else {
+                ChallengeMix::new(&model.manifest, model.manifest_id)
+            };
+            audited.push(AuditedModel {
+                challenges: Mutex::new(challenges),
+                auditor: Arc::new(Auditor::new(model)),
+            });
+        }
         Ok(Arc::new(Verifier {
-            challenges: Mutex::new(challenges),
+            models: audited,
             client: ProverClient::new(SignedClient::new(http, Arc::new(key.clone()))),
             key,
             chain,
-            auditor: Arc::new(Auditor::new(model)),
             store: Mutex::new(store),
             config,
             audit_slot: Semaphore::new(1),
+            unaudited: Mutex::new(BTreeSet::new()),
             permit_since: Mutex::new(None),
             pending_audits: Mutex::new(BTreeSet::new()),
         }))
@@ -276,8 +337,51 @@ impl Verifier {
         )
     }
 
+    /// The auditor of the model this verifier started with.
     pub fn auditor(&self) -> &Auditor {
-        &self.auditor
+        &self.models[0].auditor
+    }
+
+    /// The manifests this verifier can audit, the one it started with first.
+    pub fn models(&self) -> Vec<ManifestId> {
+        self.models
+            .iter()
+            .map(|m| m.auditor.model().manifest_id)
+            .collect()
+    }
+
+    fn audited(&self, manifest: &ManifestId) -> Option<&AuditedModel> {
+        self.models
+            .iter()
+            .find(|m| &m.auditor.model().manifest_id == manifest)
+    }
+
+    /// The models to audit at `block`: those of ours the schedule serves,
+    /// newest first; all of ours while it pins nothing (or the chain keeps
+    /// no schedule). A served model we lack is warned of once: its provers
+    /// go unaudited under it by us.
+    pub async fn audited_models(&self, block: u64) -> Vec<ManifestId> {
+        let mine = self.models();
+        let schedule = match self.chain.model_schedule().await {
+            Ok(s) => s,
+            Err(ChainError::Unsupported(_)) => return mine,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the model schedule failed; auditing every model we have");
+                return mine;
+            }
+        };
+        if !schedule.pins_anything_at(block) {
+            return mine;
+        }
+        let mut audited = Vec::new();
+        for (id, state) in schedule.served_at(block) {
+            if mine.contains(&id) {
+                audited.push(id);
+            } else if self.unaudited.lock().expect("unaudited lock").insert(id) {
+                tracing::warn!(manifest = %id, state = state.name(), "the schedule serves a model this verifier was not given: provers go unaudited (and unweighted) under it by this verifier");
+            }
+        }
+        audited
     }
 
     /// Signed client for calls the verifier's operator makes on its behalf
@@ -297,14 +401,21 @@ impl Verifier {
     /// Every scored prover with the weight it would get now (0 for a
     /// failed check this epoch or the last): the gateway never routes to a
     /// zero.
-    pub async fn current_weights(&self) -> Result<Vec<(ProverScore, f64)>, VerifierError> {
-        let epoch = self.current_epoch().await?;
+    pub async fn current_weights(&self) -> Result<Vec<Standing>, VerifierError> {
+        let block = self.chain.block().await?;
+        let epoch = block / self.chain.hyperparams().await?.tempo.max(1);
+        let served = self.audited_models(block).await;
         Ok(self
-            .scores()?
+            .scores_by_prover()?
             .into_iter()
-            .map(|s| {
-                let w = Store::weight(&s, epoch);
-                (s, w)
+            .map(|(hotkey, scores)| {
+                let counted = scores.iter().filter(|s| served.contains(&s.manifest_id));
+                Standing {
+                    hotkey,
+                    weight: Store::combined_weight(&scores, &served, epoch),
+                    passed: counted.clone().map(|s| s.passed).sum(),
+                    failed: scores.iter().map(|s| s.failed).sum(),
+                }
             })
             .collect())
     }
@@ -313,10 +424,29 @@ impl Verifier {
         Ok(self.store.lock().expect("store lock").scores()?)
     }
 
-    /// A fresh synthetic request, drawn like recent app traffic (random
-    /// seed, new text).
+    fn scores_by_prover(&self) -> Result<BTreeMap<Hotkey, Vec<ProverScore>>, VerifierError> {
+        let mut by_prover: BTreeMap<Hotkey, Vec<ProverScore>> = BTreeMap::new();
+        for s in self.scores()? {
+            by_prover.entry(s.hotkey).or_default().push(s);
+        }
+        Ok(by_prover)
+    }
+
+    /// A fresh synthetic request for the model this verifier started
+    /// with, drawn like recent app traffic (random seed, new text).
     pub fn synthetic_request(&self) -> GenerateRequest {
-        self.challenges
+        Self::draw(&self.models[0])
+    }
+
+    /// A fresh synthetic request for `manifest`; `None` when this verifier
+    /// does not audit it.
+    pub fn synthetic_request_for(&self, manifest: &ManifestId) -> Option<GenerateRequest> {
+        self.audited(manifest).map(Self::draw)
+    }
+
+    fn draw(model: &AuditedModel) -> GenerateRequest {
+        model
+            .challenges
             .lock()
             .expect("challenge mix lock")
             .draw(&mut rand::rngs::OsRng)
@@ -340,10 +470,11 @@ impl Verifier {
         req: &GenerateRequest,
         generated: &Generated,
     ) -> Result<audit::AuditReport, Failure> {
-        self.auditor.check_response(req, &generated.response)?;
-        let plan = self.auditor.plan(req, &mut rand::rngs::OsRng);
+        let auditor = self.auditor_of(req)?;
+        auditor.check_response(req, &generated.response)?;
+        let plan = auditor.plan(req, &mut rand::rngs::OsRng);
         let answer = self.audit_call(base, prover, &plan.challenge).await?;
-        self.on_audit_thread(req, generated, move |a, req, resp| {
+        self.on_audit_thread(auditor, req, generated, move |a, req, resp| {
             a.check(req, resp, &plan, &answer)
         })
         .await
@@ -383,9 +514,23 @@ impl Verifier {
         }
     }
 
+    /// The auditor of the model `req` asks for. Only requests for models
+    /// this verifier audits are sent or sampled, so a miss is ours.
+    fn auditor_of(&self, req: &GenerateRequest) -> Result<Arc<Auditor>, Failure> {
+        self.audited(&req.manifest_id)
+            .map(|m| m.auditor.clone())
+            .ok_or_else(|| {
+                Failure::new(
+                    Check::Unavailable,
+                    format!("this verifier does not audit manifest {}", req.manifest_id),
+                )
+            })
+    }
+
     /// Runs CPU-heavy checks one at a time, off the async runtime.
     async fn on_audit_thread<T: Send + 'static>(
         &self,
+        auditor: Arc<Auditor>,
         req: &GenerateRequest,
         generated: &Generated,
         check: impl FnOnce(&Auditor, &GenerateRequest, &GenerateResponse) -> Result<T, Failure>
@@ -393,7 +538,6 @@ impl Verifier {
             + 'static,
     ) -> Result<T, Failure> {
         let _slot = self.audit_slot.acquire().await.expect("never closed");
-        let auditor = self.auditor.clone();
         let (req, resp) = (req.clone(), generated.response.clone());
         tokio::task::spawn_blocking(move || check(&auditor, &req, &resp))
             .await
@@ -406,8 +550,11 @@ impl Verifier {
         req: &GenerateRequest,
         generated: &Generated,
     ) -> Result<audit::FullReport, Failure> {
-        self.on_audit_thread(req, generated, |a, req, resp| a.check_full(req, resp))
-            .await
+        let auditor = self.auditor_of(req)?;
+        self.on_audit_thread(auditor, req, generated, |a, req, resp| {
+            a.check_full(req, resp)
+        })
+        .await
     }
 
     /// Sends an app's job to `neuron` and returns its answer; a sample of
@@ -419,10 +566,13 @@ impl Verifier {
         req: GenerateRequest,
         on_progress: &mut (dyn FnMut(&fractal_protocol::wire::ProgressEvent) + Send),
     ) -> Result<Generated, CallError> {
-        self.challenges
-            .lock()
-            .expect("challenge mix lock")
-            .observe(&req);
+        let audited = self.audited(&req.manifest_id);
+        if let Some(m) = audited {
+            m.challenges
+                .lock()
+                .expect("challenge mix lock")
+                .observe(&req);
+        }
         let base = axon_url(neuron);
         let generated = self
             .client
@@ -434,7 +584,8 @@ impl Verifier {
                 on_progress,
             )
             .await?;
-        if rand::rngs::OsRng.gen_bool(self.config.audit_sample.clamp(0.0, 1.0)) {
+        if audited.is_some() && rand::rngs::OsRng.gen_bool(self.config.audit_sample.clamp(0.0, 1.0))
+        {
             let me = Arc::clone(self);
             let hotkey = neuron.hotkey;
             let generated = generated.clone();
@@ -482,6 +633,7 @@ impl Verifier {
     ) -> Result<ProverScore, store::StoreError> {
         self.store.lock().expect("store lock").record(&Outcome {
             hotkey,
+            manifest_id: req.manifest_id,
             job_id: req.job_id.to_string(),
             epoch,
             at_ms: now_ms(),
@@ -496,14 +648,55 @@ impl Verifier {
         Ok(block / self.chain.hyperparams().await?.tempo.max(1))
     }
 
-    /// Challenges one prover once and records the outcome.
+    /// Challenges one prover under each of `models` (those audited now)
+    /// that it claims to serve: none when it claims none of them (it then
+    /// earns nothing under them). A prover whose claims cannot be read is
+    /// challenged under the first, which records why it failed.
+    pub async fn challenge_claimed(
+        &self,
+        neuron: &NeuronInfo,
+        epoch: u64,
+        models: &[ManifestId],
+    ) -> Result<Vec<JobResult>, VerifierError> {
+        let base = axon_url(neuron);
+        let targets: Vec<ManifestId> = match self
+            .client
+            .info(&base, &neuron.hotkey, self.config.audit_deadline)
+            .await
+        {
+            Ok((info, _)) => models
+                .iter()
+                .filter(|m| info.serves(m))
+                .copied()
+                .collect(),
+            Err(e) => {
+                tracing::debug!(prover = %neuron.hotkey, error = %e, "reading what the prover serves failed");
+                models.iter().take(1).copied().collect()
+            }
+        };
+        if targets.is_empty() {
+            tracing::debug!(prover = %neuron.hotkey, "prover serves none of the models audited now");
+        }
+        let mut results = Vec::new();
+        for m in targets {
+            results.push(self.challenge(neuron, epoch, &m).await?);
+        }
+        Ok(results)
+    }
+
+    /// Challenges one prover once under `manifest` (one this verifier
+    /// audits; else the challenge goes to the first model) and records the
+    /// outcome.
     pub async fn challenge(
         &self,
         neuron: &NeuronInfo,
         epoch: u64,
+        manifest: &ManifestId,
     ) -> Result<JobResult, VerifierError> {
         let base = axon_url(neuron);
-        let req = self.synthetic_request();
+        let req = self
+            .synthetic_request_for(manifest)
+            .unwrap_or_else(|| self.synthetic_request());
         let started = std::time::Instant::now();
         let answer = self
             .client
@@ -597,26 +790,36 @@ impl Verifier {
             return Ok(Round::Waiting { next_epoch_block });
         }
         let epoch = mg.block / tempo;
+        let models = self.audited_models(mg.block).await;
         let provers = self.provers(&mg);
-        let results =
-            futures_util::future::join_all(provers.iter().map(|n| self.challenge(n, epoch))).await;
-        Ok(Round::Done(results.into_iter().collect::<Result<_, _>>()?))
+        let results = futures_util::future::join_all(
+            provers
+                .iter()
+                .map(|n| self.challenge_claimed(n, epoch, &models)),
+        )
+        .await;
+        let mut done = Vec::new();
+        for r in results {
+            done.extend(r?);
+        }
+        Ok(Round::Done(done))
     }
 
-    /// The weights this verifier would set now: scores of registered
-    /// provers, zeroed where a check failed this epoch or the last.
+    /// The weights this verifier would set now: the combined scores of
+    /// registered provers under the models served now, zeroed where a check
+    /// failed this epoch or the last.
     pub async fn weights(&self) -> Result<Vec<(Uid, u16)>, VerifierError> {
         let mg = self.chain.metagraph().await?;
         let tempo = self.chain.hyperparams().await?.tempo.max(1);
         let epoch = mg.block / tempo;
-        let store = self.store.lock().expect("store lock");
+        let served = self.audited_models(mg.block).await;
+        let by_prover = self.scores_by_prover()?;
         let mut raw = Vec::new();
         for n in self.provers(&mg) {
-            if let Some(s) = store.score(&n.hotkey)? {
-                let w = Store::weight(&s, epoch);
-                if w > 0.0 {
-                    raw.push((n.uid, w));
-                }
+            let scores = by_prover.get(&n.hotkey).map_or(&[][..], Vec::as_slice);
+            let w = Store::combined_weight(scores, &served, epoch);
+            if w > 0.0 {
+                raw.push((n.uid, w));
             }
         }
         let max = raw.iter().map(|r| r.1).fold(0.0, f64::max);
@@ -726,7 +929,7 @@ impl Verifier {
         let mg = self.chain.metagraph().await?;
         let tempo = self.chain.hyperparams().await?.tempo.max(1);
         let epoch = mg.block / tempo;
-        let plan = self.auditor.model().manifest.verification.audits_per_epoch as u64;
+        let plan = self.auditor().model().manifest.verification.audits_per_epoch as u64;
         let provers = self.provers(&mg);
         let min_audits = |epoch: u64| -> Result<u64, VerifierError> {
             let counts = self

@@ -275,8 +275,11 @@ async fn cheat_suite(suite: Suite) {
             eprintln!("every cheater caught after {} extra rounds", round);
             break;
         }
-        let results =
-            futures_util::future::join_all(left.iter().map(|n| verifier.challenge(n, epoch))).await;
+        let model = verifier.models()[0];
+        let results = futures_util::future::join_all(
+            left.iter().map(|n| verifier.challenge(n, epoch, &model)),
+        )
+        .await;
         for r in results {
             note(r.unwrap(), &mut caught);
         }
