@@ -100,13 +100,25 @@ impl Gateway {
                 AuditState::Failed { check } => Audit::Failed { check },
             },
         };
-        let m = &self.model;
         let s = &job.spec;
+        // Videos completed before provenance was recorded: the model the
+        // job was accepted for (the gateway's own for the oldest).
+        let accepted = self
+            .catalog
+            .lock()
+            .expect("catalog lock")
+            .job_manifest(&s.manifest_id)
+            .map_err(OaiError::internal)?;
+        let default_guidance = self
+            .manifest_of(&accepted)
+            .map_or(self.model.manifest.defaults.guidance_scale, |m| {
+                m.defaults.guidance_scale
+            });
         Ok(Generation {
             video_id: job.id.clone(),
             manifest_id: made
                 .as_ref()
-                .map_or_else(|| m.manifest_id.to_string(), |p| p.manifest_id.clone()),
+                .map_or_else(|| accepted.to_string(), |p| p.manifest_id.clone()),
             model: s.model.clone(),
             seed: s.seed,
             prompt_sha256: Generation::sha256_hex(&s.prompt),
@@ -117,7 +129,7 @@ impl Gateway {
             steps: s.steps,
             guidance_scale: made
                 .as_ref()
-                .map_or(m.manifest.defaults.guidance_scale, |p| p.guidance_scale),
+                .map_or(default_guidance, |p| p.guidance_scale),
             prover: job.prover.clone().unwrap_or_default(),
             // Empty for a video completed before the gateway recorded it.
             trace_root: made.map(|p| p.trace_root).unwrap_or_default(),

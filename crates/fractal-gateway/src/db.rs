@@ -95,6 +95,10 @@ pub struct JobSpec {
     /// As the app will see it back ("1", "2.5").
     pub seconds: String,
     pub model: String,
+    /// The manifest the job was accepted for: it is made by that model or
+    /// not at all. Empty for jobs accepted before gateways recorded it
+    /// (they are the gateway's own model's).
+    pub manifest_id: String,
 }
 
 #[derive(Clone, Debug)]
@@ -141,7 +145,7 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-const JOB_COLUMNS: &str = "id, key_id, prompt, negative_prompt, seed, width, height, frames, steps, seconds, model, status, progress, created_at, completed_at, expires_at, error_code, error_message, prover, attempts, expired";
+const JOB_COLUMNS: &str = "id, key_id, prompt, negative_prompt, seed, width, height, frames, steps, seconds, model, status, progress, created_at, completed_at, expires_at, error_code, error_message, prover, attempts, expired, manifest_id";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
     let code: Option<String> = r.get(16)?;
@@ -159,6 +163,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
             steps: r.get(8)?,
             seconds: r.get(9)?,
             model: r.get(10)?,
+            manifest_id: r.get(21)?,
         },
         status: Status::parse(&r.get::<_, String>(11)?),
         progress: r.get(12)?,
@@ -212,7 +217,8 @@ impl Db {
                  prover TEXT,
                  attempts INTEGER NOT NULL DEFAULT 0,
                  expired INTEGER NOT NULL DEFAULT 0,
-                 seq INTEGER NOT NULL
+                 seq INTEGER NOT NULL,
+                 manifest_id TEXT NOT NULL DEFAULT ''
              );
              CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (key_id, seq);
              CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
@@ -234,6 +240,15 @@ impl Db {
                  PRIMARY KEY (key_id, idem)
              );",
         )?;
+        // Databases from before jobs recorded their model.
+        let has_manifest: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'manifest_id'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_manifest == 0 {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN manifest_id TEXT NOT NULL DEFAULT ''")?;
+        }
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -379,9 +394,9 @@ impl Db {
             )?;
         }
         tx.execute(
-            "INSERT INTO jobs (id, key_id, prompt, negative_prompt, seed, width, height, frames, steps, seconds, model, status, created_at, seq)
+            "INSERT INTO jobs (id, key_id, prompt, negative_prompt, seed, width, height, frames, steps, seconds, model, status, created_at, seq, manifest_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12,
-                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
+                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?13)",
             params![
                 id,
                 key_id,
@@ -394,7 +409,8 @@ impl Db {
                 spec.steps,
                 spec.seconds,
                 spec.model,
-                created_at
+                created_at,
+                spec.manifest_id
             ],
         )?;
         let job = tx.query_row(
@@ -623,6 +639,7 @@ mod tests {
             steps: 4,
             seconds: "0.5".into(),
             model: "fractal-tiny-v1".into(),
+            manifest_id: String::new(),
         }
     }
 

@@ -1,7 +1,10 @@
-//! Running accepted jobs on the grid: pick a prover from the map, send the
-//! job through the verifier (which audits a sample of routed jobs), hedge
-//! a slow request with a second prover, fail over on errors, store the
-//! outputs, and only then mark the job completed.
+//! Running accepted jobs on the grid: pick a prover from the map among those
+//! serving the job's model, send the job through the verifier (which audits
+//! a sample of routed jobs), hedge a slow request with a second prover,
+//! fail over on errors, store the outputs, and only then mark the job
+//! completed. A job is made by the model it was accepted for or not at all:
+//! once the schedule retired that model and no prover serves it any more,
+//! it fails with `model_retired`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +14,7 @@ use fractal_protocol::manifest::Size;
 use fractal_protocol::wire::{
     GenerateRequest, OutputFormat, Phase, ProgressEvent, PROTOCOL_VERSION,
 };
-use fractal_protocol::{Hotkey, JobId, Seed};
+use fractal_protocol::{Hotkey, JobId, ManifestId, ModelManifest, ModelState, Seed};
 use fractal_router::{Failure, GridMap, Ticket, Work};
 use fractal_verifier::client::{CallError, Generated};
 
@@ -35,6 +38,24 @@ pub fn percent(p: &ProgressEvent) -> u32 {
         Phase::Muxing => 97,
         Phase::Done => 99,
     }
+}
+
+/// The model a job runs under.
+struct JobModel {
+    id: ManifestId,
+    manifest: Arc<ModelManifest>,
+}
+
+/// Whether a job can run now.
+enum Runnable {
+    /// Under this model, never on these provers (they do not serve it, or
+    /// have not said what they serve yet).
+    Yes(JobModel, Vec<Hotkey>),
+    /// Its model's document is not known here yet (a gateway that restarted
+    /// reads it from the chain at its first probe).
+    NotYet,
+    /// Never: the error code and message it fails with.
+    Never(&'static str, String),
 }
 
 pub fn work_of(job: &Job) -> Work {
@@ -111,13 +132,44 @@ impl Gateway {
         }
     }
 
-    fn request(&self, job: &Job) -> GenerateRequest {
-        let m = &self.model.manifest;
+    /// Whether `job` can run now, under which model and on which provers.
+    fn runnable(&self, job: &Job) -> Runnable {
+        let catalog = self.catalog.lock().expect("catalog lock");
+        let id = match catalog.job_manifest(&job.spec.manifest_id) {
+            Ok(id) => id,
+            Err(e) => return Runnable::Never("invalid_job", e),
+        };
+        let serving = catalog.provers_serving(&id);
+        if serving.is_empty() && catalog.state(&id) == Some(ModelState::Retired) {
+            return Runnable::Never(
+                "model_retired",
+                format!(
+                    "the model {:?} (manifest {id}) this video was accepted for was retired by the grid's schedule and no prover serves it any more; it is not made with another model",
+                    job.spec.model
+                ),
+            );
+        }
+        let Some(manifest) = catalog.manifest(&id) else {
+            return Runnable::NotYet;
+        };
+        let others = self
+            .provers
+            .lock()
+            .expect("provers lock")
+            .iter()
+            .map(|n| n.hotkey)
+            .filter(|h| !serving.contains(h))
+            .collect();
+        Runnable::Yes(JobModel { id, manifest }, others)
+    }
+
+    fn request(&self, job: &Job, model: &JobModel) -> GenerateRequest {
+        let m = &model.manifest;
         GenerateRequest {
             version: PROTOCOL_VERSION,
             // A fresh id per attempt: provers refuse a job id twice.
             job_id: JobId::random(),
-            manifest_id: self.model.manifest_id,
+            manifest_id: model.id,
             prompt: job.spec.prompt.clone(),
             negative_prompt: job.spec.negative_prompt.clone(),
             seed: Seed(job.spec.seed),
@@ -132,8 +184,13 @@ impl Gateway {
         }
     }
 
-    async fn send(&self, job: &Job, neuron: NeuronInfo) -> Result<Generated, CallError> {
-        let req = self.request(job);
+    async fn send(
+        &self,
+        job: &Job,
+        model: &JobModel,
+        neuron: NeuronInfo,
+    ) -> Result<Generated, CallError> {
+        let req = self.request(job, model);
         let prover = neuron.hotkey.to_string();
         let progress = self.progress_tx.clone();
         let id = job.id.clone();
@@ -151,6 +208,7 @@ impl Gateway {
     async fn attempt(
         &self,
         job: &Job,
+        model: &JobModel,
         work: &Work,
         tried: &mut Vec<Hotkey>,
         started: &mut bool,
@@ -176,7 +234,7 @@ impl Gateway {
                 map.hedge_after_ms(first.ticket.as_ref().expect("fresh")) / 1000.0,
             )
         };
-        let a = self.send(job, first.neuron.clone());
+        let a = self.send(job, model, first.neuron.clone());
         tokio::pin!(a);
         tokio::select! {
             r = &mut a => {
@@ -194,7 +252,7 @@ impl Gateway {
         self.counters
             .hedges
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let b = self.send(job, second.neuron.clone());
+        let b = self.send(job, model, second.neuron.clone());
         tokio::pin!(b);
         tokio::select! {
             r = &mut a => {
@@ -218,17 +276,43 @@ impl Gateway {
     /// when no prover can take it now.
     pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
         let work = work_of(&job);
-        let mut tried = Vec::new();
+        let (model, mut tried) = match self.runnable(&job) {
+            Runnable::Yes(model, others) => (model, others),
+            Runnable::NotYet => return,
+            Runnable::Never(code, msg) => {
+                tracing::warn!(job = %job.id, code, %msg, "job cannot run");
+                let _ = self.db.fail(&job.id, code, &msg);
+                self.counters
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.changed(&job.id);
+                return;
+            }
+        };
         let mut errors = Vec::new();
         let mut started = false;
         while errors.len() < self.config.max_attempts as usize {
-            let Some((result, prover)) = self.attempt(&job, &work, &mut tried, &mut started).await
+            let Some((result, prover)) = self
+                .attempt(&job, &model, &work, &mut tried, &mut started)
+                .await
             else {
                 break;
             };
             match result {
+                // Made by another model than the job's: not this job's video.
+                Ok(g) if g.response.manifest_id != model.id => {
+                    tracing::warn!(job = %job.id, %prover, answered = %g.response.manifest_id, "prover answered with another model; failing over");
+                    self.map
+                        .lock()
+                        .expect("map lock")
+                        .distrust(&prover, crate::now_ms());
+                    errors.push(format!(
+                        "{prover}: answered with manifest {}",
+                        g.response.manifest_id
+                    ));
+                }
                 Ok(g) => {
-                    match self.store_outputs(&job, &g).await {
+                    match self.store_outputs(&job, &model, &g).await {
                         // The prover's fault: try another one.
                         Err(OutputError::BadVideo(e)) => {
                             tracing::warn!(job = %job.id, %prover, error = %e, "prover returned a video that does not decode; failing over");
@@ -245,7 +329,7 @@ impl Gateway {
                                 request_id: g.response.job_id.to_string(),
                                 manifest_id: g.response.manifest_id.to_string(),
                                 trace_root: g.response.trace_root.to_string(),
-                                guidance_scale: self.model.manifest.defaults.guidance_scale,
+                                guidance_scale: model.manifest.defaults.guidance_scale,
                             };
                             if let Err(e) =
                                 self.db
@@ -307,11 +391,16 @@ impl Gateway {
     /// Writes the MP4 and derives the GIF and thumbnail, each via a
     /// temporary file and a rename, so a crash never leaves half a file
     /// under a final name.
-    async fn store_outputs(&self, job: &Job, g: &Generated) -> Result<(), OutputError> {
+    async fn store_outputs(
+        &self,
+        job: &Job,
+        model: &JobModel,
+        g: &Generated,
+    ) -> Result<(), OutputError> {
         let mp4 = g.response.content.0.clone();
         let dir = self.config.videos_dir();
         let id = job.id.clone();
-        let fps = self.model.manifest.defaults.fps;
+        let fps = model.manifest.defaults.fps;
         let frames = job.spec.frames as usize;
         let (width, height) = (job.spec.width as usize, job.spec.height as usize);
         tokio::task::spawn_blocking(move || {

@@ -9,6 +9,9 @@
 //!   video.
 //! * Routing onto the grid through the map ([`fractal_router`]): RTT probes
 //!   of every prover, learned speeds, hedging and failover ([`dispatch`]).
+//! * The grid's models ([`models`]): those the chain's schedule serves now
+//!   (`GET /v1/models`); a job is accepted for one of them and only ever
+//!   made by it, on provers that serve it.
 //! * Live progress over SSE, the map as JSON (`GET /v1/grid`) and a web page.
 //! * Content credentials: every file served carries a C2PA manifest of how
 //!   it was made ([`credentials`]).
@@ -17,6 +20,7 @@ pub mod credentials;
 pub mod db;
 pub mod dispatch;
 pub mod limits;
+pub mod models;
 pub mod openai;
 
 use std::collections::BTreeMap;
@@ -104,6 +108,8 @@ pub struct Gateway {
     pub db: Db,
     verifier: Arc<Verifier>,
     model: Arc<PinnedModel>,
+    /// The models the grid offers and who serves which (updated by probes).
+    catalog: Mutex<models::Catalog>,
     issuer: Arc<fractal_credentials::Issuer>,
     map: Arc<Mutex<GridMap>>,
     map_store: Mutex<MapStore>,
@@ -163,6 +169,10 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             db,
             verifier,
+            catalog: Mutex::new(models::Catalog::new(
+                model.manifest_id,
+                model.manifest.clone(),
+            )),
             model,
             issuer: Arc::new(issuer),
             map: Arc::new(Mutex::new(map)),
@@ -179,8 +189,53 @@ impl Gateway {
         }))
     }
 
+    /// The model this gateway was started with.
     pub fn model(&self) -> &PinnedModel {
         &self.model
+    }
+
+    /// The models an app may ask for now, the default first.
+    pub fn offered(&self) -> Vec<models::OfferedModel> {
+        self.catalog.lock().expect("catalog lock").offered()
+    }
+
+    /// The manifest of a known model.
+    pub(crate) fn manifest_of(
+        &self,
+        id: &fractal_protocol::ManifestId,
+    ) -> Option<Arc<fractal_protocol::ModelManifest>> {
+        self.catalog.lock().expect("catalog lock").manifest(id)
+    }
+
+    /// Reads the chain's model schedule and the documents of scheduled
+    /// models not known here yet (the chain checks each hashes to its id).
+    async fn follow_schedule(&self, block: u64) {
+        let chain = self.verifier.chain().clone();
+        let schedule = match chain.model_schedule().await {
+            Ok(s) => s,
+            // A chain without schedules: the gateway's own model throughout.
+            Err(fractal_chain::ChainError::Unsupported(_)) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "model schedule unavailable; offering the models of the last read");
+                return;
+            }
+        };
+        let missing = {
+            let mut c = self.catalog.lock().expect("catalog lock");
+            c.set_schedule(schedule, block);
+            c.missing()
+        };
+        for id in missing {
+            match chain.manifest(&id).await {
+                Ok(Some(m)) => self.catalog.lock().expect("catalog lock").learn(id, m),
+                Ok(None) => {
+                    tracing::warn!(manifest = %id, "the schedule names a manifest the chain does not hold; not offered")
+                }
+                Err(e) => {
+                    tracing::warn!(manifest = %id, error = %e, "the schedule names a manifest this gateway cannot read; not offered until it can")
+                }
+            }
+        }
     }
 
     fn changed(&self, id: &str) {
@@ -218,10 +273,43 @@ impl Gateway {
                 n["uid"] = serde_json::json!(uid);
             }
         }
+        let catalog = self.catalog.lock().expect("catalog lock");
+        if let Some(nodes) = v["nodes"].as_array_mut() {
+            for n in nodes {
+                let serving = n["hotkey"]
+                    .as_str()
+                    .and_then(|h| h.parse::<fractal_protocol::Hotkey>().ok())
+                    .and_then(|h| catalog.serving().get(&h).cloned())
+                    .unwrap_or_default();
+                n["models"] = serde_json::json!(serving
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>());
+            }
+        }
+        let offered = catalog.offered();
+        let default = offered.first();
+        let models: Vec<Value> = offered
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.manifest.name,
+                    "manifest_id": m.manifest_id.to_string(),
+                    "state": m.state.name(),
+                    "provers": catalog
+                        .provers_serving(&m.manifest_id)
+                        .iter()
+                        .map(|h| h.to_string())
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         serde_json::json!({
             "object": "grid",
-            "model": self.model.manifest.name,
-            "manifest_id": self.model.manifest_id.to_string(),
+            // The default model for new jobs.
+            "model": default.map(|m| m.manifest.name.clone()),
+            "manifest_id": default.map(|m| m.manifest_id.to_string()),
+            "models": models,
             "gateway": { "hotkey": self.verifier.hotkey().to_string(), "coord": v["me"] },
             "nodes": v["nodes"],
         })
@@ -238,7 +326,12 @@ impl Gateway {
                 return;
             }
         };
+        self.follow_schedule(mg.block).await;
         let provers = self.verifier.provers(&mg);
+        self.catalog
+            .lock()
+            .expect("catalog lock")
+            .retain_provers(&provers.iter().map(|n| n.hotkey).collect());
         self.map.lock().expect("map lock").sync(
             provers
                 .iter()
@@ -252,6 +345,12 @@ impl Gateway {
             (n.hotkey, client.info(&base, &n.hotkey, timeout).await)
         });
         for (hk, r) in futures_util::future::join_all(probes).await {
+            if let Ok((info, _)) = &r {
+                self.catalog
+                    .lock()
+                    .expect("catalog lock")
+                    .set_serving(hk, info.manifest_ids());
+            }
             let mut map = self.map.lock().expect("map lock");
             match r {
                 Ok((info, rtt)) => map.observe_rtt(
@@ -477,6 +576,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/videos/{id}/content", get(video_content))
         .route("/v1/videos/{id}/events", get(video_events))
         .route("/v1/grid", get(grid))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
         .route("/metrics", get(metrics))
         .fallback(|| async { OaiError::not_found("This route") })
         .method_not_allowed_fallback(|| async {
@@ -613,12 +714,7 @@ async fn create_video(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Re
             return Ok(video_json(&job));
         }
     }
-    let spec = openai::parse_create(
-        &fields,
-        &gw.model.manifest,
-        &gw.model.manifest_id.to_string(),
-        rand::random,
-    )?;
+    let spec = openai::parse_create(&fields, &gw.offered(), rand::random)?;
     let (active, today) = gw.db.usage(&key.id)?;
     if active >= key.limits.max_active {
         return Err(OaiError::rate_limited(
@@ -876,6 +972,41 @@ async fn video_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response())
+}
+
+/// OpenAI's model list: the models the schedule serves now, the default
+/// for new jobs first.
+async fn list_models(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Response, OaiError> {
+    gw.authenticate(&headers)?;
+    let data = gw.catalog.lock().expect("catalog lock").objects();
+    Ok(Json(serde_json::json!({ "object": "list", "data": data })).into_response())
+}
+
+/// One offered model, by name or manifest id.
+async fn get_model(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, OaiError> {
+    gw.authenticate(&headers)?;
+    gw.catalog
+        .lock()
+        .expect("catalog lock")
+        .objects()
+        .into_iter()
+        .find(|o| o.id == id || o.manifest_id == id)
+        .map(|o| Json(o).into_response())
+        .ok_or_else(|| {
+            OaiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model {id:?} is not served on this grid (GET /v1/models lists those that are)"),
+            )
+        })
 }
 
 async fn grid(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, OaiError> {

@@ -1,17 +1,17 @@
 //! The OpenAI Videos API shapes: the `Video` object, the error body, and
 //! turning a create request (JSON or multipart form fields) into a
-//! validated [`JobSpec`] for the pinned model.
+//! validated [`JobSpec`] for one of the models the grid offers.
 
 use std::collections::BTreeMap;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use fractal_protocol::ModelManifest;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::db::{Job, JobSpec};
+use crate::models::OfferedModel;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -212,12 +212,12 @@ fn as_u64(v: &Value, param: &'static str) -> Result<u64, OaiError> {
     })
 }
 
-/// Validates a create request against the pinned model. `seed` is drawn by
-/// the caller when absent (so a resumed job regenerates the same video).
+/// Validates a create request against the model it names among `offered`
+/// (by name or manifest id; the first when it names none). `seed` is drawn
+/// by the caller when absent (so a resumed job regenerates the same video).
 pub fn parse_create(
     fields: &Fields,
-    manifest: &ModelManifest,
-    manifest_id: &str,
+    offered: &[OfferedModel],
     fresh_seed: impl FnOnce() -> u64,
 ) -> Result<JobSpec, OaiError> {
     if let Some(unknown) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -234,6 +234,8 @@ pub fn parse_create(
             "input_reference (image-to-video) is not supported by this grid's model",
         ));
     }
+    let chosen = choose_model(fields, offered)?;
+    let manifest = &*chosen.manifest;
     let limits = &manifest.limits;
     let d = &manifest.defaults;
     let prompt = match fields.get("prompt") {
@@ -288,20 +290,6 @@ pub fn parse_create(
             ));
         }
     }
-    let model = match fields.get("model").and_then(as_text) {
-        None => manifest.name.clone(),
-        Some(m) if m == manifest.name || m == manifest_id => manifest.name.clone(),
-        Some(m) => {
-            return Err(OaiError::invalid(
-                Some("model"),
-                "model_not_found",
-                format!(
-                    "The model {m:?} does not exist on this grid; it runs {:?} (manifest {manifest_id})",
-                    manifest.name
-                ),
-            ))
-        }
-    };
     let sizes: Vec<String> = limits
         .sizes
         .iter()
@@ -388,7 +376,58 @@ pub fn parse_create(
         frames,
         steps,
         seconds,
-        model,
+        model: manifest.name.clone(),
+        manifest_id: chosen.manifest_id.to_string(),
+    })
+}
+
+/// The offered model `fields` names, or the default (the first).
+fn choose_model<'a>(
+    fields: &Fields,
+    offered: &'a [OfferedModel],
+) -> Result<&'a OfferedModel, OaiError> {
+    let named = match fields.get("model") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(as_text(v).ok_or_else(|| {
+            OaiError::invalid(Some("model"), "invalid_type", "model must be a string")
+        })?),
+    };
+    let found = match &named {
+        None => offered.first(),
+        Some(m) => offered.iter().find(|o| o.is_named(m)),
+    };
+    found.ok_or_else(|| {
+        if offered.is_empty() {
+            return OaiError {
+                retry_after_s: Some(5),
+                ..OaiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "no_model_served",
+                    "No model is served on this grid right now: the gateway has not read the documents of the models the schedule names yet; retry shortly",
+                )
+            };
+        }
+        let choices: Vec<String> = offered
+            .iter()
+            .map(|o| {
+                format!(
+                    "{:?} (manifest {}, {})",
+                    o.manifest.name,
+                    o.manifest_id,
+                    o.state.name()
+                )
+            })
+            .collect();
+        OaiError::invalid(
+            Some("model"),
+            "model_not_found",
+            format!(
+                "The model {:?} is not served on this grid; choose one of: {}",
+                named.unwrap_or_default(),
+                choices.join(", ")
+            ),
+        )
     })
 }
 
@@ -407,9 +446,51 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    fn offer(variants: &[fractal_engine::TinyVariant]) -> Vec<OfferedModel> {
+        variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let m = fractal_engine::builtin::tiny::manifest(*v);
+                OfferedModel {
+                    manifest_id: m.id(),
+                    manifest: std::sync::Arc::new(m),
+                    state: if i == 0 {
+                        fractal_protocol::ModelState::Active
+                    } else {
+                        fractal_protocol::ModelState::Retiring
+                    },
+                }
+            })
+            .collect()
+    }
+
     fn parse(v: Value) -> Result<JobSpec, OaiError> {
-        let m = fractal_engine::builtin::tiny::manifest(fractal_engine::TinyVariant::Base);
-        parse_create(&fields(v), &m, "abc", || 7)
+        parse_create(&fields(v), &offer(&[fractal_engine::TinyVariant::Base]), || 7)
+    }
+
+    #[test]
+    fn model_picks_among_the_offered_by_name_or_manifest_id() {
+        use fractal_engine::TinyVariant::{Base, Wide};
+        let offered = offer(&[Wide, Base]);
+        let pick = |v: Value| parse_create(&fields(v), &offered, || 7);
+        let default = pick(json!({"prompt": "x"})).unwrap();
+        assert_eq!(default.model, "fractal-tiny-wide-v1");
+        assert_eq!(default.manifest_id, offered[0].manifest_id.to_string());
+        let by_name = pick(json!({"prompt": "x", "model": "fractal-tiny-v1"})).unwrap();
+        assert_eq!(by_name.manifest_id, offered[1].manifest_id.to_string());
+        let by_id = pick(json!({"prompt": "x", "model": offered[1].manifest_id.to_string()}))
+            .unwrap();
+        assert_eq!(by_id, by_name);
+        let e = pick(json!({"prompt": "x", "model": "sora-2"})).unwrap_err();
+        assert_eq!(e.code, "model_not_found");
+        assert!(
+            e.message.contains("fractal-tiny-wide-v1") && e.message.contains("retiring"),
+            "{}",
+            e.message
+        );
+        let e = parse_create(&fields(json!({"prompt": "x"})), &[], || 7).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::SERVICE_UNAVAILABLE, "no_model_served"));
     }
 
     #[test]
@@ -454,7 +535,7 @@ mod tests {
         ) {
             let f: Fields = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
             let m = fractal_engine::builtin::tiny::manifest(fractal_engine::TinyVariant::Base);
-            match parse_create(&f, &m, "abc", || 1) {
+            match parse_create(&f, &offer(&[fractal_engine::TinyVariant::Base]), || 1) {
                 Ok(s) => {
                     proptest::prop_assert!(!s.prompt.trim().is_empty() && s.prompt.len() <= 1000);
                     proptest::prop_assert!((1..=m.limits.max_frames).contains(&s.frames));
