@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use fractal_engine::PinnedModel;
 use fractal_gateway::db::{Db, KeyLimits};
 use fractal_gateway::{Gateway, GatewayConfig};
 use fractal_verifier::{Verifier, VerifierConfig};
@@ -47,6 +48,12 @@ struct ServeArgs {
     key: NodeKey,
     #[command(flatten)]
     model: ModelArgs,
+    /// Audit this model too (repeatable; a built-in name, a manifest file,
+    /// or MANIFEST=FOLDER): sampled jobs for models the gateway cannot
+    /// audit are routed unaudited. Apps may ask for any model the chain's
+    /// schedule serves, whether or not it is listed here.
+    #[arg(long = "also-audit", value_name = "MODEL")]
+    also_audit: Vec<String>,
     #[command(flatten)]
     dir: DirArg,
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -181,7 +188,13 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let key = a.key.load()?;
-    let model = Arc::new(a.model.load()?);
+    let models: Vec<Arc<PinnedModel>> = a
+        .model
+        .load_with(&a.also_audit)?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let model = models[0].clone();
     let mut config = GatewayConfig::new(a.dir.dir.clone());
     config.retention = Duration::from_secs(a.retention_h * 3600);
     config.max_running = a.max_running.max(1);
@@ -198,7 +211,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             audit_sample: a.audit_sample.clamp(0.0, 1.0),
             ..VerifierConfig::from_manifest(&model.manifest)
         };
-        let verifier = Verifier::new(key, chain, model.clone(), store, vconfig)?;
+        let verifier = Verifier::auditing(key, chain, models, store, vconfig)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let challenger = (a.challenge_pause_s > 0).then(|| {
             tokio::spawn(

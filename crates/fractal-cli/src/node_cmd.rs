@@ -37,7 +37,7 @@ pub struct ModelArgs {
     pub device: String,
 }
 
-/// One more model for a prover: a built-in name, a manifest file, or
+/// One more model for a node: a built-in name, a manifest file, or
 /// `MANIFEST=FOLDER` (a manifest and the diffusers folder it pins).
 pub fn load_model_spec(spec: &str, device: &str) -> anyhow::Result<PinnedModel> {
     let device = fractal_engine::device_from_name(device)?;
@@ -60,6 +60,15 @@ pub fn load_model_spec(spec: &str, device: &str) -> anyhow::Result<PinnedModel> 
 }
 
 impl ModelArgs {
+    /// This model first, then each of `more` (see [`load_model_spec`]).
+    pub fn load_with(&self, more: &[String]) -> anyhow::Result<Vec<PinnedModel>> {
+        let mut models = vec![self.load()?];
+        for spec in more {
+            models.push(load_model_spec(spec, &self.device)?);
+        }
+        Ok(models)
+    }
+
     pub fn load(&self) -> anyhow::Result<PinnedModel> {
         let manifest = match &self.manifest {
             Some(path) => {
@@ -144,6 +153,11 @@ pub struct VerifierArgs {
     key: NodeKey,
     #[command(flatten)]
     model: ModelArgs,
+    /// Audit this model too (repeatable): a built-in name, a manifest file,
+    /// or MANIFEST=FOLDER. Provers are challenged under each model the
+    /// chain's schedule serves that they claim and this verifier has.
+    #[arg(long = "also-audit", value_name = "MODEL")]
+    also_audit: Vec<String>,
     /// Scores and audit history.
     #[arg(long, default_value_os_t = default_verifier_db())]
     db: PathBuf,
@@ -195,10 +209,7 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| Hotkey::from_ss58(s).with_context(|| format!("--allow {s:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut models = vec![a.model.load()?];
-    for spec in &a.also_serve {
-        models.push(load_model_spec(spec, &a.model.device)?);
-    }
+    let models = a.model.load_with(&a.also_serve)?;
     runtime()?.block_on(async move {
         let (chain, mg) = connect_registered(&a.chain, &key).await?;
         let me = mg
@@ -242,8 +253,13 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
 
 pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
     let key = a.key.load()?;
-    let model = Arc::new(a.model.load()?);
-    let mut config = VerifierConfig::from_manifest(&model.manifest);
+    let models: Vec<Arc<PinnedModel>> = a
+        .model
+        .load_with(&a.also_audit)?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let mut config = VerifierConfig::from_manifest(&models[0].manifest);
     config.frames = a.frames.unwrap_or(config.frames);
     config.steps = a.steps.unwrap_or(config.steps);
     if let Some(s) = &a.size {
@@ -264,7 +280,7 @@ pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
         if !me.validator_permit {
             eprintln!("note: uid {} has no validator permit yet (stake, then wait an epoch); provers will refuse it until then", me.uid);
         }
-        let verifier = Verifier::new(key, chain, model, store, config)?;
+        let verifier = Verifier::auditing(key, chain, models, store, config)?;
         eprintln!("verifier {} running (scores in {})", verifier.hotkey(), a.db.display());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let run = tokio::spawn(verifier.clone().run(Duration::from_secs(a.pause_s), stop_rx));

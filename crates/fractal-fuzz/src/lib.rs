@@ -165,7 +165,12 @@ pub fn gateway_create(data: &[u8]) -> bool {
         return false;
     };
     let (m, id) = tiny_manifest();
-    match fractal_gateway::openai::parse_create(&fields, m, &id.to_string(), || 7) {
+    let offered = [fractal_gateway::models::OfferedModel {
+        manifest_id: *id,
+        manifest: std::sync::Arc::new(m.clone()),
+        state: fractal_protocol::ModelState::Active,
+    }];
+    match fractal_gateway::openai::parse_create(&fields, &offered, || 7) {
         Ok(spec) => {
             assert!(spec.frames >= 1 && spec.frames <= m.limits.max_frames);
             assert!(spec.steps >= 1 && spec.steps <= m.limits.max_steps);

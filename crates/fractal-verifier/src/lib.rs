@@ -189,6 +189,20 @@ pub struct JobResult {
     pub generate_ms: Option<u64>,
 }
 
+impl JobResult {
+    /// A challenge that ended without an outcome to record.
+    fn not_held_against(neuron: &NeuronInfo) -> Self {
+        JobResult {
+            hotkey: neuron.hotkey,
+            uid: neuron.uid,
+            failed: None,
+            service_ms: None,
+            verify_ms: None,
+            generate_ms: None,
+        }
+    }
+}
+
 /// A neuron's HTTP base URL (empty when it serves none: the call then fails
 /// as unavailable).
 pub fn axon_url(n: &NeuronInfo) -> String {
@@ -734,16 +748,17 @@ impl Verifier {
                 None,
                 None,
             ),
+            // It stopped serving the model between its info and our
+            // challenge (it unloaded one the schedule retired): it no
+            // longer claims it, which earns nothing under it but is no
+            // failure.
+            Err(CallError::Refused { status: 404, code, .. }) if code == "model_not_served" => {
+                tracing::debug!(prover = %neuron.hotkey, manifest = %manifest, "prover no longer serves the model");
+                return Ok(JobResult::not_held_against(neuron));
+            }
             Err(e @ CallError::Refused { status: 403, .. }) if excused => {
                 tracing::debug!(prover = %neuron.hotkey, error = %e, "prover does not know of our permit yet; not held against it");
-                return Ok(JobResult {
-                    hotkey: neuron.hotkey,
-                    uid: neuron.uid,
-                    failed: None,
-                    service_ms: None,
-                    verify_ms: None,
-                    generate_ms: None,
-                });
+                return Ok(JobResult::not_held_against(neuron));
             }
             Err(e) => (
                 Some(Failure::new(Check::Unavailable, e.to_string())),
