@@ -19,6 +19,7 @@ pub enum ManifestCmd {
     /// Publish a manifest on the chain so every node can read it by id
     /// (subnet owner only).
     Publish {
+        /// A manifest file, or a built-in model's name (tiny-v1, …).
         file: PathBuf,
         #[command(flatten)]
         owner: OwnerArgs,
@@ -27,7 +28,8 @@ pub enum ManifestCmd {
     /// it is served, and what was served before stays served for
     /// `--grace-blocks` more (subnet owner only).
     Schedule {
-        /// The manifest's id, or a manifest file (its id is computed).
+        /// The manifest's id, a manifest file, or a built-in model's name
+        /// (its id is computed).
         manifest: String,
         /// First block the manifest is served at; it must be in the future.
         #[arg(long)]
@@ -81,17 +83,29 @@ impl OwnerArgs {
 }
 
 fn load(file: &PathBuf) -> anyhow::Result<ModelManifest> {
+    if let (false, Some(m)) = (
+        file.exists(),
+        file.to_str().and_then(fractal_engine::builtin::manifest),
+    ) {
+        return Ok(m);
+    }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     ModelManifest::parse(&text).with_context(|| format!("in {}", file.display()))
 }
 
-/// A manifest id given as hex, or as a file holding the manifest.
+/// A manifest id given as hex, as a file holding the manifest, or as a
+/// built-in model's name.
 fn manifest_id(arg: &str) -> anyhow::Result<ManifestId> {
     match arg.parse::<ManifestId>() {
         Ok(id) => Ok(id),
         Err(_) if std::path::Path::new(arg).exists() => Ok(load(&PathBuf::from(arg))?.id()),
-        Err(e) => bail!("{arg:?} is neither a manifest id ({e}) nor a manifest file"),
+        Err(_) if fractal_engine::builtin::manifest(arg).is_some() => {
+            Ok(load(&PathBuf::from(arg))?.id())
+        }
+        Err(e) => bail!(
+            "{arg:?} is neither a manifest id ({e}), a manifest file, nor a built-in model"
+        ),
     }
 }
 

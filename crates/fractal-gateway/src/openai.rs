@@ -134,6 +134,9 @@ pub struct Video {
     pub steps: u32,
     pub frames: u32,
     pub negative_prompt: String,
+    /// The manifest of the model the video is made with (the one named in
+    /// `model`; `None` for videos accepted before jobs recorded it).
+    pub manifest_id: Option<String>,
     /// Hotkey of the prover that ran (or is running) it.
     pub prover: Option<String>,
 }
@@ -167,6 +170,7 @@ impl From<&Job> for Video {
             steps: j.spec.steps,
             frames: j.spec.frames,
             negative_prompt: j.spec.negative_prompt.clone(),
+            manifest_id: (!j.spec.manifest_id.is_empty()).then(|| j.spec.manifest_id.clone()),
             prover: j.prover.clone(),
         }
     }
