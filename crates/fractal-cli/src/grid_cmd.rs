@@ -82,8 +82,16 @@ impl RunningProver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         fractal_prover::announce(chain.as_ref(), &key, addr).await?;
-        let names: Vec<String> = prover.models().iter().map(|m| m.manifest.name.clone()).collect();
-        eprintln!("prover {index} {} at http://{addr} serving {}", key.hotkey(), names.join(", "));
+        let names: Vec<String> = prover
+            .models()
+            .iter()
+            .map(|m| m.manifest.name.clone())
+            .collect();
+        eprintln!(
+            "prover {index} {} at http://{addr} serving {}",
+            key.hotkey(),
+            names.join(", ")
+        );
         let (stop, mut rx) = tokio::sync::watch::channel(false);
         let follow = prover.follow_schedule(chain.clone(), Duration::from_secs(2));
         let serve = tokio::spawn(async move {
@@ -94,7 +102,12 @@ impl RunningProver {
                 tracing::error!(error = %e, "prover stopped with an error");
             }
         });
-        Ok(RunningProver { index, key, stop, tasks: vec![serve, follow] })
+        Ok(RunningProver {
+            index,
+            key,
+            stop,
+            tasks: vec![serve, follow],
+        })
     }
 
     async fn stop(self) {
@@ -279,21 +292,37 @@ async fn schedule_upgrade(
     }
     let (now, schedule) = chain.model_schedule_now()?;
     if let Some(state) = schedule.state(&next.manifest_id, now) {
-        let from = schedule.entries.iter().find(|e| e.manifest == next.manifest_id).map_or(now, |e| e.from_block);
-        eprintln!("upgrade to {} already scheduled (from block {from}, {} now)", next.manifest.name, state.name());
+        let from = schedule
+            .entries
+            .iter()
+            .find(|e| e.manifest == next.manifest_id)
+            .map_or(now, |e| e.from_block);
+        eprintln!(
+            "upgrade to {} already scheduled (from block {from}, {} now)",
+            next.manifest.name,
+            state.name()
+        );
         return Ok(from);
     }
     if !schedule.pins_anything_at(now) && schedule.state(&current.manifest_id, now).is_none() {
         chain.schedule_upgrade_signed_by(
             &owner.hotkey(),
-            Upgrade { manifest: current.manifest_id, at_block: now + 1, grace_blocks: 1 },
+            Upgrade {
+                manifest: current.manifest_id,
+                at_block: now + 1,
+                grace_blocks: 1,
+            },
         )?;
     }
     let at = at_block.unwrap_or(now + 2 * tempo.max(1));
     chain
         .schedule_upgrade_signed_by(
             &owner.hotkey(),
-            Upgrade { manifest: next.manifest_id, at_block: at, grace_blocks: grace_blocks.max(1) },
+            Upgrade {
+                manifest: next.manifest_id,
+                at_block: at,
+                grace_blocks: grace_blocks.max(1),
+            },
         )
         .with_context(|| format!("scheduling {} at block {at}", next.manifest.name))?;
     eprintln!(
@@ -320,7 +349,9 @@ async fn roll_over(
 ) -> anyhow::Result<()> {
     let mut block = chain.block().await?;
     while block < at {
-        block = chain.wait_for_block_after(block, Duration::from_secs(30)).await?;
+        block = chain
+            .wait_for_block_after(block, Duration::from_secs(30))
+            .await?;
     }
     let count = provers.lock().await.len();
     for slot in 0..count {
@@ -329,11 +360,16 @@ async fn roll_over(
         let (index, key) = (old.index, old.key.clone());
         old.stop().await;
         let models = vec![load_model_spec(next, device)?, current.load()?];
-        all.insert(slot, RunningProver::start(index, key, models, chain, auth.clone()).await?);
+        all.insert(
+            slot,
+            RunningProver::start(index, key, models, chain, auth.clone()).await?,
+        );
         drop(all);
         // A few blocks between restarts: the others carry the load.
         for _ in 0..3 {
-            block = chain.wait_for_block_after(block, Duration::from_secs(30)).await?;
+            block = chain
+                .wait_for_block_after(block, Duration::from_secs(30))
+                .await?;
         }
     }
     eprintln!("every prover serves the new model");

@@ -103,9 +103,9 @@ fn manifest_id(arg: &str) -> anyhow::Result<ManifestId> {
         Err(_) if fractal_engine::builtin::manifest(arg).is_some() => {
             Ok(load(&PathBuf::from(arg))?.id())
         }
-        Err(e) => bail!(
-            "{arg:?} is neither a manifest id ({e}), a manifest file, nor a built-in model"
-        ),
+        Err(e) => {
+            bail!("{arg:?} is neither a manifest id ({e}), a manifest file, nor a built-in model")
+        }
     }
 }
 

@@ -249,7 +249,11 @@ fn openai_sdk_and_browser_on_fractal_grid() {
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["size"], "32x32");
-    assert_eq!(seen["models"], json!(["fractal-tiny-v1"]), "client.models.list()");
+    assert_eq!(
+        seen["models"],
+        json!(["fractal-tiny-v1"]),
+        "client.models.list()"
+    );
     assert_valid_mp4(&std::fs::read(&mp4).unwrap(), 4, 32);
 
     // Its content credentials, as `fractal verify-credentials` reports them,

@@ -34,7 +34,10 @@ fn block(http: &reqwest::blocking::Client, chain: &str) -> u64 {
 fn wait_for_block(http: &reqwest::blocking::Client, chain: &str, target: u64) {
     let start = Instant::now();
     while block(http, chain) < target {
-        assert!(start.elapsed() < Duration::from_secs(120), "block {target} never came");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "block {target} never came"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -62,10 +65,18 @@ fn incentives(http: &reqwest::blocking::Client, chain: &str) -> BTreeMap<String,
 
 fn start_prover(wallets: &Path, chain: &str, wallet: &str, model: &str) -> (Proc, String) {
     let mut c = fractal();
-    c.args(["prover", "-w", wallet, "--listen", "127.0.0.1:0", "--tiny", model])
-        .env("BT_WALLET_PATH", wallets)
-        .env("FRACTAL_CHAIN", chain)
-        .env("RAYON_NUM_THREADS", "1");
+    c.args([
+        "prover",
+        "-w",
+        wallet,
+        "--listen",
+        "127.0.0.1:0",
+        "--tiny",
+        model,
+    ])
+    .env("BT_WALLET_PATH", wallets)
+    .env("FRACTAL_CHAIN", chain)
+    .env("RAYON_NUM_THREADS", "1");
     let (p, line, _) = spawn_until(c, "serving");
     assert!(line.contains(&format!("fractal-{model}")), "{line}");
     (p, hotkey_in(&line))
@@ -89,7 +100,11 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     let (_chain, url) = start_chain(dir.path(), 200, TEMPO as u32);
     let http = reqwest::blocking::Client::new();
     for w in ["val", "m1", "m2", "m3"] {
-        run(&wallets, &url, &["wallet", "create", "-w", w, "--no-password"]);
+        run(
+            &wallets,
+            &url,
+            &["wallet", "create", "-w", w, "--no-password"],
+        );
         run(&wallets, &url, &["register", "-w", w]);
     }
     run(&wallets, &url, &["stake", "-w", "val", "--amount", "100"]);
@@ -106,19 +121,43 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     }
     let (a_id, b_id) = (ids["tiny-v1"].clone(), ids["tiny-wide-v1"].clone());
     // The owner first pins the model the grid runs, then moves it on.
-    owner_run(&["manifest", "schedule", "tiny-v1", "--in-blocks", "1", "--grace-blocks", "1"]);
+    owner_run(&[
+        "manifest",
+        "schedule",
+        "tiny-v1",
+        "--in-blocks",
+        "1",
+        "--grace-blocks",
+        "1",
+    ]);
 
     let mut provers: BTreeMap<&str, (Proc, String)> = BTreeMap::new();
     for w in ["m1", "m2", "m3"] {
         provers.insert(w, start_prover(&wallets, &url, w, "tiny-v1"));
     }
     let hotkey = |w: &str, provers: &BTreeMap<&str, (Proc, String)>| provers[w].1.clone();
-    let (m1, m2, m3) = (hotkey("m1", &provers), hotkey("m2", &provers), hotkey("m3", &provers));
+    let (m1, m2, m3) = (
+        hotkey("m1", &provers),
+        hotkey("m2", &provers),
+        hotkey("m3", &provers),
+    );
 
     let mut v = fractal();
     v.args([
-        "verifier", "-w", "val", "--also-audit", "tiny-wide-v1", "--pause-s", "1", "--frames", "4",
-        "--steps", "2", "--size", "32x32", "--db",
+        "verifier",
+        "-w",
+        "val",
+        "--also-audit",
+        "tiny-wide-v1",
+        "--pause-s",
+        "1",
+        "--frames",
+        "4",
+        "--steps",
+        "2",
+        "--size",
+        "32x32",
+        "--db",
     ])
     .arg(dir.path().join("verifier.sqlite"))
     .env("BT_WALLET_PATH", &wallets)
@@ -129,7 +168,14 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     let key = create_api_key(&gw_dir, "upgrade");
     let mut g = fractal();
     g.args([
-        "gateway", "-w", "val", "--listen", "127.0.0.1:0", "--also-audit", "tiny-wide-v1", "--dir",
+        "gateway",
+        "-w",
+        "val",
+        "--listen",
+        "127.0.0.1:0",
+        "--also-audit",
+        "tiny-wide-v1",
+        "--dir",
     ])
     .arg(&gw_dir)
     .env("BT_WALLET_PATH", &wallets)
@@ -141,7 +187,12 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     let at = block(&http, &url) + 30;
     let grace = 60;
     owner_run(&[
-        "manifest", "schedule", "tiny-wide-v1", "--at-block", &at.to_string(), "--grace-blocks",
+        "manifest",
+        "schedule",
+        "tiny-wide-v1",
+        "--at-block",
+        &at.to_string(),
+        "--grace-blocks",
         &grace.to_string(),
     ]);
 
@@ -150,8 +201,12 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     let accepted: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let streaming = Arc::new(AtomicBool::new(true));
     let app = {
-        let (accepted, streaming, base, key) =
-            (accepted.clone(), streaming.clone(), base.clone(), key.clone());
+        let (accepted, streaming, base, key) = (
+            accepted.clone(),
+            streaming.clone(),
+            base.clone(),
+            key.clone(),
+        );
         std::thread::spawn(move || {
             let http = reqwest::blocking::Client::new();
             let mut i = 0;
@@ -162,7 +217,11 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
                     .json(&json!({"prompt": format!("a red fox, take {i}"), "size": "32x32", "seconds": "0.5", "steps": 3}))
                     .send()
                     .unwrap();
-                assert!(r.status().is_success(), "create {i} refused: {}", r.text().unwrap());
+                assert!(
+                    r.status().is_success(),
+                    "create {i} refused: {}",
+                    r.text().unwrap()
+                );
                 let v: Value = r.json().unwrap();
                 accepted.lock().unwrap().push((
                     v["id"].as_str().unwrap().to_string(),
@@ -203,7 +262,10 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     if block(&http, &url) < at + grace {
         assert_eq!(
             served,
-            [("fractal-tiny-wide-v1", "active"), ("fractal-tiny-v1", "retiring")],
+            [
+                ("fractal-tiny-wide-v1", "active"),
+                ("fractal-tiny-v1", "retiring")
+            ],
             "during the grace period"
         );
     }
@@ -249,7 +311,10 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
             if v["status"] == "completed" {
                 break v;
             }
-            assert!(start.elapsed() < Duration::from_secs(240), "{id} never completed: {v}");
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "{id} never completed: {v}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(v["manifest_id"], manifest.as_str(), "{v}");
@@ -260,10 +325,13 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
             .unwrap()
             .bytes()
             .unwrap();
-        let c = fractal_credentials::read(&mp4, fractal_credentials::MediaFormat::Mp4, None)
-            .unwrap();
+        let c =
+            fractal_credentials::read(&mp4, fractal_credentials::MediaFormat::Mp4, None).unwrap();
         assert_eq!(
-            c.fractal.expect("a Fractal assertion").generation.manifest_id,
+            c.fractal
+                .expect("a Fractal assertion")
+                .generation
+                .manifest_id,
             *manifest,
             "{id} was made by the model it was accepted for"
         );

@@ -127,9 +127,7 @@ impl Gateway {
             width: s.width,
             height: s.height,
             steps: s.steps,
-            guidance_scale: made
-                .as_ref()
-                .map_or(default_guidance, |p| p.guidance_scale),
+            guidance_scale: made.as_ref().map_or(default_guidance, |p| p.guidance_scale),
             prover: job.prover.clone().unwrap_or_default(),
             // Empty for a video completed before the gateway recorded it.
             trace_root: made.map(|p| p.trace_root).unwrap_or_default(),

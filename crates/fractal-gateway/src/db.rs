@@ -644,6 +644,40 @@ mod tests {
     }
 
     #[test]
+    fn jobs_keep_their_model_and_older_databases_gain_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sqlite");
+        {
+            // A jobs table as gateways wrote it before jobs named their model.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE jobs (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, prompt TEXT NOT NULL,
+                   negative_prompt TEXT NOT NULL, seed INTEGER NOT NULL, width INTEGER NOT NULL,
+                   height INTEGER NOT NULL, frames INTEGER NOT NULL, steps INTEGER NOT NULL,
+                   seconds TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
+                   progress INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, completed_at INTEGER,
+                   expires_at INTEGER, error_code TEXT, error_message TEXT, prover TEXT,
+                   attempts INTEGER NOT NULL DEFAULT 0, expired INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL);
+                 INSERT INTO jobs (id, key_id, prompt, negative_prompt, seed, width, height, frames, steps,
+                   seconds, model, status, created_at, seq)
+                   VALUES ('video_old', 'k', 'p', '', 1, 32, 32, 4, 4, '0.5', 'fractal-tiny-v1', 'queued', 0, 1);",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.job("video_old").unwrap().unwrap().spec.manifest_id, "");
+        let with_model = JobSpec {
+            manifest_id: "ab".repeat(32),
+            ..spec()
+        };
+        let (job, _) = db.insert_job("video_new", "k", &with_model, None).unwrap();
+        assert_eq!(job.spec.manifest_id, "ab".repeat(32));
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.job("video_new").unwrap().unwrap().spec, with_model);
+    }
+
+    #[test]
     fn keys_are_hashed_and_revocable() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.sqlite")).unwrap();

@@ -226,14 +226,16 @@ impl Gateway {
             c.missing()
         };
         for id in missing {
-            match chain.manifest(&id).await {
-                Ok(Some(m)) => self.catalog.lock().expect("catalog lock").learn(id, m),
-                Ok(None) => {
-                    tracing::warn!(manifest = %id, "the schedule names a manifest the chain does not hold; not offered")
+            let why = match chain.manifest(&id).await {
+                Ok(Some(m)) => {
+                    self.catalog.lock().expect("catalog lock").learn(id, m);
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(manifest = %id, error = %e, "the schedule names a manifest this gateway cannot read; not offered until it can")
-                }
+                Ok(None) => "the chain does not hold it".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if self.catalog.lock().expect("catalog lock").unreadable(id) {
+                tracing::warn!(manifest = %id, error = %why, "the schedule names a manifest this gateway cannot read; not offered until it can");
             }
         }
     }
@@ -281,10 +283,8 @@ impl Gateway {
                     .and_then(|h| h.parse::<fractal_protocol::Hotkey>().ok())
                     .and_then(|h| catalog.serving().get(&h).cloned())
                     .unwrap_or_default();
-                n["models"] = serde_json::json!(serving
-                    .iter()
-                    .map(|m| m.to_string())
-                    .collect::<Vec<_>>());
+                n["models"] =
+                    serde_json::json!(serving.iter().map(|m| m.to_string()).collect::<Vec<_>>());
             }
         }
         let offered = catalog.offered();

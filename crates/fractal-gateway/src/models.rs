@@ -69,6 +69,8 @@ pub struct Catalog {
     block: u64,
     /// Models each prover said it serves at its last answered probe.
     serving: BTreeMap<Hotkey, Vec<ManifestId>>,
+    /// Scheduled manifests the chain could not give us (warned of once).
+    unreadable: BTreeSet<ManifestId>,
 }
 
 struct Known {
@@ -92,6 +94,7 @@ impl Catalog {
             schedule: ModelSchedule::default(),
             block: 0,
             serving: BTreeMap::new(),
+            unreadable: BTreeSet::new(),
         }
     }
 
@@ -117,8 +120,15 @@ impl Catalog {
             .collect()
     }
 
+    /// Notes that `id` could not be read; whether that is news (so worth
+    /// a warning: the gateway retries at every probe).
+    pub fn unreadable(&mut self, id: ManifestId) -> bool {
+        self.unreadable.insert(id)
+    }
+
     /// Adds a manifest document (whose id the caller checked).
     pub fn learn(&mut self, id: ManifestId, manifest: ModelManifest) {
+        self.unreadable.remove(&id);
         self.manifests.entry(id).or_insert_with(|| Known {
             manifest: Arc::new(manifest),
             first_seen_s: now_s(),
@@ -170,7 +180,8 @@ impl Catalog {
                     .entries
                     .iter()
                     .find(|e| e.manifest == m.manifest_id);
-                let size = |s: &fractal_protocol::manifest::Size| format!("{}x{}", s.width, s.height);
+                let size =
+                    |s: &fractal_protocol::manifest::Size| format!("{}x{}", s.width, s.height);
                 let (d, l) = (&m.manifest.defaults, &m.manifest.limits);
                 ModelObject {
                     id: m.manifest.name.clone(),
@@ -256,9 +267,23 @@ mod tests {
         };
         assert_eq!(names(&c), vec![("fractal-tiny-v1".to_string(), "active")]);
         let s = ModelSchedule::default()
-            .with_upgrade(Upgrade { manifest: a, at_block: 1, grace_blocks: 1 }, 0)
+            .with_upgrade(
+                Upgrade {
+                    manifest: a,
+                    at_block: 1,
+                    grace_blocks: 1,
+                },
+                0,
+            )
             .unwrap()
-            .with_upgrade(Upgrade { manifest: b, at_block: 10, grace_blocks: 5 }, 1)
+            .with_upgrade(
+                Upgrade {
+                    manifest: b,
+                    at_block: 10,
+                    grace_blocks: 5,
+                },
+                1,
+            )
             .unwrap();
         c.set_schedule(s.clone(), 12);
         // B is served but its document is not here yet: not offered.
@@ -267,10 +292,16 @@ mod tests {
         c.learn(b, mb);
         let o = c.objects();
         assert_eq!(o[0].id, "fractal-tiny-wide-v1");
-        assert_eq!((o[0].state, o[0].from_block, o[0].until_block), ("active", Some(10), None));
+        assert_eq!(
+            (o[0].state, o[0].from_block, o[0].until_block),
+            ("active", Some(10), None)
+        );
         assert_eq!((o[1].state, o[1].until_block), ("retiring", Some(15)));
         c.set_schedule(s, 15);
-        assert_eq!(names(&c), vec![("fractal-tiny-wide-v1".to_string(), "active")]);
+        assert_eq!(
+            names(&c),
+            vec![("fractal-tiny-wide-v1".to_string(), "active")]
+        );
         assert_eq!(c.state(&a), Some(ModelState::Retired));
     }
 }

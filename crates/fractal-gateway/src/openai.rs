@@ -470,7 +470,11 @@ mod tests {
     }
 
     fn parse(v: Value) -> Result<JobSpec, OaiError> {
-        parse_create(&fields(v), &offer(&[fractal_engine::TinyVariant::Base]), || 7)
+        parse_create(
+            &fields(v),
+            &offer(&[fractal_engine::TinyVariant::Base]),
+            || 7,
+        )
     }
 
     #[test]
@@ -483,8 +487,8 @@ mod tests {
         assert_eq!(default.manifest_id, offered[0].manifest_id.to_string());
         let by_name = pick(json!({"prompt": "x", "model": "fractal-tiny-v1"})).unwrap();
         assert_eq!(by_name.manifest_id, offered[1].manifest_id.to_string());
-        let by_id = pick(json!({"prompt": "x", "model": offered[1].manifest_id.to_string()}))
-            .unwrap();
+        let by_id =
+            pick(json!({"prompt": "x", "model": offered[1].manifest_id.to_string()})).unwrap();
         assert_eq!(by_id, by_name);
         let e = pick(json!({"prompt": "x", "model": "sora-2"})).unwrap_err();
         assert_eq!(e.code, "model_not_found");
@@ -494,7 +498,10 @@ mod tests {
             e.message
         );
         let e = parse_create(&fields(json!({"prompt": "x"})), &[], || 7).unwrap_err();
-        assert_eq!((e.status, e.code), (StatusCode::SERVICE_UNAVAILABLE, "no_model_served"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "no_model_served")
+        );
     }
 
     #[test]

@@ -565,3 +565,102 @@ async fn a_retried_create_with_an_idempotency_key_makes_no_second_job() {
     expect_error(create(&long).await.unwrap(), 400, "invalid_idempotency_key").await;
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed_in_openai_shape_and_unknown_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), KeyLimits::default()).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", g.base);
+    expect_error(
+        http.get(url("/v1/models")).send().await.unwrap(),
+        401,
+        "missing_api_key",
+    )
+    .await;
+    let list: Value = http
+        .get(url("/v1/models"))
+        .bearer_auth(&g.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    let m = &list["data"][0];
+    let id = g.gw.model().manifest_id.to_string();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        (&m["id"], &m["object"], &m["owned_by"], &m["state"]),
+        (
+            &json!("fractal-tiny-v1"),
+            &json!("model"),
+            &json!("fractal"),
+            &json!("active")
+        )
+    );
+    assert_eq!(m["manifest_id"], id.as_str());
+    assert_eq!(m["architecture"], "text-to-video-sd");
+    assert!(m["created"].as_i64().unwrap() > 1_600_000_000, "{m}");
+    assert_eq!((&m["max_frames"], &m["fps"]), (&json!(24), &json!(8)));
+    // Retrieve by name or manifest id; an unknown one is a 404 naming it.
+    for key in ["fractal-tiny-v1", id.as_str()] {
+        let one: Value = http
+            .get(url(&format!("/v1/models/{key}")))
+            .bearer_auth(&g.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(&one, m);
+    }
+    let body = expect_error(
+        http.get(url("/v1/models/sora-2"))
+            .bearer_auth(&g.key)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "model_not_found",
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("sora-2"));
+    // A create naming another model is refused, naming the one there is.
+    let body = expect_error(
+        http.post(url("/v1/videos"))
+            .bearer_auth(&g.key)
+            .json(&json!({"prompt": "x", "model": "sora-2"}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "model_not_found",
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("fractal-tiny-v1"));
+    // The accepted job records the manifest it will be made with.
+    let v: Value = http
+        .post(url("/v1/videos"))
+        .bearer_auth(&g.key)
+        .json(&json!({"prompt": "x", "model": id}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&v["model"], &v["manifest_id"]),
+        (&json!("fractal-tiny-v1"), &json!(id))
+    );
+    g.stop().await;
+}

@@ -678,11 +678,7 @@ impl Verifier {
             .info(&base, &neuron.hotkey, self.config.audit_deadline)
             .await
         {
-            Ok((info, _)) => models
-                .iter()
-                .filter(|m| info.serves(m))
-                .copied()
-                .collect(),
+            Ok((info, _)) => models.iter().filter(|m| info.serves(m)).copied().collect(),
             Err(e) => {
                 tracing::debug!(prover = %neuron.hotkey, error = %e, "reading what the prover serves failed");
                 models.iter().take(1).copied().collect()
@@ -752,7 +748,9 @@ impl Verifier {
             // challenge (it unloaded one the schedule retired): it no
             // longer claims it, which earns nothing under it but is no
             // failure.
-            Err(CallError::Refused { status: 404, code, .. }) if code == "model_not_served" => {
+            Err(CallError::Refused {
+                status: 404, code, ..
+            }) if code == "model_not_served" => {
                 tracing::debug!(prover = %neuron.hotkey, manifest = %manifest, "prover no longer serves the model");
                 return Ok(JobResult::not_held_against(neuron));
             }
@@ -944,7 +942,12 @@ impl Verifier {
         let mg = self.chain.metagraph().await?;
         let tempo = self.chain.hyperparams().await?.tempo.max(1);
         let epoch = mg.block / tempo;
-        let plan = self.auditor().model().manifest.verification.audits_per_epoch as u64;
+        let plan = self
+            .auditor()
+            .model()
+            .manifest
+            .verification
+            .audits_per_epoch as u64;
         let provers = self.provers(&mg);
         let min_audits = |epoch: u64| -> Result<u64, VerifierError> {
             let counts = self

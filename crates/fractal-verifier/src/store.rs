@@ -238,17 +238,19 @@ impl Store {
             )
             .optional()?
             .flatten();
-        let mut s = self.score(&o.hotkey, &o.manifest_id)?.unwrap_or(ProverScore {
-            hotkey: o.hotkey,
-            manifest_id: o.manifest_id,
-            score: 0.0,
-            service_ema_ms: None,
-            jobs: 0,
-            passed: 0,
-            failed: 0,
-            unavailable: 0,
-            failed_epoch: None,
-        });
+        let mut s = self
+            .score(&o.hotkey, &o.manifest_id)?
+            .unwrap_or(ProverScore {
+                hotkey: o.hotkey,
+                manifest_id: o.manifest_id,
+                score: 0.0,
+                service_ema_ms: None,
+                jobs: 0,
+                passed: 0,
+                failed: 0,
+                unavailable: 0,
+                failed_epoch: None,
+            });
         s.jobs += 1;
         match &o.failed {
             None => {
@@ -476,7 +478,8 @@ mod tests {
         let left_on_a = Keypair::from_seed(&[2; 32]).hotkey();
         for _ in 0..10 {
             s.record(&outcome_under(A, rolled, 1, None, 100)).unwrap();
-            s.record(&outcome_under(A, left_on_a, 1, None, 100)).unwrap();
+            s.record(&outcome_under(A, left_on_a, 1, None, 100))
+                .unwrap();
         }
         // Under B the rolled prover is the only (so the fastest) one, even
         // though B is slower than A: speed is compared within a model.
@@ -488,7 +491,10 @@ mod tests {
         }
         // During the grace both models are served: the best counts.
         let a_score = s.score(&rolled, &A).unwrap().unwrap().score;
-        assert_eq!(Store::combined_weight(&of(&s, &rolled), &[B, A], 2), a_score);
+        assert_eq!(
+            Store::combined_weight(&of(&s, &rolled), &[B, A], 2),
+            a_score
+        );
         // After it only B: the prover left on A earns nothing.
         assert_eq!(Store::combined_weight(&of(&s, &rolled), &[B], 3), b.score);
         assert_eq!(Store::combined_weight(&of(&s, &left_on_a), &[B], 3), 0.0);
