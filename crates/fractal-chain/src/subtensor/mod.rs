@@ -17,6 +17,9 @@
 //! | `set_weights` | `set_weights`, or commit-reveal (below) where the subnet enables it |
 //! | `add_stake` | `add_stake(hotkey, netuid, amount)`, signed by the coldkey |
 //! | `balance` | `System::Account` free balance |
+//! | `model_schedule` | the owner hotkey's (`SubnetOwnerHotkey`) `Commitments::CommitmentOf` entry ([`commitment`]) |
+//! | `schedule_upgrade` | `Commitments::set_commitment`, signed by the subnet owner's hotkey |
+//! | `manifest`, `publish_manifest` | not on chain (too large for a commitment): nodes serve documents by id |
 //!
 //! **Commit-reveal.** A subnet with `commit_reveal_weights_enabled` refuses
 //! `set_weights` (`CommitRevealEnabled`). Subtensor offers two ways to commit,
@@ -38,6 +41,7 @@
 //!   chain's `WeightCommits`, `SubnetEpochIndex` and `RevealPeriodEpochs`, so
 //!   no reveal is paid for before it can succeed).
 
+pub mod commitment;
 pub mod epoch;
 pub mod timelock;
 
@@ -1018,17 +1022,15 @@ impl Chain for SubtensorChain {
         }
     }
 
-    // The model schedule on subtensor is not wired yet: it would be the
-    // owner hotkey's `Commitments` entry for this subnet, which holds a few
-    // small raw fields, not manifest documents (those come from the nodes
-    // that serve them, checked against their ids). Until then every role on
-    // subtensor serves what it was started with.
     async fn model_schedule(&self) -> Result<ModelSchedule, ChainError> {
-        Err(schedule_unsupported())
+        let at = self.at().await?;
+        let owner = self.owner_hotkey(&at).await?;
+        commitment::schedule_in(&self.commitment_fields(&at, &owner).await?)
     }
 
+    /// Manifest documents are not on chain here (see [`commitment`]).
     async fn manifest(&self, _id: &ManifestId) -> Result<Option<ModelManifest>, ChainError> {
-        Err(schedule_unsupported())
+        Ok(None)
     }
 
     async fn publish_manifest(
@@ -1036,21 +1038,64 @@ impl Chain for SubtensorChain {
         _owner: &Keypair,
         _manifest: &ModelManifest,
     ) -> Result<ManifestId, ChainError> {
-        Err(schedule_unsupported())
+        Err(ChainError::Unsupported(
+            "subtensor holds no manifest documents (a commitment field is at most 128 bytes): schedule the manifest by id, and nodes serve the document at GET /v1/manifests/{id}"
+                .into(),
+        ))
     }
 
     async fn schedule_upgrade(
         &self,
-        _owner: &Keypair,
-        _up: Upgrade,
+        owner: &Keypair,
+        up: Upgrade,
     ) -> Result<ModelSchedule, ChainError> {
-        Err(schedule_unsupported())
+        let at = self.at().await?;
+        let expected = self.owner_hotkey(&at).await?;
+        if owner.hotkey() != expected {
+            return Err(ChainError::NotSubnetOwner {
+                signer: owner.hotkey(),
+                owner: expected,
+            });
+        }
+        let fields = self.commitment_fields(&at, &expected).await?;
+        let next = commitment::schedule_in(&fields)?.with_upgrade(up, at.block_number())?;
+        let call = commitment::set_commitment(self.netuid, commitment::fields_with(&fields, &next)?);
+        self.submit(owner, call, None).await?;
+        Ok(next)
     }
 }
 
-fn schedule_unsupported() -> ChainError {
-    ChainError::Unsupported(
-        "the model schedule is kept on the local chain only; on subtensor each node serves the manifest it is started with"
-            .into(),
-    )
+impl SubtensorChain {
+    /// The subnet owner's hotkey: the account whose commitment holds the
+    /// model schedule.
+    async fn owner_hotkey(&self, at: &AtBlock) -> Result<Hotkey, ChainError> {
+        let addr = subxt::dynamic::storage::<(u16,), [u8; 32]>(PALLET, "SubnetOwnerHotkey");
+        let raw = at
+            .storage()
+            .try_fetch(addr, (self.netuid,))
+            .await
+            .map_err(transport)?
+            .ok_or_else(|| {
+                ChainError::Invalid(format!("subnet {} has no owner hotkey", self.netuid))
+            })?
+            .decode()
+            .map_err(|e| decode_err("SubnetOwnerHotkey", e))?;
+        Ok(Hotkey(raw))
+    }
+
+    /// The fields of `who`'s commitment on this subnet (none when unset).
+    async fn commitment_fields(&self, at: &AtBlock, who: &Hotkey) -> Result<Vec<Value>, ChainError> {
+        let addr = subxt::dynamic::storage::<(u16, [u8; 32]), Value>("Commitments", "CommitmentOf");
+        match at
+            .storage()
+            .try_fetch(addr, (self.netuid, who.0))
+            .await
+            .map_err(transport)?
+        {
+            None => Ok(Vec::new()),
+            Some(v) => commitment::registration_fields(
+                &v.decode().map_err(|e| decode_err("CommitmentOf", e))?,
+            ),
+        }
+    }
 }
