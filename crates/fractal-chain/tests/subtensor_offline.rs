@@ -393,3 +393,83 @@ proptest::proptest! {
         proptest::prop_assert!(subtensor::decode_neurons_lite(metadata(), &bytes[..cut]).is_err());
     }
 }
+
+#[test]
+fn the_model_schedule_commitment_fits_the_runtime() {
+    use fractal_chain::subtensor::commitment;
+    use fractal_protocol::{Digest32, ManifestId, ModelSchedule, Upgrade};
+    use subxt::ext::scale_decode::DecodeAsType;
+
+    let md = subtensor::metadata_from_bytes(&metadata_bytes()).unwrap();
+    let pallet = md
+        .pallet_by_name("Commitments")
+        .expect("the Commitments pallet");
+    let max_fields = pallet.constant_by_name("MaxFields").unwrap().value();
+    assert_eq!(
+        max_fields,
+        &(commitment::MAX_FIELDS as u32).to_le_bytes()[..]
+    );
+    let schedule = ModelSchedule::default()
+        .with_upgrade(
+            Upgrade {
+                manifest: ManifestId(Digest32([7; 32])),
+                at_block: 100,
+                grace_blocks: 50,
+            },
+            1,
+        )
+        .unwrap();
+    let ours = commitment::encode_schedule(&schedule);
+    assert_eq!(ours.len(), 52);
+
+    // A Registration as the chain stores it: deposit (u64), block (u32),
+    // then the fields: someone else's Raw4 and our Raw52.
+    let mut stored = 0u64.to_le_bytes().to_vec();
+    stored.extend(1234u32.to_le_bytes());
+    stored.push(0x08); // compact 2 fields
+    stored.push(5); // Raw4 (None is 0, Raw0 is 1)
+    stored.extend(b"abcd");
+    stored.push(1 + ours.len() as u8);
+    stored.extend(&ours);
+    let ty = md
+        .types()
+        .types
+        .iter()
+        .find(|t| t.ty.path.segments == ["pallet_commitments", "types", "Registration"])
+        .expect("the Registration type")
+        .id;
+    let mut rest = &stored[..];
+    let value = subxt::dynamic::Value::decode_as_type(&mut rest, ty, md.types()).unwrap();
+    assert!(rest.is_empty());
+    let fields = commitment::registration_fields(&value).unwrap();
+    assert_eq!(commitment::schedule_in(&fields).unwrap(), schedule);
+
+    // Rewritten for the next schedule, their field stays first, unchanged.
+    let next = schedule
+        .with_upgrade(
+            Upgrade {
+                manifest: ManifestId(Digest32([8; 32])),
+                at_block: 200,
+                grace_blocks: 10,
+            },
+            120,
+        )
+        .unwrap();
+    let at = offline_client().at_block(1u64).unwrap();
+    let data = at
+        .tx()
+        .call_data(&commitment::set_commitment(
+            9,
+            commitment::fields_with(&fields, &next).unwrap(),
+        ))
+        .unwrap();
+    let ours = commitment::encode_schedule(&next);
+    let mut want = vec![pallet.call_index()];
+    want.push(0); // set_commitment
+    want.extend(9u16.to_le_bytes());
+    want.extend([0x08, 5]);
+    want.extend(b"abcd");
+    want.push(1 + ours.len() as u8);
+    want.extend(&ours);
+    assert_eq!(hex::encode(&data), hex::encode(&want));
+}

@@ -54,7 +54,9 @@ pub enum ManifestCmd {
     },
 }
 
-/// Who signs as the subnet owner: a wallet's coldkey, or a secret URI.
+/// Who signs as the subnet owner: a wallet's coldkey (the local chain's
+/// owner), one of its hotkeys (subtensor: the owner *hotkey* commits the
+/// schedule), or a secret URI.
 #[derive(Args)]
 pub struct OwnerArgs {
     #[command(flatten)]
@@ -64,9 +66,13 @@ pub struct OwnerArgs {
     /// Read the coldkey password from this environment variable instead of prompting.
     #[arg(long, value_name = "VAR")]
     password_env: Option<String>,
+    /// Sign with this hotkey of the wallet instead of its coldkey (on
+    /// subtensor, the subnet owner's hotkey: `SubnetOwnerHotkey`).
+    #[arg(long, value_name = "NAME", conflicts_with = "password_env")]
+    owner_hotkey: Option<String>,
     /// Sign with this secret URI instead of a wallet (development chains:
     /// `fractal chain serve` is owned by `//Alice` unless told otherwise).
-    #[arg(long, value_name = "SURI", conflicts_with_all = ["wallet_name", "password_env"])]
+    #[arg(long, value_name = "SURI", conflicts_with_all = ["wallet_name", "password_env", "owner_hotkey"])]
     owner_suri: Option<String>,
 }
 
@@ -76,6 +82,12 @@ impl OwnerArgs {
             return Keypair::from_suri(suri).context("--owner-suri");
         }
         let w = wallet(&self.at)?;
+        if let Some(name) = &self.owner_hotkey {
+            return Ok(w
+                .hotkey(name)
+                .with_context(|| format!("hotkey {name:?} of wallet {:?}", self.at.wallet_name))?
+                .keypair);
+        }
         Ok(w.coldkey(|| existing_password(&self.password_env))
             .with_context(|| format!("coldkey of wallet {:?}", self.at.wallet_name))?
             .keypair)

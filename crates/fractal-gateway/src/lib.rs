@@ -207,6 +207,40 @@ impl Gateway {
         self.catalog.lock().expect("catalog lock").manifest(id)
     }
 
+    /// `id`'s document from the first prover that says it serves it.
+    async fn manifest_from_provers(
+        &self,
+        id: &fractal_protocol::ManifestId,
+    ) -> Result<fractal_protocol::ModelManifest, String> {
+        let serving = self
+            .catalog
+            .lock()
+            .expect("catalog lock")
+            .provers_serving(id);
+        let neurons = self.provers.lock().expect("provers lock").clone();
+        let mut errors = vec!["the chain holds no manifest documents".to_string()];
+        for n in neurons.iter().filter(|n| serving.contains(&n.hotkey)) {
+            match self
+                .verifier
+                .client()
+                .manifest(
+                    &fractal_verifier::axon_url(n),
+                    &n.hotkey,
+                    id,
+                    Duration::from_secs(5),
+                )
+                .await
+            {
+                Ok(m) => return Ok(m),
+                Err(e) => errors.push(format!("{}: {e}", n.hotkey)),
+            }
+        }
+        if serving.is_empty() {
+            errors.push("no prover says it serves it yet".into());
+        }
+        Err(errors.join("; "))
+    }
+
     /// Reads the chain's model schedule and the documents of scheduled
     /// models not known here yet (the chain checks each hashes to its id).
     async fn follow_schedule(&self, block: u64) {
@@ -231,7 +265,15 @@ impl Gateway {
                     self.catalog.lock().expect("catalog lock").learn(id, m);
                     continue;
                 }
-                Ok(None) => "the chain does not hold it".to_string(),
+                // Chains that keep no documents (subtensor): from a prover
+                // that serves it, checked against its id.
+                Ok(None) => match self.manifest_from_provers(&id).await {
+                    Ok(m) => {
+                        self.catalog.lock().expect("catalog lock").learn(id, m);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
                 Err(e) => e.to_string(),
             };
             if self.catalog.lock().expect("catalog lock").unreadable(id) {

@@ -179,6 +179,48 @@ impl ProverClient {
             .map_err(|_| CallError::Timeout(deadline))?
     }
 
+    /// A manifest document a prover serves (`GET /v1/manifests/{id}`),
+    /// checked to hash to `id`: the carrier need not be trusted.
+    pub async fn manifest(
+        &self,
+        base: &str,
+        prover: &Hotkey,
+        id: &fractal_protocol::ManifestId,
+        deadline: Duration,
+    ) -> Result<fractal_protocol::ModelManifest, CallError> {
+        let work = async {
+            let url = Url::parse(base)
+                .and_then(|u| u.join(&format!("/v1/manifests/{id}")))
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            let resp = self
+                .signer
+                .get(url, prover)
+                .await
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(Self::refused(resp).await);
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
+            let m = fractal_protocol::ModelManifest::parse(text)
+                .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
+            if &m.id() != id {
+                return Err(CallError::Malformed(format!(
+                    "the manifest served as {id} hashes to {}",
+                    m.id()
+                )));
+            }
+            Ok(m)
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| CallError::Timeout(deadline))?
+    }
+
     pub async fn audit(
         &self,
         base: &str,

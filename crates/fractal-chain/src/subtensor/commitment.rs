@@ -54,7 +54,8 @@ pub fn decode_schedule(bytes: &[u8]) -> Result<Option<ModelSchedule>, ChainError
     let Some(body) = bytes.strip_prefix(TAG) else {
         return Ok(None);
     };
-    let malformed = |why: String| ChainError::Invalid(format!("the owner's schedule commitment: {why}"));
+    let malformed =
+        |why: String| ChainError::Invalid(format!("the owner's schedule commitment: {why}"));
     if body.len() % ENTRY_BYTES != 0 || body.len() / ENTRY_BYTES > MAX_ENTRIES {
         return Err(malformed(format!("{} bytes after the tag", body.len())));
     }
@@ -98,13 +99,21 @@ fn raw_bytes(field: &Value) -> Option<Vec<u8>> {
 
 /// The fields of a `CommitmentOf` entry (a `Registration`).
 pub fn registration_fields(registration: &Value) -> Result<Vec<Value>, ChainError> {
-    let bad = || ChainError::Transport("decoding CommitmentOf: not a Registration { info: { fields } }".into());
+    let bad = || {
+        ChainError::Transport(
+            "decoding CommitmentOf: not a Registration { info: { fields } }".into(),
+        )
+    };
     let info = field_named(registration, "info").ok_or_else(bad)?;
-    let fields = field_named(info, "fields").ok_or_else(bad)?;
-    match &fields.value {
-        ValueDef::Composite(c) => Ok(c.values().cloned().collect()),
-        _ => Err(bad()),
+    let mut fields = field_named(info, "fields").ok_or_else(bad)?;
+    // A `BoundedVec` is a newtype around the `Vec`: look through it.
+    while let ValueDef::Composite(Composite::Unnamed(inner)) = &fields.value {
+        match inner.as_slice() {
+            [only] if matches!(only.value, ValueDef::Composite(_)) => fields = only,
+            items => return Ok(items.to_vec()),
+        }
     }
+    Err(bad())
 }
 
 fn field_named<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -120,7 +129,11 @@ fn field_named<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
 /// scheduled anything, so nothing is pinned).
 pub fn schedule_in(fields: &[Value]) -> Result<ModelSchedule, ChainError> {
     for f in fields {
-        if let Some(s) = raw_bytes(f).map(|b| decode_schedule(&b)).transpose()?.flatten() {
+        if let Some(s) = raw_bytes(f)
+            .map(|b| decode_schedule(&b))
+            .transpose()?
+            .flatten()
+        {
             return Ok(s);
         }
     }
@@ -165,11 +178,32 @@ mod tests {
     #[test]
     fn the_last_two_entries_round_trip_in_100_bytes() {
         let s = ModelSchedule::default()
-            .with_upgrade(Upgrade { manifest: id(1), at_block: 10, grace_blocks: 5 }, 0)
+            .with_upgrade(
+                Upgrade {
+                    manifest: id(1),
+                    at_block: 10,
+                    grace_blocks: 5,
+                },
+                0,
+            )
             .unwrap()
-            .with_upgrade(Upgrade { manifest: id(2), at_block: 20, grace_blocks: 5 }, 11)
+            .with_upgrade(
+                Upgrade {
+                    manifest: id(2),
+                    at_block: 20,
+                    grace_blocks: 5,
+                },
+                11,
+            )
             .unwrap()
-            .with_upgrade(Upgrade { manifest: id(3), at_block: 40, grace_blocks: 9 }, 30)
+            .with_upgrade(
+                Upgrade {
+                    manifest: id(3),
+                    at_block: 40,
+                    grace_blocks: 9,
+                },
+                30,
+            )
             .unwrap();
         let bytes = encode_schedule(&s);
         assert_eq!(bytes.len(), 100);
@@ -187,7 +221,14 @@ mod tests {
     #[test]
     fn other_fields_of_the_owner_are_kept() {
         let s = ModelSchedule::default()
-            .with_upgrade(Upgrade { manifest: id(1), at_block: 10, grace_blocks: 5 }, 0)
+            .with_upgrade(
+                Upgrade {
+                    manifest: id(1),
+                    at_block: 10,
+                    grace_blocks: 5,
+                },
+                0,
+            )
             .unwrap();
         let theirs = raw_field(b"their model hash");
         let old_ours = raw_field(&encode_schedule(&ModelSchedule::default()));

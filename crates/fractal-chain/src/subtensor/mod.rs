@@ -1059,7 +1059,8 @@ impl Chain for SubtensorChain {
         }
         let fields = self.commitment_fields(&at, &expected).await?;
         let next = commitment::schedule_in(&fields)?.with_upgrade(up, at.block_number())?;
-        let call = commitment::set_commitment(self.netuid, commitment::fields_with(&fields, &next)?);
+        let call =
+            commitment::set_commitment(self.netuid, commitment::fields_with(&fields, &next)?);
         self.submit(owner, call, None).await?;
         Ok(next)
     }
@@ -1084,7 +1085,11 @@ impl SubtensorChain {
     }
 
     /// The fields of `who`'s commitment on this subnet (none when unset).
-    async fn commitment_fields(&self, at: &AtBlock, who: &Hotkey) -> Result<Vec<Value>, ChainError> {
+    async fn commitment_fields(
+        &self,
+        at: &AtBlock,
+        who: &Hotkey,
+    ) -> Result<Vec<Value>, ChainError> {
         let addr = subxt::dynamic::storage::<(u16, [u8; 32]), Value>("Commitments", "CommitmentOf");
         match at
             .storage()
