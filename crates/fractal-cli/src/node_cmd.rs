@@ -55,8 +55,8 @@ pub fn load_model_spec(spec: &str, device: &str) -> anyhow::Result<PinnedModel> 
     } else {
         bail!("{spec:?} is neither a built-in model nor a manifest file (MANIFEST or MANIFEST=FOLDER)");
     };
-    Ok(PinnedModel::load(manifest, folder.as_deref(), &device)
-        .with_context(|| format!("loading {spec:?}"))?)
+    PinnedModel::load(manifest, folder.as_deref(), &device)
+        .with_context(|| format!("loading {spec:?}"))
 }
 
 impl ModelArgs {

@@ -217,7 +217,7 @@ fn world_export_writes_the_clips_its_index_describes() {
     let count = index["count"].as_u64().unwrap() as usize;
     let clips = index["clips"].as_array().unwrap();
     assert_eq!(clips.len(), count);
-    assert!(count > 0 && count % 2 == 0, "{count} clips");
+    assert!(count > 0 && count.is_multiple_of(2), "{count} clips");
     assert!(clips.iter().all(|c| c["held_out"] == true));
     // Every clip's bytes are the renderer's for its caption and seed.
     let bytes = std::fs::read(out.join("clips.u8")).unwrap();
