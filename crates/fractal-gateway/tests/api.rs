@@ -664,3 +664,105 @@ async fn models_are_listed_in_openai_shape_and_unknown_ones_are_refused() {
     );
     g.stop().await;
 }
+
+/// A job accepted for the retiring model that nobody serves fails once the
+/// model is retired, saying so, and is never made by the new model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_a_retired_model_nobody_serves_fails_clearly() {
+    use fractal_engine::{builtin::tiny, TinyVariant};
+    use fractal_protocol::Upgrade;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::from_seed(&[3; 32]);
+    let chain = Arc::new(LocalChain::in_memory(Hyperparams::default(), key.hotkey()).unwrap());
+    chain
+        .register(&Keypair::from_seed(&[4; 32]), &key.hotkey())
+        .await
+        .unwrap();
+    let (a, b) = (
+        tiny::manifest(TinyVariant::Base),
+        tiny::manifest(TinyVariant::Wide),
+    );
+    for m in [&a, &b] {
+        chain.publish_manifest_signed_by(&key.hotkey(), m).unwrap();
+    }
+    let now = chain.block().await.unwrap();
+    let up = |m: &fractal_protocol::ModelManifest, at, grace| Upgrade {
+        manifest: m.id(),
+        at_block: at,
+        grace_blocks: grace,
+    };
+    chain
+        .schedule_upgrade_signed_by(&key.hotkey(), up(&a, now + 1, 1))
+        .unwrap();
+    chain
+        .schedule_upgrade_signed_by(&key.hotkey(), up(&b, now + 2, 5))
+        .unwrap();
+    chain.produce_blocks(2).unwrap();
+    let model = Arc::new(tiny_model());
+    let dyn_chain: Arc<dyn Chain> = chain.clone();
+    let verifier = Verifier::new(
+        key,
+        dyn_chain,
+        model.clone(),
+        Store::in_memory().unwrap(),
+        VerifierConfig::from_manifest(&model.manifest),
+    )
+    .unwrap();
+    let mut config = GatewayConfig::new(dir.path().to_path_buf());
+    config.probe_every = Duration::from_millis(100);
+    let g = serve(
+        Gateway::open(config, verifier, model).unwrap(),
+        KeyLimits::default(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let get = |id: String| {
+        let (http, url, key) = (
+            http.clone(),
+            format!("{}/v1/videos/{id}", g.base),
+            g.key.clone(),
+        );
+        async move {
+            http.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // The gateway reads the schedule: B active, A retiring.
+    let mut offered = Vec::new();
+    for _ in 0..50 {
+        offered = g.gw.offered().iter().map(|m| m.manifest_id).collect();
+        if offered.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offered, [b.id(), a.id()]);
+    let id = g
+        .create(json!({"prompt": "a fox", "model": "fractal-tiny-v1"}))
+        .await;
+    assert_eq!(get(id.clone()).await["status"], "queued");
+    // The grace ends with no prover serving A.
+    chain.produce_blocks(5).unwrap();
+    let mut v = Value::Null;
+    for _ in 0..100 {
+        v = get(id.clone()).await;
+        if v["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["error"]["code"], "model_retired", "{v}");
+    assert_eq!(v["manifest_id"], a.id().to_string());
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not made with another model"));
+    g.stop().await;
+}
