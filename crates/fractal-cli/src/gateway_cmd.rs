@@ -2,12 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use fractal_engine::PinnedModel;
 use fractal_gateway::db::{Db, KeyLimits};
 use fractal_gateway::{Gateway, GatewayConfig};
 use fractal_verifier::{Verifier, VerifierConfig};
@@ -188,12 +186,7 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let key = a.key.load()?;
-    let models: Vec<Arc<PinnedModel>> = a
-        .model
-        .load_with(&a.also_audit)?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let models = a.model.load_shared(&a.also_audit)?;
     let model = models[0].clone();
     let mut config = GatewayConfig::new(a.dir.dir.clone());
     config.retention = Duration::from_secs(a.retention_h * 3600);

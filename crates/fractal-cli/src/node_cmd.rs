@@ -69,6 +69,11 @@ impl ModelArgs {
         Ok(models)
     }
 
+    /// [`ModelArgs::load_with`], shared (verifiers and gateways).
+    pub fn load_shared(&self, more: &[String]) -> anyhow::Result<Vec<Arc<PinnedModel>>> {
+        Ok(self.load_with(more)?.into_iter().map(Arc::new).collect())
+    }
+
     pub fn load(&self) -> anyhow::Result<PinnedModel> {
         let manifest = match &self.manifest {
             Some(path) => {
@@ -253,12 +258,7 @@ pub fn prover(a: ProverArgs) -> anyhow::Result<()> {
 
 pub fn verifier(a: VerifierArgs) -> anyhow::Result<()> {
     let key = a.key.load()?;
-    let models: Vec<Arc<PinnedModel>> = a
-        .model
-        .load_with(&a.also_audit)?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let models = a.model.load_shared(&a.also_audit)?;
     let mut config = VerifierConfig::from_manifest(&models[0].manifest);
     config.frames = a.frames.unwrap_or(config.frames);
     config.steps = a.steps.unwrap_or(config.steps);

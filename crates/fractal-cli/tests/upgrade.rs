@@ -63,6 +63,39 @@ fn incentives(http: &reqwest::blocking::Client, chain: &str) -> BTreeMap<String,
         .collect()
 }
 
+/// `GET /v1/models` as (id, state, manifest id), polled for up to 10 s
+/// until it reads `want` (the gateway reads the schedule at each probe).
+fn offered_within(
+    http: &reqwest::blocking::Client,
+    base: &str,
+    key: &str,
+    want: &[(String, String, String)],
+) -> Vec<(String, String, String)> {
+    let start = Instant::now();
+    loop {
+        let models: Value = http
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let got: Vec<(String, String, String)> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let s = |k: &str| m[k].as_str().unwrap().to_string();
+                (s("id"), s("state"), s("manifest_id"))
+            })
+            .collect();
+        if got == want || start.elapsed() > Duration::from_secs(10) {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn start_prover(wallets: &Path, chain: &str, wallet: &str, model: &str) -> (Proc, String) {
     let mut c = fractal();
     c.args([
@@ -233,8 +266,26 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
         })
     };
 
-    // Before the switch every prover earns.
+    // Before the switch every prover earns; from it both models are
+    // offered, the new one first (the default).
     wait_for_block(&http, &url, at);
+    let both = [
+        (
+            "fractal-tiny-wide-v1".to_string(),
+            "active".to_string(),
+            b_id.clone(),
+        ),
+        (
+            "fractal-tiny-v1".to_string(),
+            "retiring".to_string(),
+            a_id.clone(),
+        ),
+    ];
+    assert_eq!(
+        offered_within(&http, &base, &key, &both),
+        both,
+        "during the grace period"
+    );
     let before = incentives(&http, &url);
     for h in [&m1, &m2, &m3] {
         assert!(before[h] > 0.0, "{h} earns before the upgrade: {before:?}");
@@ -246,42 +297,14 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
         provers.insert(w, start_prover(&wallets, &url, w, "tiny-wide-v1"));
         std::thread::sleep(Duration::from_secs(3));
     }
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let served: Vec<(&str, &str)> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["id"].as_str().unwrap(), m["state"].as_str().unwrap()))
-        .collect();
-    if block(&http, &url) < at + grace {
-        assert_eq!(
-            served,
-            [
-                ("fractal-tiny-wide-v1", "active"),
-                ("fractal-tiny-v1", "retiring")
-            ],
-            "during the grace period"
-        );
-    }
-
     // After the grace period: only B is offered, A is refused by name.
     wait_for_block(&http, &url, at + grace + 2);
-    std::thread::sleep(Duration::from_secs(3));
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
-    assert_eq!(models["data"][0]["manifest_id"], b_id.as_str());
+    let only_b = [(
+        "fractal-tiny-wide-v1".to_string(),
+        "active".to_string(),
+        b_id.clone(),
+    )];
+    assert_eq!(offered_within(&http, &base, &key, &only_b), only_b);
     let r = http
         .post(format!("{base}/v1/videos"))
         .bearer_auth(&key)

@@ -145,18 +145,18 @@ impl ProverClient {
             .map_err(|_| CallError::Timeout(deadline))?
     }
 
-    /// The prover's `GET /v1/info` and the round trip it took: the map's
-    /// RTT probe (signed, so it also checks the prover still accepts us).
-    pub async fn info(
+    /// A signed `GET path` on the prover, answered 2xx within `deadline`:
+    /// its body.
+    async fn get_bytes(
         &self,
         base: &str,
+        path: &str,
         prover: &Hotkey,
         deadline: Duration,
-    ) -> Result<(ProverInfo, Duration), CallError> {
-        let start = Instant::now();
+    ) -> Result<Vec<u8>, CallError> {
         let work = async {
             let url = Url::parse(base)
-                .and_then(|u| u.join("/v1/info"))
+                .and_then(|u| u.join(path))
                 .map_err(|e| CallError::Transport(e.to_string()))?;
             let resp = self
                 .signer
@@ -166,17 +166,29 @@ impl ProverClient {
             if !resp.status().is_success() {
                 return Err(Self::refused(resp).await);
             }
-            let bytes = resp
-                .bytes()
+            resp.bytes()
                 .await
-                .map_err(|e| CallError::Transport(e.to_string()))?;
-            let info: ProverInfo = serde_json::from_slice(&bytes)
-                .map_err(|e| CallError::Malformed(format!("info: {e}")))?;
-            Ok((info, start.elapsed()))
+                .map(|b| b.to_vec())
+                .map_err(|e| CallError::Transport(e.to_string()))
         };
         tokio::time::timeout(deadline, work)
             .await
             .map_err(|_| CallError::Timeout(deadline))?
+    }
+
+    /// The prover's `GET /v1/info` and the round trip it took: the map's
+    /// RTT probe (signed, so it also checks the prover still accepts us).
+    pub async fn info(
+        &self,
+        base: &str,
+        prover: &Hotkey,
+        deadline: Duration,
+    ) -> Result<(ProverInfo, Duration), CallError> {
+        let start = Instant::now();
+        let bytes = self.get_bytes(base, "/v1/info", prover, deadline).await?;
+        let info: ProverInfo = serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::Malformed(format!("info: {e}")))?;
+        Ok((info, start.elapsed()))
     }
 
     /// A manifest document a prover serves (`GET /v1/manifests/{id}`),
@@ -188,37 +200,20 @@ impl ProverClient {
         id: &fractal_protocol::ManifestId,
         deadline: Duration,
     ) -> Result<fractal_protocol::ModelManifest, CallError> {
-        let work = async {
-            let url = Url::parse(base)
-                .and_then(|u| u.join(&format!("/v1/manifests/{id}")))
-                .map_err(|e| CallError::Transport(e.to_string()))?;
-            let resp = self
-                .signer
-                .get(url, prover)
-                .await
-                .map_err(|e| CallError::Transport(e.to_string()))?;
-            if !resp.status().is_success() {
-                return Err(Self::refused(resp).await);
-            }
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| CallError::Transport(e.to_string()))?;
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
-            let m = fractal_protocol::ModelManifest::parse(text)
-                .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
-            if &m.id() != id {
-                return Err(CallError::Malformed(format!(
-                    "the manifest served as {id} hashes to {}",
-                    m.id()
-                )));
-            }
-            Ok(m)
-        };
-        tokio::time::timeout(deadline, work)
-            .await
-            .map_err(|_| CallError::Timeout(deadline))?
+        let bytes = self
+            .get_bytes(base, &format!("/v1/manifests/{id}"), prover, deadline)
+            .await?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
+        let m = fractal_protocol::ModelManifest::parse(text)
+            .map_err(|e| CallError::Malformed(format!("manifest: {e}")))?;
+        if &m.id() != id {
+            return Err(CallError::Malformed(format!(
+                "the manifest served as {id} hashes to {}",
+                m.id()
+            )));
+        }
+        Ok(m)
     }
 
     pub async fn audit(
