@@ -26,7 +26,7 @@ pub mod traces;
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -214,13 +214,17 @@ impl Prover {
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut warned = false;
-            loop {
-                let last = match (chain.block().await, chain.model_schedule().await) {
+        let warned = Arc::new(AtomicBool::new(false));
+        follow_chain(chain, every, move |chain| {
+            let (me, warned) = (me.clone(), warned.clone());
+            async move {
+                match (chain.block().await, chain.model_schedule().await) {
                     (Ok(block), Ok(schedule)) => {
                         let serves = me.apply_schedule(&schedule, block);
-                        if serves == Some(false) && !warned {
+                        // Once each time it starts serving nothing pinned.
+                        let none = serves == Some(false);
+                        let was = warned.swap(none, Ordering::Relaxed);
+                        if none && !was {
                             let pinned: Vec<String> = schedule
                                 .served_at(block)
                                 .iter()
@@ -228,24 +232,17 @@ impl Prover {
                                 .collect();
                             tracing::warn!(block, pinned = ?pinned, "this prover serves none of the models the subnet's schedule pins: it earns nothing until it is restarted with one");
                         }
-                        warned = serves == Some(false);
-                        block
+                        Turn::Done(block)
                     }
                     (_, Err(ChainError::Unsupported(why))) => {
                         tracing::info!("not following a model schedule: {why}");
-                        return;
+                        Turn::Stop
                     }
                     (Err(e), _) | (_, Err(e)) => {
-                        // Keep what is loaded; retry without hammering the
-                        // chain (waiting for a block after an old one
-                        // returns at once).
+                        // Keep what is loaded.
                         tracing::warn!(error = %e, "model schedule refresh failed");
-                        tokio::time::sleep(every.min(Duration::from_secs(2))).await;
-                        continue;
+                        Turn::Retry
                     }
-                };
-                if chain.wait_for_block_after(last, every).await.is_err() {
-                    tokio::time::sleep(every.min(Duration::from_secs(2))).await;
                 }
             }
         })
@@ -360,26 +357,63 @@ impl ValidatorAuthorizer {
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let last = match chain.metagraph().await {
+        follow_chain(chain, every, move |chain| {
+            let me = me.clone();
+            async move {
+                match chain.metagraph().await {
                     Ok(mg) => {
                         me.update(&mg);
-                        mg.block
+                        Turn::Done(mg.block)
                     }
                     Err(e) => {
-                        // Keep the last known validators; retry without hammering the chain.
+                        // Keep the last known validators.
                         tracing::warn!(error = %e, "metagraph refresh failed");
-                        tokio::time::sleep(every.min(Duration::from_secs(2))).await;
-                        continue;
+                        Turn::Retry
                     }
-                };
-                if chain.wait_for_block_after(last, every).await.is_err() {
-                    tokio::time::sleep(every.min(Duration::from_secs(2))).await;
                 }
             }
         })
     }
+}
+
+/// What one turn of a chain-following loop came to.
+enum Turn {
+    /// Done as of this block: the next turn waits for a later one.
+    Done(u64),
+    /// Failed: try again after a short pause (waiting for a block after an
+    /// old one would return at once and spin).
+    Retry,
+    /// Nothing to follow on this chain.
+    Stop,
+}
+
+/// Runs `turn` once per new block, at most `every` apart, until it says
+/// stop; failed turns and block waits retry after a short pause.
+fn follow_chain<F, Fut>(
+    chain: Arc<dyn Chain>,
+    every: Duration,
+    turn: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Arc<dyn Chain>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Turn> + Send + 'static,
+{
+    let pause = every.min(Duration::from_secs(2));
+    tokio::spawn(async move {
+        loop {
+            let last = match turn(chain.clone()).await {
+                Turn::Done(block) => block,
+                Turn::Retry => {
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Turn::Stop => return,
+            };
+            if chain.wait_for_block_after(last, every).await.is_err() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    })
 }
 
 impl Authorizer for ValidatorAuthorizer {
