@@ -56,9 +56,9 @@ pub fn run(a: VerifyCredentialsArgs) -> anyhow::Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&c)?;
         v["on_chain"] = serde_json::to_value(&on_chain)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        emit(&(serde_json::to_string_pretty(&v)? + "\n"))?;
     } else {
-        print_report(&c, on_chain.as_ref());
+        emit(&report(&c, on_chain.as_ref()))?;
     }
     let chain_ok = on_chain.as_ref().is_none_or(|o| o.validator_permit);
     anyhow::ensure!(
@@ -91,16 +91,35 @@ fn check_chain(url: &str, netuid: u16, hotkey: &str) -> anyhow::Result<OnChain> 
     })
 }
 
-fn print_report(c: &Credential, on_chain: Option<&OnChain>) {
+/// Writes `text` to stdout; a reader that stopped reading (`| head`) is
+/// not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The human-readable report.
+fn report(c: &Credential, on_chain: Option<&OnChain>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
     let yes_no = |ok: bool| if ok { "ok" } else { "FAILED" };
-    println!("C2PA manifest: {}", c.state);
+    say!("C2PA manifest: {}", c.state);
     for (code, why) in &c.failures {
-        println!("  {code}: {why}");
+        say!("  {code}: {why}");
     }
     if c.valid_apart_from_trust() && c.state == fractal_credentials::State::Valid {
-        println!("  (signature and hashes verify; the signer is not on a trust list given)");
+        say!("  (signature and hashes verify; the signer is not on a trust list given)");
     }
-    println!(
+    say!(
         "signed by: {} (issuer {}, {}){}",
         c.signer.common_name.as_deref().unwrap_or("?"),
         c.signer.issuer.as_deref().unwrap_or("?"),
@@ -111,41 +130,46 @@ fn print_report(c: &Credential, on_chain: Option<&OnChain>) {
             .map(|t| format!(" at {t}"))
             .unwrap_or_default()
     );
-    println!("generator: {}", c.claim_generator.join(", "));
-    println!(
+    say!("generator: {}", c.claim_generator.join(", "));
+    say!(
         "digital source type: {}",
         c.digital_source_type.as_deref().unwrap_or("none")
     );
     match &c.fractal {
-        None => println!("no Fractal assertion"),
+        None => say!("no Fractal assertion"),
         Some(f) => {
             let g = &f.generation;
-            println!(
+            say!(
                 "video: {} ({}x{}, {} frames, {} steps, guidance {})",
-                g.video_id, g.width, g.height, g.frames, g.steps, g.guidance_scale
+                g.video_id,
+                g.width,
+                g.height,
+                g.frames,
+                g.steps,
+                g.guidance_scale
             );
-            println!("model: {} (manifest {})", g.model, g.manifest_id);
-            println!("seed: {}  prompt sha256: {}", g.seed, g.prompt_sha256);
-            println!("prover: {}  trace root: {}", g.prover, g.trace_root);
+            say!("model: {} (manifest {})", g.model, g.manifest_id);
+            say!("seed: {}  prompt sha256: {}", g.seed, g.prompt_sha256);
+            say!("prover: {}  trace root: {}", g.prover, g.trace_root);
             let audit = match &g.audit {
                 Audit::NotSampled => "not sampled".to_string(),
                 Audit::Pending => "pending when signed".to_string(),
                 Audit::Passed => "passed".to_string(),
                 Audit::Failed { check } => format!("FAILED ({check})"),
             };
-            println!("audit: {audit}");
-            println!("validator: {}", f.validator);
+            say!("audit: {audit}");
+            say!("validator: {}", f.validator);
         }
     }
     match &c.binding {
-        Ok(hotkey) => println!(
+        Ok(hotkey) => say!(
             "hotkey binding: {} ({hotkey} vouches for the signing certificate)",
             yes_no(true)
         ),
-        Err(why) => println!("hotkey binding: {} ({why})", yes_no(false)),
+        Err(why) => say!("hotkey binding: {} ({why})", yes_no(false)),
     }
     if let Some(o) = on_chain {
-        println!(
+        say!(
             "on {} subnet {}: {}",
             o.chain,
             o.netuid,
@@ -156,4 +180,5 @@ fn print_report(c: &Credential, on_chain: Option<&OnChain>) {
             }
         );
     }
+    out
 }
