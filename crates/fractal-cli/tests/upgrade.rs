@@ -197,6 +197,10 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
     .env("FRACTAL_CHAIN", &url);
     let (_verifier, _, _) = spawn_until(v, "running");
 
+    // The gateway is not told of the new model: it audits every tiny-v1 job
+    // it routes and none of the others, yet offers and routes tiny-wide-v1
+    // (read from the chain) and keeps routing to provers it has audits of
+    // only under the retired model.
     let gw_dir = dir.path().join("gateway");
     let key = create_api_key(&gw_dir, "upgrade");
     let mut g = fractal();
@@ -206,8 +210,8 @@ fn a_rolling_upgrade_under_a_job_stream_loses_nothing_and_weights_follow_the_sch
         "val",
         "--listen",
         "127.0.0.1:0",
-        "--also-audit",
-        "tiny-wide-v1",
+        "--audit-sample",
+        "1",
         "--dir",
     ])
     .arg(&gw_dir)

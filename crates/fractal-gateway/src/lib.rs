@@ -415,11 +415,15 @@ impl Gateway {
                 Err(e) => tracing::debug!(prover = %hk, error = %e, "probe refused"),
             }
         }
-        match self.verifier.current_weights().await {
+        match self.verifier.standings().await {
             Ok(weights) => {
                 let mut map = self.map.lock().expect("map lock");
+                // A prover not audited under a served model yet keeps its
+                // last verdict: unknown is not bad.
                 for s in weights {
-                    map.set_verdict(&s.hotkey, s.weight, s.passed, s.failed);
+                    if let Some(score) = s.score {
+                        map.set_verdict(&s.hotkey, score, s.passed, s.failed);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "verifier scores unavailable"),

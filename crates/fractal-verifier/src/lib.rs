@@ -110,12 +110,14 @@ struct AuditedModel {
     challenges: Mutex<ChallengeMix>,
 }
 
-/// What the weights see of one prover: its combined weight now and its
-/// audits under the models the schedule serves.
+/// What routing sees of one prover: its combined score now and its audits
+/// under the models the schedule serves.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Standing {
     pub hotkey: Hotkey,
-    pub weight: f64,
+    /// [`Store::served_score`]: 0 after a failed check (never route
+    /// there), `None` while it has no audit under a model served now.
+    pub score: Option<f64>,
     pub passed: u64,
     pub failed: u64,
 }
@@ -412,10 +414,9 @@ impl Verifier {
         &self.config
     }
 
-    /// Every scored prover with the weight it would get now (0 for a
-    /// failed check this epoch or the last): the gateway never routes to a
-    /// zero.
-    pub async fn current_weights(&self) -> Result<Vec<Standing>, VerifierError> {
+    /// Every scored prover as routing should see it now (0 after a failed
+    /// check this epoch or the last: the gateway never routes to a zero).
+    pub async fn standings(&self) -> Result<Vec<Standing>, VerifierError> {
         let block = self.chain.block().await?;
         let epoch = block / self.chain.hyperparams().await?.tempo.max(1);
         let served = self.audited_models(block).await;
@@ -426,7 +427,7 @@ impl Verifier {
                 let counted = scores.iter().filter(|s| served.contains(&s.manifest_id));
                 Standing {
                     hotkey,
-                    weight: Store::combined_weight(&scores, &served, epoch),
+                    score: Store::served_score(&scores, &served, epoch),
                     passed: counted.clone().map(|s| s.passed).sum(),
                     failed: scores.iter().map(|s| s.failed).sum(),
                 }

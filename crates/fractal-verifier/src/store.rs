@@ -354,18 +354,24 @@ impl Store {
     /// The weight a prover earns in `epoch` from its scores (`of`, all of
     /// one prover) while the schedule serves `served`: its best score
     /// under a served model, zero while a check under any model failed
-    /// this epoch or the last.
+    /// this epoch or the last (or when it has no score under a served one).
     pub fn combined_weight(of: &[ProverScore], served: &[ManifestId], epoch: u64) -> f64 {
+        Self::served_score(of, served, epoch).unwrap_or(0.0)
+    }
+
+    /// [`Store::combined_weight`], but `None` when the prover has no score
+    /// under a served model (not audited under it yet: unknown, not bad).
+    pub fn served_score(of: &[ProverScore], served: &[ManifestId], epoch: u64) -> Option<f64> {
         if of
             .iter()
             .any(|s| s.failed_epoch.is_some_and(|e| epoch <= e + 1))
         {
-            return 0.0;
+            return Some(0.0);
         }
         of.iter()
             .filter(|s| served.contains(&s.manifest_id))
             .map(|s| Self::weight(s, epoch))
-            .fold(0.0, f64::max)
+            .reduce(f64::max)
     }
 
     /// Audit history of one prover, newest first.
@@ -498,6 +504,8 @@ mod tests {
         // After it only B: the prover left on A earns nothing.
         assert_eq!(Store::combined_weight(&of(&s, &rolled), &[B], 3), b.score);
         assert_eq!(Store::combined_weight(&of(&s, &left_on_a), &[B], 3), 0.0);
+        // For routing that is "not audited under B yet", not "bad".
+        assert_eq!(Store::served_score(&of(&s, &left_on_a), &[B], 3), None);
         // A failed check under the retiring model zeroes the prover under
         // the new one too, for that epoch and the next.
         s.record(&outcome_under(A, rolled, 3, Some(Check::Step), 100))
