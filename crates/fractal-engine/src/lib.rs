@@ -12,6 +12,8 @@
 //! * [`models`]: the networks (UNet3D, CLIP text encoder and tokenizer, the
 //!   KL autoencoder's decoder; the Wan transformer, T5/umT5 and its
 //!   tokenizer, the Wan VAE's causal decoder) and their shared layers;
+//! * [`precision`]: the dtype the networks compute in (the manifest's) and
+//!   which devices run it;
 //! * [`schedulers`]: DDIM, DPM-Solver++, flow-matching Euler and UniPC as
 //!   diffusers defines them;
 //! * [`kernels`]: fused f32 CPU kernels for the hot stages, by op family;
@@ -30,6 +32,7 @@ pub mod kernels;
 pub mod models;
 pub mod pinned;
 pub mod pipelines;
+pub mod precision;
 pub mod profile;
 pub mod schedulers;
 
@@ -39,7 +42,7 @@ pub use builtin::tiny::TinyVariant;
 pub use builtin::tiny_wan::WanVariant;
 pub use degradation::Degradation;
 pub use pinned::PinnedModel;
-pub use pipelines::{GenerateSpec, Generated, Pipeline, Step, StepEvent};
+pub use pipelines::{GenerateSpec, Generated, LoadOptions, Pipeline, Step, StepEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

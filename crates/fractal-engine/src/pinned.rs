@@ -11,8 +11,8 @@ use fractal_protocol::ManifestId;
 
 use crate::builtin::{self, tiny_wan::WanVariant};
 use crate::io::video::{self, rgb8, Frames};
-use crate::pipelines::{text_to_video_sd, wan, Components};
-use crate::{io, Degradation, EngineError, GenerateSpec, Pipeline, TinyVariant};
+use crate::pipelines::{text_to_video_sd, wan, Components, LoadOptions};
+use crate::{io, precision, Degradation, EngineError, GenerateSpec, Pipeline, TinyVariant};
 
 pub struct PinnedModel {
     pub manifest: ModelManifest,
@@ -24,6 +24,8 @@ impl PinnedModel {
     /// Loads what `manifest` pins: a built-in model by name, or a diffusers
     /// folder (`folder`) whose weight files must match the manifest's hashes;
     /// without a folder, the one the binary carries for it (`world-v1`).
+    /// The networks compute in the manifest's dtype; a device that cannot
+    /// is refused ([`precision::check`]).
     pub fn load(
         manifest: ModelManifest,
         folder: Option<&Path>,
@@ -32,6 +34,8 @@ impl PinnedModel {
         manifest
             .validate()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
+        precision::check(&manifest.name, manifest.dtype, device)?;
+        let dtype = precision::compute_dtype(manifest.dtype);
         let dir = match (&manifest.weights, folder) {
             (Weights::Builtin(_), _) => {
                 return Self::load_builtin(manifest, Degradation::None, device)
@@ -45,11 +49,12 @@ impl PinnedModel {
         io::weights::verify_weights(dir, &manifest)?;
         match manifest.architecture {
             Architecture::TextToVideoSd => {
-                let model = text_to_video_sd::Model::load(dir, device)?;
+                let model =
+                    text_to_video_sd::Model::load_with(dir, LoadOptions::in_dtype(dtype), device)?;
                 Self::from_parts(manifest, model)
             }
             Architecture::Wan(_) => {
-                let model = wan::Model::load(dir, device)?;
+                let model = wan::Model::load_in(dir, dtype, device)?;
                 Self::from_parts(manifest, model)
             }
         }
@@ -64,6 +69,11 @@ impl PinnedModel {
         degradation: Degradation,
         device: &Device,
     ) -> Result<Self, EngineError> {
+        precision::check(&manifest.name, manifest.dtype, device)?;
+        let options = LoadOptions {
+            dtype: precision::compute_dtype(manifest.dtype),
+            degradation,
+        };
         let name = match &manifest.weights {
             Weights::Builtin(name) => name,
             Weights::Files(_) => {
@@ -74,7 +84,7 @@ impl PinnedModel {
                     ))
                 })?;
                 io::weights::verify_weights(&dir, &manifest)?;
-                let model = text_to_video_sd::Model::load_degraded(&dir, degradation, device)?;
+                let model = text_to_video_sd::Model::load_with(&dir, options, device)?;
                 return Self::from_parts(manifest, model);
             }
         };
@@ -83,14 +93,14 @@ impl PinnedModel {
                 let variant = TinyVariant::parse(name).ok_or_else(|| {
                     EngineError::BadInput(format!("no built-in TextToVideoSD model named {name:?}"))
                 })?;
-                let model = text_to_video_sd::Model::tiny_degraded(variant, degradation, device)?;
+                let model = text_to_video_sd::Model::tiny_with(variant, options, device)?;
                 Self::from_parts(manifest, model)
             }
             Architecture::Wan(_) => {
                 let variant = WanVariant::parse(name).ok_or_else(|| {
                     EngineError::BadInput(format!("no built-in Wan model named {name:?}"))
                 })?;
-                let model = wan::Model::tiny_degraded(variant, degradation, device)?;
+                let model = wan::Model::tiny_with(variant, options, device)?;
                 Self::from_parts(manifest, model)
             }
         }
@@ -98,7 +108,7 @@ impl PinnedModel {
 
     /// A manifest with models the caller built (tests, benchmarks, and the
     /// cheating provers that claim a manifest they do not run); they must be
-    /// of the manifest's architecture.
+    /// of the manifest's architecture and compute in its dtype.
     pub fn from_parts(
         manifest: ModelManifest,
         models: impl Components,
@@ -109,6 +119,15 @@ impl PinnedModel {
                 manifest.name,
                 manifest.architecture.name(),
                 models.architecture_name()
+            )));
+        }
+        let dtype = precision::compute_dtype(manifest.dtype);
+        if models.dtype() != dtype {
+            return Err(EngineError::BadInput(format!(
+                "manifest {} computes in {}, the models in {}",
+                manifest.name,
+                precision::dtype_name(dtype),
+                precision::dtype_name(models.dtype())
             )));
         }
         let pipeline = models.into_pipeline(&manifest)?;

@@ -228,6 +228,7 @@ fn pipeline_matches_wan_pipeline_step_by_step() {
         WanVaeDecoder::new(weights(&vfx), configs.vae.clone()).unwrap(),
         configs,
         &Device::Cpu,
+        candle_core::DType::F32,
     );
     let ids = |k: &str| -> Vec<u32> {
         pfx[k]

@@ -25,6 +25,7 @@ use crate::models::unet3d::{Unet3d, Unet3dConfig};
 use crate::pipelines::text_to_video_sd::model::{
     Model, ModelConfigs, TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS,
 };
+use crate::pipelines::LoadOptions;
 use crate::EngineError;
 
 pub const TINY_NAME: &str = "tiny-v1";
@@ -181,15 +182,16 @@ fn modelscope_shape() -> ModelConfigs {
 #[derive(Default, Clone)]
 pub struct TinyWeights {
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
-    /// How these weights differ from the real tiny model's.
-    degradation: Degradation,
+    /// The dtype they are given in, and how they differ from the real
+    /// tiny model's.
+    options: LoadOptions,
 }
 
 impl TinyWeights {
-    pub fn degraded(degradation: Degradation) -> Self {
+    pub fn new(options: LoadOptions) -> Self {
         TinyWeights {
             made: Default::default(),
-            degradation,
+            options,
         }
     }
 
@@ -197,9 +199,14 @@ impl TinyWeights {
         let backend = TinyBackend {
             prefix: prefix.to_string(),
             made: self.made.clone(),
-            degradation: self.degradation,
+            degradation: self.options.degradation,
         };
-        VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
+        VarBuilder::from_backend(Box::new(backend), self.options.dtype, device.clone())
+    }
+
+    /// The dtype the weights are given in.
+    pub fn dtype(&self) -> DType {
+        self.options.dtype
     }
 
     /// Parameters made so far under `prefix` (names without the prefix).
@@ -275,14 +282,15 @@ impl Model {
         Ok(Self::tiny_with_weights(variant, device)?.0)
     }
 
-    /// The tiny model with cheaper or slightly wrong weights: a stand-in for
-    /// "almost the pinned weights" in the cheating-prover tests.
-    pub fn tiny_degraded(
+    /// The tiny model in `options.dtype`, its weights changed by
+    /// `options.degradation` (a stand-in for "almost the pinned weights" in
+    /// the cheating-prover tests).
+    pub fn tiny_with(
         variant: TinyVariant,
-        degradation: Degradation,
+        options: LoadOptions,
         device: &Device,
     ) -> std::result::Result<Self, EngineError> {
-        Ok(Self::tiny_from(variant, TinyWeights::degraded(degradation), device)?.0)
+        Ok(Self::tiny_from(variant, TinyWeights::new(options), device)?.0)
     }
 
     fn tiny_with_weights(
@@ -310,6 +318,7 @@ impl Model {
                 vae,
                 configs,
                 device: device.clone(),
+                dtype: w.options.dtype,
             },
             w,
         ))

@@ -11,7 +11,6 @@ use candle_core::{Device, Shape};
 
 use crate::builtin::tiny::TinyWeights;
 use crate::builtin::{save_tensors, write_json};
-use crate::degradation::Degradation;
 use crate::models::autoencoder_kl_wan::WanVaeConfig;
 use crate::models::t5::T5Config;
 use crate::models::t5_tokenizer::T5Tokenizer;
@@ -19,6 +18,7 @@ use crate::models::wan_transformer::WanTransformerConfig;
 use crate::pipelines::wan::model::{
     Model, ModelConfigs, TEXT_WEIGHTS, TRANSFORMER_WEIGHTS, VAE_WEIGHTS,
 };
+use crate::pipelines::LoadOptions;
 use crate::EngineError;
 
 /// A unigram tokenizer of 70 pieces in umT5's `tokenizer.json` format (made
@@ -155,14 +155,14 @@ impl Model {
         Ok(Self::tiny_from(variant, TinyWeights::default(), device)?.0)
     }
 
-    /// A built-in Wan with cheaper or slightly wrong weights (the cheating
-    /// provers of the verifier's tests).
-    pub fn tiny_degraded(
+    /// A built-in Wan in `options.dtype`, its weights changed by
+    /// `options.degradation` (the cheating provers of the verifier's tests).
+    pub fn tiny_with(
         variant: WanVariant,
-        degradation: Degradation,
+        options: LoadOptions,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        Ok(Self::tiny_from(variant, TinyWeights::degraded(degradation), device)?.0)
+        Ok(Self::tiny_from(variant, TinyWeights::new(options), device)?.0)
     }
 
     fn tiny_from(
@@ -175,6 +175,7 @@ impl Model {
             tokenizer()?,
             Path::new(variant.name()),
             device,
+            w.dtype(),
             |(component, _)| Ok(w.var_builder(&format!("{component}."), device)),
         )?;
         Ok((model, w))

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::cpu;
-use crate::models::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
+use crate::models::layers::{softmax_last_dim, Conv2d, GroupNorm, Linear, ResnetBlock};
 use crate::profile;
 
 const EPS: f64 = 1e-6;
@@ -175,7 +175,7 @@ impl SelfAttention {
                 cpu::attention(&q, &k, &v, 1, scale as f32)?
             } else {
                 let scores = (q * scale)?.matmul(&k.t()?)?;
-                candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+                softmax_last_dim(&scores)?.matmul(&v)?
             }
         };
         let out = self.to_out.forward_add(&attended, &tokens(xs)?)?;

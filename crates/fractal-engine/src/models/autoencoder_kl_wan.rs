@@ -246,6 +246,9 @@ fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, pad: (usize, usize)) -> Re
     if cpu::applies(x) {
         return cpu::conv2d(x, weight, Some(bias), 1, pad);
     }
+    if cpu::is_half(x) {
+        return cpu::conv2d_half(x, weight, Some(bias), 1, pad);
+    }
     if pad.0 != pad.1 {
         candle_core::bail!("conv2d: unequal padding {pad:?} off the CPU path");
     }
@@ -273,7 +276,9 @@ impl RmsNorm {
         let gamma = gamma.flatten_all()?;
         let scale = (dim as f64).sqrt();
         // γ·√dim as the candle path computes it, for the fused kernel.
-        let weight = (&gamma * scale)?.to_vec1::<f32>()?;
+        let weight = (&gamma * scale)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
         Ok(Self {
             gamma,
             scale,
@@ -294,9 +299,15 @@ impl RmsNorm {
         let dims = x.dims().to_vec();
         let mut shape = vec![1; dims.len()];
         shape[1] = dims[1];
-        let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+        // The sum of squares in f32 whatever the dtype (F.normalize on a
+        // half tensor accumulates in f32 too).
+        let xf = x.to_dtype(candle_core::DType::F32)?;
+        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
         let gamma = (self.gamma.reshape(shape)? * self.scale)?;
-        let y = x.broadcast_div(&norm)?.broadcast_mul(&gamma)?;
+        let y = xf
+            .broadcast_div(&norm)?
+            .to_dtype(x.dtype())?
+            .broadcast_mul(&gamma)?;
         if silu_after {
             silu(&y)
         } else {
@@ -398,7 +409,7 @@ impl AttentionBlock {
             )?
         } else {
             let s = (q.matmul(&k.t()?)? / (c as f64).sqrt())?;
-            candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)?
+            crate::models::layers::softmax_last_dim(&s)?.matmul(&v)?
         };
         let out = out.transpose(1, 2)?.reshape((b * t, c, h, w))?;
         let out = conv2d(&out, &self.proj.0, &self.proj.1, (0, 0))?;

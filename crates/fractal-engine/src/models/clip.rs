@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::models::layers::Linear;
+use crate::models::layers::{softmax_last_dim, Linear};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
@@ -154,7 +154,7 @@ impl ClipTextModel {
             let k = split(l.k.forward(&x)?)?;
             let v = split(l.v.forward(&x)?)?;
             let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let att = nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            let att = softmax_last_dim(&att)?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
             xs = l.o.forward_add(&y, &xs)?;
             let hidden = self.act.apply(&l.fc1.forward(&l.ln2.forward(&xs)?)?)?;

@@ -2,11 +2,21 @@
 //! diffusers' parameter names. On the CPU in f32 they run the fused kernels of
 //! [`crate::kernels::cpu`]; elsewhere (CUDA, other dtypes) candle's ops.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 
 use crate::kernels::cpu;
 use crate::profile;
+
+/// Softmax over the last axis, accumulated in f32 whatever the dtype (as
+/// diffusers and transformers upcast half-precision scores), given back in
+/// the input's dtype.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return nn::ops::softmax_last_dim(x);
+    }
+    nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
 
 /// `torch.nn.GroupNorm`, optionally followed by SiLU (fused on the CPU).
 #[derive(Debug)]
@@ -160,15 +170,13 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("conv2d");
+        let cfg = self.inner.config();
+        let pad = (cfg.padding, cfg.padding);
         if cpu::applies(xs) {
-            let cfg = self.inner.config();
-            return cpu::conv2d(
-                xs,
-                self.inner.weight(),
-                self.inner.bias(),
-                cfg.stride,
-                (cfg.padding, cfg.padding),
-            );
+            return cpu::conv2d(xs, self.inner.weight(), self.inner.bias(), cfg.stride, pad);
+        }
+        if cpu::is_half(xs) {
+            return cpu::conv2d_half(xs, self.inner.weight(), self.inner.bias(), cfg.stride, pad);
         }
         self.inner.forward(xs)
     }

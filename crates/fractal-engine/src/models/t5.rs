@@ -53,9 +53,40 @@ impl T5Config {
     }
 }
 
-/// T5's layer norm: `w · x / sqrt(mean(x²) + eps)`.
+/// What transformers' T5 and UMT5 blocks do to f16 hidden states after
+/// each residual add: T5's activations can outgrow f16, and an infinite
+/// one is clamped to f16's largest value less 1000 (the whole tensor is
+/// clamped then, finite values beyond that bound included).
+fn clamp_f16_overflow(x: Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F16 {
+        return Ok(x);
+    }
+    let largest = x
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if largest.is_finite() {
+        return Ok(x);
+    }
+    let bound = half::f16::MAX.to_f32() - 1000.0;
+    x.clamp(-bound, bound)
+}
+
+/// T5's layer norm: `w · x / sqrt(mean(x²) + eps)`, accumulated in f32
+/// and given in the weight's dtype (the residual stream may be wider).
 fn t5_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    nn::ops::rms_norm(x, weight, eps as f32)
+    let wide = |t: &Tensor| t.to_dtype(DType::F32);
+    nn::ops::rms_norm(&wide(x)?, &wide(weight)?, eps as f32)?.to_dtype(weight.dtype())
+}
+
+/// `a + b`, in the wider dtype of the two (as torch promotes).
+fn add_promoted(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == b.dtype() {
+        return a + b;
+    }
+    a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?
 }
 
 /// `gelu_new`: the tanh approximation.
@@ -145,8 +176,13 @@ impl SelfAttention {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         // T5 does not scale the scores: the bias is learned on this scale.
-        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let weights = nn::ops::softmax_last_dim(&scores)?;
+        // Scores plus bias and mask, and their softmax, in f32 whatever the
+        // dtype (transformers upcasts the softmax; the mask is f32's lowest).
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
+        let weights = nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = weights
             .matmul(&v)?
             .transpose(1, 2)?
@@ -170,15 +206,23 @@ enum FeedForward {
 impl FeedForward {
     fn new(vb: VarBuilder, c: &T5Config) -> Result<Self> {
         let (d, ff) = (c.d_model, c.d_ff);
+        // transformers keeps `wo` in f32 for an f16 model
+        // (`_keep_in_fp32_modules`, applied for f16 only): its input is
+        // widened, and the residual stream it adds to becomes f32.
+        let wo_vb = if vb.dtype() == DType::F16 {
+            vb.to_dtype(DType::F32)
+        } else {
+            vb.clone()
+        };
         match c.feed_forward_proj.as_str() {
             "relu" => Ok(FeedForward::Relu {
                 wi: nn::linear_no_bias(d, ff, vb.pp("wi"))?,
-                wo: nn::linear_no_bias(ff, d, vb.pp("wo"))?,
+                wo: nn::linear_no_bias(ff, d, wo_vb.pp("wo"))?,
             }),
             "gated-gelu" => Ok(FeedForward::GatedGelu {
                 wi_0: nn::linear_no_bias(d, ff, vb.pp("wi_0"))?,
                 wi_1: nn::linear_no_bias(d, ff, vb.pp("wi_1"))?,
-                wo: nn::linear_no_bias(ff, d, vb.pp("wo"))?,
+                wo: nn::linear_no_bias(ff, d, wo_vb.pp("wo"))?,
             }),
             other => candle_core::bail!(
                 "T5 feed_forward_proj {other:?} is not supported (relu, gated-gelu)"
@@ -187,10 +231,11 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = |wo: &nn::Linear, h: Tensor| wo.forward(&h.to_dtype(wo.weight().dtype())?);
         match self {
-            FeedForward::Relu { wi, wo } => wo.forward(&wi.forward(x)?.relu()?),
+            FeedForward::Relu { wi, wo } => out(wo, wi.forward(x)?.relu()?),
             FeedForward::GatedGelu { wi_0, wi_1, wo } => {
-                wo.forward(&(gelu_new(&wi_0.forward(x)?)? * wi_1.forward(x)?)?)
+                out(wo, (gelu_new(&wi_0.forward(x)?)? * wi_1.forward(x)?)?)
             }
         }
     }
@@ -280,11 +325,11 @@ impl T5Encoder {
             if !c.bias_per_block() && shared_bias.is_none() {
                 shared_bias = Some(bias.clone());
             }
-            let bias = bias.broadcast_add(&mask)?;
+            let bias = bias.to_dtype(DType::F32)?.broadcast_add(&mask)?;
             let normed = t5_norm(&x, &block.attention_norm, c.layer_norm_epsilon)?;
-            x = (&x + block.attention.forward(&normed, &bias)?)?;
+            x = clamp_f16_overflow(add_promoted(&x, &block.attention.forward(&normed, &bias)?)?)?;
             let normed = t5_norm(&x, &block.ff_norm, c.layer_norm_epsilon)?;
-            x = (&x + block.ff.forward(&normed)?)?;
+            x = clamp_f16_overflow(add_promoted(&x, &block.ff.forward(&normed)?)?)?;
         }
         t5_norm(&x, &self.final_norm, c.layer_norm_epsilon)
     }

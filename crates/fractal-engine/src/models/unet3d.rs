@@ -10,7 +10,7 @@ use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::cpu;
-use crate::models::layers::{Conv2d, GroupNorm, Linear, ResnetBlock};
+use crate::models::layers::{softmax_last_dim, Conv2d, GroupNorm, Linear, ResnetBlock};
 use crate::profile;
 
 /// `unet/config.json` of a diffusers UNet3D folder (only the keys that matter).
@@ -179,8 +179,7 @@ impl Attention {
             let (q, k, v) = (split(&q, n)?, split(&k, m)?, split(&v, m)?);
             // Scaling q (S x D) is cheaper than scaling the S x M scores.
             let att = (q * scale)?.matmul(&k.t()?)?;
-            let att = nn::ops::softmax_last_dim(&att.to_dtype(candle_core::DType::F32)?)?
-                .to_dtype(v.dtype())?;
+            let att = softmax_last_dim(&att)?;
             att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * d))
         })?;
         self.to_out.forward_add(&out, residual)
@@ -476,6 +475,8 @@ impl TemporalConv {
             let _s = profile::stage("temporal_conv");
             let y = if cpu::applies(&act) {
                 cpu::conv2d(&act, weight, Some(bias), 1, (1, 0))?
+            } else if cpu::is_half(&act) {
+                cpu::conv2d_half(&act, weight, Some(bias), 1, (1, 0))?
             } else {
                 act.pad_with_zeros(2, 1, 1)?
                     .conv2d(weight, 0, 1, 1, 1)?

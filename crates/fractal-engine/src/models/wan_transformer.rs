@@ -8,12 +8,12 @@
 //! six modulation vectors are the block's table plus the projected timestep
 //! embedding. Parameter names are diffusers'.
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::cpu;
-use crate::models::layers::Linear;
+use crate::models::layers::{softmax_last_dim, Linear};
 use crate::profile;
 
 /// `transformer/config.json` (the keys text-to-video uses).
@@ -101,7 +101,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>
         t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    let att = nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
+    let att = softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, hd))
 }
 
@@ -193,6 +193,10 @@ impl Rope {
     /// Rotates `x` `[b, S, heads·d]` pairwise: `(a, b) → (a·c − b·s, a·s + b·c)`.
     fn apply(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let _s = profile::stage("wan.rope");
+        // In f32 whatever the dtype, rounded back after (diffusers keeps
+        // the rope in f32 and rotates against it).
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
         let (b, s, hd) = x.dims3()?;
         let half = hd / heads / 2;
         let x = x.reshape((b, s, heads, half, 2))?;
@@ -204,7 +208,9 @@ impl Rope {
         let sn = sin.reshape((1, s, 1, half))?;
         let r0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&sn)?)?;
         let r1 = (x0.broadcast_mul(&sn)? + x1.broadcast_mul(&c)?)?;
-        Tensor::stack(&[r0, r1], 4)?.reshape((b, s, hd))
+        Tensor::stack(&[r0, r1], 4)?
+            .reshape((b, s, hd))?
+            .to_dtype(dtype)
     }
 }
 
@@ -281,14 +287,17 @@ impl WanBlock {
     fn new(vb: VarBuilder, c: &WanTransformerConfig) -> Result<Self> {
         let dim = c.inner_dim();
         let heads = c.num_attention_heads;
+        // What diffusers keeps in f32 whatever the dtype
+        // (`_keep_in_fp32_modules`): the modulation table and the norms.
+        let kept = vb.to_dtype(DType::F32);
         let norm2 = if c.cross_attn_norm {
-            let n = vb.pp("norm2");
+            let n = kept.pp("norm2");
             Some((n.get(dim, "weight")?, n.get(dim, "bias")?))
         } else {
             None
         };
         Ok(Self {
-            scale_shift_table: vb.get((1, 6, dim), "scale_shift_table")?,
+            scale_shift_table: kept.get((1, 6, dim), "scale_shift_table")?,
             attn1: WanAttention::new(vb.pp("attn1"), dim, heads, c.eps)?,
             norm2,
             attn2: WanAttention::new(vb.pp("attn2"), dim, heads, c.eps)?,
@@ -307,23 +316,34 @@ impl WanBlock {
         timestep_proj: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let m = self.scale_shift_table.broadcast_add(timestep_proj)?;
+        // As diffusers' block runs in half precision: the modulation, the
+        // norms and the gated residual adds in f32, each rounded back to the
+        // stream's dtype; attention and feed-forward in that dtype (all of
+        // it f32, the casts no-ops, for an f32 model).
+        let dtype = x.dtype();
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        let m = self
+            .scale_shift_table
+            .broadcast_add(&wide(timestep_proj)?)?;
         let slot = |i: usize| m.narrow(1, i, 1);
         let (shift, scale, gate) = (slot(0)?, slot(1)?, slot(2)?);
         let (c_shift, c_scale, c_gate) = (slot(3)?, slot(4)?, slot(5)?);
 
-        let n = modulate(&layer_norm(x, self.eps)?, &shift, &scale)?;
+        let n = modulate(&layer_norm(&wide(x)?, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
         let (k, v) = self.attn1.keys_values(&n)?;
         let a = self.attn1.attend(&n, &k, &v, Some(rope))?;
-        let x = (x + a.broadcast_mul(&gate)?)?;
+        let x = (wide(x)? + wide(&a)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
 
         let n2 = match &self.norm2 {
-            Some((w, b)) => nn::ops::layer_norm(&x, w, b, self.eps as f32)?,
+            Some((w, b)) => {
+                nn::ops::layer_norm(&wide(&x)?, w, b, self.eps as f32)?.to_dtype(dtype)?
+            }
             None => x.clone(),
         };
         let x = (&x + self.attn2.attend(&n2, &text_kv.0, &text_kv.1, None)?)?;
 
-        let n3 = modulate(&layer_norm(&x, self.eps)?, &c_shift, &c_scale)?;
+        let n3 =
+            modulate(&layer_norm(&wide(&x)?, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
         let h = self.ffn_in.forward(&n3)?;
         let h = if cpu::applies(&h) {
             profile::time("wan.gelu", || cpu::gelu_tanh(&h))?
@@ -331,7 +351,7 @@ impl WanBlock {
             h.gelu()?
         };
         let f = self.ffn_out.forward(&h)?;
-        x + f.broadcast_mul(&c_gate)?
+        (wide(&x)? + wide(&f)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
     }
 }
 
@@ -375,18 +395,30 @@ impl WanTransformer {
         let patch_embedding =
             Linear::from_weights(w.reshape((dim, patch))?, Some(pe.get(dim, "bias")?));
         let ce = vb.pp("condition_embedder");
+        // Kept in f32 whatever the dtype, as diffusers does
+        // (`_keep_in_fp32_modules`): the time embedder and the output's
+        // modulation table.
+        let kept = vb.to_dtype(DType::F32);
         let blocks = (0..c.num_layers)
             .map(|i| WanBlock::new(vb.pp(format!("blocks.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_embedding,
-            time_1: Linear::new(ce.pp("time_embedder.linear_1"), c.freq_dim, dim)?,
-            time_2: Linear::new(ce.pp("time_embedder.linear_2"), dim, dim)?,
+            time_1: Linear::new(
+                kept.pp("condition_embedder.time_embedder.linear_1"),
+                c.freq_dim,
+                dim,
+            )?,
+            time_2: Linear::new(
+                kept.pp("condition_embedder.time_embedder.linear_2"),
+                dim,
+                dim,
+            )?,
             time_proj: Linear::new(ce.pp("time_proj"), dim, 6 * dim)?,
             text_1: Linear::new(ce.pp("text_embedder.linear_1"), c.text_dim, dim)?,
             text_2: Linear::new(ce.pp("text_embedder.linear_2"), dim, dim)?,
             blocks,
-            scale_shift_table: vb.get((1, 2, dim), "scale_shift_table")?,
+            scale_shift_table: kept.get((1, 2, dim), "scale_shift_table")?,
             proj_out: Linear::new(vb.pp("proj_out"), dim, c.out_channels() * pt * ph * pw)?,
             rope: Rope::new(c.attention_head_dim),
             config,
@@ -475,9 +507,12 @@ impl WanTransformer {
         let mut hidden = self.patch_embedding.forward(&patches)?;
 
         let sinusoid = timestep_sinusoid(t, c.freq_dim, x.device())?;
+        // The time embedder runs in f32; its output is rounded to the
+        // model's dtype before the projection (diffusers' `type_as`).
         let temb = self
             .time_2
-            .forward(&nn::ops::silu(&self.time_1.forward(&sinusoid)?)?)?;
+            .forward(&nn::ops::silu(&self.time_1.forward(&sinusoid)?)?)?
+            .to_dtype(hidden.dtype())?;
         let timestep_proj = self.time_proj.forward(&nn::ops::silu(&temb)?)?;
         on_stage("temb", &temb);
         on_stage("timestep_proj", &timestep_proj);
@@ -493,11 +528,17 @@ impl WanTransformer {
             on_stage(&format!("block.{i}"), &hidden);
         }
 
-        let m = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
+        let m = self
+            .scale_shift_table
+            .broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
-        let out =
-            self.proj_out
-                .forward(&modulate(&layer_norm(&hidden, c.eps)?, &shift, &scale)?)?;
+        let normed = modulate(
+            &layer_norm(&hidden.to_dtype(DType::F32)?, c.eps)?,
+            &shift,
+            &scale,
+        )?
+        .to_dtype(hidden.dtype())?;
+        let out = self.proj_out.forward(&normed)?;
         // Each token's features are (frame, row, column, channel) of its patch.
         let co = c.out_channels();
         let out = out

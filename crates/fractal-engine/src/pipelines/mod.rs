@@ -8,13 +8,13 @@
 //! audit recomputes), then the decoder. Deterministic: the only randomness
 //! is the seeded initial noise.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use fractal_protocol::merkle::TraceDigests;
 use fractal_protocol::noise::{fill_gaussian, Stream};
 use fractal_protocol::Seed;
 
 use crate::schedulers::Scheduler;
-use crate::EngineError;
+use crate::{Degradation, EngineError};
 
 pub mod text_to_video_sd;
 pub mod wan;
@@ -102,11 +102,42 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, EngineError> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// How a model's weights are read: the dtype its networks compute in (the
+/// manifest's, see [`crate::precision`]) and, for the cheating provers of
+/// the tests and `fractal bench verify`, how they differ from the real ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub degradation: Degradation,
+}
+
+impl Default for LoadOptions {
+    /// The real weights, in f32.
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            degradation: Degradation::None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The real weights in `dtype`.
+    pub fn in_dtype(dtype: DType) -> Self {
+        LoadOptions {
+            dtype,
+            ..Self::default()
+        }
+    }
+}
+
 /// The loaded models of one architecture: with a manifest they make its
 /// [`Pipeline`].
 pub trait Components {
     /// The manifest architecture these models are, by name.
     fn architecture_name(&self) -> &'static str;
+    /// The dtype the networks compute in.
+    fn dtype(&self) -> DType;
     /// The pipeline the manifest runs them as; the manifest must be of
     /// this architecture (checked by [`crate::PinnedModel::from_parts`]).
     fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError>;
@@ -116,6 +147,9 @@ impl Components for text_to_video_sd::Model {
     fn architecture_name(&self) -> &'static str {
         Architecture::TextToVideoSd.name()
     }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
     fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError> {
         Ok(TextToVideoSd::new(self, manifest.scheduler.clone()).into())
     }
@@ -124,6 +158,9 @@ impl Components for text_to_video_sd::Model {
 impl Components for wan::Model {
     fn architecture_name(&self) -> &'static str {
         "wan"
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
     }
     fn into_pipeline(self, manifest: &ModelManifest) -> Result<Pipeline, EngineError> {
         let Architecture::Wan(spec) = manifest.architecture else {
@@ -169,6 +206,11 @@ macro_rules! each_pipeline {
 impl Pipeline {
     pub fn device(&self) -> &Device {
         each_pipeline!(self, p => &p.model.device)
+    }
+
+    /// The dtype the networks compute in (latents and traces stay f32).
+    pub fn dtype(&self) -> DType {
+        each_pipeline!(self, p => p.model.dtype)
     }
 
     /// Latent shape `[1, C, F, h, w]` for a request, or why it is invalid.

@@ -39,6 +39,32 @@ fn enabled() -> bool {
     })
 }
 
+/// Whether `t` is a half-precision (f16 or bf16) tensor on the CPU, whose
+/// convolutions run as [`conv2d_half`].
+pub(crate) fn is_half(t: &Tensor) -> bool {
+    t.device().is_cpu()
+        && matches!(
+            t.dtype(),
+            candle_core::DType::F16 | candle_core::DType::BF16
+        )
+}
+
+/// A convolution of half-precision CPU tensors (candle has none for bf16
+/// on the CPU): operands widened to f32, the f32 convolution, the result
+/// rounded to the input's dtype. That is what a GPU's half convolution
+/// computes too: half operands, f32 accumulation, a rounded output.
+pub(crate) fn conv2d_half(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let wide = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+    let bias = bias.map(wide).transpose()?;
+    conv2d(&wide(x)?, &wide(weight)?, bias.as_ref(), stride, pad)?.to_dtype(x.dtype())
+}
+
 /// Whether the fused kernels apply: a CPU tensor of f32, kernels enabled.
 pub(crate) fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && enabled()

@@ -2,7 +2,7 @@
 //! prompt → CLIP embeddings → UNet3D denoising with CFG → VAE decode per
 //! frame. DDIM (eta = 0) and DPM-Solver++ add no randomness.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use fractal_protocol::manifest::SchedulerSpec;
 
 use crate::pipelines::GenerateSpec;
@@ -49,10 +49,15 @@ impl TextToVideoSd {
         ))
     }
 
-    /// `[1, tokens]` ids to `[1, tokens, hidden]` embeddings.
+    /// `[1, tokens]` ids to `[1, tokens, hidden]` embeddings (computed in
+    /// the model's dtype, given as f32 like every tensor the roles see).
     pub fn encode_prompt(&self, ids: &[u32]) -> Result<Tensor, EngineError> {
         let t = Tensor::new(ids, &self.model.device)?.unsqueeze(0)?;
-        Ok(self.model.text_encoder.forward(&t)?)
+        self.encode(&t)
+    }
+
+    fn encode(&self, ids: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(self.model.text_encoder.forward(ids)?.to_dtype(DType::F32)?)
     }
 
     /// The conditioning the UNet sees: `[uncond; cond]` with CFG, else `cond`.
@@ -72,7 +77,7 @@ impl TextToVideoSd {
             // in ModelScope's) are read once instead of twice.
             let ids: Vec<u32> = [negative, prompt].concat();
             let ids = Tensor::from_vec(ids, (2, prompt.len()), &self.model.device)?;
-            return Ok(self.model.text_encoder.forward(&ids)?);
+            return self.encode(&ids);
         }
         let cond = self.encode_prompt(prompt)?;
         let uncond = self.encode_prompt(negative)?;
@@ -97,12 +102,19 @@ impl TextToVideoSd {
             ))
         })?;
         let cfg = guidance > 1.0;
+        // The UNet runs in the model's dtype; its prediction is widened
+        // back, and guidance combines it in f32 (see `crate::precision`).
+        let latents = latents.to_dtype(self.model.dtype)?;
         let input = if cfg {
-            Tensor::cat(&[latents, latents], 0)?
+            Tensor::cat(&[&latents, &latents], 0)?
         } else {
-            latents.clone()
+            latents
         };
-        let eps = self.model.unet.forward(&input, timestep, context)?;
+        let eps = self
+            .model
+            .unet
+            .forward(&input, timestep, &context.to_dtype(self.model.dtype)?)?
+            .to_dtype(DType::F32)?;
         Ok(if cfg {
             let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             (&u + ((c - &u)? * guidance)?)?
@@ -135,8 +147,11 @@ impl TextToVideoSd {
     }
 
     fn decode_frame_scaled(&self, scaled: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
-        let z = scaled.narrow(2, frame, 1)?.squeeze(2)?;
-        let img = self.model.vae.decode(&z)?;
+        let z = scaled
+            .narrow(2, frame, 1)?
+            .squeeze(2)?
+            .to_dtype(self.model.dtype)?;
+        let img = self.model.vae.decode(&z)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 }

@@ -12,7 +12,8 @@ use crate::models::autoencoder_kl::{VaeConfig, VaeDecoder};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet3d::{Unet3d, Unet3dConfig};
-use crate::{Degradation, EngineError};
+use crate::pipelines::LoadOptions;
+use crate::EngineError;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfigs {
@@ -29,6 +30,8 @@ pub struct Model {
     pub vae: VaeDecoder,
     pub configs: ModelConfigs,
     pub device: Device,
+    /// What the networks compute in (see [`crate::precision`]).
+    pub dtype: DType,
 }
 
 pub(crate) const TEXT_WEIGHTS: &str = "text_encoder/model.safetensors";
@@ -39,17 +42,18 @@ pub(crate) const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 pub const WEIGHT_FILES: [&str; 3] = [TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS];
 
 impl Model {
-    /// Loads a diffusers-layout folder, one tensor at a time (see [`crate::io::weights`]).
+    /// Loads a diffusers-layout folder in f32, one tensor at a time (see
+    /// [`crate::io::weights`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
-        Self::load_degraded(dir, Degradation::None, device)
+        Self::load_with(dir, LoadOptions::default(), device)
     }
 
-    /// [`Model::load`] with every weight changed by `degradation` as it is
-    /// read: the cheating provers of `fractal bench verify` for a model
-    /// whose weights are files.
-    pub fn load_degraded(
+    /// [`Model::load`] in `options.dtype`, every weight changed by
+    /// `options.degradation` as it is read (the cheating provers of
+    /// `fractal bench verify` for a model whose weights are files).
+    pub fn load_with(
         dir: &Path,
-        degradation: Degradation,
+        options: LoadOptions,
         device: &Device,
     ) -> Result<Self, EngineError> {
         let class = crate::io::pipeline_class(dir)?;
@@ -74,7 +78,9 @@ impl Model {
             let component = path.parent().expect("a component folder");
             let backend = crate::io::weights::component_backend(&dir.join(component), base)?;
             let prefix = format!("{}.", component.display());
-            Ok(degradation.wrap(backend, &prefix, DType::F32, device))
+            Ok(options
+                .degradation
+                .wrap(backend, &prefix, options.dtype, device))
         };
         let build = |rel: &str, e: candle_core::Error| EngineError::Weights {
             path: dir.join(rel),
@@ -100,6 +106,7 @@ impl Model {
             vae,
             configs,
             device: device.clone(),
+            dtype: options.dtype,
         })
     }
 }

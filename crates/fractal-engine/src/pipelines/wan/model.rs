@@ -31,6 +31,8 @@ pub struct Model {
     pub vae: WanVaeDecoder,
     pub configs: ModelConfigs,
     pub device: Device,
+    /// What the networks compute in (see [`crate::precision`]).
+    pub dtype: DType,
     /// The prompts' prepared texts: every step of a generation (and the
     /// unconditional pass) reuses them.
     prepared: PreparedTexts,
@@ -43,8 +45,13 @@ pub(crate) const TRANSFORMER_WEIGHTS: (&str, &str) = ("transformer", "diffusion_
 pub(crate) const VAE_WEIGHTS: (&str, &str) = ("vae", "diffusion_pytorch_model");
 
 impl Model {
-    /// Loads a diffusers-layout `WanPipeline` folder.
+    /// Loads a diffusers-layout `WanPipeline` folder in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Self::load_in(dir, DType::F32, device)
+    }
+
+    /// [`Model::load`] computing in `dtype`.
+    pub fn load_in(dir: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let class = crate::io::pipeline_class(dir)?;
         if class != "WanPipeline" {
             return Err(EngineError::Config {
@@ -67,19 +74,27 @@ impl Model {
         unsupported("transformer/config.json", configs.transformer.unsupported())?;
         unsupported("vae/config.json", configs.vae.unsupported())?;
         let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer/tokenizer.json"))?;
-        Self::assemble(configs, tokenizer, dir, device, |(component, stem)| {
-            crate::io::weights::component_weights(&dir.join(component), stem, DType::F32, device)
-        })
+        Self::assemble(
+            configs,
+            tokenizer,
+            dir,
+            device,
+            dtype,
+            |(component, stem)| {
+                crate::io::weights::component_weights(&dir.join(component), stem, dtype, device)
+            },
+        )
     }
 
     /// The models from `configs` and each component's weights (`weights`
-    /// of a `(folder, file stem)`), checked to fit each other; `origin`
-    /// names the folder (or built-in model) in errors.
+    /// of a `(folder, file stem)`, given in `dtype`), checked to fit each
+    /// other; `origin` names the folder (or built-in model) in errors.
     pub(crate) fn assemble(
         configs: ModelConfigs,
         tokenizer: T5Tokenizer,
         origin: &Path,
         device: &Device,
+        dtype: DType,
         weights: impl Fn((&str, &str)) -> Result<VarBuilder<'static>, EngineError>,
     ) -> Result<Self, EngineError> {
         let build = |(component, _): (&str, &str), e: candle_core::Error| EngineError::Weights {
@@ -101,10 +116,12 @@ impl Model {
             vae,
             configs,
             device,
+            dtype,
         ))
     }
 
-    /// A model of components built elsewhere (unchecked).
+    /// A model of components built elsewhere (unchecked), whose weights are
+    /// `dtype`.
     pub fn new(
         tokenizer: T5Tokenizer,
         text_encoder: T5Encoder,
@@ -112,6 +129,7 @@ impl Model {
         vae: WanVaeDecoder,
         configs: ModelConfigs,
         device: &Device,
+        dtype: DType,
     ) -> Self {
         Model {
             tokenizer,
@@ -120,6 +138,7 @@ impl Model {
             vae,
             configs,
             device: device.clone(),
+            dtype,
             prepared: PreparedTexts::default(),
         }
     }
@@ -178,7 +197,9 @@ impl Model {
         // against a prompt's few dozen.
         let t = Tensor::new(&ids[..valid], &self.device)?.unsqueeze(0)?;
         let states = profile::time("umt5", || self.text_encoder.forward(&t, &[valid]))?;
-        Ok(states.pad_with_zeros(1, 0, ids.len() - valid)?)
+        Ok(states
+            .to_dtype(DType::F32)?
+            .pad_with_zeros(1, 0, ids.len() - valid)?)
     }
 
     /// The guided velocity at `timestep` for `latents` `[1, C, F, h, w]`:
@@ -193,13 +214,17 @@ impl Model {
         uncond: Option<&Tensor>,
         guidance: f64,
     ) -> Result<Tensor, EngineError> {
+        // The transformer runs in the model's dtype; its velocity is widened
+        // back, and guidance combines it in f32 (see `crate::precision`).
+        let latents = latents.to_dtype(self.dtype)?;
         let forward = |text: &Tensor| -> Result<Tensor, EngineError> {
-            let text = self
-                .prepared
-                .get(text, |t| self.transformer.prepare_text(t))?;
+            let text = self.prepared.get(text, |t| {
+                self.transformer.prepare_text(&t.to_dtype(self.dtype)?)
+            })?;
             Ok(self
                 .transformer
-                .forward_prepared(latents, &[timestep], &text)?)
+                .forward_prepared(&latents, &[timestep], &text)?
+                .to_dtype(DType::F32)?)
         };
         let c = forward(cond)?;
         match uncond {
@@ -214,8 +239,8 @@ impl Model {
     /// Final latents `[1, z, f, h, w]` to frames `[1 + t(f−1), 3, H, W]`
     /// in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
-        let z = self.vae.denormalize(latents)?;
-        let video = self.vae.decode(&z)?;
+        let z = self.vae.denormalize(latents)?.to_dtype(self.dtype)?;
+        let video = self.vae.decode(&z)?.to_dtype(DType::F32)?;
         let frames = video.squeeze(0)?.permute((1, 0, 2, 3))?;
         Ok(((frames * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
     }
