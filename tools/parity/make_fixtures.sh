@@ -18,4 +18,5 @@ fi
 "$venv/bin/python" "$here/make_wan_fixtures.py" "$root/fixtures/parity/wan"
 "$venv/bin/python" "$here/make_wan_builtin_fixtures.py" "$root/target/release/fractal"
 "$venv/bin/python" "$here/make_wan_shape_fixtures.py" "$root/target/release/fractal"
+"$venv/bin/python" "$here/make_half_fixtures.py" "$root/target/release/fractal"
 exec "$venv/bin/python" "$here/make_fixtures.py" "$root/target/release/fractal" "$@"

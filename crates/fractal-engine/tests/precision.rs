@@ -11,9 +11,8 @@ use fractal_protocol::manifest::{self, ModelManifest, Size};
 use fractal_protocol::wire::GenerateRequest;
 use fractal_protocol::Seed;
 
-fn in_dtype(mut m: ModelManifest, dtype: manifest::DType) -> ModelManifest {
-    m.dtype = dtype;
-    m
+fn in_dtype(m: ModelManifest, dtype: manifest::DType) -> ModelManifest {
+    m.in_dtype(dtype)
 }
 
 /// Every latent of the trace, and the frames as RGB8.

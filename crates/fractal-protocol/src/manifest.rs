@@ -96,12 +96,41 @@ impl WanSpec {
     }
 }
 
+/// What the model's networks compute in (the scheduler, its latents and
+/// the trace stay f32 whatever the dtype).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     F16,
     Bf16,
+}
+
+impl DType {
+    /// The dtype as manifests spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+
+    /// The smallest `verification.output_rel_l2` a manifest of this dtype
+    /// may set. Honest provers compute a half-precision network with their
+    /// own hardware's roundings, so a verifier's recomputation differs from
+    /// theirs by the dtype's precision, not f32's: two implementations (this
+    /// engine and diffusers, both in the dtype, same inputs) differ on one
+    /// step's model output by a relative L2 of up to 2.7e-3 in f16 and
+    /// 2.1e-2 in bf16 (`crates/fractal-engine/tests/parity_half.rs`). The
+    /// floors are about four and three times those.
+    pub fn min_output_rel_l2(self) -> f64 {
+        match self {
+            DType::F32 => 0.0,
+            DType::F16 => 1e-2,
+            DType::Bf16 => 6e-2,
+        }
+    }
 }
 
 /// Where the weights come from.
@@ -449,6 +478,17 @@ impl ModelManifest {
         ManifestId(Digest32::sha256(&self.canonical_bytes()))
     }
 
+    /// This manifest computing in `dtype`, its model-output tolerance raised
+    /// to that dtype's floor ([`DType::min_output_rel_l2`]) where below it.
+    pub fn in_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        let floor = dtype.min_output_rel_l2();
+        if self.verification.output_rel_l2 < floor {
+            self.verification.output_rel_l2 = floor;
+        }
+        self
+    }
+
     pub fn validate(&self) -> Result<(), ManifestError> {
         if self.manifest_version != MANIFEST_VERSION {
             return Err(ManifestError::Version(self.manifest_version));
@@ -577,6 +617,16 @@ impl ModelManifest {
                 return Err(invalid(format!("verification.{name} must be in (0, 1)")));
             }
         }
+        let floor = self.dtype.min_output_rel_l2();
+        if t.output_rel_l2 < floor {
+            return Err(invalid(format!(
+                "verification.output_rel_l2 {:e} is below {floor:e}, the least a {} model may \
+                 set: honest provers' {} roundings differ by more than that",
+                t.output_rel_l2,
+                self.dtype.name(),
+                self.dtype.name()
+            )));
+        }
         let max_pairs = max_pairs_per_audit(self.scheduler.kind());
         if !(1..=max_pairs).contains(&t.pairs_per_audit) {
             return Err(invalid(format!(
@@ -673,6 +723,11 @@ pub(crate) mod tests {
             ("dtype = \"f32\"", "dtype = \"f64\"", "cannot parse"),
             (
                 "dtype = \"f32\"",
+                "dtype = \"bf16\"",
+                "below 6e-2, the least a bf16 model may set",
+            ),
+            (
+                "dtype = \"f32\"",
                 "dtype = \"f32\"\nextra = 1",
                 "cannot parse",
             ),
@@ -703,6 +758,27 @@ pub(crate) mod tests {
             1,
         );
         assert!(ModelManifest::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn a_half_precision_manifest_gets_its_dtypes_tolerance_floor() {
+        let m = sample().in_dtype(DType::F16);
+        assert_eq!(m.dtype, DType::F16);
+        assert_eq!(m.verification.output_rel_l2, 1e-2);
+        m.validate().unwrap();
+        assert_ne!(m.id(), sample().id());
+        // A looser tolerance than the floor is kept; f32 has none.
+        let mut loose = sample();
+        loose.verification.output_rel_l2 = 0.2;
+        assert_eq!(
+            loose
+                .clone()
+                .in_dtype(DType::Bf16)
+                .verification
+                .output_rel_l2,
+            0.2
+        );
+        assert_eq!(sample().in_dtype(DType::F32), sample());
     }
 
     #[test]

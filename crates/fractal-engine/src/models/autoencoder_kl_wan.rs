@@ -585,8 +585,9 @@ impl WanVaeDecoder {
         let z = self.config.z_dim;
         let dev = latents.device();
         let inv_std: Vec<f32> = self.config.latents_std.iter().map(|s| 1.0 / s).collect();
-        let inv_std = Tensor::from_vec(inv_std, (1, z, 1, 1, 1), dev)?;
-        let mean = Tensor::from_vec(self.config.latents_mean.clone(), (1, z, 1, 1, 1), dev)?;
+        let inv_std = Tensor::from_vec(inv_std, (1, z, 1, 1, 1), dev)?.to_dtype(latents.dtype())?;
+        let mean = Tensor::from_vec(self.config.latents_mean.clone(), (1, z, 1, 1, 1), dev)?
+            .to_dtype(latents.dtype())?;
         latents.broadcast_div(&inv_std)?.broadcast_add(&mean)
     }
 

@@ -2,7 +2,7 @@
 //! configurable from `text_encoder/config.json`. Returns `last_hidden_state`
 //! (after the final layer norm), which is what TextToVideoSD conditions on.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use serde::{Deserialize, Serialize};
 

@@ -130,7 +130,9 @@ impl TextToVideoSd {
     /// Decodes `[1, C, F, h, w]` latents frame by frame to `[F, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
         let (_, _, f, _, _) = latents.dims5()?;
-        let scaled = (latents / self.model.configs.vae.scaling_factor)?;
+        // Rounded to the model's dtype, then scaled in it (as diffusers'
+        // pipeline holds its latents in the model's dtype).
+        let scaled = (latents.to_dtype(self.model.dtype)? / self.model.configs.vae.scaling_factor)?;
         let mut out = Vec::with_capacity(f);
         for i in 0..f {
             out.push(self.decode_frame_scaled(&scaled, i)?);
@@ -142,15 +144,13 @@ impl TextToVideoSd {
     /// compare with the returned video.
     pub fn decode_frame(&self, latents: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
         // Scale only the frame being decoded, not the whole clip.
-        let one = (latents.narrow(2, frame, 1)? / self.model.configs.vae.scaling_factor)?;
+        let one = (latents.narrow(2, frame, 1)?.to_dtype(self.model.dtype)?
+            / self.model.configs.vae.scaling_factor)?;
         self.decode_frame_scaled(&one, 0)
     }
 
     fn decode_frame_scaled(&self, scaled: &Tensor, frame: usize) -> Result<Tensor, EngineError> {
-        let z = scaled
-            .narrow(2, frame, 1)?
-            .squeeze(2)?
-            .to_dtype(self.model.dtype)?;
+        let z = scaled.narrow(2, frame, 1)?.squeeze(2)?;
         let img = self.model.vae.decode(&z)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }

@@ -239,7 +239,9 @@ impl Model {
     /// Final latents `[1, z, f, h, w]` to frames `[1 + t(f−1), 3, H, W]`
     /// in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
-        let z = self.vae.denormalize(latents)?.to_dtype(self.dtype)?;
+        // Rounded to the model's dtype first, then denormalised in it, as
+        // WanPipeline does.
+        let z = self.vae.denormalize(&latents.to_dtype(self.dtype)?)?;
         let video = self.vae.decode(&z)?.to_dtype(DType::F32)?;
         let frames = video.squeeze(0)?.permute((1, 0, 2, 3))?;
         Ok(((frames * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
