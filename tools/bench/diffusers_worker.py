@@ -23,11 +23,13 @@ ap.add_argument("--guidance", type=float, required=True)
 ap.add_argument("--threads", type=int, required=True)
 ap.add_argument("--repeats", type=int, required=True)
 ap.add_argument("--device", default="cpu")
+ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
 a = ap.parse_args()
+dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
 
 torch.set_num_threads(a.threads)
 t = time.perf_counter()
-pipe = DiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained(a.model, dtype=dtype)
 pipe.set_progress_bar_config(disable=True)
 if a.device != "cpu":
     pipe.to(a.device)

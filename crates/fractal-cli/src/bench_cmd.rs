@@ -60,6 +60,9 @@ pub struct Workload {
     /// cpu or cuda (both sides run there).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What both sides compute in: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -81,6 +84,10 @@ pub struct EngineBench {
     /// cuda` build and a CUDA PyTorch).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What both engines compute in: f32, f16 or bf16 (diffusers loads the
+    /// folder with that `torch_dtype`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
     /// Python with torch + diffusers (tools/parity/make_fixtures.sh creates it).
     #[arg(long, default_value = "tools/parity/.venv/bin/python")]
     python: PathBuf,
@@ -128,7 +135,8 @@ fn worker(w: Workload) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", w.threads.to_string());
     let t = Instant::now();
     let device = fractal_engine::device_from_name(&w.device)?;
-    let pinned = PinnedModel::unpinned_folder(&w.model, &device, None)?;
+    let dtype = w.dtype.parse().map_err(anyhow::Error::msg)?;
+    let pinned = PinnedModel::unpinned_folder(&w.model, &device, None, dtype)?;
     let pipeline = &pinned.pipeline;
     let load_s = t.elapsed().as_secs_f64();
     let mut runs_s = Vec::new();
@@ -176,6 +184,8 @@ fn args_of(w: &Workload) -> Vec<String> {
         w.repeats.to_string(),
         "--device".into(),
         w.device.clone(),
+        "--dtype".into(),
+        w.dtype.clone(),
     ]
 }
 
@@ -220,6 +230,7 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
         threads: b.threads,
         repeats: b.repeats,
         device: b.device.clone(),
+        dtype: b.dtype.clone(),
     };
     let worker = PathBuf::from("tools/bench/diffusers_worker.py");
     if !worker.exists() {
@@ -240,8 +251,8 @@ fn engine(b: EngineBench) -> anyhow::Result<()> {
         .args(args_of(&w))
         .env("OMP_NUM_THREADS", b.threads.to_string());
     eprintln!(
-        "benchmarking {} ({frames} frames {}x{}, {} steps, CFG {guidance}, {} threads, {}, best of {})...",
-        b.variant, b.size, b.size, b.steps, b.threads, b.device, b.repeats
+        "benchmarking {} ({frames} frames {}x{}, {} steps, CFG {guidance}, {} threads, {} in {}, best of {})...",
+        b.variant, b.size, b.size, b.steps, b.threads, b.device, b.dtype, b.repeats
     );
     let rust = measure(ours)?;
     let py = measure(theirs)?;

@@ -10,8 +10,8 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use fractal_engine::pipelines::text_to_video_sd;
-use fractal_engine::{kernels::cpu, Degradation, PinnedModel, TinyVariant};
-use fractal_protocol::manifest::{Architecture, ModelManifest, SchedulerKind, Size};
+use fractal_engine::{kernels::cpu, precision, Degradation, LoadOptions, PinnedModel, TinyVariant};
+use fractal_protocol::manifest::{self, Architecture, ModelManifest, SchedulerKind, Size};
 use fractal_protocol::merkle::TraceLeaf;
 use fractal_protocol::wire::{Base64Bytes, GenerateRequest, GenerateResponse, PROTOCOL_VERSION};
 use fractal_prover::job::{self, StrategyState};
@@ -70,6 +70,10 @@ pub struct VerifyBench {
     /// (ddim, dpm-solver; flow-euler, unipc).
     #[arg(long)]
     scheduler: Option<String>,
+    /// Run the model's manifest in this dtype (f32, f16, bf16): the networks
+    /// compute in it and the model-output tolerance is raised to its floor.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    dtype: Option<String>,
 }
 
 /// The audited model's manifest and the models provers run under it.
@@ -78,8 +82,11 @@ struct Models {
 }
 
 impl Models {
-    fn new(name: &str, scheduler: Option<&str>) -> anyhow::Result<Self> {
+    fn new(name: &str, scheduler: Option<&str>, dtype: Option<&str>) -> anyhow::Result<Self> {
         let mut manifest = fractal_engine::builtin::manifest_or_err(name)?;
+        if let Some(d) = dtype {
+            manifest = manifest.in_dtype(d.parse().map_err(anyhow::Error::msg)?);
+        }
         if let Some(s) = scheduler {
             let kind = match s {
                 "ddim" => SchedulerKind::Ddim,
@@ -113,14 +120,33 @@ impl Models {
         )?)
     }
 
+    /// The pinned model computing in `dtype` instead of the manifest's,
+    /// claiming the manifest.
+    fn in_dtype(&self, dtype: manifest::DType) -> anyhow::Result<PinnedModel> {
+        let mut m = PinnedModel::load(self.manifest.clone().in_dtype(dtype), None, &Device::Cpu)?;
+        m.manifest = self.manifest.clone();
+        m.manifest_id = self.manifest.id();
+        Ok(m)
+    }
+
     /// Another built-in model of the same architecture claiming the
     /// manifest, where there is one (tiny-wide-v1 for tiny-v1).
     fn other(&self) -> anyhow::Result<Option<PinnedModel>> {
         if self.manifest.architecture != Architecture::TextToVideoSd {
             return Ok(None);
         }
-        let wide = text_to_video_sd::Model::tiny(TinyVariant::Wide, &Device::Cpu)?;
+        let options = LoadOptions::in_dtype(precision::compute_dtype(self.manifest.dtype));
+        let wide = text_to_video_sd::Model::tiny_with(TinyVariant::Wide, options, &Device::Cpu)?;
         Ok(Some(PinnedModel::from_parts(self.manifest.clone(), wide)?))
+    }
+
+    /// What a cheat's prover runs.
+    fn for_cheat(&self, model: &CheatModel) -> anyhow::Result<Option<PinnedModel>> {
+        match model {
+            CheatModel::Weights(d) => self.degraded(*d).map(Some),
+            CheatModel::Dtype(d) => self.in_dtype(*d).map(Some),
+            CheatModel::Other => self.other(),
+        }
     }
 }
 
@@ -265,63 +291,66 @@ fn hit_probability(n: u32, faked: u32, pairs: u32) -> f64 {
 /// and how many of `n` steps it fakes (`None`: every step).
 struct Cheat {
     name: String,
-    model: Degradation,
-    other_model: bool,
+    model: CheatModel,
     strategy: Strategy,
     faked_steps: Option<u32>,
 }
 
-fn cheats(n: u32) -> Vec<Cheat> {
+/// What a cheating prover runs instead of the pinned model.
+#[derive(Clone, Copy, PartialEq)]
+enum CheatModel {
+    /// The pinned model's weights changed (`Degradation::None`: the real ones).
+    Weights(Degradation),
+    /// The pinned model computing in a cheaper dtype than the manifest's.
+    Dtype(manifest::DType),
+    /// Another model of the architecture (tiny-wide-v1).
+    Other,
+}
+
+fn cheats(n: u32, dtype: manifest::DType) -> Vec<Cheat> {
     let tenth = (n / 10).max(1);
     let half = n - n / 2 - 1;
     let mut v = vec![
         Cheat {
             name: format!("repeat-tail:{tenth} (last 10% of steps)"),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::RepeatTail(tenth as usize),
             faked_steps: Some(tenth),
         },
         Cheat {
             name: format!("repeat-middle:{tenth} (10% mid-schedule)"),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::RepeatMiddle(tenth as usize),
             faked_steps: Some(tenth),
         },
         Cheat {
             name: "reuse-second-half".into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::ReuseSecondHalf,
             faked_steps: Some(half),
         },
         Cheat {
             name: "reuse-alternate".into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::ReuseAlternate,
             faked_steps: Some(n / 2),
         },
         Cheat {
             name: "jump-from-half".into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::JumpFromHalf,
             // From the middle step on, every update lands off the scheduler.
             faked_steps: Some(n - n / 2),
         },
         Cheat {
             name: "guidance-alternate".into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::GuidanceAlternate,
             faked_steps: Some(n / 2),
         },
         Cheat {
             name: "fewer-steps (half, stretched)".into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: Strategy::FewerSteps,
             faked_steps: None,
         },
@@ -333,8 +362,7 @@ fn cheats(n: u32) -> Vec<Cheat> {
         }
         v.push(Cheat {
             name: (*name).into(),
-            model: Degradation::None,
-            other_model: false,
+            model: CheatModel::Weights(Degradation::None),
             strategy: strategy.clone(),
             faked_steps: None,
         });
@@ -347,16 +375,29 @@ fn cheats(n: u32) -> Vec<Cheat> {
     ] {
         v.push(Cheat {
             name: name.into(),
-            model,
-            other_model: false,
+            model: CheatModel::Weights(model),
+            strategy: Strategy::Honest,
+            faked_steps: None,
+        });
+    }
+    // Computing in a cheaper dtype than the manifest's (half the memory
+    // traffic, and tensor cores, on a GPU).
+    let cheaper: &[manifest::DType] = match dtype {
+        manifest::DType::F32 => &[manifest::DType::F16, manifest::DType::Bf16],
+        manifest::DType::F16 => &[manifest::DType::Bf16],
+        manifest::DType::Bf16 => &[],
+    };
+    for &d in cheaper {
+        v.push(Cheat {
+            name: format!("compute-{}", d.name()),
+            model: CheatModel::Dtype(d),
             strategy: Strategy::Honest,
             faked_steps: None,
         });
     }
     v.push(Cheat {
         name: "other-model (tiny-wide)".into(),
-        model: Degradation::None,
-        other_model: true,
+        model: CheatModel::Other,
         strategy: Strategy::Honest,
         faked_steps: None,
     });
@@ -364,7 +405,7 @@ fn cheats(n: u32) -> Vec<Cheat> {
 }
 
 pub fn run(b: VerifyBench) -> anyhow::Result<()> {
-    let models = Models::new(&b.model, b.scheduler.as_deref())?;
+    let models = Models::new(&b.model, b.scheduler.as_deref(), b.dtype.as_deref())?;
     let honest = models.honest()?;
     let auditor = Auditor::new(std::sync::Arc::new(models.honest()?));
     // Frame counts the model makes (Wan: 1 + 4k).
@@ -411,9 +452,10 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
     };
     let state = StrategyState::default();
     println!(
-        "audit plan ({} manifest, {:?}): {} step pairs per audit, {} audits per prover per epoch; \
+        "audit plan ({} manifest in {}, {:?}): {} step pairs per audit, {} audits per prover per epoch; \
          tolerances: model output {:.0e}, update {:.0e} (relative L2)",
         b.model,
+        honest.manifest.dtype.name(),
         honest.manifest.scheduler.kind(),
         plan.pairs_per_audit,
         plan.audits_per_epoch,
@@ -590,14 +632,9 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         "cheat", "steps", "audits", "caught", "expected", "per epoch", "min error", "checks"
     );
     for &n in &b.steps {
-        for cheat in cheats(n) {
-            let model = if cheat.other_model {
-                match models.other()? {
-                    Some(m) => m,
-                    None => continue,
-                }
-            } else {
-                models.degraded(cheat.model)?
+        for cheat in cheats(n, models.manifest.dtype) {
+            let Some(model) = models.for_cheat(&cheat.model)? else {
+                continue;
             };
             let state = StrategyState::default();
             let mut caught = 0;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fractal_engine::io::video::{self, Frames};
 use fractal_engine::PinnedModel;
-use fractal_protocol::manifest::{ModelManifest, SchedulerKind, Size};
+use fractal_protocol::manifest::{DType, ModelManifest, SchedulerKind, Size};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::{JobId, Seed};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,6 +50,11 @@ pub struct GenerateArgs {
     /// Changes the manifest id; not allowed with --manifest.
     #[arg(long)]
     scheduler: Option<String>,
+    /// What the networks compute in: f32, f16 or bf16 (default: the
+    /// model's manifest's, f32 for a folder). Changes the manifest id; not
+    /// allowed with --manifest.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    dtype: Option<String>,
     #[arg(long)]
     fps: Option<u32>,
     /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
@@ -97,6 +102,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if scheduler_override.is_some() && a.manifest.is_some() {
         bail!("--scheduler cannot override a pinned manifest's scheduler");
     }
+    let dtype_override: Option<DType> = a
+        .dtype
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if dtype_override.is_some() && a.manifest.is_some() {
+        bail!("--dtype cannot override a pinned manifest's dtype");
+    }
     let ext = a
         .output
         .extension()
@@ -114,6 +128,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if let Some(kind) = scheduler_override {
             m.scheduler = m.scheduler.with_kind(kind).map_err(anyhow::Error::msg)?;
         }
+        if let Some(d) = dtype_override {
+            m = m.in_dtype(d);
+        }
         Ok(m)
     };
     let pinned = match (&a.model, &a.manifest) {
@@ -123,7 +140,12 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             let m = ModelManifest::parse(&text)?;
             PinnedModel::load(m, Some(dir), &device).context("loading the pinned folder")?
         }
-        (Some(dir), None) => PinnedModel::unpinned_folder(dir, &device, scheduler_override)?,
+        (Some(dir), None) => PinnedModel::unpinned_folder(
+            dir,
+            &device,
+            scheduler_override,
+            dtype_override.unwrap_or(DType::F32),
+        )?,
         (None, _) => {
             let name = a
                 .tiny
@@ -194,7 +216,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         spec.seed,
         denoise.as_secs_f64()
     );
-    println!("manifest {manifest_id}");
+    println!("manifest {manifest_id} ({})", pinned.manifest.dtype.name());
     println!("trace root {root}");
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use fractal_protocol::manifest::{Architecture, ModelManifest, SchedulerKind, Weights};
+use fractal_protocol::manifest::{self, Architecture, ModelManifest, SchedulerKind, Weights};
 use fractal_protocol::wire::{GenerateRequest, OutputFormat};
 use fractal_protocol::ManifestId;
 
@@ -140,14 +140,19 @@ impl PinnedModel {
 
     /// A diffusers folder of any architecture, not pinned: a manifest made
     /// from its own configs and scheduler (run by `scheduler` instead, if
-    /// given) with permissive limits, for running a folder locally.
+    /// given) with permissive limits, computing in `dtype`, for running a
+    /// folder locally.
     pub fn unpinned_folder(
         dir: &Path,
         device: &Device,
         scheduler: Option<SchedulerKind>,
+        dtype: manifest::DType,
     ) -> Result<Self, EngineError> {
+        precision::check(&dir.display().to_string(), dtype, device)?;
         let class = io::pipeline_class(dir)?;
-        let with_scheduler = |mut m: ModelManifest| -> Result<ModelManifest, EngineError> {
+        let compute = precision::compute_dtype(dtype);
+        let with_scheduler = |m: ModelManifest| -> Result<ModelManifest, EngineError> {
+            let mut m = m.in_dtype(dtype);
             if let Some(kind) = scheduler {
                 m.scheduler = m
                     .scheduler
@@ -158,12 +163,16 @@ impl PinnedModel {
         };
         match class.as_str() {
             "TextToVideoSDPipeline" => {
-                let model = text_to_video_sd::Model::load(dir, device)?;
+                let model = text_to_video_sd::Model::load_with(
+                    dir,
+                    LoadOptions::in_dtype(compute),
+                    device,
+                )?;
                 let m = with_scheduler(text_to_video_sd::unpinned_manifest(dir, &model)?)?;
                 Self::from_parts(m, model)
             }
             "WanPipeline" => {
-                let model = wan::Model::load(dir, device)?;
+                let model = wan::Model::load_in(dir, compute, device)?;
                 let m = with_scheduler(wan::unpinned_manifest(dir, &model)?)?;
                 Self::from_parts(m, model)
             }

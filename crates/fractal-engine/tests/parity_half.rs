@@ -21,6 +21,14 @@ use fractal_engine::{GenerateSpec, PinnedModel, Pipeline, TinyVariant, WanVarian
 use fractal_protocol::manifest::{self, SchedulerKind};
 use fractal_protocol::Seed;
 
+/// `FRACTAL_TEST_DEVICE=cuda` runs the engine's side on the GPU (a
+/// `--features cuda` build; `scripts/gpu-check`); the fixtures were made on
+/// the CPU.
+fn device() -> Device {
+    let name = std::env::var("FRACTAL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    fractal_engine::device_from_name(&name).unwrap()
+}
+
 fn fixture(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/half/");
     let meta = serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
@@ -78,6 +86,7 @@ impl Stages {
     /// times diffusers' f32 run's distance (`fx[key_f32]`) from it.
     fn check(&mut self, key: &str, ours: &Tensor, fx: &HashMap<String, Tensor>) {
         let theirs = &fx[key];
+        let ours = &ours.to_device(&Device::Cpu).unwrap();
         let err = max_abs_diff(ours, theirs).unwrap();
         let gap = max_abs_diff(&fx[&format!("{key}_f32")], theirs).unwrap();
         self.report.push(format!(
@@ -111,9 +120,11 @@ impl Stages {
 
 fn text_to_video_sd(name: &str) {
     let (meta, fx) = fixture(name);
+    let dev = device();
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
     let (dtype, candle) = dtype_of(&meta);
     let m = tiny::manifest(TinyVariant::Base).in_dtype(dtype);
-    let model = PinnedModel::load(m, None, &Device::Cpu).unwrap();
+    let model = PinnedModel::load(m, None, &dev).unwrap();
     assert_eq!(model.pipeline.dtype(), candle);
     let Pipeline::TextToVideoSd(sd) = &model.pipeline else {
         unreachable!("a TextToVideoSD manifest")
@@ -129,8 +140,8 @@ fn text_to_video_sd(name: &str) {
     s.check("text_uncond", &uncond, &fx);
 
     // The denoiser from diffusers' own conditioning and input: the stage alone.
-    let context = Tensor::stack(&[&fx["text_uncond"], &fx["text_cond"]], 0).unwrap();
-    let x = &fx["latents_0_f32"];
+    let context = on(&Tensor::stack(&[&fx["text_uncond"], &fx["text_cond"]], 0).unwrap());
+    let x = &on(&fx["latents_0_f32"]);
     let input = Tensor::cat(&[x, x], 0).unwrap().to_dtype(candle).unwrap();
     let out = sd
         .model
@@ -184,13 +195,15 @@ fn tokens(which: &str) -> Vec<u32> {
 
 fn wan(name: &str) {
     let (meta, fx) = fixture(name);
+    let dev = device();
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
     let (dtype, candle) = dtype_of(&meta);
     let mut m = tiny_wan::manifest(WanVariant::Tiny).in_dtype(dtype);
     m.scheduler = m
         .scheduler
         .with_kind(SchedulerKind::UniPcMultistep)
         .unwrap();
-    let model = PinnedModel::load(m, None, &Device::Cpu).unwrap();
+    let model = PinnedModel::load(m, None, &dev).unwrap();
     let Pipeline::Wan(wan) = &model.pipeline else {
         unreachable!("a Wan manifest")
     };
@@ -202,14 +215,18 @@ fn wan(name: &str) {
     let uncond = wan.encode_prompt(&text("negative")).unwrap();
     s.check("uncond", &uncond.squeeze(0).unwrap(), &fx);
 
-    let x = &fx["latents_0_f32"];
+    let x = &on(&fx["latents_0_f32"]);
     let out = wan
         .model
         .transformer
         .forward(
             &x.to_dtype(candle).unwrap(),
             &[meta["t"].as_f64().unwrap() as f32],
-            &fx["cond"].unsqueeze(0).unwrap().to_dtype(candle).unwrap(),
+            &on(&fx["cond"])
+                .unsqueeze(0)
+                .unwrap()
+                .to_dtype(candle)
+                .unwrap(),
         )
         .unwrap()
         .to_dtype(DType::F32)

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use fractal_engine::builtin::tiny_wan::{self, WanVariant};
 use fractal_engine::{pipelines, EngineError, PinnedModel};
-use fractal_protocol::manifest::{ModelManifest, Size, Weights};
+use fractal_protocol::manifest::{self, ModelManifest, Size, Weights};
 use fractal_protocol::wire::GenerateRequest;
 use fractal_protocol::Digest32;
 use fractal_protocol::Seed;
@@ -162,7 +162,8 @@ fn an_exported_folder_whole_or_sharded_loads_to_the_same_bits() {
     let mut r = request(&loaded, 4);
     r.manifest_id = loaded.manifest_id;
     assert_eq!(run(&loaded, &r), want);
-    let unpinned = PinnedModel::unpinned_folder(dir.path(), &Device::Cpu, None).unwrap();
+    let unpinned =
+        PinnedModel::unpinned_folder(dir.path(), &Device::Cpu, None, manifest::DType::F32).unwrap();
     assert_eq!(unpinned.manifest.scheduler, sharded.scheduler);
 
     // A changed shard is a hash mismatch; a missing one a missing file.
@@ -182,7 +183,7 @@ fn an_exported_folder_whole_or_sharded_loads_to_the_same_bits() {
         .err()
         .unwrap();
     assert!(matches!(e, EngineError::MissingFile(_)), "{e}");
-    let e = PinnedModel::unpinned_folder(dir.path(), &Device::Cpu, None)
+    let e = PinnedModel::unpinned_folder(dir.path(), &Device::Cpu, None, manifest::DType::F32)
         .err()
         .unwrap()
         .to_string();

@@ -106,6 +106,18 @@ pub enum DType {
     Bf16,
 }
 
+impl std::str::FromStr for DType {
+    type Err = String;
+
+    /// A dtype as manifests spell it (`f32`, `f16`, `bf16`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        [DType::F32, DType::F16, DType::Bf16]
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown dtype {s:?} (f32, f16, bf16)"))
+    }
+}
+
 impl DType {
     /// The dtype as manifests spell it.
     pub fn name(self) -> &'static str {

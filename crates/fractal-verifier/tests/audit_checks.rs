@@ -263,3 +263,30 @@ fn a_repeated_step_is_caught_exactly_when_it_is_drawn() {
         );
     }
 }
+
+/// A half-precision manifest is audited by recomputing in its own dtype
+/// (on the CPU too): an honest f16 prover passes (bit for bit on one
+/// machine), and a prover computing in bf16 while claiming f16 is caught
+/// on the model output, above the f16 tolerance floor.
+#[test]
+fn a_half_precision_manifest_is_audited_in_its_dtype() {
+    use fractal_protocol::manifest::DType;
+    let manifest = tiny::manifest(TinyVariant::Base).in_dtype(DType::F16);
+    let model = pinned(&manifest);
+    assert_eq!(model.pipeline.dtype(), candle_core::DType::F16);
+    let req = request(&model, 8, 6);
+    for report in audit(&model, &req, Strategy::Honest, |_| {}, 6) {
+        assert_eq!(report, Ok(()));
+    }
+    let mut cheaper = pinned(&manifest.clone().in_dtype(DType::Bf16));
+    cheaper.manifest = manifest.clone();
+    cheaper.manifest_id = manifest.id();
+    let (trace, resp) = produce(&cheaper, &req, &Strategy::Honest);
+    let auditor = Auditor::new(Arc::new(model));
+    for i in 0..6 {
+        let plan = auditor.plan(&req, &mut rand::rngs::StdRng::seed_from_u64(i));
+        let answer = trace.open(&plan.challenge).unwrap();
+        let failed = auditor.check(&req, &resp, &plan, &answer).unwrap_err();
+        assert_eq!(failed.check, Check::ModelOutput, "round {i}");
+    }
+}
