@@ -118,6 +118,21 @@ impl Stages {
     }
 }
 
+/// The fixture's request: its seed, shape, steps and guidance, with these prompts.
+fn spec_of(meta: &serde_json::Value, prompt: String, negative_prompt: String) -> GenerateSpec {
+    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+    GenerateSpec {
+        prompt,
+        negative_prompt,
+        seed: Seed(meta["seed"].as_u64().unwrap()),
+        frames: u("frames"),
+        height: u("height"),
+        width: u("width"),
+        steps: u("steps"),
+        guidance_scale: meta["guidance"].as_f64().unwrap(),
+    }
+}
+
 fn text_to_video_sd(name: &str) {
     let (meta, fx) = fixture(name);
     let dev = device();
@@ -129,7 +144,6 @@ fn text_to_video_sd(name: &str) {
     let Pipeline::TextToVideoSd(sd) = &model.pipeline else {
         unreachable!("a TextToVideoSD manifest")
     };
-    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
     let prompt = tokens("prompt");
     let negative = tokens("negative");
     let mut s = Stages::new(name, candle);
@@ -157,16 +171,7 @@ fn text_to_video_sd(name: &str) {
     s.check("unet_out", &out, &fx);
     s.check("decoded", &sd.decode_frame(x, 0).unwrap(), &fx);
 
-    let spec = GenerateSpec {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        seed: Seed(meta["seed"].as_u64().unwrap()),
-        frames: u("frames"),
-        height: u("height"),
-        width: u("width"),
-        steps: u("steps"),
-        guidance_scale: meta["guidance"].as_f64().unwrap(),
-    };
+    let spec = spec_of(&meta, String::new(), String::new());
     let context = sd.encode_prompts(&negative, &prompt).unwrap();
     let mut latents = Vec::new();
     let generated = model
@@ -208,7 +213,6 @@ fn wan(name: &str) {
         unreachable!("a Wan manifest")
     };
     let text = |k: &str| meta[k].as_str().unwrap().to_string();
-    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
     let mut s = Stages::new(name, candle);
     let cond = wan.encode_prompt(&text("prompt")).unwrap();
     s.check("cond", &cond.squeeze(0).unwrap(), &fx);
@@ -237,16 +241,7 @@ fn wan(name: &str) {
     let decoded = decoded.permute((1, 0, 2, 3)).unwrap().unsqueeze(0).unwrap();
     s.check("decoded", &decoded, &fx);
 
-    let spec = GenerateSpec {
-        prompt: text("prompt"),
-        negative_prompt: text("negative"),
-        seed: Seed(meta["seed"].as_u64().unwrap()),
-        frames: u("frames"),
-        height: u("height"),
-        width: u("width"),
-        steps: u("steps"),
-        guidance_scale: meta["guidance"].as_f64().unwrap(),
-    };
+    let spec = spec_of(&meta, text("prompt"), text("negative"));
     let mut latents = Vec::new();
     let generated = model
         .pipeline
