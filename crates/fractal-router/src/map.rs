@@ -41,6 +41,17 @@ pub struct RouterConfig {
     /// `Retry-After` rather than queued: past saturation, the gateway
     /// sheds load instead of growing its queue without bound.
     pub shed_wait_ms: f64,
+    /// A job smaller than the recent mix may go to a slower node whose
+    /// predicted completion is within this fraction of the best, keeping
+    /// the fastest nodes for big jobs (0: always the near-best).
+    pub small_job_slack: f64,
+    /// A request may wait in the node's queue as long as predicted plus
+    /// this fraction of its service time (at least
+    /// `START_WITHIN_MIN_MS`); a node holding more refuses it at once.
+    pub start_within_margin: f64,
+    /// After this many such refusals for one job, its next request takes
+    /// any queue.
+    pub start_within_tries: u32,
     pub vivaldi: VivaldiConfig,
 }
 
@@ -56,6 +67,9 @@ impl Default for RouterConfig {
             ema_alpha: 0.3,
             rtt_window: 64,
             shed_wait_ms: 300_000.0,
+            small_job_slack: 0.5,
+            start_within_margin: 0.1,
+            start_within_tries: 4,
             vivaldi: VivaldiConfig::default(),
         }
     }
@@ -85,6 +99,13 @@ impl Work {
         self.frame_steps() * self.pixels() / REF_PIXELS
     }
 }
+
+/// How many of the slowest acceptable nodes a small job draws two from.
+const SLOW_CANDIDATES: usize = 8;
+
+/// The least queueing a request allows beyond the prediction, ms: jitter
+/// between a probe and the request should not bounce a job.
+const START_WITHIN_MIN_MS: f64 = 250.0;
 
 /// Weight of the newest job in the moving average of the job mix.
 const MIX_ALPHA: f64 = 0.02;
@@ -148,6 +169,9 @@ pub struct NodeState {
     /// gateways' and the verifier's), ms, as of `reported_at_ms`.
     #[serde(default)]
     pub others_ms: f64,
+    /// The node's own speed report (ms per frame·step at 64x64).
+    #[serde(default)]
+    pub reported_speed: Option<f64>,
     /// Moving average of the work other gateways send it, in ms of work
     /// per ms: between reports their queue grows at this rate.
     #[serde(default)]
@@ -192,6 +216,7 @@ impl NodeState {
             reported_queue: 0,
             reported_at_ms: 0.0,
             others_ms: 0.0,
+            reported_speed: None,
             foreign_rate: 0.0,
             concurrency: 1,
             capacity: 0,
@@ -220,10 +245,18 @@ impl NodeState {
         Some(ms * REF_PIXELS / pixels_of(res)?)
     }
 
+    /// Best guess of the speed normalised to 64x64: measured here, else
+    /// what the node says of itself, else the fleet's.
+    fn speed(&self, fleet_prior: f64) -> f64 {
+        self.normalised_speed()
+            .or(self.reported_speed)
+            .unwrap_or(fleet_prior)
+    }
+
     /// What an average job of the mix (`mix_units` frame·steps at 64x64)
     /// takes here, ms.
     fn mean_job_ms(&self, fleet_prior: f64, mix_units: f64) -> f64 {
-        self.normalised_speed().unwrap_or(fleet_prior) * mix_units
+        self.speed(fleet_prior) * mix_units
     }
 
     /// Jobs there as far as this gateway can tell: all of ours until they
@@ -256,7 +289,7 @@ impl NodeState {
         let per = match self.ms_per_frame_step.get(&work.resolution()) {
             Some(ms) => *ms,
             // Not measured at this size: scale what we know by pixel count.
-            None => self.normalised_speed().unwrap_or(fleet_prior) * work.pixels() / REF_PIXELS,
+            None => self.speed(fleet_prior) * work.pixels() / REF_PIXELS,
         };
         per * work.frame_steps()
     }
@@ -278,7 +311,7 @@ pub fn percentile(mut v: Vec<f64>, q: f64) -> Option<f64> {
 }
 
 /// What a prover reported about its load at a probe (`/v1/info`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Load {
     /// Jobs running or waiting there (every gateway's).
     pub jobs: u32,
@@ -286,6 +319,16 @@ pub struct Load {
     pub slots: u32,
     /// Jobs it accepts at once, running or waiting; past it, busy.
     pub capacity: u32,
+    /// The prover's own estimate of the work it holds, ms: what is left
+    /// of the running jobs plus the queued ones at its measured speed, per
+    /// slot. A new job would start about this long after the report.
+    #[serde(default)]
+    pub backlog_ms: Option<f64>,
+    /// The prover's own measured speed (ms per frame·step at 64x64), over
+    /// its recent jobs, everybody's: a prior until this gateway has
+    /// measured it.
+    #[serde(default)]
+    pub ms_per_frame_step: Option<f64>,
 }
 
 /// Whether a gateway should take a new job (see [`GridMap::admit`]).
@@ -458,9 +501,23 @@ impl GridMap {
             n.concurrency = load.slots.max(1);
             n.capacity = load.capacity;
             let slots = n.concurrency as f64;
-            // Ours are booked precisely; price the rest at the mix.
-            let others = load.jobs.saturating_sub(n.inflight);
-            let others_ms = others as f64 * n.mean_job_ms(prior, mix_units);
+            if let Some(ms) = load.ms_per_frame_step.filter(|ms| ms.is_finite() && *ms > 0.0) {
+                n.reported_speed = Some(ms);
+            }
+            let others_ms = match load.backlog_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
+                // The node priced its queue itself; ours in it are booked
+                // until `free_at_ms`.
+                Some(backlog) => {
+                    let ours = if n.inflight == 0 {
+                        0.0
+                    } else {
+                        (n.free_at_ms - now_ms).max(0.0)
+                    };
+                    (backlog - ours).max(0.0) * slots
+                }
+                // Ours are booked precisely; price the rest at the mix.
+                _ => load.jobs.saturating_sub(n.inflight) as f64 * n.mean_job_ms(prior, mix_units),
+            };
             // Others' work that arrived since the last report: what is
             // there beyond what was left of the last one.
             let dt = now_ms - n.reported_at_ms;
@@ -622,7 +679,18 @@ impl GridMap {
         if !best.is_finite() {
             return None;
         }
-        cands.retain(|c| c.1.total_ms <= best * self.cfg.near_best + 1.0);
+        if !idle_only && work.units() < self.mix_units && self.cfg.small_job_slack > 0.0 {
+            // A job smaller than the mix takes one of the slower nodes that
+            // would still finish it nearly as soon, and leaves the fast
+            // ones to the big jobs that make the tail: a medium job a
+            // little later costs less than a big one behind it.
+            cands.retain(|c| c.1.total_ms <= best * (1.0 + self.cfg.small_job_slack) + 1.0);
+            let speed = |h: &Hotkey| self.nodes[h].speed(prior);
+            cands.sort_by(|a, b| speed(&b.0).total_cmp(&speed(&a.0)).then(a.0.cmp(&b.0)));
+            cands.truncate(SLOW_CANDIDATES);
+        } else {
+            cands.retain(|c| c.1.total_ms <= best * self.cfg.near_best + 1.0);
+        }
         let (node, predicted) = if cands.len() == 1 {
             cands[0]
         } else {
@@ -655,6 +723,40 @@ impl GridMap {
             n.breaker = Breaker::HalfOpen { probing: true };
         }
         Some(Ticket { node, predicted })
+    }
+
+    /// The longest a request for `t` may wait in the node's queue before
+    /// it starts, ms, sent with the request: a node holding more refuses
+    /// at once (telling how much it holds) instead of queueing the job
+    /// behind work this gateway could not see (other gateways' sends since
+    /// the last probe), and the job goes to the next-best node. After
+    /// `refused` such answers for one job, `None`: take any queue, so a
+    /// busy grid does not bounce jobs around.
+    pub fn start_within_ms(&self, t: &Ticket, refused: u32) -> Option<f64> {
+        (refused < self.cfg.start_within_tries).then(|| {
+            t.predicted.wait_ms
+                + (self.cfg.start_within_margin * t.predicted.service_ms).max(START_WITHIN_MIN_MS)
+        })
+    }
+
+    /// The node of `t` refused the job because `ahead_ms` of work was
+    /// ahead of it, more than [`GridMap::start_within_ms`] allowed: the map
+    /// learns that backlog.
+    pub fn refused_late(&mut self, t: &Ticket, ahead_ms: f64, now_ms: f64) {
+        let Some(n) = self.settle(t) else {
+            return;
+        };
+        if !(ahead_ms.is_finite() && ahead_ms >= 0.0) {
+            return;
+        }
+        let slots = n.concurrency.max(1) as f64;
+        let ours = if n.inflight == 0 {
+            0.0
+        } else {
+            (n.free_at_ms - now_ms).max(0.0)
+        };
+        n.others_ms = (ahead_ms - ours).max(0.0) * slots;
+        n.reported_at_ms = now_ms;
     }
 
     /// Whether to take a new job, with `held` jobs already waiting at
@@ -1022,6 +1124,8 @@ mod tests {
             jobs,
             slots: 1,
             capacity: 9,
+            backlog_ms: None,
+            ms_per_frame_step: None,
         })
     }
 
@@ -1167,6 +1271,8 @@ mod tests {
                 jobs: 2,
                 slots: 1,
                 capacity: 9,
+                backlog_ms: None,
+                ms_per_frame_step: None,
             }),
             0.0,
         );

@@ -143,9 +143,16 @@ pub struct SimResult {
     pub hedges: u64,
     /// Busy answers from full provers.
     pub busy: u64,
+    /// Refusals from provers that held more work than the request
+    /// allowed to wait behind.
+    pub late: u64,
     /// Sorted latencies of counted, completed jobs (for plots).
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
+    /// (job size in frame·steps at 64x64, latency) of every counted,
+    /// completed job, in completion order.
+    #[serde(skip)]
+    pub by_size: Vec<(f64, f64)>,
 }
 
 struct Node {
@@ -362,6 +369,9 @@ enum Outcome {
     Error,
     /// The node's queue was full.
     Busy,
+    /// The node would not start it within the time the request allowed:
+    /// this much work was ahead of it.
+    Late(f64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -439,6 +449,9 @@ struct JobSim {
     /// were busy since the job was last held.
     tried: Vec<usize>,
     busy_at: Vec<usize>,
+    /// Nodes that refused it for holding more work than the request
+    /// allowed.
+    late: u32,
 }
 
 /// One gateway's private state.
@@ -466,12 +479,15 @@ struct World<'t> {
     jobs: Vec<JobSim>,
     gateways: Vec<GatewaySim>,
     keys: Vec<Hotkey>,
-    /// (job, node, attempt) → the router's ticket (ours only) and send time.
-    sent: BTreeMap<(usize, usize, u32), (Option<Ticket>, f64)>,
+    /// (job, node, attempt) → the router's ticket (ours only), send time,
+    /// and how long the request allows it to wait in the node's queue.
+    sent: BTreeMap<(usize, usize, u32), (Option<Ticket>, f64, Option<f64>)>,
     latencies: Vec<f64>,
+    by_size: Vec<(f64, f64)>,
     retries: u64,
     hedges: u64,
     busy: u64,
+    late: u64,
 }
 
 fn key(i: usize) -> Hotkey {
@@ -626,7 +642,11 @@ impl<'t> World<'t> {
                 self.at(now + after, Ev::Hedge(job, attempt));
             }
         }
-        self.sent.insert((job, node, attempt), (ticket, now));
+        let within = ticket.as_ref().and_then(|t| {
+            let late = self.jobs[job].late;
+            self.gateways[g].map.start_within_ms(t, late)
+        });
+        self.sent.insert((job, node, attempt), (ticket, now, within));
         Sending::Sent
     }
 
@@ -686,6 +706,22 @@ impl<'t> World<'t> {
         }
     }
 
+    /// What a prover reports as its backlog: the expected rest of the
+    /// running job and the queued jobs at its own (mean) speed. It knows
+    /// the jobs' shapes and its speed, not how this run of each will go.
+    fn backlog_ms(&self, node: usize, now: f64) -> f64 {
+        let p = &self.provers[node];
+        let speed = self.trace.nodes[node].ms_per_frame_step;
+        let running = p.running.map_or(0.0, |(job, _, started, _)| {
+            (units(&self.trace.jobs[job].work) * speed - (now - started)).max(0.0)
+        });
+        running
+            + p.queue
+                .iter()
+                .map(|&(job, _)| units(&self.trace.jobs[job].work) * speed)
+                .sum::<f64>()
+    }
+
     fn start_next(&mut self, node: usize, now: f64) {
         let p = &mut self.provers[node];
         if p.running.is_some() {
@@ -701,7 +737,9 @@ impl<'t> World<'t> {
     fn finish_job(&mut self, job: usize, now: f64, winner: usize) {
         let g = self.trace.jobs[job].gateway;
         if self.counted(job) {
-            self.latencies.push(now - self.trace.jobs[job].arrival);
+            let spec = &self.trace.jobs[job];
+            self.latencies.push(now - spec.arrival);
+            self.by_size.push((units(&spec.work), now - spec.arrival));
         }
         let j = &mut self.jobs[job];
         j.done = true;
@@ -710,7 +748,7 @@ impl<'t> World<'t> {
         for (n, attempt) in losers {
             let gw = &mut self.gateways[g];
             gw.outstanding[n] = gw.outstanding[n].saturating_sub(1);
-            if let Some((Some(t), _)) = self.sent.remove(&(job, n, attempt)) {
+            if let Some((Some(t), _, _)) = self.sent.remove(&(job, n, attempt)) {
                 gw.map.cancelled(&t);
             }
             let rtt = self.trace.rtt_ms(g, n);
@@ -727,7 +765,7 @@ impl<'t> World<'t> {
         let gw = &mut self.gateways[g];
         gw.outstanding[node] = gw.outstanding[node].saturating_sub(1);
         let work = self.trace.jobs[job].work;
-        let (ticket, sent_at) = self
+        let (ticket, sent_at, _) = self
             .sent
             .remove(&(job, node, attempt))
             .expect("every live copy was sent");
@@ -740,14 +778,21 @@ impl<'t> World<'t> {
                     self.finish_job(job, now, node);
                 }
             }
-            Outcome::Error | Outcome::Busy => {
-                let busy = matches!(outcome, Outcome::Busy);
+            Outcome::Error | Outcome::Busy | Outcome::Late(_) => {
+                let busy = !matches!(outcome, Outcome::Error);
                 if let Some(t) = &ticket {
-                    let why = if busy { Failure::Busy } else { Failure::Error };
-                    gw.map.failed(t, why, now);
+                    match outcome {
+                        Outcome::Late(ahead) => gw.map.refused_late(t, ahead, now),
+                        Outcome::Busy => gw.map.failed(t, Failure::Busy, now),
+                        _ => gw.map.failed(t, Failure::Error, now),
+                    }
                 }
                 let j = &mut self.jobs[job];
-                if busy {
+                if let Outcome::Late(_) = outcome {
+                    self.late += 1;
+                    j.late += 1;
+                    j.busy_at.push(node);
+                } else if busy {
                     self.busy += 1;
                     j.busy_at.push(node);
                 } else {
@@ -820,6 +865,12 @@ impl<'t> World<'t> {
                     }
                     if self.provers[node].jobs() >= self.trace.cfg.prover_capacity {
                         self.at(back, Ev::Answer(job, node, attempt, Outcome::Busy));
+                        continue;
+                    }
+                    let ahead = self.backlog_ms(node, now);
+                    let within = self.sent[&(job, node, attempt)].2;
+                    if within.is_some_and(|w| ahead > w) {
+                        self.at(back, Ev::Answer(job, node, attempt, Outcome::Late(ahead)));
                         continue;
                     }
                     self.provers[node].queue.push_back((job, attempt));
@@ -897,6 +948,8 @@ impl<'t> World<'t> {
                         jobs: self.provers[node].jobs(),
                         slots: 1,
                         capacity: self.trace.cfg.prover_capacity,
+                        backlog_ms: Some(self.backlog_ms(node, now)),
+                        ms_per_frame_step: Some(self.trace.nodes[node].ms_per_frame_step),
                     };
                     // RTT as measured, with 5% jitter.
                     let jitter = self.gateways[g].rng.gen_range(0.95..1.05);
@@ -941,7 +994,9 @@ impl<'t> World<'t> {
             retries: self.retries,
             hedges: self.hedges,
             busy: self.busy,
+            late: self.late,
             latencies_ms: lat,
+            by_size: self.by_size,
         }
     }
 }
@@ -997,9 +1052,11 @@ pub fn simulate(trace: &Trace, policy: Policy, router: RouterConfig) -> SimResul
         keys,
         sent: BTreeMap::new(),
         latencies: Vec::new(),
+        by_size: Vec::new(),
         retries: 0,
         hedges: 0,
         busy: 0,
+        late: 0,
     }
     .run()
 }

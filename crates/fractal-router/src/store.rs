@@ -111,6 +111,8 @@ mod tests {
                     jobs: 1,
                     slots: 2,
                     capacity: 4,
+                    backlog_ms: None,
+                    ms_per_frame_step: None,
                 }),
                 0.0,
             );
