@@ -164,6 +164,7 @@ impl IntoResponse for Rejection {
                     error: fractal_http::ErrorDetail {
                         code: e.code().to_string(),
                         message: e.to_string(),
+                        backlog_ms: None,
                     },
                     chain_error: Some(e.clone()),
                 };

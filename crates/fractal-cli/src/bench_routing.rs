@@ -158,13 +158,13 @@ pub fn run(b: RoutingBench) -> anyhow::Result<()> {
         })
         .collect();
 
-    println!("\n| load | gateways | oracle p50 / p95 / p99 | fractal p50 / p95 / p99 | fractal ÷ oracle (p95) | fractal ÷ informed (p95) | random ÷ fractal (p95) | least-loaded ÷ oracle (p95) | failed (fractal / oracle / least-loaded) | hedges | busy answers |");
-    println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| load | gateways | oracle p50 / p95 / p99 | fractal p50 / p95 / p99 | fractal ÷ oracle (p95) | fractal ÷ informed (p95) | fractal ÷ oracle (p50) | random ÷ fractal (p95) | least-loaded ÷ oracle (p95) | failed (fractal / oracle / least-loaded) | hedges | busy answers | queue-too-long answers |");
+    println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let s = |ms: f64| format!("{:.1}", ms / 1000.0);
     for r in &rows {
         let (o, f) = (r.get(Policy::Oracle), r.get(Policy::Fractal));
         println!(
-            "| {:.2} | {} | {} / {} / {} s | {} / {} / {} s | **{:.3}x** | {:.3}x | {:.1}x | {:.2}x | {} / {} / {} | {} | {} |",
+            "| {:.2} | {} | {} / {} / {} s | {} / {} / {} s | **{:.3}x** | {:.3}x | {:.2}x | {:.1}x | {:.2}x | {} / {} / {} | {} | {} | {} |",
             r.load,
             r.gateways,
             s(o.p50_ms),
@@ -175,13 +175,15 @@ pub fn run(b: RoutingBench) -> anyhow::Result<()> {
             s(f.p99_ms),
             r.vs_oracle(),
             r.vs_informed(),
+            f.p50_ms / o.p50_ms,
             r.vs_random(),
             r.get(Policy::LeastLoaded).p95_ms / o.p95_ms,
             f.failed,
             o.failed,
             r.get(Policy::LeastLoaded).failed,
             f.hedges,
-            f.busy
+            f.busy,
+            f.late
         );
     }
     let worst = rows.iter().map(Row::vs_oracle).fold(0.0f64, f64::max);

@@ -88,6 +88,11 @@ impl Sent {
                 let total = self.started.elapsed().as_secs_f64() * 1000.0;
                 map.completed(&t, work, service, total, now);
             }
+            // Holding more than the request allowed to wait behind.
+            Err(CallError::Busy {
+                backlog_ms: Some(ms),
+                ..
+            }) => map.refused_late(&t, *ms as f64, now),
             Err(CallError::Busy { .. }) => map.failed(&t, Failure::Busy, now),
             Err(CallError::Timeout(_)) => map.failed(&t, Failure::Timeout, now),
             Err(_) => map.failed(&t, Failure::Error, now),
@@ -163,7 +168,7 @@ impl Gateway {
         Runnable::Yes(JobModel { id, manifest }, others)
     }
 
-    fn request(&self, job: &Job, model: &JobModel) -> GenerateRequest {
+    fn request(&self, job: &Job, model: &JobModel, start_within_ms: Option<u64>) -> GenerateRequest {
         let m = &model.manifest;
         GenerateRequest {
             version: PROTOCOL_VERSION,
@@ -181,7 +186,17 @@ impl Gateway {
             steps: job.spec.steps,
             guidance_scale: m.defaults.guidance_scale,
             output: OutputFormat::Mp4,
+            start_within_ms,
         }
+    }
+
+    /// How long a request to the prover `to` was picked for may queue
+    /// there, after `late` refusals for that (see
+    /// [`GridMap::start_within_ms`]).
+    fn start_within(&self, to: &Sent, late: u32) -> Option<u64> {
+        let t = to.ticket.as_ref()?;
+        let map = self.map.lock().expect("map lock");
+        map.start_within_ms(t, late).map(|ms| ms.ceil() as u64)
     }
 
     async fn send(
@@ -189,8 +204,9 @@ impl Gateway {
         job: &Job,
         model: &JobModel,
         neuron: NeuronInfo,
+        start_within_ms: Option<u64>,
     ) -> Result<Generated, CallError> {
-        let req = self.request(job, model);
+        let req = self.request(job, model, start_within_ms);
         let prover = neuron.hotkey.to_string();
         let progress = self.progress_tx.clone();
         let id = job.id.clone();
@@ -212,6 +228,7 @@ impl Gateway {
         work: &Work,
         tried: &mut Vec<Hotkey>,
         started: &mut bool,
+        late: u32,
     ) -> Option<(Result<Generated, CallError>, Hotkey)> {
         let mut first = self.pick(work, tried, false)?;
         if !*started {
@@ -234,7 +251,12 @@ impl Gateway {
                 map.hedge_after_ms(first.ticket.as_ref().expect("fresh")) / 1000.0,
             )
         };
-        let a = self.send(job, model, first.neuron.clone());
+        let a = self.send(
+            job,
+            model,
+            first.neuron.clone(),
+            self.start_within(&first, late),
+        );
         tokio::pin!(a);
         tokio::select! {
             r = &mut a => {
@@ -252,7 +274,12 @@ impl Gateway {
         self.counters
             .hedges
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let b = self.send(job, model, second.neuron.clone());
+        let b = self.send(
+            job,
+            model,
+            second.neuron.clone(),
+            self.start_within(&second, late),
+        );
         tokio::pin!(b);
         tokio::select! {
             r = &mut a => {
@@ -291,9 +318,11 @@ impl Gateway {
         };
         let mut errors = Vec::new();
         let mut started = false;
+        // Refusals for holding more work than a request allowed.
+        let mut late = 0;
         while errors.len() < self.config.max_attempts as usize {
             let Some((result, prover)) = self
-                .attempt(&job, &model, &work, &mut tried, &mut started)
+                .attempt(&job, &model, &work, &mut tried, &mut started, late)
                 .await
             else {
                 break;
@@ -352,6 +381,13 @@ impl Gateway {
                 // Full: not a failure of the job, and the map now counts
                 // that prover full; try another (each is tried once).
                 Err(e @ CallError::Busy { .. }) => {
+                    if let CallError::Busy {
+                        backlog_ms: Some(_),
+                        ..
+                    } = e
+                    {
+                        late += 1;
+                    }
                     tracing::debug!(job = %job.id, %prover, error = %e, "prover busy; trying another");
                 }
                 Err(e) => {

@@ -402,6 +402,8 @@ impl Gateway {
                         jobs: (info.running + info.queued) as u32,
                         slots: info.max_concurrent as u32,
                         capacity: (info.max_concurrent + info.max_queued) as u32,
+                        backlog_ms: info.backlog_ms.map(|ms| ms as f64),
+                        ms_per_frame_step: info.ms_per_frame_step,
                     }),
                     now_ms(),
                 ),

@@ -24,6 +24,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429/503).
     pub retry_after: Option<u64>,
+    /// A busy prover's own estimate of the work it holds, ms.
+    pub backlog_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -35,6 +37,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
+    /// On a busy answer: the work the prover holds, ms (its estimate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -44,6 +49,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            backlog_ms: None,
         }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -54,6 +60,10 @@ impl ApiError {
     }
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+    pub fn with_backlog_ms(mut self, ms: Option<u64>) -> Self {
+        self.backlog_ms = ms;
         self
     }
 }
@@ -76,6 +86,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message,
+                backlog_ms: self.backlog_ms,
             },
         };
         let mut resp = (self.status, axum::Json(body)).into_response();

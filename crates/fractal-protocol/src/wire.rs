@@ -89,6 +89,13 @@ pub struct GenerateRequest {
     pub steps: u32,
     pub guidance_scale: f64,
     pub output: OutputFormat,
+    /// The longest the job may wait in the prover's queue before it
+    /// starts, ms, by the prover's own estimate of the work ahead of it:
+    /// a prover holding more refuses at once (busy, saying how much it
+    /// holds) so the gateway can send the job elsewhere. `None`: any wait.
+    /// Scheduling only: the output does not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_within_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -141,6 +148,7 @@ impl GenerateRequest {
             steps: d.steps,
             guidance_scale: d.guidance_scale,
             output: OutputFormat::Mp4,
+            start_within_ms: None,
         }
     }
 
@@ -272,6 +280,15 @@ pub struct ProverInfo {
     pub max_concurrent: usize,
     pub max_queued: usize,
     pub audit_window_s: u64,
+    /// Its estimate of the work it holds, ms per slot: what is left of the
+    /// running jobs and the queued ones at its measured speed (a new job
+    /// would start about this much later). `None` until it has finished a
+    /// job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_ms: Option<u64>,
+    /// Its measured speed over recent jobs, ms per frame·step at 64x64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms_per_frame_step: Option<f64>,
 }
 
 impl ProverInfo {
@@ -602,6 +619,7 @@ mod tests {
                     steps,
                     guidance_scale: g,
                     output,
+                    start_within_ms: None,
                 },
             )
     }

@@ -21,6 +21,7 @@
 //! Admission: at most `max_concurrent` jobs run and `max_queued` wait;
 //! beyond that the answer is 503 with `Retry-After`, never a longer queue.
 
+pub mod backlog;
 pub mod job;
 pub mod traces;
 
@@ -48,6 +49,7 @@ use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId, ModelSchedule};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use job::Strategy;
+use backlog::Backlog;
 use job::{JobError, StrategyState};
 use traces::TraceStore;
 
@@ -83,6 +85,7 @@ struct Counters {
     failed: AtomicU64,
     cancelled: AtomicU64,
     rejected_busy: AtomicU64,
+    rejected_late: AtomicU64,
     audits: AtomicU64,
     steps: AtomicU64,
 }
@@ -96,6 +99,8 @@ pub struct Prover {
     /// Accepted and not finished (running + waiting).
     in_flight: AtomicUsize,
     running: AtomicUsize,
+    /// The accepted jobs priced in time (`/v1/info`, `start_within_ms`).
+    backlog: Mutex<Backlog>,
     traces: Mutex<TraceStore>,
     /// Jobs accepted and not yet committed, so a job id is never run twice.
     active: Mutex<BTreeSet<JobId>>,
@@ -139,6 +144,7 @@ impl Prover {
             models: RwLock::new(models.into_iter().map(Arc::new).collect()),
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             in_flight: AtomicUsize::new(0),
+            backlog: Mutex::new(Backlog::new(config.max_concurrent)),
             running: AtomicUsize::new(0),
             traces: Mutex::new(TraceStore::new(
                 config.audit_window,
@@ -251,6 +257,10 @@ impl Prover {
     pub fn info(&self) -> ProverInfo {
         let running = self.running.load(Ordering::Relaxed);
         let models = self.models();
+        let (backlog_ms, ms_per_frame_step) = {
+            let b = self.backlog.lock().expect("backlog lock");
+            (b.ms(Instant::now()).map(|ms| ms.round() as u64), b.speed())
+        };
         ProverInfo {
             version: PROTOCOL_VERSION,
             hotkey: self.hotkey(),
@@ -271,6 +281,8 @@ impl Prover {
             max_concurrent: self.config.max_concurrent,
             max_queued: self.config.max_queued,
             audit_window_s: self.config.audit_window.as_secs(),
+            backlog_ms,
+            ms_per_frame_step,
         }
     }
 
@@ -298,6 +310,10 @@ impl Prover {
             (
                 "fractal_prover_jobs_rejected_busy_total",
                 c.rejected_busy.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fractal_prover_jobs_rejected_queue_too_long_total",
+                c.rejected_late.load(Ordering::Relaxed) as f64,
             ),
             (
                 "fractal_prover_audits_total",
@@ -514,6 +530,11 @@ struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        self.prover
+            .backlog
+            .lock()
+            .expect("backlog lock")
+            .finish(&self.job, None);
         self.prover.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.prover
             .active
@@ -580,6 +601,28 @@ async fn generate(
             )
             .with_retry_after(estimated_wait_s(&p)));
         }
+        let mut backlog = p.backlog.lock().expect("backlog lock");
+        if let Some(within) = req.start_within_ms {
+            let ahead = backlog.ms(now);
+            if ahead.is_some_and(|ms| ms > within as f64) {
+                p.counters.rejected_late.fetch_add(1, Ordering::Relaxed);
+                let ahead = ahead.map(|ms| ms.round() as u64);
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_too_long",
+                    format!(
+                        "this prover holds about {} ms of work, more than the {within} ms the request may wait; try another prover",
+                        ahead.unwrap_or_default()
+                    ),
+                )
+                .with_retry_after(estimated_wait_s(&p))
+                .with_backlog_ms(ahead));
+            }
+        }
+        backlog.accept(
+            job,
+            backlog::units(req.size.width, req.size.height, req.frames, req.steps),
+        );
         p.in_flight.fetch_add(1, Ordering::AcqRel);
         active.insert(job);
     }
@@ -613,6 +656,10 @@ async fn generate(
             }
         };
         let queue_ms = queued_at.elapsed().as_millis() as u64;
+        p.backlog
+            .lock()
+            .expect("backlog lock")
+            .start(&job, Instant::now());
         p.running.fetch_add(1, Ordering::AcqRel);
         let worker = p.clone();
         let job_model = model.clone();
@@ -654,6 +701,11 @@ async fn generate(
                     Instant::now(),
                 );
                 p.counters.completed.fetch_add(1, Ordering::Relaxed);
+                let t = &produced.timing;
+                p.backlog.lock().expect("backlog lock").finish(
+                    &job,
+                    Some((t.denoise_ms + t.decode_ms + t.encode_ms) as f64),
+                );
                 let mut timing = produced.timing;
                 timing.queue_ms = queue_ms;
                 StreamItem::Result(Box::new(GenerateResponse {

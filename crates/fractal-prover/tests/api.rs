@@ -419,3 +419,58 @@ async fn a_prover_of_two_models_serves_each_by_manifest_and_unloads_the_retired_
     assert_eq!(prover.apply_schedule(&later, 30), Some(false));
     assert_eq!(prover.models().len(), 1);
 }
+
+#[tokio::test]
+async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
+    let (node, prover) = start_serving(ProverConfig::default(), &[TinyVariant::Base]).await;
+    let hk = node.prover.hotkey();
+    let info = prover.info();
+    assert_eq!((info.backlog_ms, info.ms_per_frame_step), (None, None));
+    // One finished job teaches it its speed; idle, it holds nothing.
+    assert_eq!(node.generate(&node.request(1)).await.0, 200);
+    let info = prover.info();
+    assert!(info.ms_per_frame_step.is_some_and(|ms| ms > 0.0), "{info:?}");
+    assert_eq!(info.backlog_ms, Some(0));
+    // Two slow jobs: one runs, one waits behind it.
+    let mut slow = node.request(2);
+    (slow.frames, slow.steps) = (8, 20);
+    let mut held = Vec::new();
+    for seed in [2, 3] {
+        slow.job_id = JobId::random();
+        slow.seed = Seed(seed);
+        let r = node
+            .client
+            .post_json(node.u("/v1/generate"), &hk, &slow)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    let backlog = prover.info().backlog_ms.unwrap();
+    assert!(backlog > 0, "two slow jobs held");
+    let mut quick = node.request(4);
+    quick.start_within_ms = Some(0);
+    let r = node
+        .client
+        .post_json(node.u("/v1/generate"), &hk, &quick)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: fractal_http::ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.error.code, "queue_too_long");
+    assert!(body.error.backlog_ms.is_some_and(|ms| ms > 0), "{body:?}");
+    // Without the bound it queues and runs.
+    quick.start_within_ms = None;
+    quick.job_id = JobId::random();
+    let (status, items) = node.generate(&quick).await;
+    assert_eq!(status, 200);
+    assert!(matches!(items.last(), Some(StreamItem::Result(_))));
+    let m = reqwest::get(node.u("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("fractal_prover_jobs_rejected_queue_too_long_total 1"));
+}

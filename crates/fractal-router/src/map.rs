@@ -169,6 +169,9 @@ pub struct NodeState {
     /// gateways' and the verifier's), ms, as of `reported_at_ms`.
     #[serde(default)]
     pub others_ms: f64,
+    /// Jobs of the others' in the last report.
+    #[serde(default)]
+    pub others_jobs: u32,
     /// The node's own speed report (ms per frame·step at 64x64).
     #[serde(default)]
     pub reported_speed: Option<f64>,
@@ -216,6 +219,7 @@ impl NodeState {
             reported_queue: 0,
             reported_at_ms: 0.0,
             others_ms: 0.0,
+            others_jobs: 0,
             reported_speed: None,
             foreign_rate: 0.0,
             concurrency: 1,
@@ -267,7 +271,15 @@ impl NodeState {
         let slots = self.concurrency.max(1) as f64;
         let ours = self.inflight as f64;
         let others = self.others_remaining_ms(now_ms) * slots;
-        ours + (others / self.mean_job_ms(fleet_prior, mix_units).max(1e-9)).ceil()
+        let priced = (others / self.mean_job_ms(fleet_prior, mix_units).max(1e-9)).ceil();
+        // The reported count, worked off in proportion: a backlog of small
+        // jobs is few ms but many jobs, and each takes a place in the queue.
+        let counted = if self.others_ms > 0.0 {
+            (self.others_jobs as f64 * (others / self.others_ms).min(1.0)).ceil()
+        } else {
+            0.0
+        };
+        ours + priced.max(counted)
     }
 
     /// A slot free: fewer jobs there, ours and the others', than it runs
@@ -527,6 +539,7 @@ impl GridMap {
                 n.foreign_rate += FOREIGN_ALPHA * (rate - n.foreign_rate);
             }
             n.others_ms = others_ms;
+            n.others_jobs = load.jobs.saturating_sub(n.inflight);
             n.reported_at_ms = now_ms;
         }
         // Serf filters samples through a short median to shed outliers.
@@ -878,8 +891,8 @@ impl GridMap {
                 let full = n.capacity.max(n.concurrency * 4);
                 n.reported_queue = full;
                 n.reported_at_ms = now_ms;
-                n.others_ms =
-                    full.saturating_sub(n.inflight) as f64 * n.mean_job_ms(prior, mix_units);
+                n.others_jobs = full.saturating_sub(n.inflight);
+                n.others_ms = n.others_jobs as f64 * n.mean_job_ms(prior, mix_units);
                 if let Breaker::HalfOpen { .. } = n.breaker {
                     n.breaker = Breaker::HalfOpen { probing: false };
                 }
@@ -1179,6 +1192,109 @@ mod tests {
             m.observe_rtt(&hk(0), 10.0, load(0), t as f64 * 2_000.0);
         }
         assert!(m.node(&hk(0)).unwrap().foreign_rate < rate / 4.0);
+    }
+
+    #[test]
+    fn a_request_may_queue_only_as_predicted_and_a_refusal_teaches_the_backlog() {
+        let mut m = measured_pair();
+        let t = m.choose(&WORK, 1_000.0, &[]).unwrap();
+        assert_eq!(t.node, hk(0), "the fast node");
+        // Idle as far as we know: at most the floor of queueing.
+        let within = m.start_within_ms(&t, 0).unwrap();
+        assert!((within - (t.predicted.wait_ms + START_WITHIN_MIN_MS)).abs() < 1e-9);
+        // After enough refusals, any queue.
+        let tries = m.config().start_within_tries;
+        assert!(m.start_within_ms(&t, tries - 1).is_some());
+        assert_eq!(m.start_within_ms(&t, tries), None);
+        // It holds 10 s of others' work: the slow node (4 s) is sooner now.
+        m.refused_late(&t, 10_000.0, 1_000.0);
+        assert_eq!(m.node(&hk(0)).unwrap().inflight, 0, "settled");
+        let p = m.predict(&hk(0), &WORK, 1_000.0).unwrap();
+        assert!(p.wait_ms > 9_000.0, "{p:?}");
+        assert_eq!(m.choose(&WORK, 1_000.0, &[]).unwrap().node, hk(1));
+    }
+
+    #[test]
+    fn a_prover_s_own_speed_and_backlog_price_it_before_it_is_measured() {
+        let mut m = map(2);
+        let report = |backlog: f64, speed: f64| {
+            Some(Load {
+                jobs: 1,
+                slots: 1,
+                capacity: 9,
+                backlog_ms: Some(backlog),
+                ms_per_frame_step: Some(speed),
+            })
+        };
+        m.observe_rtt(&hk(0), 10.0, report(0.0, 5.0), 0.0);
+        m.observe_rtt(&hk(1), 10.0, report(0.0, 50.0), 0.0);
+        let p = m.predict(&hk(0), &WORK, 0.0).unwrap();
+        assert!((p.service_ms - 400.0).abs() < 1e-9, "{p:?}");
+        assert_eq!(m.choose(&WORK, 0.0, &[]).map(|t| t.node), Some(hk(0)));
+        // What it says it holds counts as waiting, whatever its job count.
+        let mut m = map(2);
+        m.observe_rtt(&hk(0), 10.0, report(3_000.0, 5.0), 0.0);
+        m.observe_rtt(&hk(1), 10.0, report(0.0, 30.0), 0.0);
+        assert_eq!(m.choose(&WORK, 0.0, &[]).map(|t| t.node), Some(hk(1)));
+        // Its own measurement wins over its report.
+        let t = m.choose(&WORK, 0.0, &[hk(1)]).unwrap();
+        m.completed(&t, &WORK, 20.0 * 80.0, 20.0 * 80.0 + 10.0, 0.0);
+        let p = m.predict(&hk(0), &WORK, 0.0).unwrap();
+        assert!((p.service_ms - 1600.0).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn small_jobs_leave_the_fastest_nodes_to_big_ones() {
+        const BIG: Work = Work {
+            width: 128,
+            height: 128,
+            frames: 8,
+            steps: 10,
+        };
+        // One fast node, nine a little slower, one slow.
+        let mut m = map(11);
+        let speeds = (0u8..11).map(|i| match i {
+            0 => (i, 5.0),
+            10 => (i, 50.0),
+            _ => (i, 6.0 + i as f64 / 10.0),
+        });
+        for (i, speed) in speeds {
+            m.observe_rtt(
+                &hk(i),
+                10.0,
+                Some(Load {
+                    jobs: 0,
+                    slots: 1,
+                    capacity: 9,
+                    backlog_ms: Some(0.0),
+                    ms_per_frame_step: Some(speed),
+                }),
+                0.0,
+            );
+        }
+        // The mix is mostly big jobs.
+        for _ in 0..20 {
+            let t = m.choose(&BIG, 0.0, &[]).unwrap();
+            assert_eq!(t.node, hk(0), "a big job takes the fastest");
+            m.cancelled(&t);
+        }
+        // A smaller one takes one of the slightly slower nodes, never the
+        // slow one.
+        for _ in 0..20 {
+            let t = m.choose(&WORK, 0.0, &[]).unwrap();
+            assert!(t.node != hk(0) && t.node != hk(10), "{:?}", t.node);
+            m.cancelled(&t);
+        }
+        // Without the slack it takes the fastest.
+        let mut m = m.with_config(
+            RouterConfig {
+                small_job_slack: 0.0,
+                near_best: 1.0,
+                ..RouterConfig::default()
+            },
+            1,
+        );
+        assert_eq!(m.choose(&WORK, 0.0, &[]).unwrap().node, hk(0));
     }
 
     #[test]

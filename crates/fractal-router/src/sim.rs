@@ -662,7 +662,11 @@ impl<'t> World<'t> {
     fn hold(&mut self, job: usize, now: f64) {
         let g = self.trace.jobs[job].gateway;
         self.jobs[job].busy_at.clear();
-        self.gateways[g].held.push_back(job);
+        // In arrival order (job indices are): a job sent and bounced
+        // keeps its place, as in the gateway's queue.
+        let held = &mut self.gateways[g].held;
+        let at = held.partition_point(|&j| j < job);
+        held.insert(at, job);
         self.arm_retry(g, now);
     }
 

@@ -41,6 +41,9 @@ pub struct JobShape {
     pub output: OutputFormat,
     pub prompt_words: usize,
     pub negative_words: usize,
+    /// The queueing bound the app job's gateway sent, so challenges carry
+    /// one as app jobs do.
+    pub start_within_ms: Option<u64>,
 }
 
 impl JobShape {
@@ -53,6 +56,7 @@ impl JobShape {
             output: req.output,
             prompt_words: words(&req.prompt).len(),
             negative_words: words(&req.negative_prompt).len(),
+            start_within_ms: req.start_within_ms,
         }
     }
 }
@@ -148,6 +152,7 @@ impl ChallengeMix {
                 output: OutputFormat::Mp4,
                 prompt_words: 0,
                 negative_words: 0,
+                start_within_ms: None,
             },
         )
     }
@@ -226,6 +231,7 @@ impl ChallengeMix {
             steps: shape.steps,
             guidance_scale: shape.guidance_scale,
             output: shape.output,
+            start_within_ms: shape.start_within_ms,
         }
     }
 }
@@ -325,6 +331,8 @@ mod tests {
             } else {
                 OutputFormat::Gif
             },
+            // Gateways bound the queueing of most first tries.
+            start_within_ms: rng.gen_bool(0.7).then(|| rng.gen_range(250..20_000)),
         }
     }
 
@@ -386,6 +394,7 @@ mod tests {
             format!("steps:{}", r.steps),
             format!("g:{}", r.guidance_scale),
             format!("out:{:?}", r.output),
+            format!("within_s:{:?}", r.start_within_ms.map(|ms| ms / 1000)),
         ]);
         f
     }

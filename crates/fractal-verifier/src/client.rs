@@ -15,8 +15,13 @@ use reqwest::Url;
 pub enum CallError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("prover is busy (retry after {retry_after:?} s)")]
-    Busy { retry_after: Option<u64> },
+    /// Full, or holding more work than the request allowed to wait
+    /// behind (`backlog_ms`: how much, by its estimate).
+    #[error("prover is busy (retry after {retry_after:?} s, backlog {backlog_ms:?} ms)")]
+    Busy {
+        retry_after: Option<u64>,
+        backlog_ms: Option<u64>,
+    },
     #[error("prover refused: HTTP {status} {code}: {message}")]
     Refused {
         status: u16,
@@ -59,13 +64,17 @@ impl ProverClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice::<ErrorBody>(&bytes);
         if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
             || status == reqwest::StatusCode::TOO_MANY_REQUESTS
         {
-            return CallError::Busy { retry_after };
+            return CallError::Busy {
+                retry_after,
+                backlog_ms: body.ok().and_then(|b| b.error.backlog_ms),
+            };
         }
-        let bytes = resp.bytes().await.unwrap_or_default();
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
+        match body {
             Ok(b) => CallError::Refused {
                 status: status.as_u16(),
                 code: b.error.code,

@@ -263,6 +263,7 @@ impl Verifier {
                         output: config.output,
                         prompt_words: 0,
                         negative_words: 0,
+                        start_within_ms: None,
                     },
                 )
             } else {
