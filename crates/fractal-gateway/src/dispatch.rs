@@ -168,7 +168,12 @@ impl Gateway {
         Runnable::Yes(JobModel { id, manifest }, others)
     }
 
-    fn request(&self, job: &Job, model: &JobModel, start_within_ms: Option<u64>) -> GenerateRequest {
+    fn request(
+        &self,
+        job: &Job,
+        model: &JobModel,
+        start_within_ms: Option<u64>,
+    ) -> GenerateRequest {
         let m = &model.manifest;
         GenerateRequest {
             version: PROTOCOL_VERSION,

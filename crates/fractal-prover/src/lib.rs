@@ -48,8 +48,8 @@ use fractal_protocol::wire::{
 use fractal_protocol::{Hotkey, JobId, Keypair, ManifestId, ModelSchedule};
 use tokio::sync::{mpsc, Semaphore};
 
-pub use job::Strategy;
 use backlog::Backlog;
+pub use job::Strategy;
 use job::{JobError, StrategyState};
 use traces::TraceStore;
 

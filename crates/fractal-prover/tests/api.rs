@@ -429,7 +429,10 @@ async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
     // One finished job teaches it its speed; idle, it holds nothing.
     assert_eq!(node.generate(&node.request(1)).await.0, 200);
     let info = prover.info();
-    assert!(info.ms_per_frame_step.is_some_and(|ms| ms > 0.0), "{info:?}");
+    assert!(
+        info.ms_per_frame_step.is_some_and(|ms| ms > 0.0),
+        "{info:?}"
+    );
     assert_eq!(info.backlog_ms, Some(0));
     // Two slow jobs: one runs, one waits behind it.
     let mut slow = node.request(2);

@@ -513,7 +513,10 @@ impl GridMap {
             n.concurrency = load.slots.max(1);
             n.capacity = load.capacity;
             let slots = n.concurrency as f64;
-            if let Some(ms) = load.ms_per_frame_step.filter(|ms| ms.is_finite() && *ms > 0.0) {
+            if let Some(ms) = load
+                .ms_per_frame_step
+                .filter(|ms| ms.is_finite() && *ms > 0.0)
+            {
                 n.reported_speed = Some(ms);
             }
             let others_ms = match load.backlog_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {

@@ -756,6 +756,21 @@ impl Verifier {
                 tracing::debug!(prover = %neuron.hotkey, manifest = %manifest, "prover no longer serves the model");
                 return Ok(JobResult::not_held_against(neuron));
             }
+            // The challenge carried an app job's bound on queueing and the
+            // prover holds more: busy with work, as an app job would have
+            // found it. Not a failure: a prover refusing bounded requests
+            // to dodge challenges refuses the app jobs that carry them too
+            // (it cannot tell them apart), and forwarded app jobs are
+            // audited anyway.
+            Err(
+                e @ CallError::Busy {
+                    backlog_ms: Some(_),
+                    ..
+                },
+            ) if req.start_within_ms.is_some() => {
+                tracing::debug!(prover = %neuron.hotkey, error = %e, "prover too busy for the challenge's bound; not held against it");
+                return Ok(JobResult::not_held_against(neuron));
+            }
             Err(e @ CallError::Refused { status: 403, .. }) if excused => {
                 tracing::debug!(prover = %neuron.hotkey, error = %e, "prover does not know of our permit yet; not held against it");
                 return Ok(JobResult::not_held_against(neuron));
