@@ -3,8 +3,10 @@
 //! * [`vivaldi`] — network coordinates from RTT samples.
 //! * [`map`] — per-prover measurements and the routing decision: lowest
 //!   predicted completion time (RTT + queue wait + service), power of two
-//!   choices among the near-best, hedging, failover, circuit breakers,
-//!   never a node the verifier scored zero.
+//!   choices among the near-best (small jobs among slower nodes that are
+//!   nearly as good), a bound on each request's queueing that the prover
+//!   enforces, hedging, failover, circuit breakers, never a node the
+//!   verifier scored zero.
 //! * [`store`] — the map persisted in SQLite.
 //! * [`sim`] — a deterministic grid simulator to compare policies.
 

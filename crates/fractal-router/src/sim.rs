@@ -7,7 +7,10 @@
 //! gateways (one per validator) share those provers without coordinating:
 //! each sits in a region of its own, probes every prover on its own clock
 //! (the answer is as old as half the RTT when it lands), keeps its own map,
-//! and gets its own bursty stream of app jobs. Every random draw of the
+//! and gets its own bursty stream of app jobs. Provers report their job
+//! count and their own backlog estimate (at their mean speed: they know
+//! the jobs' shapes, not how each run will go), and refuse a request whose
+//! queueing bound their backlog exceeds. Every random draw of the
 //! world is made up front from one seed, so every policy sees the same
 //! arrivals, the same failures and the same service time for a given
 //! (job, node).
