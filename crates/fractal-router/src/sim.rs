@@ -437,6 +437,16 @@ impl ProverSim {
     }
 }
 
+/// One request a gateway sent.
+struct Request {
+    /// The router's ticket (ours only).
+    ticket: Option<Ticket>,
+    /// When it was sent, ms.
+    at: f64,
+    /// How long it may wait in the node's queue, ms (`None`: any wait).
+    within: Option<f64>,
+}
+
 /// A job that is neither done nor shed when the run ends failed: given up
 /// after `max_attempts` errors, nowhere left to try, or still waiting.
 #[derive(Default)]
@@ -482,9 +492,8 @@ struct World<'t> {
     jobs: Vec<JobSim>,
     gateways: Vec<GatewaySim>,
     keys: Vec<Hotkey>,
-    /// (job, node, attempt) → the router's ticket (ours only), send time,
-    /// and how long the request allows it to wait in the node's queue.
-    sent: BTreeMap<(usize, usize, u32), (Option<Ticket>, f64, Option<f64>)>,
+    /// (job, node, attempt) → the request.
+    sent: BTreeMap<(usize, usize, u32), Request>,
     latencies: Vec<f64>,
     by_size: Vec<(f64, f64)>,
     retries: u64,
@@ -649,8 +658,12 @@ impl<'t> World<'t> {
             let late = self.jobs[job].late;
             self.gateways[g].map.start_within_ms(t, late)
         });
-        self.sent
-            .insert((job, node, attempt), (ticket, now, within));
+        let request = Request {
+            ticket,
+            at: now,
+            within,
+        };
+        self.sent.insert((job, node, attempt), request);
         Sending::Sent
     }
 
@@ -756,7 +769,10 @@ impl<'t> World<'t> {
         for (n, attempt) in losers {
             let gw = &mut self.gateways[g];
             gw.outstanding[n] = gw.outstanding[n].saturating_sub(1);
-            if let Some((Some(t), _, _)) = self.sent.remove(&(job, n, attempt)) {
+            if let Some(Request {
+                ticket: Some(t), ..
+            }) = self.sent.remove(&(job, n, attempt))
+            {
                 gw.map.cancelled(&t);
             }
             let rtt = self.trace.rtt_ms(g, n);
@@ -773,7 +789,11 @@ impl<'t> World<'t> {
         let gw = &mut self.gateways[g];
         gw.outstanding[node] = gw.outstanding[node].saturating_sub(1);
         let work = self.trace.jobs[job].work;
-        let (ticket, sent_at, _) = self
+        let Request {
+            ticket,
+            at: sent_at,
+            ..
+        } = self
             .sent
             .remove(&(job, node, attempt))
             .expect("every live copy was sent");
@@ -876,7 +896,7 @@ impl<'t> World<'t> {
                         continue;
                     }
                     let ahead = self.backlog_ms(node, now);
-                    let within = self.sent[&(job, node, attempt)].2;
+                    let within = self.sent[&(job, node, attempt)].within;
                     if within.is_some_and(|w| ahead > w) {
                         self.at(back, Ev::Answer(job, node, attempt, Outcome::Late(ahead)));
                         continue;
