@@ -71,12 +71,15 @@ impl Node {
         r.steps = 3;
         r
     }
-    async fn generate(&self, req: &GenerateRequest) -> (StatusCode, Vec<StreamItem>) {
-        let resp = self
-            .client
+    /// Posts `req` and returns the response as it starts (the stream unread).
+    async fn send(&self, req: &GenerateRequest) -> reqwest::Response {
+        self.client
             .post_json(self.u("/v1/generate"), &self.prover.hotkey(), req)
             .await
-            .unwrap();
+            .unwrap()
+    }
+    async fn generate(&self, req: &GenerateRequest) -> (StatusCode, Vec<StreamItem>) {
+        let resp = self.send(req).await;
         let status = resp.status();
         let body = resp.text().await.unwrap();
         if !status.is_success() {
@@ -271,17 +274,9 @@ async fn a_full_queue_answers_503_with_retry_after_and_expired_traces_are_gone()
     let mut slow = node.request(1);
     slow.steps = 20;
     slow.frames = 8;
-    let first = node
-        .client
-        .post_json(node.u("/v1/generate"), &hk, &slow)
-        .await
-        .unwrap();
+    let first = node.send(&slow).await;
     assert_eq!(first.status(), 200);
-    let r = node
-        .client
-        .post_json(node.u("/v1/generate"), &hk, &node.request(2))
-        .await
-        .unwrap();
+    let r = node.send(&node.request(2)).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     // Hanging up cancels the running job and frees the slot.
@@ -365,11 +360,7 @@ async fn a_prover_of_two_models_serves_each_by_manifest_and_unloads_the_retired_
     // Another model's request: 404 naming what it serves.
     let mut req = node.request(8);
     req.manifest_id = fractal_protocol::ManifestId(fractal_protocol::Digest32([7; 32]));
-    let r = node
-        .client
-        .post_json(node.u("/v1/generate"), &hk, &req)
-        .await
-        .unwrap();
+    let r = node.send(&req).await;
     assert_eq!(r.status(), 404);
     let body = r.text().await.unwrap();
     assert!(
@@ -423,7 +414,6 @@ async fn a_prover_of_two_models_serves_each_by_manifest_and_unloads_the_retired_
 #[tokio::test]
 async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
     let (node, prover) = start_serving(ProverConfig::default(), &[TinyVariant::Base]).await;
-    let hk = node.prover.hotkey();
     let info = prover.info();
     assert_eq!((info.backlog_ms, info.ms_per_frame_step), (None, None));
     // One finished job teaches it its speed; idle, it holds nothing.
@@ -441,11 +431,7 @@ async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
     for seed in [2, 3] {
         slow.job_id = JobId::random();
         slow.seed = Seed(seed);
-        let r = node
-            .client
-            .post_json(node.u("/v1/generate"), &hk, &slow)
-            .await
-            .unwrap();
+        let r = node.send(&slow).await;
         assert_eq!(r.status(), 200);
         held.push(r);
     }
@@ -453,11 +439,7 @@ async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
     assert!(backlog > 0, "two slow jobs held");
     let mut quick = node.request(4);
     quick.start_within_ms = Some(0);
-    let r = node
-        .client
-        .post_json(node.u("/v1/generate"), &hk, &quick)
-        .await
-        .unwrap();
+    let r = node.send(&quick).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     let body: fractal_http::ErrorBody = r.json().await.unwrap();
