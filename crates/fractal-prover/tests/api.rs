@@ -71,6 +71,15 @@ impl Node {
         r.steps = 3;
         r
     }
+    /// The Prometheus text of `/metrics` (open, unsigned).
+    async fn metrics(&self) -> String {
+        reqwest::get(self.u("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
     /// Posts `req` and returns the response as it starts (the stream unread).
     async fn send(&self, req: &GenerateRequest) -> reqwest::Response {
         self.client
@@ -138,12 +147,7 @@ async fn generate_streams_progress_then_a_committed_result_and_audits_open_it() 
         .unwrap();
     let info: serde_json::Value = info.json().await.unwrap();
     assert_eq!(info["manifest_id"], serde_json::json!(node.manifest.id()));
-    let metrics = reqwest::get(node.u("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains("fractal_prover_jobs_completed_total 1"),
         "{metrics}"
@@ -284,12 +288,7 @@ async fn a_full_queue_answers_503_with_retry_after_and_expired_traces_are_gone()
     let mut freed = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let m = reqwest::get(node.u("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = node.metrics().await;
         if m.contains("fractal_prover_jobs_cancelled_total 1") {
             freed = true;
             break;
@@ -451,11 +450,6 @@ async fn a_request_that_may_not_wait_behind_the_backlog_is_refused_with_it() {
     let (status, items) = node.generate(&quick).await;
     assert_eq!(status, 200);
     assert!(matches!(items.last(), Some(StreamItem::Result(_))));
-    let m = reqwest::get(node.u("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = node.metrics().await;
     assert!(m.contains("fractal_prover_jobs_rejected_queue_too_long_total 1"));
 }

@@ -297,6 +297,17 @@ impl NodeState {
         ((self.others_ms + (self.foreign_rate - slots) * elapsed) / slots).max(0.0)
     }
 
+    /// The others' work in a backlog the node priced itself (ms per
+    /// slot), as total ms: ours in it are booked until `free_at_ms`.
+    fn others_in_backlog_ms(&self, backlog_ms: f64, now_ms: f64) -> f64 {
+        let ours = if self.inflight == 0 {
+            0.0
+        } else {
+            (self.free_at_ms - now_ms).max(0.0)
+        };
+        (backlog_ms - ours).max(0.0) * self.concurrency.max(1) as f64
+    }
+
     fn service_ms(&self, work: &Work, fleet_prior: f64) -> f64 {
         let per = match self.ms_per_frame_step.get(&work.resolution()) {
             Some(ms) => *ms,
@@ -522,14 +533,7 @@ impl GridMap {
             let others_ms = match load.backlog_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
                 // The node priced its queue itself; ours in it are booked
                 // until `free_at_ms`.
-                Some(backlog) => {
-                    let ours = if n.inflight == 0 {
-                        0.0
-                    } else {
-                        (n.free_at_ms - now_ms).max(0.0)
-                    };
-                    (backlog - ours).max(0.0) * slots
-                }
+                Some(backlog) => n.others_in_backlog_ms(backlog, now_ms),
                 // Ours are booked precisely; price the rest at the mix.
                 _ => load.jobs.saturating_sub(n.inflight) as f64 * n.mean_job_ms(prior, mix_units),
             };
@@ -765,13 +769,7 @@ impl GridMap {
         if !(ahead_ms.is_finite() && ahead_ms >= 0.0) {
             return;
         }
-        let slots = n.concurrency.max(1) as f64;
-        let ours = if n.inflight == 0 {
-            0.0
-        } else {
-            (n.free_at_ms - now_ms).max(0.0)
-        };
-        n.others_ms = (ahead_ms - ours).max(0.0) * slots;
+        n.others_ms = n.others_in_backlog_ms(ahead_ms, now_ms);
         n.reported_at_ms = now_ms;
     }
 
