@@ -12,6 +12,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use fractal_engine::PinnedModel;
+use fractal_protocol::manifest::DType;
 use fractal_protocol::wire::GenerateRequest;
 use fractal_protocol::Seed;
 use fractal_world::{analyse, render, Clip, Scene, Split};
@@ -23,6 +24,11 @@ pub struct QualityBench {
     /// The built-in model scored.
     #[arg(long, default_value = fractal_engine::builtin::world::WORLD_NAME)]
     model: String,
+    /// Score this diffusers folder instead (a training run's output before
+    /// it is pinned), at `--model`'s defaults (frames, size, steps,
+    /// guidance); its scheduler comes from the folder.
+    #[arg(long, value_name = "DIR")]
+    model_dir: Option<PathBuf>,
     /// The built-in model that stands for chance (untrained weights).
     #[arg(long, default_value = "tiny-v1")]
     chance: String,
@@ -195,7 +201,20 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
         let m = fractal_engine::builtin::manifest_or_err(name)?;
         PinnedModel::load(m, None, &Device::Cpu).with_context(|| format!("loading {name}"))
     };
-    let model = load(&b.model)?;
+    let model = match &b.model_dir {
+        Some(dir) => {
+            let defaults = fractal_engine::builtin::manifest_or_err(&b.model)?.defaults;
+            let mut m = PinnedModel::unpinned_folder(dir, &Device::Cpu, None, DType::F32)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            m.manifest.defaults = defaults;
+            m
+        }
+        None => load(&b.model)?,
+    };
+    let name = match &b.model_dir {
+        Some(dir) => dir.display().to_string(),
+        None => b.model.clone(),
+    };
     let chance = load(&b.chance)?;
     let d = &model.manifest.defaults;
     let (frames, size) = (d.frames as usize, d.size.width as usize);
@@ -204,8 +223,7 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
     let scenes = scenes(b.trained);
     let held = scenes.iter().filter(|(_, s)| *s == Split::HeldOut).count();
     println!(
-        "{}: {held} held-out and {} trained prompts x {} seed(s), {steps} steps, guidance {guidance}",
-        b.model,
+        "{name}: {held} held-out and {} trained prompts x {} seed(s), {steps} steps, guidance {guidance}",
         scenes.len() - held,
         b.seeds
     );
@@ -246,7 +264,7 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
             Split::Train => s.trained,
         };
         println!("{label} ({} clips)", of(&ours).clips);
-        println!("  {:<26} {}", b.model, of(&ours).row());
+        println!("  {:<26} {}", name, of(&ours).row());
         println!(
             "  {:<26} {}",
             format!("chance ({})", b.chance),
@@ -271,7 +289,7 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
             "sheet rows {}-{}: {caption} (renderer, then {})",
             2 * n + 1,
             2 * n + 2,
-            b.model
+            name
         );
         rows.push(reference);
         rows.push(drawn);
@@ -283,7 +301,7 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
     }
     if let Some(path) = &b.json {
         let report = Report {
-            model: b.model.clone(),
+            model: name.clone(),
             chance_model: b.chance.clone(),
             steps,
             guidance_scale: guidance,
