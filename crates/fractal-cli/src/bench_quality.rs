@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use fractal_engine::PinnedModel;
-use fractal_protocol::manifest::DType;
+use fractal_protocol::manifest::{DType, GenerationDefaults};
 use fractal_protocol::wire::GenerateRequest;
 use fractal_protocol::Seed;
 use fractal_world::{analyse, render, Clip, Scene, Split};
@@ -158,14 +158,17 @@ fn scenes(trained: usize) -> Vec<(Scene, Split)> {
 /// A model's clip for `scene`, as the world's clips are laid out.
 fn generate(
     model: &PinnedModel,
+    defaults: &GenerationDefaults,
     scene: &Scene,
     seed: u64,
     steps: Option<u32>,
     guidance: Option<f64>,
 ) -> anyhow::Result<Clip> {
     let mut req = GenerateRequest::with_defaults(&model.manifest, scene.caption(), Seed(seed));
-    req.steps = steps.unwrap_or(req.steps);
-    req.guidance_scale = guidance.unwrap_or(req.guidance_scale);
+    req.size = defaults.size;
+    req.frames = defaults.frames;
+    req.steps = steps.unwrap_or(defaults.steps);
+    req.guidance_scale = guidance.unwrap_or(defaults.guidance_scale);
     let spec = model.spec(&req)?;
     let rgb = model.pipeline.generate(&spec, &mut |_| {})?.rgb8()?;
     let frame = spec.width * spec.height * 3;
@@ -201,14 +204,12 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
         let m = fractal_engine::builtin::manifest_or_err(name)?;
         PinnedModel::load(m, None, &Device::Cpu).with_context(|| format!("loading {name}"))
     };
+    // A folder runs at the built-in model's defaults: its own unpinned
+    // manifest only knows the architecture's.
+    let defaults = fractal_engine::builtin::manifest_or_err(&b.model)?.defaults;
     let model = match &b.model_dir {
-        Some(dir) => {
-            let defaults = fractal_engine::builtin::manifest_or_err(&b.model)?.defaults;
-            let mut m = PinnedModel::unpinned_folder(dir, &Device::Cpu, None, DType::F32)
-                .with_context(|| format!("loading {}", dir.display()))?;
-            m.manifest.defaults = defaults;
-            m
-        }
+        Some(dir) => PinnedModel::unpinned_folder(dir, &Device::Cpu, None, DType::F32)
+            .with_context(|| format!("loading {}", dir.display()))?,
         None => load(&b.model)?,
     };
     let name = match &b.model_dir {
@@ -216,7 +217,7 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
         None => b.model.clone(),
     };
     let chance = load(&b.chance)?;
-    let d = &model.manifest.defaults;
+    let d = &defaults;
     let (frames, size) = (d.frames as usize, d.size.width as usize);
     let steps = b.steps.unwrap_or(d.steps);
     let guidance = b.guidance.unwrap_or(d.guidance_scale);
@@ -241,9 +242,9 @@ pub fn run(b: QualityBench) -> anyhow::Result<()> {
     for (i, (scene, split)) in scenes.iter().enumerate() {
         for seed in 0..b.seeds {
             let reference = render(scene, seed, frames, size);
-            let drawn = generate(&model, scene, seed, b.steps, b.guidance)?;
+            let drawn = generate(&model, &defaults, scene, seed, b.steps, b.guidance)?;
             bar.inc(1);
-            let noise = generate(&chance, scene, seed, b.steps, b.guidance)?;
+            let noise = generate(&chance, &defaults, scene, seed, b.steps, b.guidance)?;
             bar.inc(1);
             ceiling.of(*split).add(scene, &reference);
             ours.of(*split).add(scene, &drawn);
