@@ -3,7 +3,7 @@ at small widths) on the toy world that `fractal world export` renders, and
 writes a diffusers TextToVideoSD folder.
 
 Seeded and CPU-only; each stage runs for a wall-clock budget, and the
-defaults (10 + 44 minutes, plus about two to load the clips and encode the
+defaults (14 + 40 minutes, plus about two to load the clips and encode the
 latents) aim at the issue's 60 minutes on 2 cores. Loss is logged to
 stdout and to OUT/loss.csv.
 
@@ -47,7 +47,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
 UNET = dict(in_channels=4, out_channels=4, sample_size=8,
             down_block_types=["CrossAttnDownBlock3D", "CrossAttnDownBlock3D"],
             up_block_types=["CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
-            block_out_channels=[64, 128], layers_per_block=1,
+            block_out_channels=[32, 64], layers_per_block=1,
             norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8)
 TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4,
@@ -183,7 +183,7 @@ class ConditioningProbe:
         return loss(self.ids), loss(torch.roll(self.ids, 1, 0))
 
 
-def train_unet(latents, ids, empty_ids, budget, log, gen, resume=None, lr=5e-4):
+def train_unet(latents, ids, empty_ids, budget, log, gen, resume, lr):
     if resume:
         text = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"),
                                              torch_dtype=torch.float32)
@@ -246,8 +246,8 @@ def main():
     p.add_argument("data")
     p.add_argument("tokenizer")
     p.add_argument("out")
-    p.add_argument("--vae-minutes", type=float, default=10)
-    p.add_argument("--unet-minutes", type=float, default=44)
+    p.add_argument("--vae-minutes", type=float, default=14)
+    p.add_argument("--unet-minutes", type=float, default=40)
     p.add_argument("--vae-steps", type=int, default=0,
                    help="run exactly this many VAE steps instead of --vae-minutes")
     p.add_argument("--unet-steps", type=int, default=0,
@@ -258,7 +258,7 @@ def main():
     p.add_argument("--vae", default=None,
                    help="take the VAE from this folder (no VAE stage); train "
                         "the text encoder and UNet from scratch")
-    p.add_argument("--lr", type=float, default=5e-4, help="UNet stage peak learning rate")
+    p.add_argument("--lr", type=float, default=8e-4, help="UNet stage peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
