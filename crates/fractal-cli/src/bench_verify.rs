@@ -628,8 +628,8 @@ pub fn run(b: VerifyBench) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "\n{:<38} {:>5} {:>7} {:>9} {:>9} {:>11} {:>10}  {}",
-        "cheat", "steps", "audits", "caught", "expected", "per epoch", "min error", "checks"
+        "\n{:<38} {:>5} {:>7} {:>9} {:>9} {:>11} {:>10}  checks",
+        "cheat", "steps", "audits", "caught", "expected", "per epoch", "min error"
     );
     for &n in &b.steps {
         for cheat in cheats(n, models.manifest.dtype) {
