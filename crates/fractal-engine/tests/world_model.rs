@@ -59,7 +59,10 @@ fn world_v1_generates_held_out_prompts_deterministically() {
     }
     let n = held.len();
     eprintln!("held-out sample: background {background}/{n}, colour {colour}/{n}");
-    assert!(background * 3 >= n * 2, "background right in {background} of {n}");
+    assert!(
+        background * 3 >= n * 2,
+        "background right in {background} of {n}"
+    );
     assert!(colour * 3 >= n, "colour right in {colour} of {n}");
 
     let prompt = held[0].caption();
